@@ -1,0 +1,273 @@
+"""The step plan: how many steps a run takes and why, from image headers only.
+
+Used by the GUI's live plan, by preflight and by the training loop, so all three
+show the same numbers. The rules are sd-scripts' (``train_network.py``):
+
+* batches per epoch = sum over buckets of ceil(samples in bucket / batch size),
+  with repeats and balanced regularisation samples included;
+* optimizer steps per epoch = ceil(batches per epoch / gradient accumulation);
+* ``max_train_epochs`` > 0 fixes the epochs and overrides ``max_train_steps``;
+* ``max_train_steps`` > 0 fixes the steps, epochs = ceil(steps / steps per epoch);
+* ``max_train_steps`` = 0 (our default) means epochs x steps per epoch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from trainer.data.buckets import BucketConfigError, Bucketer, BucketSettings, Size
+from trainer.data.folders import Concept, ScanResult, Skipped, scan_dataset_dir
+from trainer.data.samples import Entry, build_entries, count_batches, group_by_bucket
+
+UPSCALE_WARNING_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    batch_size: int = 1
+    grad_accum: int = 1
+    epochs: int = 1
+    max_train_epochs: int = 0
+    max_train_steps: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "PlanConfig":
+        return cls(
+            batch_size=max(1, int(settings.train_batch_size)),
+            grad_accum=max(1, int(settings.gradient_accumulation_steps)),
+            epochs=max(1, int(settings.epoch)),
+            max_train_epochs=max(0, int(settings.max_train_epochs or 0)),
+            max_train_steps=max(0, int(settings.max_train_steps or 0)),
+        )
+
+
+@dataclass(frozen=True)
+class FolderLine:
+    folder: str
+    images: int
+    repeats: int
+    samples: int  # per epoch; for reg folders after balancing
+    is_reg: bool
+    captions_found: int
+    images_used: int  # reg folders may have images left out by balancing
+
+    def describe(self) -> str:
+        kind = "reg " if self.is_reg else ""
+        text = f"{kind}{self.folder}: {_count(self.images, 'image')} × {_count(self.repeats, 'repeat')}"
+        if self.is_reg and self.samples != self.images * self.repeats:
+            text += f" → {self.samples} samples used ({self.images_used} images, balanced to the train samples)"
+        else:
+            text += f" = {self.samples} samples"
+        return text + f", {self.captions_found} caption files"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    epochs: int
+    batches_per_epoch: int
+    batch_size: int
+    grad_accum: int
+    train_images: int
+    train_samples: int  # per epoch, with repeats
+    reg_images: int  # used after balancing
+    reg_samples: int  # per epoch, after balancing
+    per_folder: tuple[FolderLine, ...]
+    buckets: tuple[tuple[Size, int], ...]  # (width, height), samples per epoch
+    formula: str
+    warnings: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()  # the run cannot start
+    skipped: tuple[Skipped, ...] = ()
+    entries: tuple[Entry, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.total_steps > 0
+
+    def summary(self) -> str:
+        lines = [self.formula, *(line.describe() for line in self.per_folder)]
+        if self.buckets:
+            lines.append("buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in self.buckets))
+        lines += [f"error: {e}" for e in self.errors] + [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def plan_steps(settings: Any) -> StepPlan:
+    """Scan ``train_data_dir`` / ``reg_data_dir`` and compute the plan for these settings."""
+    caption_extension = settings.caption_extension
+    train = scan_dataset_dir(settings.train_data_dir, is_reg=False, caption_extension=caption_extension)
+    reg = None
+    if settings.reg_data_dir:
+        reg = scan_dataset_dir(settings.reg_data_dir, is_reg=True, caption_extension=caption_extension)
+    try:
+        bucket_settings = BucketSettings.from_settings(settings)
+        config_error = None
+    except BucketConfigError as exc:
+        bucket_settings, config_error = None, str(exc)
+    return plan_from_scans(train, reg, bucket_settings, PlanConfig.from_settings(settings), config_error)
+
+
+def plan_from_scans(
+    train: ScanResult,
+    reg: ScanResult | None,
+    bucket_settings: BucketSettings | None,
+    config: PlanConfig,
+    config_error: str | None = None,
+) -> StepPlan:
+    errors = list(train.problems)
+    warnings = list(train.warnings)
+    skipped = list(train.skipped)
+    if reg is not None:
+        (errors if not reg.root.is_dir() else warnings).extend(reg.problems)
+        warnings.extend(reg.warnings)
+        skipped.extend(reg.skipped)
+    entries: list[Entry] = []
+    try:
+        if config_error:
+            raise BucketConfigError(config_error)
+        bucketer = Bucketer(bucket_settings)
+        entries, unbucketable = build_entries(train.images, reg.images if reg else [], bucketer)
+        skipped.extend(unbucketable)
+    except BucketConfigError as exc:
+        errors.append(str(exc))
+
+    buckets = group_by_bucket(entries)
+    batches = count_batches((len(v) for v in buckets.values()), config.batch_size)
+    steps_per_epoch, epochs, total = schedule(batches, config)
+    folders = _folder_lines(train.concepts + (reg.concepts if reg else ()), entries)
+    train_samples = sum(e.repeats for e in entries if not e.item.is_reg)
+    reg_samples = sum(e.repeats for e in entries if e.item.is_reg)
+    warnings += _warnings(config, buckets, entries, reg, reg_samples, skipped)
+    if not errors and total == 0:
+        errors.append("the plan has 0 steps: no usable training images")
+    formula = _formula(train.concepts, config, batches, len(buckets), steps_per_epoch, epochs, total, train_samples, reg_samples)
+    return StepPlan(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        epochs=epochs,
+        batches_per_epoch=batches,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        train_images=sum(1 for e in entries if not e.item.is_reg),
+        train_samples=train_samples,
+        reg_images=sum(1 for e in entries if e.item.is_reg),
+        reg_samples=reg_samples,
+        per_folder=tuple(folders),
+        buckets=tuple((bucket, len(indices)) for bucket, indices in buckets.items()),
+        formula=formula,
+        warnings=tuple(warnings),
+        errors=tuple(errors),
+        skipped=tuple(skipped),
+        entries=tuple(entries),
+    )
+
+
+def schedule(batches_per_epoch: int, config: PlanConfig) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, epochs, total steps) by sd-scripts' rules."""
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    if steps_per_epoch == 0:
+        return 0, 0, 0
+    if config.max_train_epochs > 0:
+        return steps_per_epoch, config.max_train_epochs, config.max_train_epochs * steps_per_epoch
+    if config.max_train_steps > 0:
+        return steps_per_epoch, math.ceil(config.max_train_steps / steps_per_epoch), config.max_train_steps
+    return steps_per_epoch, config.epochs, config.epochs * steps_per_epoch
+
+
+def _folder_lines(concepts: Sequence[Concept], entries: Sequence[Entry]) -> list[FolderLine]:
+    used: dict[tuple[str, bool], list[Entry]] = {}
+    for entry in entries:
+        used.setdefault((str(entry.item.path.parent), entry.item.is_reg), []).append(entry)
+    lines = []
+    for concept in concepts:
+        concept_entries = used.get((str(concept.folder), concept.is_reg), [])
+        lines.append(
+            FolderLine(
+                folder=concept.folder.name,
+                images=len(concept.images),
+                repeats=concept.repeats,
+                samples=sum(e.repeats for e in concept_entries),
+                is_reg=concept.is_reg,
+                captions_found=concept.captions_found,
+                images_used=len(concept_entries),
+            )
+        )
+    return lines
+
+
+def _warnings(
+    config: PlanConfig,
+    buckets: dict[Size, list[int]],
+    entries: Sequence[Entry],
+    reg: ScanResult | None,
+    reg_samples: int,
+    skipped: Sequence[Skipped],
+) -> list[str]:
+    warnings = []
+    if config.max_train_epochs > 0 and config.max_train_steps > 0:
+        warnings.append(
+            f"max_train_epochs ({config.max_train_epochs}) overrides max_train_steps ({config.max_train_steps}), as in sd-scripts"
+        )
+    if reg is not None and reg.samples > reg_samples:
+        unused = len(reg.images) - sum(1 for e in entries if e.item.is_reg)
+        warnings.append(
+            f"regularisation: {reg_samples} of {reg.samples} reg samples are used per epoch (balanced to the "
+            f"train samples); {unused} reg image(s) are never used"
+        )
+    if config.batch_size > 1:
+        small = sum(1 for indices in buckets.values() if len(indices) % config.batch_size)
+        if small:
+            warnings.append(f"{small} of {len(buckets)} buckets end with a partial batch (fewer than {config.batch_size} samples)")
+    upscaled = [e for e in entries if e.choice.resized[0] >= UPSCALE_WARNING_FACTOR * e.item.width]
+    if upscaled:
+        worst = min(upscaled, key=lambda e: e.item.width * e.item.height).item
+        warnings.append(
+            f"{len(upscaled)} image(s) are enlarged {UPSCALE_WARNING_FACTOR}× or more to fit their bucket "
+            f"(smallest: {worst.path.name}, {worst.width}x{worst.height})"
+        )
+    if skipped:
+        warnings.append(f"{len(skipped)} folder(s)/file(s) skipped: " + "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return warnings
+
+
+def _formula(
+    train_concepts: Sequence[Concept],
+    config: PlanConfig,
+    batches: int,
+    bucket_count: int,
+    steps_per_epoch: int,
+    epochs: int,
+    total: int,
+    train_samples: int,
+    reg_samples: int,
+) -> str:
+    """e.g. ``150 images × 45 repeats × 2 (reg) × 1 epoch ÷ batch 1 = 13500 steps``."""
+    if not train_samples:
+        return "no training images: 0 steps"
+    parts = [f"{_count(len(c.images), 'image')} × {_count(c.repeats, 'repeat')}" for c in train_concepts if c.images]
+    samples = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
+    if reg_samples == train_samples:
+        samples += " × 2 (reg)"
+    elif reg_samples:
+        samples = f"({samples} + {reg_samples} reg samples)"
+    divisors = f" ÷ batch {config.batch_size}" + (f" ÷ grad accum {config.grad_accum}" if config.grad_accum > 1 else "")
+    epoch_note = " (max_train_epochs)" if config.max_train_epochs > 0 else ""
+    exact = f"{batches} batches per epoch in {_count(bucket_count, 'bucket')}"
+    if config.grad_accum > 1:
+        exact += f", {steps_per_epoch} steps per epoch"
+    if config.max_train_epochs <= 0 and config.max_train_steps > 0:
+        return (
+            f"max_train_steps = {total} steps (set directly); one epoch = {samples}{divisors} "
+            f"= {steps_per_epoch} steps ({exact}), so {_count(epochs, 'epoch')}"
+        )
+    formula = f"{samples} × {_count(epochs, 'epoch')}{epoch_note}{divisors} = {total} steps"
+    naive = (train_samples + reg_samples) * epochs / config.batch_size / config.grad_accum
+    if naive != total:
+        formula += f" ({exact}; each bucket's last batch may be partial)"
+    return formula
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
