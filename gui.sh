@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Start the Nekoya GUI; the first run creates ./.venv and installs everything.
+# Arguments pass through to launch.py (kohya_ss flags: --listen, --server_port, --inbrowser, ...).
+set -euo pipefail
+cd "$(dirname "$0")"
+./setup.sh
+export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
+exec .venv/bin/python launch.py "$@"

@@ -1,0 +1,126 @@
+"""Typed progress events: the only way the trainer talks to the GUI and the CLI.
+
+The trainer calls ``sink(event)`` for every event; it never prints progress itself.
+Events are frozen dataclasses so a renderer can keep them without copying.
+"""
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Memory in MiB. On CUDA the allocator figures; on CPU only ``rss_mb``."""
+
+    device: str  # "cuda:0", "cpu", ...
+    rss_mb: float
+    allocated_mb: float | None = None
+    reserved_mb: float | None = None
+    total_mb: float | None = None
+    peak_allocated_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    total_steps: int
+    total_epochs: int
+    steps_per_epoch: int
+    plan: str  # human-readable step plan, e.g. "150 images x 45 repeats x 1 epoch / batch 1 = 6750 steps"
+    device: str
+    start_step: int = 0  # > 0 when resuming
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int  # optimizer steps done, 1-based
+    total_steps: int
+    epoch: int  # 1-based
+    total_epochs: int
+    loss: float
+    avg_loss: float  # moving average, as kohya's "avr_loss"
+    lr: float  # first parameter group
+    lrs: dict[str, float]  # every parameter group by name ("unet", "textencoder", ...)
+    it_per_s: float
+    elapsed_s: float
+    eta_s: float
+    memory: Memory
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    epoch: int
+    total_epochs: int
+    avg_loss: float
+
+
+@dataclass(frozen=True)
+class Saved:
+    path: str
+    kind: str  # "epoch", "step", "final", "stopped", "state"
+    step: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    prompt: str
+    step: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Log:
+    message: str
+    level: str = "info"  # "info" or "warning"
+
+
+@dataclass(frozen=True)
+class Error:
+    """Training could not go on. ``field`` names the setting to fix when one is to blame."""
+
+    message: str
+    field: str | None = None
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    step: int
+    files: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Stopped on request between two steps; ``files`` holds what was saved."""
+
+    step: int
+    files: tuple[str, ...] = field(default_factory=tuple)
+
+
+Event = Union[Started, Step, EpochEnd, Saved, Sample, Log, Error, Finished, Stopped]
+EventSink = Callable[[Event], None]
+
+
+def ignore(_event: Event) -> None:
+    """A sink that drops everything (the default when nobody listens)."""
+
+
+class QueueSink:
+    """A sink that puts events on a queue; the GUI drains it from its own thread."""
+
+    def __init__(self) -> None:
+        self.queue: "queue.Queue[Event]" = queue.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.queue.put(event)
+
+    def drain(self) -> list[Event]:
+        events = []
+        while True:
+            try:
+                events.append(self.queue.get_nowait())
+            except queue.Empty:
+                return events

@@ -1,0 +1,130 @@
+"""One declaration per setting: type, default, range, choices and GUI metadata.
+
+Every setting of a run is declared once with :func:`setting`. The GUI builds its
+widgets from :func:`setting_infos`, presets use the field name as the kohya_ss
+JSON key, the CLI's ``--set`` and validation read the same declaration.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from pydantic import Field
+
+TABS = ("Source Model", "Folders", "Parameters", "Advanced", "Samples", "Metadata")
+
+# Widget kinds the GUI knows how to build.
+WIDGETS = ("checkbox", "dropdown", "radio", "number", "slider", "text", "textarea", "path", "file", "folder")
+
+_order = itertools.count()
+
+
+def setting(
+    default: Any,
+    *,
+    label: str,
+    tab: str,
+    help: str = "",
+    section: str = "",
+    ge: float | None = None,
+    le: float | None = None,
+    step: float | None = None,
+    choices: Sequence[Any] | None = None,
+    allow_custom: bool = False,
+    widget: str | None = None,
+    unit: str = "",
+) -> Any:
+    """Declare a setting. The field's name is its kohya_ss JSON key."""
+    if tab not in TABS:
+        raise ValueError(f"unknown tab {tab!r}")
+    if widget is not None and widget not in WIDGETS:
+        raise ValueError(f"unknown widget {widget!r}")
+    extra = {
+        "label": label,
+        "tab": tab,
+        "section": section,
+        "order": next(_order),
+        "choices": list(choices) if choices is not None else None,
+        "allow_custom": allow_custom,
+        "widget": widget,
+        "step": step,
+        "unit": unit,
+    }
+    return Field(default, ge=ge, le=le, description=help, json_schema_extra=extra)
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """Everything about one setting, read from its declaration."""
+
+    key: str
+    label: str
+    help: str
+    tab: str
+    section: str
+    order: int
+    default: Any
+    type: type
+    choices: tuple | None
+    allow_custom: bool
+    widget: str
+    ge: float | None
+    le: float | None
+    step: float | None
+    unit: str
+
+    def describe_allowed(self) -> str:
+        """What values are allowed, in words, for error messages."""
+        if self.choices is not None and not self.allow_custom:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.type is bool:
+            return "true or false"
+        if self.ge is not None and self.le is not None:
+            return f"a number from {_fmt(self.ge)} to {_fmt(self.le)}"
+        if self.ge is not None:
+            return f"a number of at least {_fmt(self.ge)}"
+        if self.le is not None:
+            return f"a number of at most {_fmt(self.le)}"
+        return {int: "a whole number", float: "a number", str: "text"}.get(self.type, self.type.__name__)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def info_from_field(name: str, field) -> SettingInfo:
+    extra = field.json_schema_extra or {}
+    ge = le = None
+    for meta in field.metadata:
+        ge = getattr(meta, "ge", ge)
+        le = getattr(meta, "le", le)
+    typ = field.annotation
+    choices = tuple(extra["choices"]) if extra.get("choices") is not None else None
+    return SettingInfo(
+        key=name,
+        label=extra["label"],
+        help=field.description or "",
+        tab=extra["tab"],
+        section=extra.get("section", ""),
+        order=extra["order"],
+        default=field.default,
+        type=typ,
+        choices=choices,
+        allow_custom=extra.get("allow_custom", False),
+        widget=extra.get("widget") or _default_widget(typ, choices),
+        ge=ge,
+        le=le,
+        step=extra.get("step"),
+        unit=extra.get("unit", ""),
+    )
+
+
+def _default_widget(typ: type, choices: tuple | None) -> str:
+    if typ is bool:
+        return "checkbox"
+    if choices is not None:
+        return "dropdown"
+    if typ in (int, float):
+        return "number"
+    return "text"

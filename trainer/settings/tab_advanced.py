@@ -1,0 +1,94 @@
+"""Settings of the Advanced and Samples tabs."""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .field import setting
+
+TAB = "Advanced"
+SAMPLES = "Samples"
+TRAIN, CAPTION, NOISE, LOSS, SAVE, DATA = "Training", "Captions", "Noise", "Loss", "Saving and resume", "Data loading"
+
+SAMPLERS = (
+    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+    "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
+)
+
+
+class AdvancedSettings(BaseModel):
+    # --- Training ------------------------------------------------------------
+    gradient_accumulation_steps: int = setting(1, label="Gradient accumulate steps", tab=TAB, section=TRAIN, ge=1, le=120, step=1, widget="slider")
+    gradient_checkpointing: bool = setting(False, label="Gradient checkpointing", tab=TAB, section=TRAIN, help="Saves a lot of VRAM for a modest speed cost.")
+    xformers: str = setting(
+        "sdpa", label="CrossAttention", tab=TAB, section=TRAIN, choices=("none", "sdpa", "xformers"),
+        help="sdpa is PyTorch's fast attention and needs nothing extra; xformers only on NVIDIA GPUs with xformers installed.",
+    )
+    full_fp16: bool = setting(False, label="Full fp16 training (experimental)", tab=TAB, section=TRAIN, help="Also keeps the LoRA weights in fp16. Needs Mixed precision fp16.")
+    full_bf16: bool = setting(False, label="Full bf16 training (experimental)", tab=TAB, section=TRAIN, help="Also keeps the LoRA weights in bf16. Needs Mixed precision bf16.")
+    clip_skip: int = setting(1, label="Clip skip", tab=TAB, section=TRAIN, ge=0, le=12, step=1, widget="slider", help="2 for anime models based on NovelAI.")
+    max_token_length: int = setting(75, label="Max Token Length", tab=TAB, section=TRAIN, choices=(75, 150, 225), help="Longer captions are encoded in chunks of 75 tokens.")
+    prior_loss_weight: float = setting(1.0, label="Prior loss weight", tab=TAB, section=TRAIN, ge=0, help="Loss weight of regularisation images.")
+    vae: str = setting("", label="VAE", tab=TAB, section=TRAIN, widget="file", help="Optional. A VAE .safetensors to use instead of the model's own.")
+    dynamo_backend: str = setting(
+        "no", label="Dynamo backend", tab=TAB, section=TRAIN, choices=("no", "inductor", "eager", "aot_eager", "cudagraphs"),
+        help="torch.compile the UNet with this backend (first steps are slower while it compiles).",
+    )
+    min_timestep: int = setting(0, label="Min Timestep", tab=TAB, section=TRAIN, ge=0, le=1000, step=1, widget="slider")
+    max_timestep: int = setting(1000, label="Max Timestep", tab=TAB, section=TRAIN, ge=0, le=1000, step=1, widget="slider")
+    # --- Captions and augmentation ---------------------------------------------
+    shuffle_caption: bool = setting(False, label="Shuffle caption", tab=TAB, section=CAPTION, help="Shuffle comma-separated tags each step (after Keep n tokens).")
+    keep_tokens: int = setting(0, label="Keep n tokens", tab=TAB, section=CAPTION, ge=0, le=32, step=1, widget="slider", help="The first n tags stay in place when shuffling.")
+    caption_dropout_rate: float = setting(0, label="Rate of caption dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider")
+    caption_dropout_every_n_epochs: int = setting(0, label="Dropout caption every n epochs", tab=TAB, section=CAPTION, ge=0)
+    color_aug: bool = setting(False, label="Color augmentation", tab=TAB, section=CAPTION, help="Random hue/gamma changes. Turns latent caching off.")
+    flip_aug: bool = setting(False, label="Flip augmentation", tab=TAB, section=CAPTION, help="Random horizontal flips. Not for asymmetric subjects.")
+    bucket_no_upscale: bool = setting(True, label="Don't upscale bucket resolution", tab=TAB, section=CAPTION)
+    bucket_reso_steps: int = setting(64, label="Bucket resolution steps", tab=TAB, section=CAPTION, ge=1, le=128, step=1, widget="slider")
+    random_crop: bool = setting(False, label="Random crop instead of center crop", tab=TAB, section=CAPTION, help="Turns latent caching off.")
+    # --- Noise -------------------------------------------------------------------
+    noise_offset_type: str = setting("Original", label="Noise offset type", tab=TAB, section=NOISE, choices=("Original", "Multires"))
+    noise_offset: float = setting(0, label="Noise offset", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", help="0.05 to 0.15 helps very dark or bright images.")
+    noise_offset_random_strength: bool = setting(False, label="Noise offset random strength", tab=TAB, section=NOISE)
+    adaptive_noise_scale: float = setting(0, label="Adaptive noise scale", tab=TAB, section=NOISE, ge=-1, le=1, step=0.001, widget="slider")
+    multires_noise_iterations: int = setting(0, label="Multires noise iterations", tab=TAB, section=NOISE, ge=0, le=64, step=1, widget="slider", help="6 to 10 recommended.")
+    multires_noise_discount: float = setting(0.3, label="Multires noise discount", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider")
+    ip_noise_gamma: float = setting(0, label="IP noise gamma", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider")
+    # --- Loss ---------------------------------------------------------------------
+    min_snr_gamma: float = setting(0, label="Min SNR gamma", tab=TAB, section=LOSS, ge=0, le=20, step=0.1, widget="slider", help="0 = off; 5 recommended.")
+    loss_type: str = setting("l2", label="Loss type", tab=TAB, section=LOSS, choices=("huber", "smooth_l1", "l1", "l2"))
+    huber_schedule: str = setting("snr", label="Huber schedule", tab=TAB, section=LOSS, choices=("constant", "exponential", "snr"))
+    huber_c: float = setting(0.1, label="Huber C", tab=TAB, section=LOSS, ge=0, le=1)
+    huber_scale: float = setting(1.0, label="Huber scale", tab=TAB, section=LOSS, ge=0, le=10)
+    scale_v_pred_loss_like_noise_pred: bool = setting(False, label="Scale v prediction loss", tab=TAB, section=LOSS)
+    debiased_estimation_loss: bool = setting(False, label="Debiased Estimation loss", tab=TAB, section=LOSS)
+    nan_loss_policy: str = setting(
+        "stop", label="On NaN or infinite loss", tab=TAB, section=LOSS, choices=("stop", "skip"),
+        help="stop: save what exists and stop with a hint. skip: drop that step and go on (stops after 10 in a row).",
+    )
+    # --- Saving and resume -----------------------------------------------------------
+    save_every_n_steps: int = setting(0, label="Save every N steps", tab=TAB, section=SAVE, ge=0)
+    save_last_n_steps: int = setting(0, label="Save last N steps", tab=TAB, section=SAVE, ge=0)
+    save_last_n_epochs: int = setting(0, label="Save last N epochs", tab=TAB, section=SAVE, ge=0, help="0 = keep every epoch file.")
+    save_last_n_epochs_state: int = setting(0, label="Save last N epochs state", tab=TAB, section=SAVE, ge=0)
+    save_state: bool = setting(False, label="Save training state", tab=TAB, section=SAVE, help="Also save optimizer and RNG state with each file so a run can resume.")
+    save_state_on_train_end: bool = setting(False, label="Save training state at end of training", tab=TAB, section=SAVE)
+    resume: str = setting("", label="Resume from saved training state", tab=TAB, section=SAVE, widget="folder", help="A <name>-state folder written by Save training state.")
+    # --- Data loading ---------------------------------------------------------------
+    persistent_data_loader_workers: bool = setting(False, label="Persistent data loader", tab=TAB, section=DATA)
+    max_data_loader_n_workers: int = setting(0, label="Max num workers for DataLoader", tab=TAB, section=DATA, ge=0, le=64)
+    vae_batch_size: int = setting(0, label="VAE batch size", tab=TAB, section=DATA, ge=0, le=32, step=1, widget="slider", help="Images per VAE call when caching latents (0 = 1).")
+    bad_image_policy: str = setting(
+        "stop", label="On unreadable image", tab=TAB, section=DATA, choices=("stop", "skip"),
+        help="stop: stop the run naming the file. skip: leave the image out and go on.",
+    )
+    log_with: str = setting("", label="Logging", tab=TAB, section=DATA, choices=("", "tensorboard", "wandb", "all"), help="TensorBoard logs are written whenever a Logging folder is set.")
+
+
+class SampleSettings(BaseModel):
+    sample_every_n_steps: int = setting(0, label="Sample every n steps", tab=SAMPLES, ge=0)
+    sample_every_n_epochs: int = setting(0, label="Sample every n epochs", tab=SAMPLES, ge=0)
+    sample_sampler: str = setting("euler_a", label="Sample sampler", tab=SAMPLES, choices=SAMPLERS)
+    sample_prompts: str = setting(
+        "", label="Sample prompts", tab=SAMPLES, widget="textarea",
+        help="One prompt per line, with --n negative, --w width, --h height, --d seed, --l CFG scale, --s steps.",
+    )

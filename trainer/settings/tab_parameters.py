@@ -1,0 +1,134 @@
+"""Settings of the Parameters tab (kohya_ss's "Basic" parameters)."""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .field import setting
+
+TAB = "Parameters"
+BASIC, LR, NET, RES, SDXL = "Basic", "Learning rate and optimizer", "Network", "Resolution and buckets", "SDXL"
+
+LORA_TYPES = (
+    "Standard", "Kohya LoCon", "LyCORIS/LoCon",
+    # Known to kohya_ss; loaded and saved as is, refused by the preflight check until supported.
+    "Kohya DyLoRA", "Kohya LoHa", "Kohya LoKr", "LoRA-FA", "LyCORIS/BOFT", "LyCORIS/Diag-OFT",
+    "LyCORIS/DyLoRA", "LyCORIS/GLoRA", "LyCORIS/LoHa", "LyCORIS/LoKr", "LyCORIS/Native Fine-Tuning",
+    "LyCORIS/iA3", "Flux1", "Flux1 OFT",
+)
+OPTIMIZERS = (
+    "AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW32bit", "Adafactor", "Lion", "Lion8bit",
+    "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "Prodigy", "DAdaptation", "DAdaptAdam",
+    "DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP", "DAdaptAdamPreprint", "DAdaptLion", "DAdaptSGD",
+)
+LR_SCHEDULERS = (
+    "adafactor", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
+    "polynomial", "piecewise_constant", "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay",
+)
+
+
+class ParameterSettings(BaseModel):
+    # --- Basic -------------------------------------------------------------
+    LoRA_type: str = setting(
+        "Standard", label="LoRA type", tab=TAB, section=BASIC, choices=LORA_TYPES,
+        help="Standard LoRA trains attention and projection layers; LoCon also trains the ResNet convolutions.",
+    )
+    network_weights: str = setting(
+        "", label="Network weights", tab=TAB, section=BASIC, widget="file",
+        help="Optional. An existing LoRA .safetensors to continue training from.",
+    )
+    dim_from_weights: bool = setting(
+        False, label="DIM from weights", tab=TAB, section=BASIC,
+        help="Take the network rank from the Network weights file.",
+    )
+    train_batch_size: int = setting(1, label="Train batch size", tab=TAB, section=BASIC, ge=1, le=64, step=1, widget="slider")
+    epoch: int = setting(1, label="Epoch", tab=TAB, section=BASIC, ge=1, help="How many times the whole dataset (with repeats) is seen.")
+    max_train_epochs: int = setting(
+        0, label="Max train epoch", tab=TAB, section=BASIC, ge=0,
+        help="0 = use Epoch. When set, overrides Epoch and Max train steps.",
+    )
+    max_train_steps: int = setting(
+        0, label="Max train steps", tab=TAB, section=BASIC, ge=0,
+        help="0 = computed from images x repeats x epochs / batch (shown in the step plan). "
+        "A number here caps the run at that many steps.",
+    )
+    save_every_n_epochs: int = setting(1, label="Save every N epochs", tab=TAB, section=BASIC, ge=0)
+    caption_extension: str = setting(
+        ".txt", label="Caption file extension", tab=TAB, section=BASIC,
+        choices=("", ".cap", ".caption", ".txt"), allow_custom=True,
+        help="Extension of the caption file next to each image. Images without one use their folder's name.",
+    )
+    mixed_precision: str = setting(
+        "fp16", label="Mixed precision", tab=TAB, section=BASIC, choices=("no", "fp16", "bf16"),
+        help="fp16 or bf16 on NVIDIA GPUs (bf16 on RTX 30xx and newer). On CPU training runs in fp32.",
+    )
+    num_cpu_threads_per_process: int = setting(
+        2, label="Number of CPU threads per core", tab=TAB, section=BASIC, ge=1, le=128, step=1, widget="slider",
+    )
+    seed: int = setting(0, label="Seed", tab=TAB, section=BASIC, ge=0, help="0 = random. The same seed and settings repeat a run.")
+    cache_latents: bool = setting(
+        True, label="Cache latents", tab=TAB, section=BASIC,
+        help="Encode every image once before training: faster steps and less VRAM. Not with color augmentation or random crop.",
+    )
+    cache_latents_to_disk: bool = setting(
+        False, label="Cache latents to disk", tab=TAB, section=BASIC,
+        help="Keep the cache next to the images so the next run starts faster.",
+    )
+    # --- Learning rate and optimizer ---------------------------------------
+    learning_rate: float = setting(0.0001, label="Learning rate", tab=TAB, section=LR, ge=0, le=10)
+    unet_lr: float = setting(0.0001, label="Unet learning rate", tab=TAB, section=LR, ge=0, le=10, help="0 = do not train the UNet.")
+    text_encoder_lr: float = setting(
+        0.0001, label="Text Encoder learning rate", tab=TAB, section=LR, ge=0, le=10,
+        help="0 = UNet-only LoRA: the text encoder is not trained and has no keys in the file.",
+    )
+    lr_scheduler: str = setting("cosine", label="LR Scheduler", tab=TAB, section=LR, choices=LR_SCHEDULERS)
+    lr_scheduler_type: str = setting(
+        "", label="LR Scheduler type", tab=TAB, section=LR, choices=("", "CosineAnnealingLR"), allow_custom=True,
+        help="Optional. A torch scheduler class name that replaces LR Scheduler.",
+    )
+    lr_scheduler_args: str = setting(
+        "", label="LR scheduler extra arguments", tab=TAB, section=LR, help="Space-separated key=value pairs, e.g. T_max=100.",
+    )
+    lr_warmup: int = setting(10, label="LR warmup (% of total steps)", tab=TAB, section=LR, ge=0, le=100, step=1, widget="slider")
+    lr_warmup_steps: int = setting(0, label="LR warmup steps (override)", tab=TAB, section=LR, ge=0, help="> 0 overrides the warmup %.")
+    lr_scheduler_num_cycles: int = setting(1, label="LR # cycles", tab=TAB, section=LR, ge=1, help="For cosine_with_restarts.")
+    lr_scheduler_power: float = setting(1.0, label="LR power", tab=TAB, section=LR, ge=0, help="For polynomial.")
+    optimizer: str = setting(
+        "AdamW8bit", label="Optimizer", tab=TAB, section=LR, choices=OPTIMIZERS, allow_custom=True,
+        help="AdamW8bit saves VRAM. Prodigy and DAdapt* find their own learning rate (set it to 1).",
+    )
+    optimizer_args: str = setting(
+        "", label="Optimizer extra arguments", tab=TAB, section=LR,
+        help="Space-separated key=value pairs, e.g. scale_parameter=False relative_step=False warmup_init=False",
+    )
+    max_grad_norm: float = setting(1.0, label="Max grad norm", tab=TAB, section=LR, ge=0, help="0 = no gradient clipping.")
+    # --- Network -----------------------------------------------------------
+    network_dim: int = setting(8, label="Network Rank (Dimension)", tab=TAB, section=NET, ge=1, le=1024, step=1, widget="slider")
+    network_alpha: float = setting(
+        1, label="Network Alpha", tab=TAB, section=NET, ge=0, le=1024, step=0.00001, widget="slider",
+        help="Scales the LoRA by alpha / rank. Usually at most the rank.",
+    )
+    conv_dim: int = setting(1, label="Convolution Rank (Dimension)", tab=TAB, section=NET, ge=0, le=512, step=1, widget="slider", help="LoCon only.")
+    conv_alpha: float = setting(1, label="Convolution Alpha", tab=TAB, section=NET, ge=0, le=512, step=0.1, widget="slider", help="LoCon only.")
+    scale_weight_norms: float = setting(0, label="Scale weight norms", tab=TAB, section=NET, ge=0, le=10, step=0.01, widget="slider", help="0 = off; 1 recommended.")
+    network_dropout: float = setting(0, label="Network dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
+    rank_dropout: float = setting(0, label="Rank dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
+    module_dropout: float = setting(0, label="Module dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
+    # --- Resolution and buckets --------------------------------------------
+    max_resolution: str = setting(
+        "512,512", label="Max resolution", tab=TAB, section=RES, help="Width,height of the training area, e.g. 512,512 or 1024,1024.",
+    )
+    stop_text_encoder_training: int = setting(
+        0, label="Stop TE (% of total steps)", tab=TAB, section=RES, ge=-1, le=100,
+        help="Not supported for LoRA (as in kohya_ss); kept so configs round-trip.",
+    )
+    enable_bucket: bool = setting(True, label="Enable buckets", tab=TAB, section=RES, help="Train images of different aspect ratios without cropping them square.")
+    min_bucket_reso: int = setting(256, label="Minimum bucket resolution", tab=TAB, section=RES, ge=64, le=4096, step=64, widget="slider")
+    max_bucket_reso: int = setting(2048, label="Maximum bucket resolution", tab=TAB, section=RES, ge=64, le=4096, step=64, widget="slider")
+    # --- SDXL ----------------------------------------------------------------
+    sdxl_cache_text_encoder_outputs: bool = setting(
+        False, label="Cache text encoder outputs", tab=TAB, section=SDXL,
+        help="SDXL: encode captions once; the text encoders are then not trained and leave GPU memory.",
+    )
+    sdxl_no_half_vae: bool = setting(
+        False, label="No half VAE", tab=TAB, section=SDXL, help="SDXL: keep the VAE in fp32 (the fp16 SDXL VAE overflows to NaN).",
+    )
