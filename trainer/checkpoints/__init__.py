@@ -1,0 +1,1 @@
+"""Reading users' Stable Diffusion checkpoints offline (diffusers folders and single files)."""

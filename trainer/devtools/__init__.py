@@ -1,0 +1,1 @@
+"""Developer tools: synthetic models and datasets for tests and benchmarks (never used by training)."""
