@@ -86,6 +86,13 @@ class StepPlan:
     def ok(self) -> bool:
         return not self.errors and self.total_steps > 0
 
+    def resume_position(self, steps_done: int) -> tuple[int, int]:
+        """(1-based epoch, batch index to start from) after ``steps_done`` optimizer steps."""
+        if self.steps_per_epoch <= 0:
+            return 1, 0
+        epoch_index, step_in_epoch = divmod(steps_done, self.steps_per_epoch)
+        return epoch_index + 1, step_in_epoch * self.grad_accum
+
     def summary(self) -> str:
         lines = [self.formula, *(line.describe() for line in self.per_folder)]
         if self.buckets:

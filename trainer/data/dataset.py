@@ -1,0 +1,233 @@
+"""The epoch iterator: bucketed batches of images (or cached latents) with captions and weights.
+
+Order, as sd-scripts: every image appears ``repeats`` times in its bucket; each epoch
+a ``random.Random(seed + epoch)`` shuffles the batch order, then each bucket's
+contents. Unlike sd-scripts the shuffle starts from the same canonical order every
+epoch, and per-sample randomness (flip, crop, colour, caption) comes from a
+generator seeded by (seed, epoch, batch index): so an epoch is a pure function of
+the seed, and a resumed run that skips the first N batches sees exactly what the
+uninterrupted run saw.
+
+Epochs are 1-based, as sd-scripts (``caption_dropout_every_n_epochs`` depends on it).
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from trainer.data.buckets import Size
+from trainer.data.captions import CaptionConfig, process_caption
+from trainer.data.images import BadImageError, prepare_image, to_tensor
+from trainer.data.samples import Entry, count_batches, group_by_bucket
+
+PREFETCH_BATCHES_PER_WORKER = 2
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be built (no images, bad bucket settings...)."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    batch_size: int = 1
+    seed: int = 0
+    prior_loss_weight: float = 1.0
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    captions: CaptionConfig = CaptionConfig()
+    skip_bad_images: bool = True  # False: a bad image stops the run
+    workers: int = 0  # threads decoding upcoming batches; 0 decodes on the caller's thread
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, skip_bad_images: bool = True) -> "DatasetConfig":
+        return cls(
+            batch_size=max(1, int(settings.train_batch_size)),
+            seed=int(settings.seed or 0),
+            prior_loss_weight=float(settings.prior_loss_weight),
+            flip_aug=bool(settings.flip_aug),
+            color_aug=bool(settings.color_aug),
+            random_crop=bool(settings.random_crop),
+            captions=CaptionConfig.from_settings(settings),
+            skip_bad_images=skip_bad_images,
+            workers=max(0, int(settings.max_data_loader_n_workers or 0)),
+        )
+
+
+@dataclass
+class Batch:
+    epoch: int  # 1-based
+    index: int  # 0-based batch index within the epoch
+    bucket: Size  # (width, height) shared by every sample
+    paths: list[Path]
+    captions: list[str]
+    is_reg: list[bool]
+    loss_weights: torch.Tensor  # (B,) prior_loss_weight for reg samples, else 1
+    flipped: list[bool]
+    original_sizes_hw: list[tuple[int, int]]  # SDXL size conditioning, (height, width)
+    crop_top_lefts: list[tuple[int, int]]  # (top, left)
+    target_sizes_hw: list[tuple[int, int]]
+    images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
+    latents: torch.Tensor | None = None  # (B, C, H/8, W/8), unscaled VAE output
+    bad_images: list[BadImageError] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def size_conditioning(self) -> torch.Tensor:
+        """(B, 6) long: original (h, w), crop (top, left), target (h, w), the SDXL ``add_time_ids`` order."""
+        rows = [o + c + t for o, c, t in zip(self.original_sizes_hw, self.crop_top_lefts, self.target_sizes_hw)]
+        return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class CachedLatents:
+    latents: torch.Tensor  # (C, h, w)
+    original_size: Size  # (width, height)
+    crop_left_top: Size
+
+
+class LatentSource(Protocol):
+    def get(self, entry: Entry, flipped: bool) -> CachedLatents: ...
+
+
+BadImageCallback = Callable[[BadImageError], None]
+
+
+class TrainingDataset:
+    """Bucketed batches for one run. Build it from the plan's entries so the step counts agree."""
+
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        config: DatasetConfig,
+        *,
+        latents: LatentSource | None = None,
+        on_bad_image: BadImageCallback | None = None,
+    ) -> None:
+        if not entries:
+            raise DatasetError("no training images")
+        self.entries = list(entries)
+        self.config = config
+        self.latents = latents
+        self.on_bad_image = on_bad_image
+        self.buckets = group_by_bucket(self.entries)
+        self.batches_per_epoch = count_batches((len(v) for v in self.buckets.values()), config.batch_size)
+        self.bad_paths: set[Path] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Any, plan=None, **kwargs) -> "TrainingDataset":
+        """Scan the folders (or reuse ``plan``, a StepPlan) and build the dataset for these settings."""
+        from trainer.data.plan import plan_steps
+
+        plan = plan if plan is not None else plan_steps(settings)
+        if plan.errors:
+            raise DatasetError("; ".join(plan.errors))
+        return cls(plan.entries, DatasetConfig.from_settings(settings), **kwargs)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Entry indices of each batch of an epoch, in order. Depends only on (seed, epoch)."""
+        rng = random.Random(self.config.seed + epoch)
+        size = self.config.batch_size
+        slots = [(b, k) for b, indices in enumerate(self.buckets.values()) for k in range(-(-len(indices) // size))]
+        rng.shuffle(slots)
+        shuffled = [list(indices) for indices in self.buckets.values()]
+        for indices in shuffled:
+            rng.shuffle(indices)
+        return [shuffled[b][k * size : (k + 1) * size] for b, k in slots]
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0, executor: Executor | None = None) -> Iterator[Batch]:
+        """Batches of ``epoch`` from index ``start_batch`` on (resume). Bad images are reported, then skipped or raised."""
+        plan = list(enumerate(self.epoch_batches(epoch)))[start_batch:]
+        jobs = (lambda i=i, members=members: self._build_batch(epoch, i, members) for i, members in plan)
+        own_executor = executor is None and self.config.workers > 0
+        if own_executor:
+            executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="nekoya-data")
+        try:
+            for batch in _prefetched(jobs, executor, self.config.workers * PREFETCH_BATCHES_PER_WORKER):
+                for error in batch.bad_images:
+                    self._report_bad(error)
+                if len(batch):
+                    yield batch
+        finally:
+            if own_executor:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+    def sample_rng(self, epoch: int, batch_index: int) -> random.Random:
+        # a string seed is hashed with SHA-512 by random.Random: stable across processes
+        return random.Random(f"{self.config.seed}/{epoch}/{batch_index}")
+
+    def _report_bad(self, error: BadImageError) -> None:
+        first_time = error.path not in self.bad_paths
+        self.bad_paths.add(error.path)
+        if first_time and self.on_bad_image is not None:
+            self.on_bad_image(error)
+        if not self.config.skip_bad_images:
+            raise error
+
+    def _build_batch(self, epoch: int, index: int, members: list[int]) -> Batch:
+        rng = self.sample_rng(epoch, index)
+        bucket = self.entries[members[0]].choice.bucket
+        batch = Batch(epoch, index, bucket, [], [], [], torch.empty(0), [], [], [], [])
+        pixels, latents, weights = [], [], []
+        for member in members:
+            entry = self.entries[member]
+            flipped = self.config.flip_aug and rng.random() < 0.5
+            try:
+                sample = self._load_sample(entry, flipped, rng)
+            except BadImageError as error:
+                batch.bad_images.append(error)
+                continue
+            (latents if isinstance(sample, CachedLatents) else pixels).append(sample)
+            original, crop_left_top = sample.original_size, sample.crop_left_top
+            batch.paths.append(entry.item.path)
+            batch.captions.append(process_caption(entry.item.caption, self.config.captions, epoch, rng))
+            batch.is_reg.append(entry.item.is_reg)
+            weights.append(self.config.prior_loss_weight if entry.item.is_reg else 1.0)
+            batch.flipped.append(flipped)
+            batch.original_sizes_hw.append((original[1], original[0]))
+            batch.crop_top_lefts.append((crop_left_top[1], crop_left_top[0]))
+            batch.target_sizes_hw.append((bucket[1], bucket[0]))
+        batch.loss_weights = torch.tensor(weights, dtype=torch.float32)
+        if pixels:
+            batch.images = to_tensor([p.pixels for p in pixels])
+        if latents:
+            batch.latents = torch.stack([c.latents for c in latents])
+        return batch
+
+    def _load_sample(self, entry: Entry, flipped: bool, rng: random.Random):
+        if entry.item.path in self.bad_paths:
+            raise BadImageError(entry.item.path, "failed earlier in this run")
+        if self.latents is not None:
+            return self.latents.get(entry, flipped)
+        return prepare_image(
+            entry.item.path,
+            entry.choice,
+            flip=flipped,
+            crop_rng=rng if self.config.random_crop else None,
+            color_rng=rng if self.config.color_aug else None,
+        )
+
+
+def _prefetched(jobs: Iterator[Callable[[], Batch]], executor: Executor | None, ahead: int) -> Iterator[Batch]:
+    """Run jobs in order, keeping up to ``ahead`` of them in flight on the executor."""
+    if executor is None:
+        for job in jobs:
+            yield job()
+        return
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(executor.submit(job))
+        if len(pending) > max(1, ahead):
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -1,0 +1,124 @@
+"""Image loading and augmentation with PIL + numpy (no torchvision, no OpenCV).
+
+Pipeline per sample, as sd-scripts' ``trim_and_resize_if_required``: load RGB,
+resize to the bucket choice's ``resized`` size, crop to the bucket (centred or
+random), then optional flip and colour augmentation, then a float tensor in [-1, 1].
+
+Differences from sd-scripts, on purpose:
+* EXIF orientation is applied (phone photos are trained upright); the folder scan
+  swaps the header size to match.
+* Transparent images are composited on white instead of keeping whatever colour
+  the fully transparent pixels happen to hold (often black).
+* Colour augmentation works in real RGB HSV and applies gamma to [0, 1] values;
+  sd-scripts treats RGB as BGR for the hue shift and raises 0..255 values to the
+  gamma, which saturates bright pixels.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from trainer.data.buckets import BucketChoice, Size, crop_offsets
+
+COLOR_AUG_PROBABILITY = 0.33
+HUE_SHIFT_LIMIT = 8.0  # on OpenCV's 0..180 hue scale, as sd-scripts
+GAMMA_RANGE = (0.95, 1.05)
+
+
+class BadImageError(Exception):
+    """An image that cannot be decoded or used; carries the path so it can be reported by name."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: np.ndarray  # uint8, (height, width, 3), exactly the bucket size
+    original_size: Size  # (width, height) of the loaded image, before resizing
+    crop_left_top: Size  # (left, top) of the crop in the resized image, after any flip
+    flipped: bool
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    """Decode an image as RGB, upright, with transparency flattened onto white."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadImageError(path, f"cannot decode image: {exc}") from exc
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize(image: Image.Image, size: Size) -> Image.Image:
+    """Area averaging (like OpenCV INTER_AREA) when shrinking both sides, else Lanczos, as sd-scripts."""
+    if image.size == tuple(size):
+        return image
+    shrinking = size[0] < image.width and size[1] < image.height
+    return image.resize(size, Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
+
+
+def prepare_image(
+    path: Path | str,
+    choice: BucketChoice,
+    *,
+    flip: bool = False,
+    crop_rng: random.Random | None = None,
+    color_rng: random.Random | None = None,
+) -> PreparedImage:
+    """Load, resize, crop to the bucket, flip and colour-augment one image.
+
+    ``crop_rng`` given means a random crop, else centred; ``color_rng`` given turns on colour augmentation.
+    """
+    image = load_rgb(path)
+    original_size = image.size
+    image = resize(image, choice.resized)
+    left, top = crop_offsets(choice.resized, choice.bucket, crop_rng)
+    image = image.crop((left, top, left + choice.bucket[0], top + choice.bucket[1]))
+    pixels = np.asarray(image, dtype=np.uint8)
+    if flip:
+        pixels = pixels[:, ::-1]
+        left = choice.resized[0] - left - choice.bucket[0]  # the crop seen from the mirrored side
+    if color_rng is not None:
+        pixels = color_augment(pixels, color_rng)
+    return PreparedImage(np.ascontiguousarray(pixels), original_size, (left, top), flip)
+
+
+def color_augment(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
+    """With probability 0.33: a hue shift of U(-8, 8) (of 180) or a gamma of U(0.95, 1.05), half each."""
+    if rng.random() > COLOR_AUG_PROBABILITY:
+        return pixels
+    if rng.random() > 0.5:
+        return shift_hue(pixels, rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT))
+    return apply_gamma(pixels, rng.uniform(*GAMMA_RANGE))
+
+
+def shift_hue(pixels: np.ndarray, shift_of_180: float) -> np.ndarray:
+    hsv = np.asarray(Image.fromarray(pixels, "RGB").convert("HSV")).copy()
+    shift = int(round(shift_of_180 * 256 / 180))  # PIL hue runs 0..255
+    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 256).astype(np.uint8)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def apply_gamma(pixels: np.ndarray, gamma: float) -> np.ndarray:
+    normalised = pixels.astype(np.float32) / 255.0
+    return np.clip(np.round(normalised**gamma * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_tensor(pixel_arrays: list[np.ndarray]):
+    """Stack uint8 HWC arrays into a float32 (B, 3, H, W) tensor in [-1, 1]."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(pixel_arrays)).permute(0, 3, 1, 2)
+    return batch.float().div_(127.5).sub_(1.0).contiguous()
