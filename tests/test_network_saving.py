@@ -1,0 +1,118 @@
+"""LoRA files: atomic writes, sshs hashes, names, and loading into diffusers."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from trainer import saving
+from trainer.network import CLIP_CLASSES, UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoRANetwork, LoraTarget, NetworkSpec, Role
+
+
+def _tensors(n: int = 3, size: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {f"lora_unet_m{i}.lora_down.weight": torch.randn(size, size, generator=g) for i in range(n)}
+
+
+def test_file_names_match_sd_scripts():
+    assert saving.epoch_file_name("mylora", 3, ".safetensors") == "mylora-000003.safetensors"
+    assert saving.step_file_name("mylora", 500, ".safetensors") == "mylora-step00000500.safetensors"
+    assert saving.final_file_name("mylora", ".ckpt") == "mylora.ckpt"
+
+
+def test_last_n_windows():
+    assert saving.epoch_to_remove(5, every_n_epochs=1, keep_last_n=2) == 3
+    assert saving.epoch_to_remove(2, every_n_epochs=1, keep_last_n=2) is None
+    assert saving.epoch_to_remove(6, every_n_epochs=2, keep_last_n=2) == 2
+    assert saving.epoch_to_remove(6, every_n_epochs=2, keep_last_n=0) is None
+    # sd-scripts: step - last_n - 1, rounded down to a multiple of every_n
+    assert saving.step_to_remove(300, every_n_steps=100, keep_last_n_steps=150) == 100
+    assert saving.step_to_remove(200, every_n_steps=100, keep_last_n_steps=150) is None
+
+
+def test_safetensors_metadata_and_hashes(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    tensors = _tensors(n=40, size=128)  # > 1.1 MiB so the legacy hash window has data
+    meta = {"ss_network_dim": "4", "ss_output_name": "x", "modelspec.title": "x"}
+    path = tmp_path / "x.safetensors"
+    saving.save_lora_file(str(path), tensors, meta)
+    with safe_open(str(path), "pt") as f:
+        stored = f.metadata()
+        assert set(f.keys()) == set(tensors)
+    assert all(isinstance(v, str) for v in stored.values())
+    assert stored["ss_network_dim"] == "4"
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    # the model hash is the sha256 of the file's tensor data region (A1111 "addnet" hash)
+    assert stored["sshs_model_hash"] == hashlib.sha256(raw[8 + header_len:]).hexdigest()
+    ss_only = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert stored["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    path = tmp_path / "keep.safetensors"
+    saving.save_lora_file(str(path), _tensors(), {"ss_a": "1"})
+    before = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", disk_full)
+    with pytest.raises(saving.SaveError) as err:
+        saving.save_lora_file(str(path), _tensors(n=5), {"ss_a": "2"})
+    assert "previous file is unchanged" in str(err.value)
+    assert "No space left" in str(err.value)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["keep.safetensors"]  # no temp file left behind
+
+
+def test_ckpt_is_torch_saved_state_dict(tmp_path):
+    tensors = _tensors()
+    path = tmp_path / "x.ckpt"
+    saving.save_lora_file(str(path), tensors, {"ss_a": "1"})
+    loaded = torch.load(path, weights_only=True)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_saved_lora_loads_in_diffusers_and_changes_output(tiny_sd1_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    targets = [
+        LoraTarget("lora_te", pipe.text_encoder, CLIP_CLASSES, Role.TEXT_ENCODER, path_prefix="text_model."),
+        LoraTarget("lora_unet", pipe.unet, UNET_ATTENTION_CLASSES, Role.UNET, UNET_CONV_CLASSES),
+    ]
+    net = LoRANetwork.build(targets, NetworkSpec(rank=4, alpha=2, conv_rank=2, conv_alpha=1))
+    torch.manual_seed(0)
+    for module in net.lora_modules():
+        torch.nn.init.normal_(module.lora_up.weight, std=0.5)
+    path = tmp_path / "lora.safetensors"
+    saving.save_lora_file(str(path), net.lora_state_dict(torch.float16), {"ss_network_dim": "4"})
+
+    def render():
+        return pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = render()
+    to_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    conv1 = pipe.unet.down_blocks[0].resnets[0].conv1
+    w_q, w_conv = to_q.weight.detach().clone(), conv1.weight.detach().clone()
+    pipe.load_lora_weights(str(path), adapter_name="nekoya")
+    assert abs(render() - base).mean() > 1e-3
+    pipe.fuse_lora()
+    # diffusers applies exactly up @ down * alpha / rank (fp16 file precision)
+    q_mod = net.get_submodule("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")
+    conv_mod = net.get_submodule("lora_unet_down_blocks_0_resnets_0_conv1")
+    torch.testing.assert_close(to_q.weight.detach() - w_q, q_mod.delta_weight(), atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(conv1.weight.detach() - w_conv, conv_mod.delta_weight(), atol=2e-3, rtol=2e-2)

@@ -1,0 +1,158 @@
+"""The LoRA network: every LoRA module of a run, its optimizer groups and its file keys.
+
+Modules are registered under their kohya names, so ``state_dict()`` keys are exactly
+the keys of the saved file: ``<lora_name>.lora_down.weight``, ``.lora_up.weight``
+and ``.alpha``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .module import LoRAModule
+from .targets import LayerKind, LoraTarget, Role, TargetLayer, find_target_layers
+
+# LoRA types of kohya_ss that this network trains, and whether they add conv LoRA.
+# LyCORIS/LoCon writes the same lora_down/lora_up/alpha keys as Kohya LoCon.
+NETWORK_TYPES = {"Standard": False, "Kohya LoCon": True, "LyCORIS/LoCon": True}
+
+
+class NetworkConfigError(ValueError):
+    """A network setting cannot be honoured; ``field`` names the setting."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    rank: int = 4
+    alpha: float = 1.0
+    conv_rank: int = 0  # 0: no LoRA on 3x3 convs
+    conv_alpha: float = 1.0
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    # When set (dim_from_weights), exactly these modules are built, with these ranks.
+    module_ranks: dict[str, int] | None = field(default=None, compare=False)
+    module_alphas: dict[str, float] | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "NetworkSpec":
+        if settings.LoRA_type not in NETWORK_TYPES:
+            supported = ", ".join(NETWORK_TYPES)
+            raise NetworkConfigError(f"LoRA type {settings.LoRA_type!r} is not supported yet; choose {supported}", "LoRA_type")
+        with_conv = NETWORK_TYPES[settings.LoRA_type] and int(settings.conv_dim) > 0
+        return cls(
+            rank=int(settings.network_dim),
+            alpha=float(settings.network_alpha),
+            conv_rank=int(settings.conv_dim) if with_conv else 0,
+            conv_alpha=float(settings.conv_alpha),
+            dropout=float(settings.network_dropout or 0),
+            rank_dropout=float(settings.rank_dropout or 0),
+            module_dropout=float(settings.module_dropout or 0),
+        )
+
+    def rank_for(self, layer: TargetLayer) -> tuple[int, float]:
+        """(rank, alpha) for a layer; rank 0 means "no LoRA here"."""
+        if self.module_ranks is not None:
+            rank = self.module_ranks.get(layer.lora_name, 0)
+            return rank, (self.module_alphas or {}).get(layer.lora_name, rank)
+        if layer.kind is LayerKind.LINEAR:
+            return self.rank, self.alpha
+        return self.conv_rank, self.conv_alpha
+
+
+class LoRANetwork(nn.Module):
+    def __init__(self, layers: Iterable[TargetLayer], spec: NetworkSpec) -> None:
+        super().__init__()
+        self.roles: dict[str, Role] = {}
+        for layer in layers:
+            rank, alpha = spec.rank_for(layer)
+            if rank <= 0:
+                continue
+            module = LoRAModule(
+                layer.lora_name, layer.module, rank, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout
+            )
+            self.add_module(layer.lora_name, module)
+            self.roles[layer.lora_name] = layer.role
+
+    @classmethod
+    def build(cls, targets: Iterable[LoraTarget], spec: NetworkSpec) -> "LoRANetwork":
+        with_conv = spec.conv_rank > 0 or spec.module_ranks is not None
+        layers = [layer for target in targets for layer in find_target_layers(target, with_conv)]
+        return cls(layers, spec)
+
+    # -- wiring ---------------------------------------------------------------
+    def lora_modules(self, role: Role | None = None) -> list[LoRAModule]:
+        return [m for name, m in self.named_children() if role is None or self.roles[name] is role]
+
+    def apply_to(self) -> None:
+        for module in self.lora_modules():
+            module.apply_to()
+
+    def restore(self) -> None:
+        for module in self.lora_modules():
+            module.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for module in self.lora_modules():
+            module.multiplier = multiplier
+
+    # -- training ---------------------------------------------------------------
+    def param_groups(self, lrs: dict[Role, float]) -> list[dict]:
+        """One optimizer group per role with a LoRA and a non-zero learning rate."""
+        groups = []
+        for role in Role:
+            params = [p for m in self.lora_modules(role) for p in m.parameters()]
+            lr = lrs.get(role, 0.0)
+            if params and lr:
+                groups.append({"params": params, "lr": lr, "name": role.value})
+        return groups
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """sd-scripts' scale_weight_norms: shrink modules whose ΔW norm exceeds ``max_norm``.
+
+        Returns (modules scaled, mean norm, max norm) after scaling, for logging.
+        """
+        scaled, norms = 0, []
+        with torch.no_grad():
+            for module in self.lora_modules():
+                raw = module.delta_weight().norm()
+                norm = raw.clamp(min=max_norm / 2)
+                ratio = (torch.clamp(norm, max=max_norm) / norm).item()
+                if ratio != 1.0:
+                    scaled += 1
+                    module.lora_down.weight.mul_(ratio**0.5)
+                    module.lora_up.weight.mul_(ratio**0.5)
+                norms.append(raw.item() * ratio)
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
+
+    # -- file keys -----------------------------------------------------------------
+    def lora_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of the LoRA file: kohya keys, contiguous CPU tensors, alpha included."""
+        return {
+            key: value.detach().to("cpu", dtype=dtype or value.dtype).contiguous()
+            for key, value in self.state_dict().items()
+        }
+
+    def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load kohya-keyed tensors; returns (missing, unexpected) keys. Ranks must match."""
+        own = self.state_dict()
+        for key, value in tensors.items():
+            if key in own and own[key].shape != value.shape:
+                raise NetworkConfigError(
+                    f"{key} has shape {tuple(value.shape)} in the weights file but {tuple(own[key].shape)} here; "
+                    "tick 'DIM from weights' to take the ranks from the file",
+                    "network_weights",
+                )
+        result = self.load_state_dict(tensors, strict=False)
+        for module in self.lora_modules():  # alpha may come from the file
+            module.scale = module.alpha.item() / module.rank
+        return list(result.missing_keys), list(result.unexpected_keys)
