@@ -1,0 +1,172 @@
+"""Latent cache: memory and disk round trips, reuse across runs, invalidation, flip, dataset use."""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.data.dataset import DatasetConfig, TrainingDataset
+from trainer.data.images import prepare_image, to_tensor
+from trainer.data.latent_cache import CacheSpec, LatentCache, LatentCacheError, latent_caching_blockers
+from trainer.data.plan import plan_steps
+
+SIZES = [(64, 64), (96, 48), (48, 96), (64, 64), (80, 40)]
+
+
+class CountingEncoder:
+    """Stands in for a VAE: 8x8 average pooling, counting every image it sees."""
+
+    def __init__(self):
+        self.images = 0
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.images += pixels.shape[0]
+        self.calls.append(tuple(pixels.shape))
+        return F.avg_pool2d(pixels, 8)
+
+
+def _settings(root: Path, **overrides):
+    values = dict(
+        train_data_dir=str(root), reg_data_dir="", caption_extension=".txt", train_batch_size=2,
+        gradient_accumulation_steps=1, epoch=1, max_train_epochs=0, max_train_steps=0, max_resolution="64",
+        enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, bucket_no_upscale=False,
+        seed=1, prior_loss_weight=1.0, flip_aug=True, color_aug=False, random_crop=False, shuffle_caption=False,
+        keep_tokens=0, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0, max_data_loader_n_workers=0,
+    )
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+@pytest.fixture()
+def image_root(tmp_path) -> Path:
+    for i, size in enumerate(SIZES):
+        path = tmp_path / "3_thing" / f"im{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", size, (50 * i, 120, 255 - 40 * i)).save(path)
+    return tmp_path
+
+
+def _entries(root, **overrides):
+    return list(plan_steps(_settings(root, **overrides)).entries)
+
+
+def test_memory_cache_round_trip_with_flip(image_root):
+    entries = _entries(image_root)
+    encoder = CountingEncoder()
+    cache = LatentCache(CacheSpec(encoder, flip=True))
+    report = cache.prepare(entries)
+    assert (report.encoded, report.reused, report.failed) == (5, 0, [])
+    assert encoder.images == 10  # normal + flipped
+    entry = entries[1]
+    expected = encoder(to_tensor([prepare_image(entry.item.path, entry.choice).pixels]))[0]
+    got = cache.get(entry, flipped=False)
+    assert torch.allclose(got.latents, expected)
+    assert got.original_size == (entry.item.width, entry.item.height)
+    assert torch.allclose(cache.get(entry, flipped=True).latents, torch.flip(expected, dims=[2]), atol=1e-6)
+    assert not any(p.suffix == ".npz" for p in image_root.rglob("*"))
+
+
+def test_encoder_batches_hold_one_bucket_and_respect_vae_batch_size(image_root):
+    encoder = CountingEncoder()
+    LatentCache(CacheSpec(encoder, batch_size=2)).prepare(_entries(image_root))
+    # buckets (w x h): 48x80 (1 image), 64x64 (2), 80x48 (96x48 and 80x40, both ratio 2)
+    assert encoder.calls == [(1, 3, 80, 48), (2, 3, 64, 64), (2, 3, 48, 80)]
+    encoder = CountingEncoder()
+    LatentCache(CacheSpec(encoder, batch_size=1)).prepare(_entries(image_root))
+    assert [shape[0] for shape in encoder.calls] == [1] * 5
+
+
+def test_disk_cache_is_reused_by_a_second_run(image_root):
+    first = CountingEncoder()
+    LatentCache(CacheSpec(first, to_disk=True, flip=True, fingerprint="vae-a")).prepare(_entries(image_root))
+    npz = image_root / "3_thing" / "im1_0096x0048_sd.npz"
+    assert npz.is_file()
+    with np.load(npz) as data:
+        assert {"latents_6x10", "original_size_6x10", "crop_ltrb_6x10", "latents_flipped_6x10"} <= set(data.files)
+        assert data["latents_6x10"].shape == (3, 6, 10)
+        assert data["original_size_6x10"].tolist() == [96, 48]
+
+    second = CountingEncoder()
+    entries = _entries(image_root)
+    cache = LatentCache(CacheSpec(second, to_disk=True, flip=True, fingerprint="vae-a"))
+    report = cache.prepare(entries)
+    assert second.images == 0 and (report.encoded, report.reused) == (0, 5)
+    entry = entries[0]
+    expected = first(to_tensor([prepare_image(entry.item.path, entry.choice).pixels]))[0]
+    assert torch.allclose(cache.get(entry, flipped=False).latents, expected)
+
+
+def test_changed_image_or_encoder_or_flip_re_encodes(image_root):
+    spec = dict(to_disk=True, flip=False, fingerprint="vae-a")
+    LatentCache(CacheSpec(CountingEncoder(), **spec)).prepare(_entries(image_root))
+
+    changed = image_root / "3_thing" / "im2.png"
+    Image.new("RGB", (48, 96), (1, 2, 3)).save(changed)
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    encoder = CountingEncoder()
+    report = LatentCache(CacheSpec(encoder, **spec)).prepare(_entries(image_root))
+    assert (report.encoded, report.reused, encoder.images) == (1, 4, 1)
+
+    encoder = CountingEncoder()
+    LatentCache(CacheSpec(encoder, **{**spec, "fingerprint": "vae-b"})).prepare(_entries(image_root))
+    assert encoder.images == 5
+
+    encoder = CountingEncoder()
+    LatentCache(CacheSpec(encoder, **{**spec, "fingerprint": "vae-b", "flip": True})).prepare(_entries(image_root))
+    assert encoder.images == 10  # flipped latents were missing
+
+
+def test_a_file_keeps_entries_for_other_bucket_sizes(image_root):
+    LatentCache(CacheSpec(CountingEncoder(), to_disk=True)).prepare(_entries(image_root))
+    LatentCache(CacheSpec(CountingEncoder(), to_disk=True)).prepare(
+        _entries(image_root, max_resolution="128", max_bucket_reso=256)
+    )
+    with np.load(image_root / "3_thing" / "im0_0064x0064_sd.npz") as data:
+        assert "latents_8x8" in data.files and "latents_16x16" in data.files
+    encoder = CountingEncoder()
+    LatentCache(CacheSpec(encoder, to_disk=True)).prepare(_entries(image_root))
+    assert encoder.images == 0
+
+
+def test_dataset_trains_from_cached_latents_without_encoding(image_root):
+    settings = _settings(image_root)
+    plan = plan_steps(settings)
+    encoder = CountingEncoder()
+    cache = LatentCache(CacheSpec(encoder, flip=True))
+    cache.prepare(plan.entries)
+    encoded_before = encoder.images
+    dataset = TrainingDataset(plan.entries, DatasetConfig.from_settings(settings), latents=cache)
+    batches = list(dataset.iter_epoch(1))
+    assert encoder.images == encoded_before
+    assert sum(len(b) for b in batches) == 15
+    for batch in batches:
+        assert batch.images is None
+        width, height = batch.bucket
+        assert batch.latents.shape == (len(batch), 3, height // 8, width // 8)
+    assert any(f for b in batches for f in b.flipped)
+
+
+def test_nan_latents_name_the_image(image_root):
+    cache = LatentCache(CacheSpec(lambda pixels: F.avg_pool2d(pixels, 8) * float("nan")))
+    with pytest.raises(LatentCacheError, match=r"im\d\.png.*NaN"):
+        cache.prepare(_entries(image_root))
+
+
+def test_missing_flipped_latents_are_a_clear_error(image_root):
+    entries = _entries(image_root)
+    cache = LatentCache(CacheSpec(CountingEncoder(), flip=False))
+    cache.prepare(entries)
+    with pytest.raises(LatentCacheError, match="flip"):
+        cache.get(entries[0], flipped=True)
+
+
+def test_caching_blockers():
+    assert latent_caching_blockers(SimpleNamespace(color_aug=False, random_crop=False)) == []
+    reasons = latent_caching_blockers(SimpleNamespace(color_aug=True, random_crop=True))
+    assert len(reasons) == 2 and "color_aug" in reasons[0] and "random_crop" in reasons[1]
