@@ -1,0 +1,136 @@
+"""Training speed benchmark: seconds per step, time to first step, peak memory.
+
+    python bench/train_speed.py --size tiny
+    python bench/train_speed.py --size sd15 --steps 4 --resolution 512 --gradient-checkpointing \
+        --optimizer AdamW8bit --cache-latents
+
+Builds a random-initialised model of that size from configs (``sd15`` is the real
+SD 1.5 architecture) and a generated image folder once (cached under --workdir), then
+runs the real trainer entry point in a fresh child process and prints one JSON line.
+``time_to_first_step_s`` is measured from the child's process start, i.e. from the
+command a user types to the first finished optimizer step, model already on disk.
+This is a benchmark, not a test: nothing here asserts a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=("tiny", "sd15"), default="tiny")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30 tiny, 4 sd15)")
+    p.add_argument("--resolution", type=int, default=None, help="square training resolution (default 64 tiny, 512 sd15)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optimizer", default="AdamW")
+    p.add_argument("--cache-latents", action="store_true")
+    p.add_argument("--mixed-precision", default=None, help="no/fp16/bf16 (default: bf16 on CUDA, no on CPU)")
+    p.add_argument("--network-dim", type=int, default=8)
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nekoya-bench"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    work = Path(args.workdir)
+    return work / f"model-{args.size}", work / f"images-{args.resolution}"
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Model folder and image folder, built once per size/resolution and reused."""
+    from trainer.devtools.images import make_image_folder
+    from trainer.devtools.synthetic import build_tiny_pipeline
+
+    model, images = paths(args)
+    if not (model / "model_index.json").exists():
+        build_tiny_pipeline(model, family="sd1", seed=0, size=args.size)
+    if not images.exists():
+        side = args.resolution
+        make_image_folder(images, concepts={"10_bench cat": 8}, sizes=[(side, side)], captions=True, seed=0)
+    return model, images
+
+
+def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
+    import time
+
+    import psutil
+
+    started = psutil.Process().create_time()
+    from trainer.events import Step
+    from trainer.loop import train
+    from trainer.settings import TrainingSettings
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    out = Path(tempfile.mkdtemp(prefix="bench-out-"))
+    settings = TrainingSettings(
+        model_list="custom", pretrained_model_name_or_path=str(model), train_data_dir=str(images),
+        output_dir=str(out), output_name="bench", max_resolution=f"{args.resolution},{args.resolution}",
+        train_batch_size=args.batch, max_train_steps=args.steps, epoch=1000, save_every_n_epochs=0,
+        optimizer=args.optimizer, cache_latents=args.cache_latents, gradient_checkpointing=args.gradient_checkpointing,
+        mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"), network_dim=args.network_dim,
+        network_alpha=args.network_dim, lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
+        caption_extension=".txt",
+    )
+    stamps: list[float] = []
+
+    def sink(event) -> None:
+        if isinstance(event, Step):
+            stamps.append(time.time())
+
+    train(settings, sink)
+    gaps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:])) or sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    result = {
+        "size": args.size, "resolution": args.resolution, "batch": args.batch, "optimizer": args.optimizer,
+        "gradient_checkpointing": args.gradient_checkpointing, "cache_latents": args.cache_latents,
+        "steps": len(stamps), "s_per_step": round(gaps[len(gaps) // 2], 4) if gaps else None,
+        "time_to_first_step_s": round(stamps[0] - started, 2) if stamps else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1), "device": "cuda" if cuda else "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    if cuda:
+        result["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["peak_vram_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name()
+    if result["s_per_step"]:
+        result["it_per_s"] = round(1 / result["s_per_step"], 3)
+    return result
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.steps = args.steps or (30 if args.size == "tiny" else 4)
+    args.resolution = args.resolution or (64 if args.size == "tiny" else 512)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:  # the model is on disk already: measure only what a user's run pays
+        print(json.dumps(child(args, *paths(args))))
+        return 0
+    prepare(args)
+    argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    proc = subprocess.run([sys.executable, __file__, *argv, "--child"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        return proc.returncode
+    print(proc.stdout.strip().splitlines()[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
