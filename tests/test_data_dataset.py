@@ -148,3 +148,23 @@ def test_resume_position_maps_steps_to_epoch_and_batch(data_root):
     plan = plan_steps(_settings(data_root, gradient_accumulation_steps=2))
     assert plan.resume_position(0) == (1, 0)
     assert plan.resume_position(plan.steps_per_epoch + 1) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected_buckets",
+    [
+        # one bucket at the resolution: every image is resized to cover 64x64 and centre-cropped
+        (dict(enable_bucket=False), {(64, 64)}),
+        # no_upscale, area 4096, step 16: 64x64 stays; 96x48 (area 4608) shrinks to 64x32 (height rounding:
+        # exact ratio); 48x96 shrinks to 32x64 (width rounding wins); 80x40 keeps its size, bucket floors to 80x32
+        (dict(bucket_no_upscale=True), {(64, 64), (64, 32), (32, 64), (80, 32)}),
+    ],
+)
+def test_no_bucket_and_no_upscale_modes(data_root, overrides, expected_buckets):
+    dataset = TrainingDataset.from_settings(_settings(data_root, reg_data_dir="", flip_aug=False, **overrides))
+    buckets = set()
+    for batch in dataset.iter_epoch(1):
+        width, height = batch.bucket
+        assert batch.images.shape[2:] == (height, width)
+        buckets.add(batch.bucket)
+    assert buckets == expected_buckets

@@ -144,3 +144,18 @@ def test_plan_is_fast_for_hundreds_of_images(tmp_path):
     second = time.perf_counter() - start
     assert plan.train_images == 300 and plan.total_steps == again.total_steps == 3500
     assert first < 1.0 and second < 0.5
+
+
+def test_plan_from_the_real_settings_model(image_folder):
+    from trainer.settings import TrainingSettings
+
+    settings = TrainingSettings(
+        train_data_dir=str(image_folder), train_batch_size=2, max_resolution="64,64",
+        min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False,
+    )
+    plan = plan_steps(settings)
+    # "10_sks dog": 4 images x 10 + "5_cat": 3 x 5 = 55 samples, one 64x64 bucket -> ceil(55 / 2) = 28
+    assert plan.ok and (plan.train_samples, plan.batches_per_epoch, plan.total_steps) == (55, 28, 28)
+    assert plan.formula.startswith(
+        "(4 images × 10 repeats + 3 images × 5 repeats) × 1 epoch ÷ batch 2 = 28 steps (28 batches per epoch in 1 bucket"
+    )

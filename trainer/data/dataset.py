@@ -146,7 +146,10 @@ class TrainingDataset:
         return [shuffled[b][k * size : (k + 1) * size] for b, k in slots]
 
     def iter_epoch(self, epoch: int, start_batch: int = 0, executor: Executor | None = None) -> Iterator[Batch]:
-        """Batches of ``epoch`` from index ``start_batch`` on (resume). Bad images are reported, then skipped or raised."""
+        """Batches of ``epoch`` from index ``start_batch`` on (resume).
+
+        Bad images are reported through ``on_bad_image`` once, then skipped or raised.
+        """
         plan = list(enumerate(self.epoch_batches(epoch)))[start_batch:]
         jobs = (lambda i=i, members=members: self._build_batch(epoch, i, members) for i, members in plan)
         own_executor = executor is None and self.config.workers > 0

@@ -225,7 +225,9 @@ def _scan_concept(
     missing = len(images) - captions_found
     if images and missing:
         fallback = f"the folder name '{name}'" if name else "an empty caption"
-        warnings.append(f"{folder.name}: {missing} of {len(images)} images have no {caption_extension or 'caption'} file; using {fallback}")
+        warnings.append(
+            f"{folder.name}: {missing} of {len(images)} images have no {caption_extension or 'caption'} file; using {fallback}"
+        )
     if empty_captions:
         warnings.append(f"{folder.name}: {empty_captions} caption file(s) are empty")
     return Concept(folder, name, repeats, is_reg, tuple(images), captions_found)

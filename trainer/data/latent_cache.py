@@ -48,6 +48,9 @@ def latent_caching_blockers(settings: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class CacheSpec:
+    """How to cache. ``encode`` receives CPU float32 pixels (B, 3, H, W) in [-1, 1], moves them to its
+    own device and dtype, and returns the unscaled latents (B, C, H/8, W/8), e.g. ``latent_dist.sample()``."""
+
     encode: Encoder
     to_disk: bool = False
     flip: bool = False  # also cache mirrored latents (flip_aug)
@@ -106,7 +109,9 @@ class LatentCache:
         if record is None and self.spec.to_disk and not self.spec.keep_in_memory:
             record = self._read_disk(entry)
         if record is None:
-            raise LatentCacheError(f"{entry.item.path}: no cached latents for bucket {entry.choice.bucket}; call prepare() first")
+            raise LatentCacheError(
+                f"{entry.item.path}: no cached latents for bucket {entry.choice.bucket}; call prepare() first"
+            )
         if not flipped:
             return CachedLatents(record.latents, record.original_size, record.crop_left_top)
         if record.flipped is None:
@@ -147,13 +152,20 @@ class LatentCache:
     def _run_encoder(self, pixels: torch.Tensor, entries: list[Entry]) -> list[torch.Tensor]:
         with torch.no_grad():
             latents = self.spec.encode(pixels).detach().float().cpu()
-        expected = (len(entries), entries[0].choice.bucket[1] // self.spec.downscale, entries[0].choice.bucket[0] // self.spec.downscale)
-        if latents.dim() != 4 or (latents.shape[0], latents.shape[2], latents.shape[3]) != expected:
-            raise LatentCacheError(f"encoder returned shape {tuple(latents.shape)}, expected (B, C, {expected[1]}, {expected[2]})")
+        height, width = self._latent_size(entries[0])
+        if latents.dim() != 4 or tuple(latents.shape[i] for i in (0, 2, 3)) != (len(entries), height, width):
+            expected = f"({len(entries)}, C, {height}, {width})"
+            raise LatentCacheError(f"encoder returned shape {tuple(latents.shape)}, expected {expected}")
         for entry, latent in zip(entries, latents):
             if not torch.isfinite(latent).all():
-                raise LatentCacheError(f"{entry.item.path}: the VAE produced NaN/inf latents (try a fp32 VAE / no_half_vae)")
+                raise LatentCacheError(
+                    f"{entry.item.path}: the VAE produced NaN/inf latents (try an fp32 VAE: no_half_vae)"
+                )
         return list(latents)
+
+    def _latent_size(self, entry: Entry) -> tuple[int, int]:
+        """(height, width) of the latents of an entry's bucket."""
+        return entry.choice.bucket[1] // self.spec.downscale, entry.choice.bucket[0] // self.spec.downscale
 
     def _fingerprint(self) -> str:
         return f"{CACHE_FORMAT_VERSION}|{self.spec.fingerprint}"
@@ -179,7 +191,7 @@ class LatentCache:
 
     def _read_disk(self, entry: Entry) -> _Record | None:
         """The cached record if it matches the image file, the bucket and the encoder; else None."""
-        latent_h, latent_w = entry.choice.bucket[1] // self.spec.downscale, entry.choice.bucket[0] // self.spec.downscale
+        latent_h, latent_w = self._latent_size(entry)
         suffix = f"{latent_h}x{latent_w}"
         arrays = _read_npz(self.npz_path(entry))
         try:

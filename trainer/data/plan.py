@@ -13,7 +13,7 @@ show the same numbers. The rules are sd-scripts' (``train_network.py``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from trainer.data.buckets import BucketConfigError, Bucketer, BucketSettings, Size
@@ -149,8 +149,7 @@ def plan_from_scans(
     warnings += _warnings(config, buckets, entries, reg, reg_samples, skipped)
     if not errors and total == 0:
         errors.append("the plan has 0 steps: no usable training images")
-    formula = _formula(train.concepts, config, batches, len(buckets), steps_per_epoch, epochs, total, train_samples, reg_samples)
-    return StepPlan(
+    plan = StepPlan(
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         epochs=epochs,
@@ -163,12 +162,13 @@ def plan_from_scans(
         reg_samples=reg_samples,
         per_folder=tuple(folders),
         buckets=tuple((bucket, len(indices)) for bucket, indices in buckets.items()),
-        formula=formula,
+        formula="",
         warnings=tuple(warnings),
         errors=tuple(errors),
         skipped=tuple(skipped),
         entries=tuple(entries),
     )
+    return replace(plan, formula=_formula(plan, train.concepts, config))
 
 
 def schedule(batches_per_epoch: int, config: PlanConfig) -> tuple[int, int, int]:
@@ -215,7 +215,8 @@ def _warnings(
     warnings = []
     if config.max_train_epochs > 0 and config.max_train_steps > 0:
         warnings.append(
-            f"max_train_epochs ({config.max_train_epochs}) overrides max_train_steps ({config.max_train_steps}), as in sd-scripts"
+            f"max_train_epochs ({config.max_train_epochs}) overrides "
+            f"max_train_steps ({config.max_train_steps}), as in sd-scripts"
         )
     if reg is not None and reg.samples > reg_samples:
         unused = len(reg.images) - sum(1 for e in entries if e.item.is_reg)
@@ -226,7 +227,9 @@ def _warnings(
     if config.batch_size > 1:
         small = sum(1 for indices in buckets.values() if len(indices) % config.batch_size)
         if small:
-            warnings.append(f"{small} of {len(buckets)} buckets end with a partial batch (fewer than {config.batch_size} samples)")
+            warnings.append(
+                f"{small} of {len(buckets)} buckets end with a partial batch (fewer than {config.batch_size} samples)"
+            )
     upscaled = [e for e in entries if e.choice.resized[0] >= UPSCALE_WARNING_FACTOR * e.item.width]
     if upscaled:
         worst = min(upscaled, key=lambda e: e.item.width * e.item.height).item
@@ -235,43 +238,36 @@ def _warnings(
             f"(smallest: {worst.path.name}, {worst.width}x{worst.height})"
         )
     if skipped:
-        warnings.append(f"{len(skipped)} folder(s)/file(s) skipped: " + "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        listed = "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:5])
+        warnings.append(f"{len(skipped)} folder(s)/file(s) skipped: {listed}" + (" ..." if len(skipped) > 5 else ""))
     return warnings
 
 
-def _formula(
-    train_concepts: Sequence[Concept],
-    config: PlanConfig,
-    batches: int,
-    bucket_count: int,
-    steps_per_epoch: int,
-    epochs: int,
-    total: int,
-    train_samples: int,
-    reg_samples: int,
-) -> str:
+def _formula(plan: StepPlan, train_concepts: Sequence[Concept], config: PlanConfig) -> str:
     """e.g. ``150 images × 45 repeats × 2 (reg) × 1 epoch ÷ batch 1 = 13500 steps``."""
-    if not train_samples:
+    if not plan.train_samples:
         return "no training images: 0 steps"
     parts = [f"{_count(len(c.images), 'image')} × {_count(c.repeats, 'repeat')}" for c in train_concepts if c.images]
     samples = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
-    if reg_samples == train_samples:
+    if plan.reg_samples == plan.train_samples:
         samples += " × 2 (reg)"
-    elif reg_samples:
-        samples = f"({samples} + {reg_samples} reg samples)"
-    divisors = f" ÷ batch {config.batch_size}" + (f" ÷ grad accum {config.grad_accum}" if config.grad_accum > 1 else "")
-    epoch_note = " (max_train_epochs)" if config.max_train_epochs > 0 else ""
-    exact = f"{batches} batches per epoch in {_count(bucket_count, 'bucket')}"
+    elif plan.reg_samples:
+        samples = f"({samples} + {plan.reg_samples} reg samples)"
+    divisors = f" ÷ batch {config.batch_size}"
     if config.grad_accum > 1:
-        exact += f", {steps_per_epoch} steps per epoch"
+        divisors += f" ÷ grad accum {config.grad_accum}"
+    exact = f"{plan.batches_per_epoch} batches per epoch in {_count(len(plan.buckets), 'bucket')}"
+    if config.grad_accum > 1:
+        exact += f", {plan.steps_per_epoch} steps per epoch"
     if config.max_train_epochs <= 0 and config.max_train_steps > 0:
         return (
-            f"max_train_steps = {total} steps (set directly); one epoch = {samples}{divisors} "
-            f"= {steps_per_epoch} steps ({exact}), so {_count(epochs, 'epoch')}"
+            f"max_train_steps = {plan.total_steps} steps (set directly); one epoch = {samples}{divisors} "
+            f"= {plan.steps_per_epoch} steps ({exact}), so {_count(plan.epochs, 'epoch')}"
         )
-    formula = f"{samples} × {_count(epochs, 'epoch')}{epoch_note}{divisors} = {total} steps"
-    naive = (train_samples + reg_samples) * epochs / config.batch_size / config.grad_accum
-    if naive != total:
+    epoch_note = " (max_train_epochs)" if config.max_train_epochs > 0 else ""
+    formula = f"{samples} × {_count(plan.epochs, 'epoch')}{epoch_note}{divisors} = {plan.total_steps} steps"
+    naive = (plan.train_samples + plan.reg_samples) * plan.epochs / config.batch_size / config.grad_accum
+    if naive != plan.total_steps:
         formula += f" ({exact}; each bucket's last batch may be partial)"
     return formula
 
