@@ -1,0 +1,142 @@
+"""Optimizers, schedulers, precision and the optimizer step, on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.optim import OPTIMIZERS, SCHEDULERS, OptimConfigError, create_scheduler, parse_literal_args, plan_optimizer, plan_scheduler
+from trainer.optim.precision import resolve_precision
+from trainer.optim.stepper import OptimizerStepper
+from trainer.settings import TrainingSettings
+
+
+def settings(**overrides) -> TrainingSettings:
+    return TrainingSettings(**overrides)
+
+
+def groups(lr: float = 1e-3) -> list[dict]:
+    torch.manual_seed(0)
+    return [
+        {"params": [torch.nn.Parameter(torch.randn(64, 64))], "lr": lr, "name": "unet"},
+        {"params": [torch.nn.Parameter(torch.randn(64, 64))], "lr": lr / 2, "name": "textencoder"},
+    ]
+
+
+def take_steps(optimizer, scheduler, params, n=4):
+    for _ in range(n):
+        loss = sum((p ** 2).sum() for p in params)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+ADAPTIVE = {name for name, kind in OPTIMIZERS.items() if kind.adaptive_lr}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_takes_a_step(name):
+    lr = 1.0 if name in ADAPTIVE else 1e-2
+    s = settings(optimizer=name, learning_rate=lr, lr_scheduler="constant", lr_warmup=0)
+    plan = plan_optimizer(s, "cpu")
+    param_groups = groups(lr)
+    params = [p for g in param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    optimizer = plan.create(param_groups)
+    if name in ADAPTIVE:  # one lr for all groups, or the optimizer refuses to step
+        assert len({g["lr"] for g in optimizer.param_groups}) == 1 and plan.notes
+    sched_plan = plan_scheduler(s, total_steps=10, override=plan.scheduler_override)
+    take_steps(optimizer, create_scheduler(sched_plan, optimizer), params)
+    assert all(not torch.equal(b, p) for b, p in zip(before, params)), f"{name} did not change the parameters"
+    assert plan.description().endswith(plan.cls.__name__ + (f"({','.join(f'{k}={v}' for k, v in plan.kwargs.items())})" if plan.kwargs else ""))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SCHEDULERS if n != "adafactor"))
+def test_every_scheduler_steps(name):
+    s = settings(lr_scheduler=name, lr_warmup=20, optimizer="AdamW", learning_rate=1e-3)
+    plan = plan_scheduler(s, total_steps=20)
+    optimizer = plan_optimizer(s, "cpu").create(groups())
+    scheduler = create_scheduler(plan, optimizer)
+    lrs = []
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert all(lr >= 0 for lr in lrs)
+    if name in ("cosine", "linear", "polynomial", "cosine_with_restarts"):
+        assert plan.warmup_steps == 4 and lrs[2] > lrs[0] and lrs[-1] < max(lrs)
+    if name == "constant":
+        assert plan.warmup_steps == 0 and plan.notes and len(set(lrs)) == 1
+
+
+def test_warmup_steps_override_percent():
+    assert plan_scheduler(settings(lr_scheduler="cosine", lr_warmup=10), 105).warmup_steps == 10  # int(10.5)
+    assert plan_scheduler(settings(lr_scheduler="cosine", lr_warmup=10, lr_warmup_steps=7), 105).warmup_steps == 7
+
+
+def test_adafactor_relative_step_with_warmup_is_handled():
+    s = settings(optimizer="Adafactor", optimizer_args="", lr_scheduler="cosine", lr_warmup=10, learning_rate=1e-3)
+    plan = plan_optimizer(s, "cpu")
+    assert plan.kwargs["relative_step"] is True and plan.lr is None and plan.scheduler_override == "adafactor"
+    assert any("relative_step" in note for note in plan.notes)
+    param_groups = groups()
+    optimizer = plan.create(param_groups)
+    assert all("lr" not in g or g["lr"] is None for g in optimizer.param_groups)
+    sched_plan = plan_scheduler(s, 10, override=plan.scheduler_override)
+    assert sched_plan.warmup_steps == 0 and sched_plan.notes
+    scheduler = create_scheduler(sched_plan, optimizer)
+    params = [p for g in param_groups for p in g["params"]]
+    take_steps(optimizer, scheduler, params)
+    stepper = OptimizerStepper(optimizer, scheduler, params, 1, 0.0, None)
+    assert all(lr > 0 for lr in stepper.group_lrs().values())
+
+
+def test_adafactor_warmup_init_forces_relative_step_and_fixed_lr_mode():
+    plan = plan_optimizer(settings(optimizer="Adafactor", optimizer_args="relative_step=False warmup_init=True"), "cpu")
+    assert plan.kwargs["relative_step"] is True and plan.notes
+    fixed = settings(optimizer="Adafactor", lr_scheduler="adafactor",
+                     optimizer_args="scale_parameter=False relative_step=False warmup_init=False")
+    plan = plan_optimizer(fixed, "cpu")
+    assert plan.lr == fixed.learning_rate and plan.scheduler_override == "constant"
+
+
+def test_optimizer_args_are_python_literals():
+    assert parse_literal_args("betas=(0.9,0.99) weight_decay=0.1 decouple=True d_coef=2", "optimizer_args") == {
+        "betas": (0.9, 0.99), "weight_decay": 0.1, "decouple": True, "d_coef": 2,
+    }
+    with pytest.raises(OptimConfigError) as err:
+        parse_literal_args("betas=(0.9,", "optimizer_args")
+    assert err.value.field == "optimizer_args"
+    plan = plan_optimizer(settings(optimizer="AdamW", optimizer_args="weight_decay=0.1 betas=(0.9,0.99)"), "cpu")
+    optimizer = plan.create(groups())
+    assert optimizer.defaults["weight_decay"] == 0.1 and optimizer.defaults["betas"] == (0.9, 0.99)
+
+
+def test_sgd_nesterov_gets_momentum_and_unknown_names_fail():
+    plan = plan_optimizer(settings(optimizer="SGDNesterov"), "cpu")
+    assert plan.kwargs == {"nesterov": True, "momentum": 0.9}
+    assert plan_optimizer(settings(optimizer="torch.optim.RMSprop"), "cpu").cls is torch.optim.RMSprop
+    with pytest.raises(OptimConfigError) as err:
+        plan_optimizer(settings(optimizer="NoSuchOptimizer"), "cpu")
+    assert err.value.field == "optimizer"
+
+
+def test_precision_on_cpu_degrades_with_a_note():
+    p = resolve_precision(settings(mixed_precision="bf16", full_bf16=True), torch.device("cpu"))
+    assert p.mode == "no" and p.network_dtype == torch.float32 and p.make_scaler() is None
+    assert any("CUDA" in n for n in p.notes)
+    assert resolve_precision(settings(mixed_precision="no"), torch.device("cpu")).notes == ()
+
+
+def test_stepper_accumulates_and_clips():
+    param = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([{"params": [param], "lr": 1.0, "name": "unet"}])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    stepper = OptimizerStepper(optimizer, scheduler, [param], grad_accum=2, max_grad_norm=1.0, scaler=None)
+    for target in (torch.full((4,), 10.0), torch.full((4,), 30.0)):
+        stepper.backward(((param - target) ** 2).sum() / 2)
+    torch.testing.assert_close(param.grad, torch.full((4,), -20.0))  # mean of the two micro-batches
+    stepper.step()
+    assert param.grad is None
+    assert param.norm().item() == pytest.approx(1.0)  # clipped to norm 1
+    assert stepper.group_lrs() == {"unet": 1.0}

@@ -1,0 +1,159 @@
+"""Optimizers by kohya name: one table, resolved before any model is loaded.
+
+``plan_optimizer(settings, device_type)`` checks the name and arguments and applies
+sd-scripts' rules (SGDNesterov momentum, Adafactor ``relative_step``); the returned
+plan creates the optimizer once the LoRA parameters exist.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .args import OptimConfigError, parse_literal_args
+
+
+def _attr(module: str, name: str) -> Callable[[], type]:
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    load: Callable[[], type]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    adaptive_lr: bool = False  # D-Adaptation / Prodigy: they find the step size; lr should be ~1.0
+    package: str = ""  # pip name, for the "not installed" message
+
+
+_BNB = "bitsandbytes"
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "adamw": OptimizerKind(_attr("torch.optim", "AdamW")),
+    "adamw8bit": OptimizerKind(_attr("bitsandbytes.optim", "AdamW8bit"), package=_BNB),
+    "pagedadamw": OptimizerKind(_attr("bitsandbytes.optim", "PagedAdamW"), package=_BNB),
+    "pagedadamw8bit": OptimizerKind(_attr("bitsandbytes.optim", "PagedAdamW8bit"), package=_BNB),
+    "pagedadamw32bit": OptimizerKind(_attr("bitsandbytes.optim", "PagedAdamW32bit"), package=_BNB),
+    "lion": OptimizerKind(_attr("lion_pytorch", "Lion"), package="lion-pytorch"),
+    "lion8bit": OptimizerKind(_attr("bitsandbytes.optim", "Lion8bit"), package=_BNB),
+    "pagedlion8bit": OptimizerKind(_attr("bitsandbytes.optim", "PagedLion8bit"), package=_BNB),
+    "sgdnesterov": OptimizerKind(_attr("torch.optim", "SGD"), {"nesterov": True, "momentum": 0.9}),
+    "sgdnesterov8bit": OptimizerKind(_attr("bitsandbytes.optim", "SGD8bit"), {"nesterov": True, "momentum": 0.9}, package=_BNB),
+    "adafactor": OptimizerKind(_attr("transformers.optimization", "Adafactor"), {"relative_step": True}),
+    "prodigy": OptimizerKind(_attr("prodigyopt", "Prodigy"), adaptive_lr=True, package="prodigyopt"),
+    "dadaptation": OptimizerKind(_attr("dadaptation.experimental", "DAdaptAdamPreprint"), adaptive_lr=True, package="dadaptation"),
+    "dadaptadampreprint": OptimizerKind(_attr("dadaptation.experimental", "DAdaptAdamPreprint"), adaptive_lr=True, package="dadaptation"),
+    "dadaptadam": OptimizerKind(_attr("dadaptation", "DAdaptAdam"), adaptive_lr=True, package="dadaptation"),
+    "dadaptadagrad": OptimizerKind(_attr("dadaptation", "DAdaptAdaGrad"), adaptive_lr=True, package="dadaptation"),
+    "dadaptadan": OptimizerKind(_attr("dadaptation", "DAdaptAdan"), adaptive_lr=True, package="dadaptation"),
+    "dadaptadanip": OptimizerKind(_attr("dadaptation.experimental", "DAdaptAdanIP"), adaptive_lr=True, package="dadaptation"),
+    "dadaptlion": OptimizerKind(_attr("dadaptation", "DAdaptLion"), adaptive_lr=True, package="dadaptation"),
+    "dadaptsgd": OptimizerKind(_attr("dadaptation", "DAdaptSGD"), adaptive_lr=True, package="dadaptation"),
+}
+
+
+@dataclass
+class OptimizerPlan:
+    name: str
+    cls: type
+    kwargs: dict[str, Any]
+    lr: float | None  # default lr passed to the constructor
+    notes: list[str] = field(default_factory=list)  # shown to the user as Log events
+    scheduler_override: str | None = None  # "adafactor" when Adafactor picks its own step size
+    keep_group_lrs: bool = True
+
+    same_group_lr: bool = False  # D-Adaptation / Prodigy refuse groups with different lrs
+
+    def create(self, param_groups: list[dict]):
+        groups = [dict(g) for g in param_groups]
+        if not self.keep_group_lrs:
+            for g in groups:
+                g.pop("lr", None)
+        elif self.same_group_lr:
+            self._equalize_lrs(groups)
+        return self.cls(groups, lr=self.lr, **self.kwargs)
+
+    def _equalize_lrs(self, groups: list[dict]) -> None:
+        """Give every group the first group's lr; DAdaptAdam keeps the ratio as layer_scale."""
+        base = groups[0]["lr"] if groups else self.lr
+        if all(g["lr"] == base for g in groups):
+            return
+        keeps_ratio = "layer_scale" in _constructor_args(self.cls)
+        for g in groups:
+            if keeps_ratio:
+                g["layer_scale"] = g["lr"] / base
+            g["lr"] = base
+        how = "the ratio is kept as layer_scale" if keeps_ratio else "the others use it too"
+        self.notes.append(f"{self.name} needs one learning rate for all groups: {base} from the first group; {how}")
+
+    def description(self) -> str:
+        """``ss_optimizer``: ``module.Class(k=v,...)`` as sd-scripts writes it."""
+        args = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.cls.__module__}.{self.cls.__name__}" + (f"({args})" if args else "")
+
+
+def plan_optimizer(settings: Any, device_type: str) -> OptimizerPlan:
+    name = (settings.optimizer or "AdamW").strip()
+    kind = OPTIMIZERS.get(name.lower())
+    cls = _load_class(name, kind)
+    kwargs = {**(kind.defaults if kind else {}), **parse_literal_args(settings.optimizer_args, "optimizer_args")}
+    plan = OptimizerPlan(name, cls, kwargs, lr=float(settings.learning_rate))
+    _apply_rules(plan, kind, settings, device_type)
+    return plan
+
+
+def _load_class(name: str, kind: OptimizerKind | None) -> type:
+    if kind is not None:
+        try:
+            return kind.load()
+        except ImportError as exc:
+            raise OptimConfigError(f"optimizer {name} needs the package '{kind.package}' ({exc}); install it or choose AdamW", "optimizer") from None
+    module, _, cls_name = name.rpartition(".")
+    try:  # sd-scripts also accepts any "module.Class", or a bare torch.optim class name
+        return getattr(importlib.import_module(module or "torch.optim"), cls_name)
+    except (ImportError, AttributeError):
+        known = ", ".join(sorted(OPTIMIZERS))
+        raise OptimConfigError(f"unknown optimizer {name!r}; choose one of {known} or a module.Class path", "optimizer") from None
+
+
+def _apply_rules(plan: OptimizerPlan, kind: OptimizerKind | None, settings: Any, device_type: str) -> None:
+    name = plan.name.lower()
+    if name == "adafactor":
+        _adafactor_rules(plan, settings)
+    if name == "adamw" and device_type in ("cuda", "cpu") and not {"fused", "foreach"} & set(plan.kwargs):
+        plan.kwargs["fused"] = True  # one kernel for all parameters instead of a loop
+    if kind is not None and kind.adaptive_lr:
+        plan.same_group_lr = True
+    if kind is not None and kind.adaptive_lr and plan.lr is not None and plan.lr <= 0.1:
+        plan.notes.append(f"{plan.name} adapts its own step size; a learning rate around 1.0 is recommended (now {plan.lr})")
+    if name.startswith("paged") and device_type != "cuda":
+        plan.notes.append(f"{plan.name}: paged optimizers need CUDA; bitsandbytes runs it unpaged here")
+
+
+def _constructor_args(cls: type) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _adafactor_rules(plan: OptimizerPlan, settings: Any) -> None:
+    """sd-scripts' Adafactor rules, with the cases that crash there turned into notes."""
+    kw = plan.kwargs
+    if kw.get("warmup_init") and not kw.get("relative_step"):
+        kw["relative_step"] = True
+        plan.notes.append("Adafactor: warmup_init=True needs relative_step=True; relative_step turned on")
+    if kw["relative_step"]:
+        # Adafactor computes its own step size: no lr, no per-group lrs, its own schedule.
+        plan.keep_group_lrs = False
+        plan.scheduler_override = "adafactor"
+        plan.notes.append(
+            f"Adafactor with relative_step=True sets its own learning rate: the {settings.lr_scheduler} scheduler, "
+            f"warmup and the UNet/TE learning rates are replaced by the adafactor schedule "
+            f"(initial lr {plan.lr}). Add relative_step=False scale_parameter=False warmup_init=False to "
+            "optimizer_args to use them."
+        )
+        plan.lr = None
+    elif settings.lr_scheduler == "adafactor":
+        plan.notes.append("the adafactor scheduler needs Adafactor relative_step=True; using constant instead")
+        plan.scheduler_override = "constant"

@@ -1,0 +1,70 @@
+"""Device and precision: which dtypes the base model, the LoRA and autocast use.
+
+Plain ``torch.autocast`` plus a ``GradScaler`` for fp16, no accelerate: several
+trainers can run in one process (tests, GUI) without a process-wide state.
+On CPU mixed precision is turned off with a note (it is slower there, not faster).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: torch.device
+    base_dtype: torch.dtype  # frozen UNet / text encoder / VAE weights
+    autocast_dtype: torch.dtype | None
+    network_dtype: torch.dtype  # LoRA weights (fp32 unless full_fp16 / full_bf16)
+    grad_scaler: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        """"no", "fp16" or "bf16": what actually runs."""
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.autocast_dtype, "no")
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def make_scaler(self) -> "torch.amp.GradScaler | None":
+        if not self.grad_scaler:
+            return None
+        scaler = torch.amp.GradScaler(self.device.type)
+        if self.network_dtype == torch.float16:
+            # full_fp16: the LoRA grads are fp16 themselves; let the scaler unscale them (as sd-scripts does).
+            unscale = scaler._unscale_grads_
+            scaler._unscale_grads_ = lambda opt, inv, found, _allow: unscale(opt, inv, found, True)
+        return scaler
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(settings, device: torch.device) -> Precision:
+    notes: list[str] = []
+    mixed = settings.mixed_precision if settings.mixed_precision in HALF_DTYPES else "no"
+    if mixed != "no" and device.type != "cuda":
+        notes.append(f"mixed precision {mixed} needs a CUDA GPU; training in fp32 on {device.type}")
+        mixed = "no"
+    if mixed == "bf16" and not torch.cuda.is_bf16_supported():
+        notes.append("this GPU has no bf16; using fp16 mixed precision instead")
+        mixed = "fp16"
+    full = {"fp16": settings.full_fp16, "bf16": settings.full_bf16}
+    for name, wanted in full.items():
+        if wanted and mixed != name:
+            notes.append(f"full_{name} needs mixed precision {name} on a GPU; LoRA weights stay fp32")
+    if mixed == "no":
+        return Precision(device, torch.float32, None, torch.float32, False, tuple(notes))
+    half = HALF_DTYPES[mixed]
+    network_dtype = half if full[mixed] else torch.float32
+    return Precision(device, half, half, network_dtype, mixed == "fp16", tuple(notes))
