@@ -1,0 +1,1 @@
+"""Nekoya's Gradio GUI. ``app.ui.build_app`` builds the page, ``app.server.launch_app`` serves it."""

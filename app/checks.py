@@ -1,0 +1,76 @@
+"""Check the form before a run: settings validation, then the preflight check.
+
+Used live by the step plan panel and by Start (where errors block the run).
+``trainer.preflight`` is optional here: without it the step plan's own errors
+and warnings are shown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from trainer.settings import SettingsError, TrainingSettings, is_setting
+
+from .form import settings_from_form
+
+SEVERITIES = ("error", "warning", "note")
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "error", "warning" or "note"
+    message: str
+    field: str | None = None  # the setting to fix, when one is to blame
+
+
+@dataclass
+class CheckResult:
+    settings: TrainingSettings | None
+    problems: list[Problem] = field(default_factory=list)
+    plan: Any = None  # trainer.data.plan.StepPlan when the settings are valid
+
+    @property
+    def ok(self) -> bool:
+        return self.settings is not None and not self.errors
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+def check_form(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) -> CheckResult:
+    try:
+        settings = settings_from_form(values, kept)
+    except SettingsError as err:
+        return CheckResult(None, [Problem("error", text, _field_of(text)) for text in err.problems])
+    return check_settings(settings)
+
+
+def check_settings(settings: TrainingSettings) -> CheckResult:
+    try:
+        from trainer.preflight import check  # optional: preflight may not exist in this tree
+    except ImportError:
+        return _plan_only(settings)
+    report = check(settings)
+    problems = [Problem(p.severity, p.message, p.field) for p in report.problems]
+    return CheckResult(settings, _sorted(problems), getattr(report, "plan", None))
+
+
+def _plan_only(settings: TrainingSettings) -> CheckResult:
+    from trainer.data.plan import plan_steps
+
+    plan = plan_steps(settings)
+    problems = [Problem("error", e, "train_data_dir") for e in plan.errors]
+    problems += [Problem("warning", w) for w in plan.warnings]
+    return CheckResult(settings, problems, plan)
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
+    return sorted(problems, key=lambda p: rank.get(p.severity, len(rank)))
+
+
+def _field_of(problem_text: str) -> str | None:
+    """SettingsError lines start with the setting's key: "network_dim (Network Rank, Parameters tab): ..."."""
+    key = problem_text.split(" ", 1)[0].rstrip(":")
+    return key if is_setting(key) else None

@@ -1,0 +1,96 @@
+"""The live step plan: the formula with its numbers, per-folder counts and the check's problems.
+
+``render_check`` turns a ``CheckResult`` into HTML; ``wire_plan`` recomputes it
+whenever a setting changes (only the newest edit is computed, so typing never waits).
+"""
+from __future__ import annotations
+
+import html
+from typing import Any, Mapping
+
+import gradio as gr
+
+from trainer.settings import is_setting, setting_info
+
+from .binding import SettingsForm
+from .checks import CheckResult, Problem, check_form
+
+SEVERITY_LABEL = {"error": "Error", "warning": "Warning", "note": "Note"}
+
+
+def plan_html(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) -> str:
+    return render_check(check_form(values, kept))
+
+
+def render_check(result: CheckResult) -> str:
+    parts = ['<div class="nk-plan">', _plan_part(result.plan), render_problems(result.problems)]
+    if result.ok:
+        parts.append('<div class="nk-ready">Ready to train.</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _plan_part(plan: Any) -> str:
+    if plan is None:
+        return '<div class="nk-plan-formula nk-muted">Step plan: fix the settings below first.</div>'
+    formula = html.escape(plan.formula)
+    head = f'<div class="nk-plan-formula" id="nk-plan-formula">{formula}</div>'
+    if not plan.total_steps:
+        return head
+    stats = (
+        f'<div class="nk-plan-stats"><span><b>{plan.total_steps}</b> steps</span>'
+        f"<span><b>{plan.epochs}</b> epoch{'s' if plan.epochs != 1 else ''}</span>"
+        f"<span><b>{plan.steps_per_epoch}</b> steps / epoch</span>"
+        f"<span><b>{plan.train_images}</b> images"
+        + (f" + <b>{plan.reg_images}</b> reg" if plan.reg_images else "")
+        + f"</span><span>batch <b>{plan.batch_size}</b></span></div>"
+    )
+    folders = "".join(f"<li>{html.escape(line.describe())}</li>" for line in plan.per_folder)
+    return head + stats + (f'<ul class="nk-plan-folders">{folders}</ul>' if folders else "")
+
+
+def render_problems(problems: list[Problem]) -> str:
+    if not problems:
+        return ""
+    items = "".join(_problem_item(p) for p in problems)
+    return f'<ul class="nk-problems">{items}</ul>'
+
+
+def _problem_item(problem: Problem) -> str:
+    where = ""
+    message = problem.message
+    if problem.field and is_setting(problem.field):
+        info = setting_info(problem.field)
+        where = f'<span class="nk-field">{html.escape(info.tab)} › {html.escape(info.label)}</span> '
+        message = _strip_key_prefix(message, problem.field)
+    badge = SEVERITY_LABEL.get(problem.severity, problem.severity.title())
+    return (
+        f'<li class="nk-{html.escape(problem.severity)}"><span class="nk-badge">{badge}</span> '
+        f"{where}{html.escape(message)}</li>"
+    )
+
+
+def _strip_key_prefix(message: str, key: str) -> str:
+    """SettingsError lines repeat the key, label and tab ("key (Label, Tab tab): ..."); the locator shows them."""
+    marker = " tab): "
+    if message.startswith(key + " (") and marker in message:
+        return message.split(marker, 1)[1]
+    return message
+
+
+def wire_plan(form: SettingsForm, output: gr.HTML) -> None:
+    """Recompute the plan on every settings change; only the newest pending edit runs."""
+
+    def update(data):
+        return plan_html(form.values(data), form.kept_values(data))
+
+    gr.on(
+        triggers=[c.change for c in form.components.values()],
+        fn=update,
+        inputs=form.inputs(),
+        outputs=output,
+        trigger_mode="always_last",
+        show_progress="hidden",
+        concurrency_limit=2,
+        concurrency_id="plan",
+    )

@@ -1,0 +1,152 @@
+"""Settings -> Gradio components, built from each setting's declaration (never by hand).
+
+``build_settings_tabs`` makes one tab per settings tab (kohya_ss's order), one
+accordion per section, and returns the components by setting name. Labels,
+help, choices, ranges and defaults all come from ``trainer.settings``.
+"""
+from __future__ import annotations
+
+from itertools import groupby
+from typing import Any, Callable, Mapping
+
+import gradio as gr
+
+from trainer.settings import TABS, SettingInfo, TrainingSettings, setting_infos
+
+from .form import form_values
+
+# Widgets laid out on a row of their own, full width.
+FULL_WIDTH = {"textarea"}
+# Widgets that wrap onto rows with more room each.
+WIDE = {"path", "file", "folder"}
+PATH_PLACEHOLDERS = {
+    "path": "model file (.safetensors / .ckpt) or diffusers folder",
+    "file": "path to a file",
+    "folder": "path to a folder",
+}
+# Shown instead of an empty choice, which a dropdown would draw as a blank line.
+EMPTY_CHOICE_LABEL = "(none)"
+
+
+def elem_id(key: str) -> str:
+    """The DOM id of a setting's widget (tests and CSS use it)."""
+    return f"setting_{key}"
+
+
+def build_settings_tabs(
+    settings: TrainingSettings | None = None, after_tab: Mapping[str, Callable[[], None]] | None = None
+) -> dict[str, gr.components.Component]:
+    """Render the Source Model ... Metadata tabs inside the current Blocks; components by setting name.
+
+    ``after_tab``: tab name -> a function rendering extra (non-setting) content at the end of that tab.
+    """
+    values = form_values(settings or TrainingSettings())
+    components: dict[str, gr.components.Component] = {}
+    infos = setting_infos()
+    for tab in TABS:
+        with gr.Tab(tab, id=tab_id(tab), elem_id=f"tab_{tab_id(tab)}"):
+            in_tab = [i for i in infos if i.tab == tab]
+            for section, section_infos in groupby(in_tab, key=lambda i: i.section):
+                _build_section(section, list(section_infos), values, components)
+            if after_tab and tab in after_tab:
+                after_tab[tab]()
+    return components
+
+
+def tab_id(tab: str) -> str:
+    return tab.lower().replace(" ", "_")
+
+
+def _build_section(section: str, infos: list[SettingInfo], values: dict[str, Any], out: dict) -> None:
+    if not section:
+        _build_rows(infos, values, out)
+        return
+    with gr.Accordion(section, open=True, elem_classes=["settings-section"]):
+        _build_rows(infos, values, out)
+
+
+def _build_rows(infos: list[SettingInfo], values: dict[str, Any], out: dict) -> None:
+    # Consecutive widgets of one row kind share a wrapping row: checkboxes with checkboxes,
+    # fields with fields, so the dense form stays aligned.
+    for kind, run in groupby(infos, key=_row_kind):
+        run = list(run)
+        if kind == "full":
+            for info in run:
+                out[info.key] = build_component(info, values[info.key])
+            continue
+        with gr.Row(equal_height=False, elem_classes=[f"settings-row-{kind}"]):
+            for info in run:
+                out[info.key] = build_component(info, values[info.key])
+
+
+def _row_kind(info: SettingInfo) -> str:
+    if info.widget in FULL_WIDTH:
+        return "full"
+    return "checks" if info.widget == "checkbox" else "fields"
+
+
+def build_component(info: SettingInfo, value: Any) -> gr.components.Component:
+    """One widget for one setting, by its declared widget kind."""
+    label = f"{info.label} ({info.unit})" if info.unit else info.label
+    common = dict(label=label, info=info.help or None, elem_id=elem_id(info.key))
+    return _BUILDERS[info.widget](info, value, common)
+
+
+def _checkbox(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    return gr.Checkbox(value=bool(value), min_width=200, **common)
+
+
+def _dropdown(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    return gr.Dropdown(
+        choices=_choices(info), value=value, allow_custom_value=info.allow_custom, filterable=True,
+        min_width=200, **common,
+    )
+
+
+def _radio(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    return gr.Radio(choices=_choices(info), value=value, min_width=200, **common)
+
+
+def _number(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    # No minimum/maximum here: the settings model reports out-of-range values with the field's name.
+    precision = 0 if info.type is int else None
+    return gr.Number(value=value, precision=precision, step=info.step or (1 if info.type is int else None), min_width=160, **common)
+
+
+def _slider(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    if info.ge is None or info.le is None:
+        return _number(info, value, common)
+    precision = 0 if info.type is int else None
+    step = info.step or (1 if info.type is int else 0.01)
+    return gr.Slider(minimum=info.ge, maximum=info.le, step=step, value=value, precision=precision, min_width=220, **common)
+
+
+def _text(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    return gr.Textbox(value=value, lines=1, max_lines=1, min_width=200, **common)
+
+
+def _textarea(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    return gr.Textbox(value=value, lines=4, max_lines=20, **common)
+
+
+def _path(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    # Paths are typed (no native file dialogs: the GUI often runs on a headless server).
+    return gr.Textbox(value=value, lines=1, max_lines=1, placeholder=PATH_PLACEHOLDERS[info.widget], min_width=320, **common)
+
+
+def _choices(info: SettingInfo) -> list[tuple[str, Any]]:
+    return [(EMPTY_CHOICE_LABEL if c == "" else str(c), c) for c in info.choices or ()]
+
+
+_BUILDERS: dict[str, Callable[[SettingInfo, Any, dict], gr.components.Component]] = {
+    "checkbox": _checkbox,
+    "dropdown": _dropdown,
+    "radio": _radio,
+    "number": _number,
+    "slider": _slider,
+    "text": _text,
+    "textarea": _textarea,
+    "path": _path,
+    "file": _path,
+    "folder": _path,
+}
