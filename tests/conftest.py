@@ -60,6 +60,31 @@ def tiny_sdxl_dir(tmp_path_factory):
     return _tiny_dir(tmp_path_factory, "sdxl")
 
 
+def _tiny_file(tmp_path_factory, pipeline_dir, family):
+    from trainer.devtools.synthetic import save_single_file
+
+    out = tmp_path_factory.mktemp(f"tiny_{family}_file") / f"tiny_{family}.safetensors"
+    return save_single_file(pipeline_dir, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_file(tmp_path_factory, tiny_sd1_dir):
+    """tiny_sd1_dir as an original-layout single .safetensors (tokenizer sidecar: <file>.tokenizers/)."""
+    return _tiny_file(tmp_path_factory, tiny_sd1_dir, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_file(tmp_path_factory, tiny_sd2_dir):
+    """tiny_sd2_dir as a single file (OpenCLIP text-encoder layout)."""
+    return _tiny_file(tmp_path_factory, tiny_sd2_dir, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_file(tmp_path_factory, tiny_sdxl_dir):
+    """tiny_sdxl_dir as a single file (SGM conditioner layout)."""
+    return _tiny_file(tmp_path_factory, tiny_sdxl_dir, "sdxl")
+
+
 # ---- datasets ------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,11 @@ from pathlib import Path
 from trainer.checkpoints.clip_vocab import write_tokenizer
 from trainer.checkpoints.shipped import read_component_config, shipped_config_dir, shipped_config_source
 from trainer.devtools.images import add_corrupt_image, add_tiny_image, make_image_folder
+from trainer.devtools.single_file import save_single_file
 from trainer.devtools.tiny_specs import TINY_SPECS
 
 __all__ = [
-    "FAMILIES", "build_tiny_pipeline",
+    "FAMILIES", "build_tiny_pipeline", "save_single_file",
     "make_image_folder", "add_corrupt_image", "add_tiny_image",
 ]
 

@@ -2,9 +2,10 @@
 
 Each spec mirrors the *shape conventions* of its real family (attention layout,
 linear projections, text-encoder activation and padding, prediction type) at a
-size that trains in milliseconds on a CPU. Heads follow the real rules so the
-architecture can be re-inferred from tensor shapes: SD1 has 8 heads per block,
-SD2/SDXL have 64-dim heads (at least one head).
+size that trains in milliseconds on a CPU. Head counts follow the rules that
+:mod:`trainer.checkpoints.infer` uses to re-infer an architecture from tensor
+shapes: UNet SD1 has 8 heads per block, SD2/SDXL 64-dim heads (at least one);
+text encoders have 64-dim heads, or 8-dim heads below 64 channels.
 """
 from __future__ import annotations
 
@@ -32,14 +33,14 @@ _SD_UNET = {
 }
 
 
-def _text_encoder(act: str, *, projection: bool = False, pad_id: int = 522, hidden: int = 32) -> dict:
+def _text_encoder(act: str, *, projection: bool = False, pad_id: int = 522, hidden: int = 32, heads: int = 4) -> dict:
     return {
         "class": "CLIPTextModelWithProjection" if projection else "CLIPTextModel",
         "vocab_size": 523,
         "hidden_size": hidden,
         "intermediate_size": 37,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        "num_attention_heads": heads,
         "max_position_embeddings": 77,
         "projection_dim": hidden,
         "hidden_act": act,
@@ -100,7 +101,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         },
         text_encoders=(
             _text_encoder("quick_gelu"),
-            _text_encoder("gelu", projection=True, pad_id=0, hidden=64),
+            _text_encoder("gelu", projection=True, pad_id=0, hidden=64, heads=1),
         ),
         tokenizer_pads=(END, BANG),
         scheduler_config="sdxl_base",

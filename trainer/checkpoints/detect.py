@@ -1,0 +1,174 @@
+"""Identify a model path: which SD family, which format, and whether it is usable.
+
+Only keys, shapes and configs are read (a ``.safetensors`` header, a diffusers
+folder's JSON files), never all the weights; ``.ckpt`` files are the exception
+(pickles have no separate header), loaded memory-mapped with ``weights_only``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.checkpoints.errors import CheckpointError
+from trainer.checkpoints.ldm_keys import LDM_PREFIXES
+from trainer.checkpoints.reader import TensorSource
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+UNET_PROBE = LDM_PREFIXES["unet"] + "input_blocks.0.0.weight"
+
+# Text-encoder prefix in a single file -> family. Checked in order.
+TEXT_ENCODER_FAMILIES = (
+    (LDM_PREFIXES["sdxl_openclip"], "sdxl"),
+    (LDM_PREFIXES["openclip"], "sd2"),
+    (LDM_PREFIXES["clip"], "sd1"),
+)
+# Markers of files that are not base models: (substring in some key, kind, why it cannot be used).
+NOT_A_BASE_MODEL = (
+    ("lora_down", "lora", "this is a LoRA file, not a base model; load it as network weights instead"),
+    ("lora_A", "lora", "this is a LoRA file (PEFT format), not a base model; load it as network weights instead"),
+    ("hada_w1", "lora", "this is a LyCORIS (LoHa) file, not a base model; load it as network weights instead"),
+    ("lokr_w1", "lora", "this is a LyCORIS (LoKr) file, not a base model; load it as network weights instead"),
+    ("string_to_param", "embedding", "this is a textual-inversion embedding, not a base model"),
+    ("emb_params", "embedding", "this is a textual-inversion embedding, not a base model"),
+    ("decoder.conv_in.weight", "vae", "this is a VAE on its own, not a full Stable Diffusion checkpoint; "
+                                      "use it as the separate VAE setting"),
+    ("down_blocks.0.resnets.0.conv1.weight", "unet", "this is a diffusers UNet weights file on its own; "
+                                                      "select the whole diffusers folder (with model_index.json)"),
+)
+# safetensors "modelspec" metadata value -> v-parameterisation
+MODELSPEC_PREDICTION = {"v": True, "v_prediction": True, "epsilon": False, "eps": False}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    format: str  # "diffusers" | "safetensors" | "ckpt"
+    family: str | None  # "sd1" | "sd2" | "sdxl"; None when the file is not a usable SD model
+    v_parameterization: bool | None  # None: the file does not say (SD2 single files)
+    kind: str = "checkpoint"  # "checkpoint" | "lora" | "embedding" | "vae" | "unet" | "unknown"
+    problems: tuple[str, ...] = ()  # why the model cannot be used as-is; empty when fine
+
+    @property
+    def ok(self) -> bool:
+        return self.family is not None and not self.problems
+
+    def require_usable(self) -> "ModelInfo":
+        if not self.ok:
+            raise CheckpointError(f"{self.path}: " + "; ".join(self.problems or ("not a Stable Diffusion model",)))
+        return self
+
+
+def detect(path) -> ModelInfo:
+    """Describe the model at ``path`` (a diffusers folder or a single file)."""
+    path = Path(path)
+    if path.is_dir():
+        return detect_diffusers_folder(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    with TensorSource(path) as source:
+        return detect_from_keys(path, source.format, source.shapes(), source.metadata)
+
+
+def detect_from_keys(path: Path, fmt: str, shapes: dict[str, tuple], metadata: dict | None = None) -> ModelInfo:
+    """Family and problems of a single file, from its key names and tensor shapes."""
+    keys = list(shapes)
+    if UNET_PROBE not in shapes:
+        kind, reason = _not_a_base_model(keys)
+        return ModelInfo(path, fmt, None, None, kind, (reason,))
+    family, problems = _single_file_family(keys, shapes)
+    problems += _missing_parts(keys, shapes)
+    v_param = _v_parameterization(keys, metadata or {}, family)
+    return ModelInfo(path, fmt, family if family else None, v_param, "checkpoint", tuple(problems))
+
+
+def _not_a_base_model(keys: list[str]) -> tuple[str, str]:
+    for marker, kind, reason in NOT_A_BASE_MODEL:
+        if any(marker in key for key in keys):
+            return kind, reason
+    return "unknown", (
+        "not a Stable Diffusion checkpoint: it has no UNet weights (model.diffusion_model.*)"
+        f" among its {len(keys)} tensors"
+    )
+
+
+def _single_file_family(keys: list[str], shapes: dict) -> tuple[str | None, list[str]]:
+    for prefix, family in TEXT_ENCODER_FAMILIES:
+        if any(k.startswith(prefix) for k in keys):
+            return family, []
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return None, ["this is an SDXL refiner; LoRA training needs an SDXL base model"]
+    return _family_from_unet(keys, shapes), ["the file has no text encoder weights"]
+
+
+def _family_from_unet(keys: list[str], shapes: dict) -> str:
+    unet = LDM_PREFIXES["unet"]
+    if unet + "label_emb.0.0.weight" in shapes:
+        return "sdxl"
+    proj_in = next((k for k in keys if k.startswith(unet) and k.endswith(".proj_in.weight")), None)
+    return "sd2" if proj_in and len(shapes[proj_in]) == 2 else "sd1"
+
+
+def _missing_parts(keys: list[str], shapes: dict) -> list[str]:
+    problems = []
+    if not any(k.startswith(LDM_PREFIXES["vae"]) for k in keys):
+        problems.append("the file has no VAE weights (first_stage_model.*)")
+    in_channels = shapes[UNET_PROBE][1]
+    if in_channels != 4:
+        kind = "an inpainting model" if in_channels == 9 else f"a UNet with {in_channels} input channels"
+        problems.append(f"this is {kind}; LoRA training needs a standard text-to-image model (4 input channels)")
+    return problems
+
+
+def _v_parameterization(keys: list[str], metadata: dict, family: str | None) -> bool | None:
+    if "v_pred" in keys:  # marker tensor some v-prediction SDXL files carry
+        return True
+    declared = MODELSPEC_PREDICTION.get(str(metadata.get("modelspec.prediction_type", "")).lower())
+    if declared is not None:
+        return declared
+    # SD2 512-base (epsilon) and 768-v (v-prediction) have identical tensors.
+    return None if family == "sd2" else False
+
+
+# ---- diffusers folders -------------------------------------------------------------------
+
+def detect_diffusers_folder(folder: Path) -> ModelInfo:
+    index_path = folder / "model_index.json"
+    if not index_path.exists():
+        return ModelInfo(folder, "diffusers", None, None, "unknown", (
+            "not a diffusers model folder (no model_index.json); select the folder that contains it, "
+            "or a single .safetensors checkpoint",))
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    family = _folder_family(folder, index)
+    problems = [f"the folder has no {name} weights" for name in _components(index) if not _has_weights(folder / name)]
+    in_channels = _read_json(folder / "unet" / "config.json").get("in_channels", 4)
+    if in_channels != 4:
+        problems.append(f"the UNet has {in_channels} input channels; LoRA training needs a text-to-image model (4)")
+    if family is None:
+        problems.insert(0, f"unsupported pipeline {index.get('_class_name')!r}; expected Stable Diffusion 1.x, 2.x or XL")
+    prediction = _read_json(folder / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
+    return ModelInfo(folder, "diffusers", family, prediction == "v_prediction", "checkpoint", tuple(problems))
+
+
+def _folder_family(folder: Path, index: dict) -> str | None:
+    cls = index.get("_class_name", "")
+    if cls == "StableDiffusionXLPipeline":
+        return "sdxl"
+    if cls != "StableDiffusionPipeline":
+        return None
+    unet = _read_json(folder / "unet" / "config.json")
+    text = _read_json(folder / "text_encoder" / "config.json")
+    return "sd2" if text.get("hidden_act") == "gelu" or unet.get("use_linear_projection") else "sd1"
+
+
+def _components(index: dict) -> list[str]:
+    wanted = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return [name for name in wanted if isinstance(index.get(name), list) and index[name][0] is not None]
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

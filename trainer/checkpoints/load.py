@@ -1,0 +1,164 @@
+"""Load UNet, VAE, text encoder(s), tokenizer(s) and scheduler config from a user's model, offline.
+
+Accepts a diffusers folder, a single ``.safetensors``/``.ckpt`` file, or a hub id
+that is already in the local Hugging Face cache. Nekoya never downloads: any
+missing file is an error that asks for a local path.
+
+Single files are converted with the key maps of :mod:`ldm_keys` into models
+built (without allocating weights) from :func:`infer_config_dir`'s folder, and
+every tensor of every model must be found: no silent random weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.checkpoints.detect import ModelInfo, detect
+from trainer.checkpoints.errors import CheckpointError
+from trainer.checkpoints.infer import infer_config_dir
+from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS, from_ldm
+from trainer.checkpoints.reader import TensorSource
+
+TOKENIZER_FOR = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+@dataclass
+class Components:
+    family: str  # "sd1" | "sd2" | "sdxl"
+    unet: object
+    vae: object
+    text_encoders: tuple  # 1 (SD1/SD2) or 2 (SDXL) transformers CLIP models
+    tokenizers: tuple  # one CLIPTokenizer per text encoder
+    scheduler_config: dict  # the model's scheduler config (prediction_type included)
+    info: ModelInfo
+    config_dir: Path  # the diffusers folder the configs came from
+
+    @property
+    def text_encoder(self):
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    @property
+    def v_parameterization(self) -> bool:
+        return self.scheduler_config.get("prediction_type") == "v_prediction"
+
+    def noise_scheduler(self):
+        """A DDPMScheduler with the model's training noise schedule (what kohya trains with)."""
+        from diffusers import DDPMScheduler
+
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
+        config = {k: self.scheduler_config[k] for k in keys if k in self.scheduler_config}
+        return DDPMScheduler(**{**config, "clip_sample": False})
+
+
+def load_pipeline_components(path, family_hint=None, dtype=None, tokenizer_dir=None,
+                             v_parameterization: bool | None = None) -> Components:
+    """Load every component of the model at ``path`` (folder, single file or cached hub id).
+
+    ``family_hint`` ("sd1" | "sd2" | "sdxl", e.g. from the settings' v2/sdxl flags)
+    is checked against what the file says; a mismatch is an error rather than a
+    silent reinterpretation. ``dtype`` defaults to float32.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    path = resolve_model_path(path)
+    info = detect(path).require_usable()
+    if family_hint and family_hint != info.family:
+        raise CheckpointError(f"{path} is an {info.family.upper()} model, but the settings say {family_hint.upper()}")
+    if info.format == "diffusers":
+        return _load_diffusers_folder(path, info, dtype, v_parameterization)
+    config_dir = infer_config_dir(path, tokenizer_dir=tokenizer_dir, v_parameterization=v_parameterization)
+    models = _load_single_file_models(path, info.family, config_dir, dtype)
+    return _assemble(info, config_dir, models)
+
+
+def resolve_model_path(path) -> Path:
+    """A local path, or a hub id already in the local HF cache. Never downloads."""
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception:  # not cached (LocalEntryNotFoundError) or an invalid id
+            pass
+    raise CheckpointError(
+        f"{text} is not a local file or folder. Nekoya never downloads models: download the checkpoint "
+        "yourself and select the local .safetensors file or diffusers folder."
+    )
+
+
+def _load_diffusers_folder(folder: Path, info: ModelInfo, dtype, v_parameterization) -> Components:
+    import diffusers
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    models = {}
+    for name in SINGLE_FILE_LAYOUTS[info.family]:
+        library, class_name = index[name]
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        models[name] = cls.from_pretrained(folder, subfolder=name, local_files_only=True, torch_dtype=dtype).eval()
+    components = _assemble(info, folder, models)
+    if v_parameterization is not None:
+        components.scheduler_config["prediction_type"] = "v_prediction" if v_parameterization else "epsilon"
+    return components
+
+
+def _load_single_file_models(path: Path, family: str, config_dir: Path, dtype) -> dict:
+    with TensorSource(path) as source:
+        available = set(source.keys())
+        models = {}
+        for name, (prefix, plan_builder) in SINGLE_FILE_LAYOUTS[family].items():
+            model = _empty_model(config_dir, name)
+            state_dict = {}
+            for entry in plan_builder(model.state_dict().keys(), prefix=prefix):
+                if entry.ldm not in available:
+                    raise CheckpointError(f"{path.name}: missing tensor {entry.ldm!r} for the {name}")
+                for key, tensor in zip(entry.diffusers, from_ldm(entry, source.get(entry.ldm))):
+                    state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            model.load_state_dict(state_dict, strict=True, assign=True)
+            models[name] = model.eval()
+    return models
+
+
+def _empty_model(config_dir: Path, name: str):
+    """The component's architecture with parameters on the meta device (no allocation)."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    index = json.loads((config_dir / "model_index.json").read_text())
+    library, class_name = index[name]
+    with init_empty_weights():
+        if library == "diffusers":
+            cls = getattr(diffusers, class_name)
+            return cls.from_config(cls.load_config(config_dir / name))
+        config = transformers.CLIPTextConfig.from_pretrained(config_dir / name)
+        return getattr(transformers, class_name)(config)
+
+
+def _assemble(info: ModelInfo, config_dir: Path, models: dict) -> Components:
+    from transformers import CLIPTokenizer
+
+    encoders = [name for name in TOKENIZER_FOR if name in models]
+    tokenizers = tuple(CLIPTokenizer.from_pretrained(config_dir / TOKENIZER_FOR[n]) for n in encoders)
+    scheduler = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text())
+    scheduler.setdefault("prediction_type", "epsilon")
+    return Components(
+        family=info.family,
+        unet=models["unet"],
+        vae=models["vae"],
+        text_encoders=tuple(models[n] for n in encoders),
+        tokenizers=tokenizers,
+        scheduler_config=scheduler,
+        info=info,
+        config_dir=config_dir,
+    )
