@@ -357,3 +357,27 @@ def test_tiny_file_needs_its_tokenizer(tiny_sd1_file, tiny_sd1_dir, tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer_dir"):
         infer_config_dir(lonely)
     assert infer_config_dir(lonely, tokenizer_dir=tiny_sd1_dir) == folder
+
+
+def test_real_world_variants_old_clip_keys_and_fp16(tiny_sd1_dir, tiny_sd1_file, tmp_path):
+    """Early SD1 files lack "text_model." in CLIP keys; many files are stored in fp16."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from trainer.checkpoints import load_pipeline_components
+    from trainer.devtools.synthetic import save_single_file
+
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in load_file(tiny_sd1_file).items()}
+    old_file = tmp_path / "old.safetensors"
+    save_file(old, str(old_file))
+    shutil.copytree(str(tiny_sd1_file) + ".tokenizers", str(old_file) + ".tokenizers")
+    ref = _reference(tiny_sd1_dir)
+    _assert_same_weights(load_pipeline_components(old_file).text_encoder, ref.text_encoder)
+
+    half = save_single_file(tiny_sd1_dir, tmp_path / "half.safetensors", dtype=torch.float16)
+    loaded = load_pipeline_components(half)
+    assert loaded.unet.dtype == torch.float32
+    expected = ref.unet.conv_in.weight.detach().half().float()
+    assert torch.equal(loaded.unet.conv_in.weight, expected)

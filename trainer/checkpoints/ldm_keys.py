@@ -221,6 +221,17 @@ def openclip_plan(keys, prefix: str) -> list[Entry]:
     return plan
 
 
+# Other spellings found in real single files: key fragment -> alternative.
+KEY_ALIASES = (
+    (".transformer.text_model.", ".transformer."),  # early SD1 files without "text_model."
+)
+
+
+def key_candidates(ldm_key: str) -> list[str]:
+    """``ldm_key`` and the alternative spellings it may have in a user's file."""
+    return [ldm_key] + [ldm_key.replace(old, new) for old, new in KEY_ALIASES if old in ldm_key]
+
+
 # ---- tensor transforms -----------------------------------------------------------------
 
 def to_ldm(entry: Entry, tensors: list):

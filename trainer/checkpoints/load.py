@@ -17,7 +17,7 @@ from pathlib import Path
 from trainer.checkpoints.detect import ModelInfo, detect
 from trainer.checkpoints.errors import CheckpointError
 from trainer.checkpoints.infer import infer_config_dir
-from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS, from_ldm
+from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS, from_ldm, key_candidates
 from trainer.checkpoints.reader import TensorSource
 
 TOKENIZER_FOR = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -120,9 +120,10 @@ def _load_single_file_models(path: Path, family: str, config_dir: Path, dtype) -
             model = _empty_model(config_dir, name)
             state_dict = {}
             for entry in plan_builder(model.state_dict().keys(), prefix=prefix):
-                if entry.ldm not in available:
+                found = next((k for k in key_candidates(entry.ldm) if k in available), None)
+                if found is None:
                     raise CheckpointError(f"{path.name}: missing tensor {entry.ldm!r} for the {name}")
-                for key, tensor in zip(entry.diffusers, from_ldm(entry, source.get(entry.ldm))):
+                for key, tensor in zip(entry.diffusers, from_ldm(entry, source.get(found))):
                     state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
             model.load_state_dict(state_dict, strict=True, assign=True)
             models[name] = model.eval()

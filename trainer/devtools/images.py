@@ -17,7 +17,12 @@ COLOURS = {
     "yellow": (235, 210, 40), "purple": (140, 50, 170), "white": (245, 245, 245),
     "black": (15, 15, 15), "orange": (240, 140, 30),
 }
-SHAPES = ("circle", "square", "triangle")
+# shape name -> how to draw it in the square (x0, y0, side)
+SHAPES = {
+    "circle": lambda d, x, y, s, c: d.ellipse((x, y, x + s, y + s), fill=c),
+    "square": lambda d, x, y, s, c: d.rectangle((x, y, x + s, y + s), fill=c),
+    "triangle": lambda d, x, y, s, c: d.polygon([(x + s // 2, y), (x, y + s), (x + s, y + s)], fill=c),
+}
 FORMATS = (("PNG", ".png"), ("JPEG", ".jpg"))
 DEFAULT_SIZES = ((64, 64), (96, 64), (64, 96))
 
@@ -59,20 +64,14 @@ def draw_shape(size: tuple[int, int], rng: random.Random):
     """A random shape on a plain background; returns (PIL image, caption text)."""
     from PIL import Image, ImageDraw
 
-    shape = rng.choice(SHAPES)
+    shape = rng.choice(sorted(SHAPES))
     fg, bg = rng.sample(sorted(COLOURS), 2)
     width, height = size
     image = Image.new("RGB", size, COLOURS[bg])
     draw = ImageDraw.Draw(image)
     side = rng.randint(min(size) // 3, min(size) * 3 // 4)
     x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
-    box = (x0, y0, x0 + side, y0 + side)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[fg])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[fg])
-    else:
-        draw.polygon([(x0 + side // 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=COLOURS[fg])
+    SHAPES[shape](draw, x0, y0, side, COLOURS[fg])
     return image, f"{fg} {shape} on a {bg} background"
 
 
