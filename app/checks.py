@@ -21,6 +21,7 @@ class Problem:
     severity: str  # "error", "warning" or "note"
     message: str
     field: str | None = None  # the setting to fix, when one is to blame
+    fix: str = ""  # what to do, when the check says
 
 
 @dataclass
@@ -28,6 +29,7 @@ class CheckResult:
     settings: TrainingSettings | None
     problems: list[Problem] = field(default_factory=list)
     plan: Any = None  # trainer.data.plan.StepPlan when the settings are valid
+    memory: str = ""  # the preflight's memory estimate, in words
 
     @property
     def ok(self) -> bool:
@@ -39,6 +41,7 @@ class CheckResult:
 
 
 def check_form(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) -> CheckResult:
+    """Validate the form and run the quick preflight (the trainer runs the full one before loading weights)."""
     try:
         settings = settings_from_form(values, kept)
     except SettingsError as err:
@@ -51,9 +54,15 @@ def check_settings(settings: TrainingSettings) -> CheckResult:
         from trainer.preflight import check  # optional: preflight may not exist in this tree
     except ImportError:
         return _plan_only(settings)
-    report = check(settings)
-    problems = [Problem(p.severity, p.message, p.field) for p in report.problems]
-    return CheckResult(settings, _sorted(problems), getattr(report, "plan", None))
+    try:
+        report = check(settings, deep=False)  # quick: images decoded within a small time budget, cached
+    except Exception as err:  # a bug in a check must not hide the plan or block the page
+        result = _plan_only(settings)
+        result.problems.append(Problem("warning", f"The preflight check itself failed ({type(err).__name__}: {err}); only the step plan was checked."))
+        return result
+    problems = [Problem(p.severity, p.message, p.field, getattr(p, "fix", "")) for p in report.problems]
+    memory = getattr(report, "memory", None)
+    return CheckResult(settings, _sorted(problems), getattr(report, "plan", None), memory.describe() if memory else "")
 
 
 def _plan_only(settings: TrainingSettings) -> CheckResult:

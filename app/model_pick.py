@@ -12,13 +12,9 @@ from typing import Any
 from trainer.settings import CUSTOM, family_flags
 
 FLAG_KEYS = ("v2", "v_parameterization", "sdxl")
-# Family names a detector may report, and the flags each implies.
-FAMILY_FLAGS = {
-    "sd1": (False, False, False), "sd15": (False, False, False),
-    "sd2": (True, False, False), "sd21": (True, False, False), "sd21_base": (True, False, False),
-    "sd2v": (True, True, False), "sd2_v": (True, True, False),
-    "sdxl": (False, False, True), "sdxl_base": (False, False, True),
-}
+# Families trainer.checkpoints.detect reports, and the flags each implies (v-prediction read separately).
+FAMILY_FLAGS = {"sd1": (False, False, False), "sd2": (True, False, False), "sdxl": (False, False, True)}
+UNKNOWN_NOTE = "Could not tell the model family from the file; check v2 / v_parameterization / SDXL yourself."
 FLAG_NAMES = {(False, False, False): "SD 1.x", (True, False, False): "SD 2.x", (True, True, False): "SD 2.x v-prediction",
               (False, False, True): "SDXL"}
 
@@ -42,36 +38,46 @@ def on_model_path(path: str) -> tuple[dict[str, Any], str]:
         return values, ""
     if not Path(path).expanduser().exists():
         return values, f"Not found on this computer: {path}"
-    detected = detect_flags(path)
-    if detected is None:
-        return values, "Could not tell the model family from the file; check v2 / v_parameterization / SDXL yourself."
-    return {**values, **dict(zip(FLAG_KEYS, detected))}, f"Detected {FLAG_NAMES.get(detected, 'the family')} from the file."
+    detected, note = detect_flags(str(Path(path).expanduser()))
+    return {**values, **detected}, note
 
 
-def detect_flags(path: str) -> tuple[bool, bool, bool] | None:
-    """(v2, v_parameterization, sdxl) read from the checkpoint, or None when it cannot be told."""
+def detect_flags(path: str) -> tuple[dict[str, bool], str]:
+    """The family flags read from the checkpoint (only those it tells) and a note for the page."""
     try:
-        from trainer.checkpoints import detect  # written separately; absent in older trees
+        from trainer.checkpoints import detect  # a cheap header read
     except ImportError:
-        return None
+        return {}, UNKNOWN_NOTE
     try:
-        result = detect(path)
-    except Exception:  # a broken file is reported by preflight, not here
-        return None
-    return _flags_of(result)
+        info = detect(path)
+    except Exception as err:  # unreadable file: preflight explains it in full
+        return {}, f"Could not read the model: {err}"
+    problems = getattr(info, "problems", ())
+    if problems:
+        return {}, "This is not a usable base model: " + "; ".join(problems)
+    flags = _flags_of(info)
+    if not flags:
+        return {}, UNKNOWN_NOTE
+    known = tuple(flags.get(k, False) for k in FLAG_KEYS)
+    name = FLAG_NAMES.get(known, "the family")
+    if "v_parameterization" not in flags:
+        name += " (whether it is v-prediction cannot be told: check v_parameterization for 768-px v models)"
+    return flags, f"Detected {name} from the model."
 
 
-def _flags_of(result: Any) -> tuple[bool, bool, bool] | None:
+def _flags_of(result: Any) -> dict[str, bool]:
+    """Flags from a detector result: a ModelInfo-like object (family + v_parameterization) or a family name."""
     if result is None:
-        return None
+        return {}
     if isinstance(result, str):
-        return FAMILY_FLAGS.get(result.lower())
-    if isinstance(result, tuple) and len(result) == 3 and all(isinstance(x, bool) for x in result):
-        return result
-    if all(hasattr(result, k) for k in FLAG_KEYS):
-        return tuple(bool(getattr(result, k)) for k in FLAG_KEYS)  # type: ignore[return-value]
-    for attr in ("family", "name", "kind"):
-        value = getattr(result, attr, None)
-        if isinstance(value, str) and value.lower() in FAMILY_FLAGS:
-            return FAMILY_FLAGS[value.lower()]
-    return None
+        family, vpred = result, None
+    else:
+        family, vpred = getattr(result, "family", None), getattr(result, "v_parameterization", None)
+    if not isinstance(family, str) or family.lower() not in FAMILY_FLAGS:
+        return {}
+    flags = dict(zip(FLAG_KEYS, FAMILY_FLAGS[family.lower()]))
+    if vpred is None and family.lower() == "sd2":
+        del flags["v_parameterization"]  # SD2 single files do not say; keep the user's choice
+    elif vpred is not None:
+        flags["v_parameterization"] = bool(vpred)
+    return flags

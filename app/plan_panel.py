@@ -24,6 +24,10 @@ def plan_html(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) 
 
 def render_check(result: CheckResult) -> str:
     parts = ['<div class="nk-plan">', _plan_part(result.plan), render_problems(result.problems)]
+    if result.memory:
+        first, *rest = result.memory.splitlines()
+        more = "".join(f"<div>{html.escape(line)}</div>" for line in rest)
+        parts.append(f'<details class="nk-memory"><summary>Memory: {html.escape(first)}</summary>{more}</details>')
     if result.ok:
         parts.append('<div class="nk-ready">Ready to train.</div>')
     parts.append("</div>")
@@ -49,11 +53,21 @@ def _plan_part(plan: Any) -> str:
     return head + stats + (f'<ul class="nk-plan-folders">{folders}</ul>' if folders else "")
 
 
-def render_problems(problems: list[Problem]) -> str:
+def render_problems(problems: list[Problem], shown_per_severity: int = 4) -> str:
+    """Problems by severity; beyond the first few of one severity the rest fold away (a folder of
+    small images should not push everything else off the screen)."""
     if not problems:
         return ""
-    items = "".join(_problem_item(p) for p in problems)
-    return f'<ul class="nk-problems">{items}</ul>'
+    parts = []
+    for severity in dict.fromkeys(p.severity for p in problems):
+        group = [p for p in problems if p.severity == severity]
+        head, rest = group[:shown_per_severity], group[shown_per_severity:]
+        parts.append("".join(_problem_item(p) for p in head))
+        if rest:
+            noun = SEVERITY_LABEL.get(severity, severity).lower() + "s"
+            more = "".join(_problem_item(p) for p in rest)
+            parts.append(f'<li class="nk-more"><details><summary>{len(rest)} more {noun}</summary><ul class="nk-problems">{more}</ul></details></li>')
+    return f'<ul class="nk-problems">{"".join(parts)}</ul>'
 
 
 def _problem_item(problem: Problem) -> str:
@@ -64,9 +78,10 @@ def _problem_item(problem: Problem) -> str:
         where = f'<span class="nk-field">{html.escape(info.tab)} › {html.escape(info.label)}</span> '
         message = _strip_key_prefix(message, problem.field)
     badge = SEVERITY_LABEL.get(problem.severity, problem.severity.title())
+    fix = f'<div class="nk-fix">Fix: {html.escape(problem.fix)}</div>' if problem.fix else ""
     return (
         f'<li class="nk-{html.escape(problem.severity)}"><span class="nk-badge">{badge}</span> '
-        f"{where}{html.escape(message)}</li>"
+        f"{where}{html.escape(message)}{fix}</li>"
     )
 
 

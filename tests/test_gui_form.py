@@ -208,23 +208,33 @@ def test_typed_model_path_moves_the_quick_pick(tmp_path):
     assert values == {"model_list": "custom"} and "Not found" in note
 
 
-def test_detected_family_sets_flags_for_a_custom_path(tmp_path, monkeypatch):
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"x")
-    monkeypatch.setattr(model_pick, "detect_flags", lambda path: (False, False, True))
-    values, note = model_pick.on_model_path(str(checkpoint))
+def test_detected_family_sets_flags_for_a_custom_path(tiny_sdxl_dir, tiny_sd2v_dir):
+    values, note = model_pick.on_model_path(str(tiny_sdxl_dir))
     assert values == {"model_list": "custom", "v2": False, "v_parameterization": False, "sdxl": True}
     assert "SDXL" in note
+    values, note = model_pick.on_model_path(str(tiny_sd2v_dir))
+    assert values == {"model_list": "custom", "v2": True, "v_parameterization": True, "sdxl": False}
 
 
-def test_detector_results_of_several_shapes_become_flags():
-    class Found:
-        family = "sd2v"
+def test_a_lora_file_typed_as_the_model_is_explained(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
 
-    assert model_pick._flags_of(Found()) == (True, True, False)
-    assert model_pick._flags_of("SDXL") == (False, False, True)
-    assert model_pick._flags_of((True, False, False)) == (True, False, False)
-    assert model_pick._flags_of(None) is None and model_pick._flags_of(object()) is None
+    lora = tmp_path / "my_lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": numpy.zeros((4, 8), dtype=numpy.float32)}, str(lora))
+    values, note = model_pick.on_model_path(str(lora))
+    assert values == {"model_list": "custom"} and "LoRA file" in note
+
+
+def test_detector_results_become_flags():
+    class Info:
+        family, v_parameterization = "sd2", None
+
+    assert model_pick._flags_of(Info()) == {"v2": True, "sdxl": False}  # SD2 file that does not say: v-pred kept
+    Info.v_parameterization = True
+    assert model_pick._flags_of(Info()) == {"v2": True, "v_parameterization": True, "sdxl": False}
+    assert model_pick._flags_of("sdxl") == {"v2": False, "v_parameterization": False, "sdxl": True}
+    assert model_pick._flags_of(None) == {} and model_pick._flags_of(object()) == {}
 
 
 # ---- step plan --------------------------------------------------------------------------

@@ -1,0 +1,215 @@
+"""Render a ``RunSnapshot`` for the page: progress, speed, loss chart, memory, files, log tail.
+
+Pure functions from a snapshot to HTML (inline SVG for the chart: it draws the
+same in every browser, headless ones included). No gradio here.
+"""
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+from trainer.events import Memory
+
+from .run_manager import RunSnapshot
+
+STATUS_TEXT = {
+    "idle": "No run yet", "starting": "Starting…", "running": "Training", "stopping": "Stopping…",
+    "finished": "Finished", "stopped": "Stopped", "error": "Failed",
+}
+CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 200, 52, 12, 12, 26
+MAX_CHART_POINTS = 400
+LOG_TAIL = 14
+
+
+def render_live(snap: RunSnapshot, now: float | None = None) -> str:
+    now = now or time.time()
+    if snap.status == "idle":
+        return '<div class="nk-live nk-idle" id="nk-live" data-status="idle">No training has run yet. Set the folders, check the plan, then press <b>Start training</b>.</div>'
+    parts = [
+        f'<div class="nk-live" id="nk-live" data-status="{snap.status}" data-step="{snap.step}" data-total="{snap.total_steps}">',
+        _header(snap),
+        _progress(snap),
+        _stats(snap, now),
+        _error(snap),
+        '<div class="nk-chart-title">Loss</div>' + loss_chart_svg(snap.losses, snap.total_steps),
+        _files(snap),
+        _log_tail(snap),
+        "</div>",
+    ]
+    return "".join(parts)
+
+
+def _header(snap: RunSnapshot) -> str:
+    device = f' · on {html.escape(snap.started.device)}' if snap.started else ""
+    name = f' · output “{html.escape(snap.output_name)}”' if snap.output_name else ""
+    return (
+        f'<div class="nk-live-head"><span class="nk-pill nk-pill-{snap.status}" id="nk-run-status">'
+        f"{STATUS_TEXT.get(snap.status, snap.status)}</span>"
+        f'<span class="nk-muted">run {snap.run_id}{name}{device}</span></div>'
+    )
+
+
+def _progress(snap: RunSnapshot) -> str:
+    pct = snap.progress * 100
+    total = snap.total_steps or "?"
+    epoch = ""
+    if snap.last_step:
+        epoch = f" · epoch {snap.last_step.epoch} / {snap.last_step.total_epochs}"
+    elif snap.started:
+        epoch = f" · {snap.started.total_epochs} epoch(s)"
+    return (
+        f'<div class="nk-progress"><div class="nk-progress-bar nk-bar-{snap.status}" style="width:{pct:.1f}%"></div>'
+        f'<div class="nk-progress-text" id="nk-progress-text">{pct:.0f}% · step {snap.step} / {total}{epoch}</div></div>'
+    )
+
+
+def _stats(snap: RunSnapshot, now: float) -> str:
+    step = snap.last_step
+    cells = [
+        ("Loss", f"{step.loss:.4f}" if step else "–"),
+        ("Avg loss", f"{step.avg_loss:.4f}" if step else "–"),
+        ("Speed", f"{step.it_per_s:.2f} it/s" if step else "–"),
+        ("ETA", format_duration(step.eta_s) if step and snap.active else ("done" if snap.status == "finished" else "–")),
+        ("Elapsed", format_duration(snap.elapsed_s(now))),
+        ("Learning rate", _lrs(step) if step else "–"),
+        ("Memory", format_memory(snap.memory) if snap.memory else "–"),
+    ]
+    items = "".join(
+        f'<div class="nk-stat nk-stat-{k.split()[0].lower()}"><div class="nk-stat-k">{k}</div><div class="nk-stat-v">{html.escape(v)}</div></div>'
+        for k, v in cells
+    )
+    return f'<div class="nk-stats">{items}</div>'
+
+
+def _lrs(step) -> str:
+    if len(step.lrs) > 1:
+        return " · ".join(f"{name} {lr:.2e}" for name, lr in step.lrs.items())
+    return f"{step.lr:.2e}"
+
+
+def _error(snap: RunSnapshot) -> str:
+    if not snap.error:
+        return ""
+    from trainer.settings import is_setting, setting_info  # light: settings are loaded already
+
+    err = snap.error
+    where = ""
+    if err.field and is_setting(err.field):
+        info = setting_info(err.field)
+        where = f'<div class="nk-field">Fix: {html.escape(info.tab)} › {html.escape(info.label)}</div>'
+    hint = f'<div class="nk-hint">{html.escape(err.hint)}</div>' if err.hint else ""
+    return f'<div class="nk-run-error" id="nk-run-error"><b>Training failed:</b> {html.escape(err.message)}{where}{hint}</div>'
+
+
+def _files(snap: RunSnapshot) -> str:
+    if not snap.saved:
+        return '<div class="nk-files nk-muted">No file saved yet.</div>'
+    items = "".join(
+        f'<li><span class="nk-kind">{html.escape(s.kind)}</span> <code title="{html.escape(s.path)}">{html.escape(Path(s.path).name)}</code>'
+        f' <span class="nk-muted">step {s.step} · {html.escape(str(Path(s.path).parent))}</span></li>'
+        for s in snap.saved
+    )
+    return f'<div class="nk-files"><div class="nk-chart-title">Saved files</div><ul id="nk-saved-files">{items}</ul></div>'
+
+
+def _log_tail(snap: RunSnapshot) -> str:
+    lines = "\n".join(snap.log[-LOG_TAIL:])
+    return f'<details class="nk-log" open><summary>Log</summary><pre id="nk-log">{html.escape(lines)}</pre></details>'
+
+
+def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: int) -> str:
+    """Line chart of raw (thin) and smoothed (bold) loss against the step, as inline SVG."""
+    box = f'viewBox="0 0 {CHART_W} {CHART_H}" class="nk-chart" id="nk-loss-chart" role="img" aria-label="loss chart"'
+    if not losses:
+        return f'<svg {box}><text x="{CHART_W / 2}" y="{CHART_H / 2}" text-anchor="middle" class="nk-chart-empty">waiting for the first step…</text></svg>'
+    points = _downsample(losses, MAX_CHART_POINTS)
+    values = [v for _, loss, avg in points for v in (loss, avg)]
+    low, high = min(values), max(values)
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    last_x = max(total_steps, points[-1][0], 1)
+
+    def xy(step: int, value: float) -> str:
+        x = PAD_L + (CHART_W - PAD_L - PAD_R) * (step / last_x)
+        y = PAD_T + (CHART_H - PAD_T - PAD_B) * (1 - (value - low) / (high - low))
+        return f"{x:.1f},{y:.1f}"
+
+    raw = " ".join(xy(s, loss) for s, loss, _ in points)
+    smooth = " ".join(xy(s, avg) for s, _, avg in points)
+    bottom = CHART_H - PAD_B
+    grid = "".join(
+        f'<line x1="{PAD_L}" x2="{CHART_W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}" class="nk-grid"/>'
+        f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end" class="nk-axis">{_fmt_loss(v)}</text>'
+        for y, v in _y_ticks(low, high)
+    )
+    return (
+        f"<svg {box}>{grid}"
+        f'<line x1="{PAD_L}" x2="{CHART_W - PAD_R}" y1="{bottom}" y2="{bottom}" class="nk-axis-line"/>'
+        f'<text x="{PAD_L}" y="{CHART_H - 6}" class="nk-axis">0</text>'
+        f'<text x="{CHART_W - PAD_R}" y="{CHART_H - 6}" text-anchor="end" class="nk-axis">step {last_x}</text>'
+        f'<polyline points="{raw}" class="nk-line-raw"/>'
+        f'<polyline points="{smooth}" class="nk-line-avg"/>'
+        f'<g class="nk-legend"><line x1="{CHART_W - 190}" x2="{CHART_W - 170}" y1="16" y2="16" class="nk-line-raw"/>'
+        f'<text x="{CHART_W - 165}" y="20" class="nk-axis">loss</text>'
+        f'<line x1="{CHART_W - 120}" x2="{CHART_W - 100}" y1="16" y2="16" class="nk-line-avg"/>'
+        f'<text x="{CHART_W - 95}" y="20" class="nk-axis">average</text></g>'
+        "</svg>"
+    )
+
+
+def _downsample(points, limit: int):
+    """Every n-th point plus the last one, so long runs draw fast and the line still ends at the newest step."""
+    if len(points) <= limit:
+        return list(points)
+    stride = len(points) / limit
+    picked = [points[int(i * stride)] for i in range(limit)]
+    return picked + [points[-1]] if picked[-1] != points[-1] else picked
+
+
+def _y_ticks(low: float, high: float, count: int = 4) -> list[tuple[float, float]]:
+    span = CHART_H - PAD_T - PAD_B
+    return [(PAD_T + span * i / (count - 1), high - (high - low) * i / (count - 1)) for i in range(count)]
+
+
+def _fmt_loss(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_memory(mem: Memory) -> str:
+    """CUDA: allocated / reserved of total; otherwise the process's RAM."""
+    if mem.allocated_mb is not None:
+        total = f" of {_gib(mem.total_mb)}" if mem.total_mb else ""
+        reserved = f" / {_gib(mem.reserved_mb)} reserved" if mem.reserved_mb is not None else ""
+        return f"{mem.device}: {_gib(mem.allocated_mb)} allocated{reserved}{total}"
+    return f"RAM {_gib(mem.rss_mb)} ({mem.device})"
+
+
+def _gib(mb: float | None) -> str:
+    if mb is None:
+        return "?"
+    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
+
+
+def sample_gallery(snap: RunSnapshot) -> list[tuple]:
+    """Gallery items for the run's samples, newest first. Images are read here (not passed as paths)
+    because the output folder may lie outside what the web server is allowed to serve."""
+    from PIL import Image
+
+    items = []
+    for sample in reversed(snap.samples):
+        try:
+            with Image.open(sample.path) as image:
+                items.append((image.convert("RGB"), f"step {sample.step} · {sample.prompt}"))
+        except OSError:
+            continue  # deleted or half-written: the next poll shows it
+    return items

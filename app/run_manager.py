@@ -1,0 +1,265 @@
+"""One training run at a time, in a background thread, with its state kept server-side.
+
+The GUI process owns one ``RunManager``. Browsers come and go (closing or
+reloading a page never touches the run); every page polls ``snapshot()``. The
+trainer reports through events only; ``RunState.apply`` folds them into the
+state a page shows.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from trainer.control import Control
+from trainer.events import EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
+
+log = logging.getLogger(__name__)
+
+TrainFn = Callable[[Any, Callable[[Any], None], Control], Any]
+LOG_LINES = 300
+ACTIVE = ("starting", "running", "stopping")
+# Loggers that do not propagate to the root logger (the libraries set propagate=False once imported).
+LIBRARY_LOGGERS = ("", "diffusers", "transformers")
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """Everything a page shows about the current (or last) run. Immutable: safe to render anywhere."""
+
+    run_id: int = 0
+    status: str = "idle"  # idle, starting, running, stopping, finished, stopped, error
+    version: int = 0  # bumps on every change, so pages can skip re-rendering what did not change
+    started: Started | None = None
+    last_step: Step | None = None
+    memory: Memory | None = None
+    losses: tuple[tuple[int, float, float], ...] = ()  # (step, loss, smoothed loss)
+    epochs: tuple[EpochEnd, ...] = ()
+    saved: tuple[Saved, ...] = ()
+    samples: tuple[Sample, ...] = ()
+    log: tuple[str, ...] = ()
+    error: Error | None = None
+    began_at: float | None = None  # time.time()
+    ended_at: float | None = None
+    output_name: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def step(self) -> int:
+        return self.last_step.step if self.last_step else (self.started.start_step if self.started else 0)
+
+    @property
+    def total_steps(self) -> int:
+        if self.last_step:
+            return self.last_step.total_steps
+        return self.started.total_steps if self.started else 0
+
+    @property
+    def progress(self) -> float:
+        """0..1; a finished run is complete even if the last Step event was skipped."""
+        if self.status == "finished":
+            return 1.0
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    def elapsed_s(self, now: float | None = None) -> float:
+        if self.began_at is None:
+            return 0.0
+        return (self.ended_at or now or time.time()) - self.began_at
+
+
+class RunState:
+    """Folds events into a ``RunSnapshot``; called from the training thread, read from the GUI."""
+
+    def __init__(self, run_id: int, output_name: str = "", log_lines: int = LOG_LINES):
+        self._lock = threading.Lock()
+        self._snap = RunSnapshot(run_id=run_id, status="starting", began_at=time.time(), output_name=output_name)
+        self._losses: list[tuple[int, float, float]] = []
+        self._log: deque[str] = deque(maxlen=log_lines)
+        self._handlers: dict[type, Callable[[Any], dict]] = {
+            Started: self._on_started, Step: self._on_step, EpochEnd: self._on_epoch_end, Saved: self._on_saved,
+            Sample: self._on_sample, Log: self._on_log, Error: self._on_error, Finished: self._on_finished,
+            Stopped: self._on_stopped, Memory: lambda e: {"memory": e},
+        }
+
+    def apply(self, event: Any) -> None:
+        """The trainer's event sink."""
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            return  # an event type this GUI does not know yet: ignore rather than crash the run
+        with self._lock:
+            changes = handler(event)
+            self._snap = replace(self._snap, version=self._snap.version + 1, **changes)
+
+    def set_status(self, status: str, message: str | None = None) -> None:
+        with self._lock:
+            if message:
+                self._log.append(message)
+            self._snap = replace(self._snap, status=status, version=self._snap.version + 1, log=tuple(self._log))
+
+    def end(self) -> None:
+        """The training thread returned: settle the status if no final event said how it ended."""
+        with self._lock:
+            status = self._snap.status
+            if status in ACTIVE:
+                done = self._snap.total_steps and self._snap.step >= self._snap.total_steps
+                status = "finished" if done else "stopped"
+            self._snap = replace(self._snap, status=status, ended_at=time.time(), version=self._snap.version + 1)
+
+    def snapshot(self) -> RunSnapshot:
+        with self._lock:
+            return self._snap
+
+    # -- one handler per event type: returns the fields that change ---------
+    def _on_started(self, e: Started) -> dict:
+        self._log.append(f"Started on {e.device}: {e.plan}")
+        return {"started": e, "status": self._running_status(), "log": tuple(self._log)}
+
+    def _on_step(self, e: Step) -> dict:
+        self._losses.append((e.step, e.loss, e.avg_loss))
+        return {"last_step": e, "memory": e.memory, "losses": tuple(self._losses), "status": self._running_status()}
+
+    def _on_epoch_end(self, e: EpochEnd) -> dict:
+        self._log.append(f"Epoch {e.epoch}/{e.total_epochs} done, average loss {e.avg_loss:.4f}")
+        return {"epochs": (*self._snap.epochs, e), "log": tuple(self._log)}
+
+    def _on_saved(self, e: Saved) -> dict:
+        self._log.append(f"Saved {e.path} ({e.kind}, step {e.step})")
+        return {"saved": (*self._snap.saved, e), "log": tuple(self._log)}
+
+    def _on_sample(self, e: Sample) -> dict:
+        return {"samples": (*self._snap.samples, e)}
+
+    def _on_log(self, e: Log) -> dict:
+        self._log.append(e.message if e.level == "info" else f"{e.level}: {e.message}")
+        return {"log": tuple(self._log)}
+
+    def _on_error(self, e: Error) -> dict:
+        self._log.append(f"error: {e.message}")
+        return {"error": e, "status": "error", "log": tuple(self._log)}
+
+    def _on_finished(self, e: Finished) -> dict:
+        self._log.append(f"Finished at step {e.step}.")
+        return {"status": "finished", "log": tuple(self._log), **self._files(e.files)}
+
+    def _on_stopped(self, e: Stopped) -> dict:
+        self._log.append(f"Stopped at step {e.step}.")
+        return {"status": "stopped", "log": tuple(self._log), **self._files(e.files)}
+
+    def _running_status(self) -> str:
+        return "stopping" if self._snap.status == "stopping" else "running"
+
+    def _files(self, files: tuple[str, ...]) -> dict:
+        """Files a final event lists that no Saved event announced (so the page lists every file)."""
+        known = {s.path for s in self._snap.saved}
+        step = self._snap.step
+        epoch = self._snap.last_step.epoch if self._snap.last_step else 0
+        extra = tuple(Saved(path=f, kind="final", step=step, epoch=epoch) for f in files if f not in known)
+        return {"saved": self._snap.saved + extra} if extra else {}
+
+
+class RunManager:
+    """Starts, stops and reports the one training run of this GUI process."""
+
+    def __init__(self, train_fn: TrainFn | None = None):
+        self._train_fn = train_fn or train_in_process
+        self._lock = threading.Lock()
+        self._state: RunState | None = None
+        self._control: Control | None = None
+        self._thread: threading.Thread | None = None
+        self._runs = 0
+
+    def start(self, settings: Any) -> tuple[bool, str]:
+        """Start a run; refused (False, why) while one is going."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                snap = self._state.snapshot() if self._state else RunSnapshot()
+                return False, f"A training run is already going (step {snap.step}/{snap.total_steps}); stop it first."
+            self._runs += 1
+            self._state = RunState(self._runs, output_name=getattr(settings, "output_name", ""))
+            self._control = Control()
+            self._thread = threading.Thread(
+                target=self._run, args=(settings, self._state, self._control), name=f"nekoya-run-{self._runs}", daemon=True,
+            )
+            self._thread.start()
+        return True, "Training started."
+
+    def stop(self) -> str:
+        with self._lock:
+            if not self._is_alive():
+                return "No training is running."
+            self._control.request_stop()
+            self._state.set_status("stopping", "Stop requested: the trainer saves what it has after this step.")
+        return "Stopping after the current step; the LoRA trained so far is saved."
+
+    def request_save(self) -> str:
+        return self._request(lambda c: c.request_save(), "The trainer saves the LoRA after the current step.")
+
+    def request_sample(self) -> str:
+        return self._request(lambda c: c.request_sample(), "The trainer makes samples after the current step.")
+
+    def snapshot(self) -> RunSnapshot:
+        state = self._state
+        return state.snapshot() if state else RunSnapshot()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current run ends (tests, shutdown); True when nothing is running."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self._is_alive()
+
+    @property
+    def busy(self) -> bool:
+        return self._is_alive()
+
+    def _is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _request(self, action: Callable[[Control], None], message: str) -> str:
+        with self._lock:
+            if not self._is_alive():
+                return "No training is running."
+            action(self._control)
+        return message
+
+    def _run(self, settings: Any, state: RunState, control: Control) -> None:
+        capture = _ThreadLogCapture(state)
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).addHandler(capture)
+        try:
+            self._train_fn(settings, state.apply, control)
+        except Exception as exc:  # the page must say what went wrong, not only the console
+            log.exception("training failed")
+            if state.snapshot().status != "error":
+                state.apply(Error(message=f"{type(exc).__name__}: {exc}", hint="The console has the full traceback."))
+        finally:
+            for name in LIBRARY_LOGGERS:
+                logging.getLogger(name).removeHandler(capture)
+            state.end()
+
+
+def train_in_process(settings: Any, sink: Callable[[Any], None], control: Control) -> Any:
+    """The real trainer (imported on first use: torch and diffusers load only when a run starts)."""
+    from trainer.loop import train
+
+    return train(settings, sink, control)
+
+
+class _ThreadLogCapture(logging.Handler):
+    """Library warnings raised on the training thread go to the page's log tail too."""
+
+    def __init__(self, state: RunState):
+        super().__init__(level=logging.WARNING)
+        self._state = state
+        self._ident = threading.get_ident()  # created on the training thread itself
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self._ident and record.name != __name__ and not getattr(record, "_nekoya_seen", False):
+            record._nekoya_seen = True  # attached to several loggers: count each record once
+            self._state.apply(Log(message=f"{record.name}: {record.getMessage()}", level="warning"))

@@ -1,0 +1,161 @@
+"""Run manager and live panel as plain Python, with a scripted trainer that emits the real event types.
+(The browser tests run the real trainer.)"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from app.live_panel import format_duration, format_memory, loss_chart_svg, render_live, sample_gallery
+from app.run_manager import RunManager, RunSnapshot
+from trainer.events import EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
+
+SETTINGS = SimpleNamespace(output_name="unit")
+
+
+def scripted_trainer(total=6, step_delay=0.0, gate: threading.Event | None = None, fail: Exception | None = None):
+    """A stand-in for trainer.loop.train: the same event sequence, on the same control contract."""
+
+    def train(settings, sink, control):
+        sink(Started(total_steps=total, total_epochs=1, steps_per_epoch=total, plan=f"{total} steps", device="cpu"))
+        for step in range(1, total + 1):
+            if gate is not None:
+                gate.wait(5)
+            if fail is not None and step == 3:
+                raise fail
+            mem = Memory(device="cpu", rss_mb=512.0)
+            sink(Step(step, total, 1, 1, loss=1.0 / step, avg_loss=1.2 / step, lr=1e-4, lrs={"unet": 1e-4},
+                      it_per_s=10.0, elapsed_s=step * 0.1, eta_s=(total - step) * 0.1, memory=mem))
+            time.sleep(step_delay)
+            if control.stop_requested:
+                path = f"/out/{settings.output_name}-step{step:08d}.safetensors"
+                sink(Saved(path, "stopped", step, 1))
+                sink(Stopped(step, (path,)))
+                return
+        sink(EpochEnd(1, 1, avg_loss=0.5))
+        path = f"/out/{settings.output_name}.safetensors"
+        sink(Saved(path, "final", total, 1))
+        sink(Finished(total, (path,)))
+
+    return train
+
+
+def test_a_run_is_followed_to_the_end():
+    runs = RunManager(scripted_trainer(total=6))
+    assert runs.start(SETTINGS) == (True, "Training started.")
+    assert runs.wait(10)
+    snap = runs.snapshot()
+    assert snap.status == "finished" and snap.progress == 1.0 and snap.step == 6
+    assert [s for s, _, _ in snap.losses] == [1, 2, 3, 4, 5, 6]
+    assert [s.path for s in snap.saved] == ["/out/unit.safetensors"]
+    assert snap.ended_at is not None and snap.memory.rss_mb == 512.0
+
+
+def test_a_second_start_is_refused_while_a_run_is_going():
+    gate = threading.Event()
+    runs = RunManager(scripted_trainer(total=3, gate=gate))
+    assert runs.start(SETTINGS)[0]
+    started, message = runs.start(SETTINGS)
+    assert not started and "already going" in message
+    gate.set()
+    assert runs.wait(10) and runs.snapshot().run_id == 1
+    assert runs.start(SETTINGS)[0] and runs.wait(10)
+    assert runs.snapshot().run_id == 2
+
+
+def test_stop_ends_the_run_and_lists_the_saved_file():
+    gate = threading.Event()
+    runs = RunManager(scripted_trainer(total=50, gate=gate))
+    runs.start(SETTINGS)
+    assert "Stopping" in runs.stop()
+    assert runs.snapshot().status == "stopping"
+    gate.set()
+    assert runs.wait(10)
+    snap = runs.snapshot()
+    assert snap.status == "stopped" and snap.step < 50
+    assert snap.saved[-1].kind == "stopped" and snap.saved[-1].path.endswith(f"step{snap.step:08d}.safetensors")
+    assert runs.stop() == "No training is running."
+
+
+def test_a_crash_in_the_trainer_becomes_an_error_on_the_page():
+    runs = RunManager(scripted_trainer(total=5, fail=RuntimeError("CUDA out of memory")))
+    runs.start(SETTINGS)
+    assert runs.wait(10)
+    snap = runs.snapshot()
+    assert snap.status == "error" and "CUDA out of memory" in snap.error.message
+    page = render_live(snap)
+    assert "Training failed" in page and "CUDA out of memory" in page and 'data-status="error"' in page
+
+
+def test_a_trainer_error_event_names_the_field_to_fix():
+    def train(settings, sink, control):
+        sink(Error("no images found in the image folder", field="train_data_dir", hint="point it at the parent folder"))
+
+    runs = RunManager(train)
+    runs.start(SETTINGS)
+    runs.wait(10)
+    page = render_live(runs.snapshot())
+    assert "Fix: Folders › Image folder" in page and "point it at the parent folder" in page
+
+
+def test_warnings_logged_on_the_training_thread_reach_the_log_tail():
+    def train(settings, sink, control):
+        logging.getLogger("diffusers.some_module").warning("slow attention fallback")
+        sink(Log("cached 7 latents"))
+        sink(Finished(0))
+
+    runs = RunManager(train)
+    runs.start(SETTINGS)
+    runs.wait(10)
+    log = runs.snapshot().log
+    assert any("slow attention fallback" in line for line in log) and "cached 7 latents" in log
+
+
+def test_live_panel_shows_progress_speed_chart_and_files():
+    runs = RunManager(scripted_trainer(total=4))
+    runs.start(SETTINGS)
+    runs.wait(10)
+    page = render_live(runs.snapshot())
+    assert "100% · step 4 / 4" in page and "10.00 it/s" in page and "RAM 512 MiB" in page
+    points = re.findall(r'<polyline points="([^"]+)" class="nk-line-avg"', page)
+    assert len(points) == 1 and len(points[0].split()) == 4
+    assert "unit.safetensors" in page and "Finished" in page
+
+
+def test_idle_page_says_what_to_do():
+    assert "Start training" in render_live(RunSnapshot())
+
+
+def test_chart_scales_and_thins_long_runs():
+    losses = tuple((s, 1.0 + (s % 7) / 10, 1.2) for s in range(1, 5001))
+    svg = loss_chart_svg(losses, 5000)
+    raw = re.search(r'<polyline points="([^"]+)" class="nk-line-raw"', svg).group(1).split()
+    assert 300 <= len(raw) <= 401
+    xs = [float(p.split(",")[0]) for p in raw]
+    assert xs == sorted(xs) and xs[-1] == pytest.approx(640 - 12)  # ends at the newest step, right edge
+    assert "waiting for the first step" in loss_chart_svg((), 10)
+
+
+def test_memory_and_duration_formats():
+    cuda = Memory(device="cuda:0", rss_mb=3000, allocated_mb=5120, reserved_mb=6144, total_mb=24576)
+    assert format_memory(cuda) == "cuda:0: 5.00 GiB allocated / 6.00 GiB reserved of 24.00 GiB"
+    assert format_memory(Memory(device="cpu", rss_mb=2048)) == "RAM 2.00 GiB (cpu)"
+    assert (format_duration(59), format_duration(3725), format_duration(None)) == ("0:59", "1:02:05", "–")
+
+
+def test_samples_become_gallery_items_newest_first(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"s{i}.png"
+        Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(path)
+        paths.append(str(path))
+    snap = RunSnapshot(samples=(Sample(paths[0], "a cat", 5, 1), Sample(paths[1], "a dog", 10, 1), Sample(str(tmp_path / "gone.png"), "x", 11, 1)))
+    items = sample_gallery(snap)
+    assert [caption for _, caption in items] == ["step 10 · a dog", "step 5 · a cat"]
+    assert items[0][0].getpixel((0, 0)) == (100, 0, 0)
