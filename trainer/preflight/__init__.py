@@ -1,0 +1,42 @@
+"""Preflight: every problem of a run, found in seconds before any model weights are loaded.
+
+``check(settings)`` is the one entry point for the CLI (``python -m trainer check``),
+the GUI (``deep=False`` on every edit: images are decoded only within a short time
+budget, results are cached, so it stays fast; ``deep=True`` before Start) and the
+trainer (before loading weights). It never raises on bad input: a check that
+crashes becomes an error naming that check.
+
+The checks live in one module per concern (dataset, model, optimizer, network,
+output, training, memory), registered by name in ``registry.CHECKS``.
+"""
+from __future__ import annotations
+
+from trainer.preflight.registry import CHECKS, CheckContext, run_checks
+from trainer.preflight.report import Problem, PreflightReport
+
+# Importing a concern module registers its checks, in this order.
+from trainer.preflight import dataset, model, network, optimizer, training, output, memory  # noqa: E402,F401
+
+__all__ = ["check", "CHECKS", "Problem", "PreflightReport"]
+
+
+def check(settings, *, deep: bool = True, checks=None, image_budget_s: float | None = None) -> PreflightReport:
+    """Run the checks (all, or the names in ``checks``) and return the report.
+
+    ``deep=False`` is the GUI's quick check: images are decoded only for 0.3 s per
+    call (the rest on later calls, cached) and ``.ckpt`` LoRA files are not opened;
+    ``image_budget_s`` changes that budget.
+    """
+    ctx = CheckContext(settings, deep=deep, image_budget_s=image_budget_s)
+    problems, _ = run_checks(ctx, checks)
+    report = PreflightReport(problems=problems, deep=deep, unverified_images=ctx.unverified_images)
+    report.plan = _safe(lambda: ctx.plan)
+    report.memory = _safe(lambda: ctx.memory)
+    return report
+
+
+def _safe(compute):
+    try:
+        return compute()
+    except Exception:  # already reported by the check that owns it
+        return None

@@ -1,0 +1,93 @@
+"""Which device a run will use and how much memory it has, without importing torch when possible.
+
+Order: if torch is already imported (the GUI, the trainer), ask it. Otherwise a
+CPU build of torch (``+cpu`` in its version) means CPU; else ``nvidia-smi`` gives
+the first GPU's memory in ~0.1 s. Anything else is treated as CPU, compared with
+system RAM via psutil.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    kind: str  # "cuda", "mps" or "cpu"
+    name: str
+    total_bytes: int | None
+    available_bytes: int | None  # free now (RAM that is not in use; VRAM not used by other processes)
+    source: str  # how we found out: "torch", "nvidia-smi", "psutil"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind != "cpu"
+
+    def describe(self) -> str:
+        total = f"{self.total_bytes / GIB:.1f} GiB" if self.total_bytes else "unknown size"
+        memory = "VRAM" if self.kind == "cuda" else "RAM"
+        return f"{self.name} ({total} {memory})"
+
+
+def probe_device() -> DeviceInfo:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return _from_torch(torch)
+    if _torch_is_cpu_build():
+        return _cpu()
+    return _from_nvidia_smi() or _cpu()
+
+
+def _from_torch(torch) -> DeviceInfo:
+    try:
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            free, total = torch.cuda.mem_get_info(0)
+            return DeviceInfo("cuda", props.name, int(total), int(free), "torch")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            cpu = _cpu()  # unified memory: the GPU shares system RAM
+            return DeviceInfo("mps", "Apple GPU (shared memory)", cpu.total_bytes, cpu.available_bytes, "torch")
+    except Exception:  # a broken CUDA install must not break the check
+        pass
+    return _cpu()
+
+
+def _torch_is_cpu_build() -> bool:
+    from importlib import metadata
+
+    try:
+        return "+cpu" in metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return True
+
+
+@lru_cache(maxsize=1)
+def _from_nvidia_smi() -> DeviceInfo | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout
+        name, total_mib, free_mib = (part.strip() for part in out.splitlines()[0].split(","))
+        return DeviceInfo("cuda", name, int(float(total_mib)) * 1024**2, int(float(free_mib)) * 1024**2, "nvidia-smi")
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _cpu() -> DeviceInfo:
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return DeviceInfo("cpu", "CPU", int(vm.total), int(vm.available), "psutil")
+    except ImportError:
+        return DeviceInfo("cpu", "CPU", None, None, "none")

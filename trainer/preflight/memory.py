@@ -1,0 +1,144 @@
+"""A simple, documented estimate of the memory a run needs at its peak (a training step).
+
+    peak = frozen weights + LoRA (weights, gradients, optimizer state)
+           + max(UNet activations, VAE encode) x 1.1 (allocator slack) + runtime
+
+* Frozen weights: UNet + text encoders + VAE of the family (``families.py``) at
+  2 bytes (fp16/bf16 mixed precision on a GPU) or 4 bytes (no mixed precision, or
+  CPU, where training runs in fp32). Cached latents move the VAE off the device;
+  cached text-encoder outputs (SDXL) move the text encoders off.
+* LoRA: rank x (sum of in + out over its targets) parameters for the parts that
+  are trained (UNet lr > 0, text encoder lr > 0), plus conv_dim x the conv sum for
+  LoCon; each parameter costs weight + gradient (4 + 4 bytes, 2 + 2 with full
+  fp16/bf16) + the optimizer's state (``optimizer_table.py``).
+* Activations: the family's GiB per 512x512 sample, times (width x height) / 512²,
+  times batch size, x2 in fp32, x0.45 with gradient checkpointing, x1.6 with
+  attention "none" (no memory-efficient kernel).
+* VAE encode (when latents are not cached): 0.6 GiB per 512x512 sample in half
+  precision, before the UNet runs, so only the larger of the two counts.
+* Runtime: CUDA context and kernels' workspaces (0.8 GiB), or Python + torch on CPU (0.6 GiB).
+
+It is meant to be right within about 30 %: enough to tell "fits" from "will run
+out of memory" and to say which setting matters most.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.preflight.device import GIB, DeviceInfo
+from trainer.preflight.families import FamilyTraits
+from trainer.preflight.optimizer_table import optimizer_facts
+from trainer.preflight.registry import CheckContext, preflight_check
+from trainer.preflight.report import Problem
+
+GRADIENT_CHECKPOINTING_FACTOR = 0.45
+PLAIN_ATTENTION_FACTOR = 1.6
+FP32_ACTIVATION_FACTOR = 2.0
+VAE_ENCODE_GIB_PER_SAMPLE = 0.6
+ALLOCATOR_SLACK = 1.1
+RUNTIME_GIB = {"cuda": 0.8, "mps": 0.8, "cpu": 0.6}
+REFERENCE_PIXELS = 512 * 512
+LOCON_TYPES = frozenset({"Kohya LoCon", "LyCORIS/LoCon"})
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    device: DeviceInfo
+    parts: dict[str, int]  # bytes: "base model", "LoRA + optimizer", "activations", "runtime"
+    precision: str  # "fp16", "bf16" or "fp32"
+    trainable_params: int
+    family_label: str
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def exceeds_device(self) -> bool:
+        return self.device.total_bytes is not None and self.total_bytes > self.device.total_bytes
+
+    def describe(self) -> str:
+        gib = lambda n: f"{n / GIB:.1f}"  # noqa: E731
+        memory = "VRAM" if self.device.kind == "cuda" else "memory"
+        parts = ", ".join(f"{name} {gib(size)}" for name, size in self.parts.items())
+        lines = [
+            f"about {gib(self.total_bytes)} GiB of {memory} at the peak of a step "
+            f"({self.family_label}, {self.precision}, {self.trainable_params / 1e6:.1f} M trainable parameters)",
+            f"parts in GiB: {parts}",
+            f"device: {self.device.describe()}",
+        ]
+        return "\n".join(lines + list(self.notes))
+
+
+def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> MemoryEstimate:
+    half = device.is_gpu and settings.mixed_precision in ("fp16", "bf16")
+    precision = settings.mixed_precision if half else "fp32"
+    weight_bytes = 2 if half else 4
+    width, height = settings.resolution
+    samples = max(1, settings.train_batch_size) * width * height / REFERENCE_PIXELS
+    latents_cached = settings.cache_latents and not (settings.color_aug or settings.random_crop)
+    te_cached = bool(family.te_output_cache_setting and getattr(settings, family.te_output_cache_setting, False))
+
+    base = family.unet_params * weight_bytes
+    base += 0 if te_cached else sum(family.text_encoder_params) * weight_bytes
+    vae_bytes = 4 if (not half or (family.fp16_vae_overflows and settings.sdxl_no_half_vae)) else 2
+    base += 0 if latents_cached else family.vae_params * vae_bytes
+
+    trainable = lora_parameter_count(settings, family, te_cached)
+    lora_weight_bytes = 2 if (settings.full_fp16 or settings.full_bf16) else 4
+    lora = trainable * (2 * lora_weight_bytes + optimizer_facts(settings.optimizer).state_bytes)
+
+    activations = family.activations_gib * GIB * samples
+    activations *= 1 if half else FP32_ACTIVATION_FACTOR
+    activations *= GRADIENT_CHECKPOINTING_FACTOR if settings.gradient_checkpointing else 1
+    activations *= PLAIN_ATTENTION_FACTOR if settings.xformers == "none" else 1
+    vae_encode = 0 if latents_cached else VAE_ENCODE_GIB_PER_SAMPLE * GIB * samples * (1 if half else 2)
+    parts = {
+        "base model": int(base),
+        "LoRA + optimizer": int(lora),
+        "activations": int(max(activations, vae_encode) * ALLOCATOR_SLACK),
+        "runtime": int(RUNTIME_GIB[device.kind] * GIB),
+    }
+    notes = ["rough estimate (about ±30 %); the real peak shows in the progress panel once training runs"]
+    if not device.is_gpu:
+        notes.append("on CPU training runs in fp32, so mixed precision does not apply")
+    return MemoryEstimate(device, parts, precision, trainable, family.label, tuple(notes))
+
+
+def lora_parameter_count(settings, family: FamilyTraits, te_cached: bool = False) -> int:
+    unet_lr, te_lr = settings.train_lrs()
+    count = 0
+    if unet_lr > 0:
+        count += settings.network_dim * family.unet_lora_per_rank
+        if settings.LoRA_type in LOCON_TYPES and settings.conv_dim > 0:
+            count += settings.conv_dim * family.unet_conv_per_rank
+    if te_lr > 0 and not te_cached:
+        count += settings.network_dim * family.text_encoder_lora_per_rank
+    return count
+
+
+@preflight_check("memory.estimate")
+def check_memory(ctx: CheckContext):
+    from trainer.safety import oom_advice
+
+    estimate = ctx.memory
+    device = estimate.device
+    need = estimate.total_bytes / GIB
+    if estimate.exceeds_device:
+        have = device.total_bytes / GIB
+        what = "the card's VRAM" if device.kind == "cuda" else "this computer's memory"
+        yield Problem(
+            "warning", None,
+            f"this run needs about {need:.1f} GiB, more than {what} ({have:.1f} GiB on {device.name}); "
+            "it will probably stop with out of memory",
+            fix=oom_advice(ctx.settings, short=True),
+        )
+    elif device.available_bytes is not None and estimate.total_bytes > device.available_bytes:
+        free = device.available_bytes / GIB
+        yield Problem(
+            "warning", None,
+            f"this run needs about {need:.1f} GiB but only {free:.1f} GiB is free on {device.name} right now; "
+            "other programs are using the rest",
+            fix="close other programs that use the GPU (or memory), or " + oom_advice(ctx.settings, short=True),
+        )

@@ -1,0 +1,138 @@
+"""What a preflight check found: problems with the field or file they concern, and how to fix them.
+
+A ``Problem`` is an error (training cannot start), a warning (it can, but you
+probably do not want it to) or a note (information, or an automatic adjustment
+that :meth:`PreflightReport.adjusted` applies for the run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Severity = Literal["error", "warning", "note"]
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "note")
+_HEADINGS = {"error": "Errors", "warning": "Warnings", "note": "Notes"}
+_INDENT = " " * 9
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: Severity
+    field: str | None
+    message: str
+    fix: str = ""
+    file: str | None = None
+    # Settings this problem changes for the run, as (key, new value) pairs; see PreflightReport.adjusted.
+    changes: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, not {self.severity!r}")
+
+    def subject(self) -> str:
+        """``train_data_dir (Image folder)``: the key and its GUI label, or the file, or "general"."""
+        if self.field:
+            return f"{self.field} ({_label(self.field)})"
+        return self.file or "general"
+
+    def format(self) -> str:
+        lines = [f"{self.severity:<8} {self.subject()}: {self.message}"]
+        if self.file and self.field and self.file not in self.message:
+            lines.append(f"{_INDENT}file: {self.file}")
+        if self.fix:
+            lines.append(f"{_INDENT}fix: {self.fix}")
+        if self.changes:
+            done = ", ".join(f"{key} = {value!r}" for key, value in self.changes)
+            lines.append(f"{_INDENT}adjusted for this run: {done}")
+        return "\n".join(lines)
+
+
+def _label(key: str) -> str:
+    from trainer.settings import is_setting, setting_info
+
+    return setting_info(key).label if is_setting(key) else key
+
+
+@dataclass
+class PreflightReport:
+    problems: list[Problem] = field(default_factory=list)
+    plan: Any = None  # trainer.data.plan.StepPlan, or None when the folders could not be planned
+    memory: Any = None  # trainer.preflight.memory.MemoryEstimate, or None
+    deep: bool = True
+    unverified_images: int = 0  # images not decoded yet (quick checks only)
+
+    @property
+    def ok(self) -> bool:
+        """True when training can start (warnings and notes allowed)."""
+        return not self.errors
+
+    @property
+    def errors(self) -> list[Problem]:
+        return self.by_severity("error")
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return self.by_severity("warning")
+
+    @property
+    def notes(self) -> list[Problem]:
+        return self.by_severity("note")
+
+    def by_severity(self, severity: Severity) -> list[Problem]:
+        return [p for p in self.problems if p.severity == severity]
+
+    def for_field(self, key: str) -> list[Problem]:
+        """Problems about one setting (the GUI shows them next to its widget)."""
+        return [p for p in self.problems if p.field == key]
+
+    def changes(self) -> dict[str, Any]:
+        """Every automatic adjustment as {key: value}; later problems win on the same key."""
+        merged: dict[str, Any] = {}
+        for problem in self.problems:
+            merged.update(problem.changes)
+        return merged
+
+    def adjusted(self, settings):
+        """``settings`` with the automatic adjustments applied (the ones the notes describe)."""
+        changes = self.changes()
+        if not changes:
+            return settings
+        return settings.model_copy(update=changes)
+
+    def summary(self) -> str:
+        counts = ", ".join(_count(len(self.by_severity(s)), s) for s in SEVERITIES)
+        verdict = "training can start" if self.ok else "training cannot start"
+        return f"Preflight: {counts}; {verdict}"
+
+    def format(self) -> str:
+        """The report for the CLI: errors, warnings, notes, then the step plan and the memory estimate."""
+        parts = [self.summary()]
+        for severity in SEVERITIES:
+            group = self.by_severity(severity)
+            if group:
+                parts.append(f"\n{_HEADINGS[severity]}:\n" + "\n".join(p.format() for p in group))
+        if self.unverified_images:
+            parts.append(
+                f"\n{_count(self.unverified_images, 'image')} not decoded yet (quick check); "
+                "the full check before Start decodes every image."
+            )
+        if self.plan is not None:
+            parts.append("\nStep plan:\n" + _indent(_plan_text(self.plan)))
+        if self.memory is not None:
+            parts.append("\nMemory estimate:\n" + _indent(self.memory.describe()))
+        return "\n".join(parts) + "\n"
+
+
+def _plan_text(plan) -> str:
+    lines = [plan.formula, *(line.describe() for line in plan.per_folder)]
+    if plan.buckets:
+        lines.append("buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in plan.buckets))
+    return "\n".join(lines)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
