@@ -1,0 +1,305 @@
+"""Runtime guards the training loop calls so that no failure loses work or leaves the user guessing.
+
+* :func:`atomic_write` — every save: temp file in the same folder, fsync, rename.
+  On any error (a full disk included) the temp file is removed, the previous file
+  stays as it was, and :class:`SaveError` says so and how much space is free.
+* :func:`is_out_of_memory` / :func:`oom_advice` — recognise an OOM and say what
+  to change, for these settings (only what is not already done).
+* :class:`NanGuard` — NaN/inf loss: skip the step or stop (``nan_loss_policy``),
+  with the step number and a hint.
+* :class:`BadImagePolicy` — an image that fails during training: skip it or stop
+  (``bad_image_policy``), naming the file.
+
+No torch import at module level: the GUI and preflight import this too.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+GIB = 1024**3
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+OPTIMIZERS_8BIT = ("adamw8bit", "pagedadamw8bit", "lion8bit", "pagedlion8bit", "sgdnesterov8bit", "adafactor")
+
+
+# ---- atomic saves ----------------------------------------------------------------------------
+
+class SaveError(OSError):
+    """A file could not be saved; the previous file at that path (if any) is unchanged."""
+
+    def __init__(self, message: str, *, path: str, previous_intact: bool, free_bytes: int | None, cause_errno: int | None):
+        super().__init__(cause_errno, message)
+        self.message = message
+        self.path = path
+        self.previous_intact = previous_intact
+        self.free_bytes = free_bytes
+        self.disk_full = cause_errno in DISK_FULL_ERRNOS
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space on the drive holding ``path`` (or its nearest existing parent)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> None:
+    """Save via ``write_fn(temp_path)``, then fsync and rename over ``path`` in one step.
+
+    Readers see the old file or the new one, never half a file. Raises SaveError.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:
+        if tmp is not None:
+            _remove_quietly(tmp)
+        raise _save_error(path, exc) from exc
+    _fsync_folder(folder)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def _save_error(path: str, exc: Exception) -> SaveError:
+    intact = os.path.exists(path)
+    kept = f"the previous {os.path.basename(path)} is intact" if intact else "no file was written"
+    free = free_bytes(path)
+    code = getattr(exc, "errno", None)
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    message = f"could not save {path}: {reason}; {kept}"
+    if code in DISK_FULL_ERRNOS:
+        space = f"{free / GIB:.2f} GiB free" if free is not None else "the drive is full"
+        message += f". The drive is full ({space}): free some space or choose an Output folder on another drive"
+    return SaveError(message, path=path, previous_intact=intact, free_bytes=free, cause_errno=code)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable where the OS allows it (not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# ---- out of memory ---------------------------------------------------------------------------
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS out of memory (torch.OutOfMemoryError or its RuntimeError text) or a CPU MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _native_side(settings) -> int:
+    from trainer.preflight.families import traits_for
+
+    return traits_for(settings).native_resolution
+
+
+# (applies to these settings?, what to change) in order of how much memory it saves.
+_OOM_RULES: tuple[tuple[Callable, Callable], ...] = (
+    (lambda s: s.train_batch_size > 1,
+     lambda s: f"lower Train batch size from {s.train_batch_size} to {max(1, s.train_batch_size // 2)} "
+               f"(raise Gradient accumulate steps to {s.gradient_accumulation_steps * 2} to keep the same effective batch)"),
+    (lambda s: not s.gradient_checkpointing, lambda s: "tick Gradient checkpointing (a large saving, about 20 % slower)"),
+    (lambda s: not s.cache_latents or s.color_aug or s.random_crop,
+     lambda s: "tick Cache latents" + (" (and untick Color augmentation / Random crop, which prevent it)"
+                                       if s.color_aug or s.random_crop else "")),
+    (lambda s: (s.optimizer or "").lower() not in OPTIMIZERS_8BIT,
+     lambda s: f"use the AdamW8bit optimizer instead of {s.optimizer} (its state takes a quarter of the memory)"),
+    (lambda s: s.mixed_precision == "no", lambda s: "set Mixed precision to bf16 (or fp16 on older GPUs)"),
+    (lambda s: max(s.resolution) > _native_side(s) * 3 // 4,
+     lambda s: f"lower Max resolution from {s.max_resolution} to "
+               f"{_lower_side(max(s.resolution))},{_lower_side(max(s.resolution))}"),
+    (lambda s: _te_cache_setting(s) and not getattr(s, _te_cache_setting(s)),
+     lambda s: "tick Cache text encoder outputs (the text encoders are then not trained)"),
+    (lambda s: s.network_dim > 32, lambda s: f"lower Network Rank from {s.network_dim} to 32"),
+    (lambda s: s.xformers == "none", lambda s: "set CrossAttention to sdpa"),
+)
+
+
+def _lower_side(side: int) -> int:
+    return max(256, (side * 3 // 4) // 64 * 64)
+
+
+def _te_cache_setting(settings) -> str | None:
+    from trainer.preflight.families import traits_for
+
+    return traits_for(settings).te_output_cache_setting
+
+
+def oom_suggestions(settings) -> list[str]:
+    """What to change to use less memory, for these settings, most effective first."""
+    return [advice(settings) for applies, advice in _OOM_RULES if applies(settings)]
+
+
+def oom_advice(settings, *, short: bool = False) -> str:
+    """The message for an out-of-memory stop: what to change, numbered; ``short`` gives the top 3 on one line."""
+    suggestions = oom_suggestions(settings)
+    if not suggestions:
+        return "every memory-saving setting is already on; use a GPU with more memory, or a smaller model"
+    if short:
+        return "; ".join(suggestions[:3])
+    numbered = "\n".join(f"  {i}. {text}" for i, text in enumerate(suggestions, 1))
+    return f"To use less memory, change (most effective first):\n{numbered}"
+
+
+# ---- NaN / infinite loss ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossDecision:
+    action: str  # "ok", "skip" (drop this step's update) or "stop"
+    message: str = ""
+
+
+class NanGuard:
+    """Decides what to do with each step's loss. ``policy``: "stop" or "skip" (setting nan_loss_policy).
+
+    With "skip", a bad step is dropped (no optimizer step) and the run goes on;
+    after ``max_consecutive`` bad steps in a row it stops anyway.
+    """
+
+    def __init__(self, policy: str = "stop", max_consecutive: int = 10, settings=None) -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"nan_loss_policy must be 'stop' or 'skip', not {policy!r}")
+        self.policy = policy
+        self.max_consecutive = max_consecutive
+        self.settings = settings
+        self.consecutive = 0
+        self.skipped_steps: list[int] = []
+
+    def check(self, loss, step: int) -> LossDecision:
+        value = float(loss)  # works for floats and 0-d tensors
+        if math.isfinite(value):
+            self.consecutive = 0
+            return LossDecision("ok")
+        self.consecutive += 1
+        what = "NaN" if math.isnan(value) else "infinite"
+        if self.policy == "skip" and self.consecutive < self.max_consecutive:
+            self.skipped_steps.append(step)
+            return LossDecision("skip", f"step {step}: the loss is {what}; this step is skipped "
+                                        f"({self.consecutive} in a row, stopping at {self.max_consecutive})")
+        in_a_row = f" ({self.consecutive} steps in a row)" if self.consecutive > 1 else ""
+        return LossDecision("stop", f"step {step}: the loss is {what}{in_a_row}; training stopped. {self.hint()}")
+
+    def hint(self) -> str:
+        return nan_hint(self.settings)
+
+
+def nan_hint(settings) -> str:
+    """What usually causes NaN loss, for these settings."""
+    if settings is None:
+        return "Try a lower learning rate, alpha at most the rank, or bf16 instead of fp16."
+    hints = []
+    unet_lr, te_lr = settings.train_lrs()
+    if max(unet_lr, te_lr) > 5e-4 and (settings.optimizer or "").lower() not in _ADAPTIVE_NAMES:
+        hints.append(f"lower the learning rate (now {max(unet_lr, te_lr):g}; try 1e-4)")
+    if settings.network_alpha > settings.network_dim:
+        hints.append(f"set Network Alpha ({settings.network_alpha:g}) to at most the rank ({settings.network_dim})")
+    if settings.mixed_precision == "fp16":
+        hints.append("use Mixed precision bf16 instead of fp16 (fp16 overflows)")
+    if settings.full_fp16:
+        hints.append("untick Full fp16 training")
+    if _vae_overflows(settings) and settings.mixed_precision == "fp16" and not settings.sdxl_no_half_vae:
+        hints.append("tick No half VAE (the SDXL VAE gives NaN in fp16)")
+    if not hints:
+        hints.append("check the images (a corrupt or all-black image can cause it) and try a lower learning rate")
+    return "To fix: " + "; ".join(hints) + "."
+
+
+_ADAPTIVE_NAMES = {"prodigy", "dadaptation", "dadaptadam", "dadaptadampreprint", "dadaptadagrad", "dadaptadan",
+                   "dadaptadanip", "dadaptlion", "dadaptsgd"}
+
+
+def _vae_overflows(settings) -> bool:
+    from trainer.preflight.families import traits_for
+
+    return traits_for(settings).fp16_vae_overflows
+
+
+# ---- bad images during training --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageDecision:
+    action: str  # "skip" or "stop"
+    message: str
+
+
+@dataclass
+class BadImagePolicy:
+    """What to do when an image fails while training (``bad_image_policy``: "stop" or "skip").
+
+    ``handle`` returns the decision and its message naming the file; with "skip"
+    the image is remembered (``skipped``) and left out from then on (``should_skip``).
+    """
+
+    policy: str = "stop"
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("stop", "skip"):
+            raise ValueError(f"bad_image_policy must be 'stop' or 'skip', not {self.policy!r}")
+
+    def handle(self, path, reason: str | BaseException) -> ImageDecision:
+        path = str(getattr(reason, "path", None) or path)
+        why = getattr(reason, "reason", None) or str(reason)
+        if self.policy == "skip":
+            self.skipped[path] = why
+            return ImageDecision("skip", f"{path}: {why}; the image is left out and training goes on "
+                                         f"({len(self.skipped)} image(s) left out so far)")
+        return ImageDecision("stop", f"{path}: {why}; training stopped. Delete or re-save this image, "
+                                     "or set On unreadable image to skip to leave such images out")
+
+    def should_skip(self, path) -> bool:
+        return str(path) in self.skipped
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return ""
+        names = ", ".join(Path(p).name for p in list(self.skipped)[:10])
+        return f"{len(self.skipped)} unreadable image(s) were left out: {names}"
