@@ -18,6 +18,16 @@ SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.floa
 FILE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; saved files get the mode a plain open() would give them
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 class SaveError(OSError):
     """A file could not be written; the previous file at that path is unchanged."""
 
@@ -33,6 +43,18 @@ def step_file_name(output_name: str, step: int, ext: str) -> str:
 
 def final_file_name(output_name: str, ext: str) -> str:
     return f"{output_name}{ext}"
+
+
+def epoch_state_name(output_name: str, epoch: int) -> str:
+    return f"{output_name}-{epoch:06d}-state"
+
+
+def step_state_name(output_name: str, step: int) -> str:
+    return f"{output_name}-step{step:08d}-state"
+
+
+def final_state_name(output_name: str) -> str:
+    return f"{output_name}-state"
 
 
 def epoch_to_remove(epoch: int, every_n_epochs: int, keep_last_n: int) -> int | None:
@@ -67,6 +89,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
         _remove_quietly(tmp)
@@ -135,3 +158,75 @@ def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
         atomic_write_bytes(path, buffer.getvalue())
+
+
+# -- what a run writes, and when ---------------------------------------------------------------
+class RunOutputs:
+    """Writes a run's LoRA files under sd-scripts' names and keeps the last-N windows.
+
+    ``tensors(dtype)`` gives the LoRA state dict, ``metadata(step, epoch)`` its metadata;
+    ``on_saved(path, kind, step, epoch)`` is told about every file written.
+    """
+
+    def __init__(self, settings, tensors, metadata, on_saved) -> None:
+        self.folder = settings.output_dir or "."
+        self.name = settings.output_name
+        self.ext = FILE_EXTENSIONS.get(settings.save_model_as, ".safetensors")
+        self.dtype = SAVE_DTYPES.get(settings.save_precision)
+        self.every_n_epochs = int(settings.save_every_n_epochs or 0)
+        self.last_n_epochs = int(settings.save_last_n_epochs or 0)
+        self.every_n_steps = int(settings.save_every_n_steps or 0)
+        self.last_n_steps = int(getattr(settings, "save_last_n_steps", 0) or 0)
+        # sd-scripts: state folders follow save_last_n_epochs unless save_last_n_epochs_state is set
+        self.last_n_epoch_states = int(getattr(settings, "save_last_n_epochs_state", 0) or self.last_n_epochs)
+        self.tensors, self.metadata, self.on_saved = tensors, metadata, on_saved
+        self.files: list[str] = []
+
+    def path(self, file_name: str) -> str:
+        return os.path.join(self.folder, file_name)
+
+    def epoch_due(self, epoch: int, total_epochs: int) -> bool:
+        """sd-scripts: every N epochs, but not the last one (that is the final file)."""
+        return self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and epoch < total_epochs
+
+    def step_due(self, step: int, total_steps: int) -> bool:
+        return self.every_n_steps > 0 and step % self.every_n_steps == 0 and step < total_steps
+
+    def save(self, kind: str, step: int, epoch: int) -> str:
+        """kind: "epoch", "step", "stopped" (step-named) or "final"."""
+        names = {
+            "epoch": lambda: epoch_file_name(self.name, epoch, self.ext),
+            "step": lambda: step_file_name(self.name, step, self.ext),
+            "stopped": lambda: step_file_name(self.name, step, self.ext),
+            "final": lambda: final_file_name(self.name, self.ext),
+        }
+        path = self.path(names[kind]())
+        save_lora_file(path, self.tensors(self.dtype), self.metadata(step, epoch))
+        if path not in self.files:
+            self.files.append(path)
+        self.on_saved(path, kind, step, epoch)
+        self._drop_old(kind, step, epoch)
+        return path
+
+    def _drop_old(self, kind: str, step: int, epoch: int) -> None:
+        old = None
+        if kind == "epoch":
+            number = epoch_to_remove(epoch, self.every_n_epochs, self.last_n_epochs)
+            old = number and self.path(epoch_file_name(self.name, number, self.ext))
+        elif kind == "step":
+            number = step_to_remove(step, self.every_n_steps, self.last_n_steps)
+            old = number and self.path(step_file_name(self.name, number, self.ext))
+        if old and os.path.exists(old):
+            os.remove(old)
+            if old in self.files:
+                self.files.remove(old)
+
+    def drop_old_epoch_state(self, epoch: int) -> None:
+        number = epoch_to_remove(epoch, self.every_n_epochs, self.last_n_epoch_states)
+        folder = number and self.path(epoch_state_name(self.name, number))
+        if folder and os.path.isdir(folder):
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder in self.files:
+                self.files.remove(folder)

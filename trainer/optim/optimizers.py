@@ -118,8 +118,8 @@ def _apply_rules(plan: OptimizerPlan, kind: OptimizerKind | None, settings: Any,
     name = plan.name.lower()
     if name == "adafactor":
         _adafactor_rules(plan, settings)
-    if name == "adamw" and device_type in ("cuda", "cpu") and not {"fused", "foreach"} & set(plan.kwargs):
-        plan.kwargs["fused"] = True  # one kernel for all parameters instead of a loop
+    if name == "adamw" and device_type == "cuda" and not {"fused", "foreach"} & set(plan.kwargs):
+        plan.kwargs["fused"] = True  # one kernel for all parameters (on CPU foreach is faster)
     if kind is not None and kind.adaptive_lr:
         plan.same_group_lr = True
     if kind is not None and kind.adaptive_lr and plan.lr is not None and plan.lr <= 0.1:

@@ -1,0 +1,152 @@
+"""Stable Diffusion 1.x and 2.x (epsilon or v-prediction): one CLIP text encoder, diffusers UNet."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.families.base import LogFn
+from trainer.families.clip_text import encode_chunks, tokenize_chunks
+from trainer.families.registry import register
+from trainer.network.metadata import VersionInfo
+from trainer.network.targets import CLIP_CLASSES, UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoraTarget, Role
+
+
+class StableDiffusionFamily:
+    key = "sd"
+    latent_scale = 0.18215
+    cache_suffix = "sd"
+    v2 = False
+
+    def __init__(self, settings: Any) -> None:
+        self.v_prediction = bool(settings.v_parameterization)
+        self.unet = self.vae = self.tokenizer = None
+        self.text_encoders: tuple = ()
+        self._fingerprint = ""
+
+    # -- loading ------------------------------------------------------------------------
+    def load(self, settings: Any, base_dtype: torch.dtype, device: torch.device, log: LogFn) -> None:
+        from trainer.checkpoints import load_pipeline_components
+
+        parts = load_pipeline_components(
+            settings.pretrained_model_name_or_path, family_hint=self.key, dtype=base_dtype,
+            v_parameterization=self.v_prediction,
+        )
+        said = parts.info.v_parameterization
+        if said is not None and said != self.v_prediction:
+            wanted, found = ("v-prediction", "epsilon") if self.v_prediction else ("epsilon", "v-prediction")
+            log(f"v_parameterization says {wanted} but the model's scheduler says {found}; training {wanted} "
+                "as the settings say (tick or untick v_parameterization if that is wrong)", "warning")
+        self.unet, self.vae, self.tokenizer = parts.unet, parts.vae, parts.tokenizer
+        self.text_encoders = (parts.text_encoder,)
+        if settings.vae:
+            self.vae = _load_vae(settings.vae, parts.config_dir, base_dtype)
+        for model in (self.unet, self.vae, *self.text_encoders):
+            model.requires_grad_(False)
+            model.eval()
+            model.to(device)
+        self._fingerprint = f"{_file_identity(settings.vae or settings.pretrained_model_name_or_path)}|{base_dtype}"
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def lora_targets(self) -> list[LoraTarget]:
+        return [
+            # transformers 5 CLIP has no ``text_model`` module level; sd-scripts' keys carry it
+            LoraTarget("lora_te", self.text_encoders[0], CLIP_CLASSES, Role.TEXT_ENCODER,
+                       path_prefix="" if hasattr(self.text_encoders[0], "text_model") else "text_model."),
+            LoraTarget("lora_unet", self.unet, UNET_ATTENTION_CLASSES, Role.UNET, UNET_CONV_CLASSES),
+        ]
+
+    def version_metadata(self) -> VersionInfo:
+        base = "sd_v2" if self.v2 else "sd_v1"
+        if self.v2:
+            architecture = "stable-diffusion-v2-768-v" if self.v_prediction else "stable-diffusion-v2-512"
+        else:
+            architecture = "stable-diffusion-v1"
+        return VersionInfo(
+            base_model_version=base + ("_v" if self.v_prediction else ""),
+            v2=self.v2,
+            architecture=architecture,
+            implementation="diffusers",
+            prediction_type="v" if self.v_prediction else "epsilon",
+        )
+
+    # -- text -----------------------------------------------------------------------------
+    def tokenize(self, captions: list[str], max_token_length: int) -> torch.Tensor:
+        return tokenize_chunks(self.tokenizer, captions, max_token_length)
+
+    def encode_prompt(self, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        encoder = self.text_encoders[0]
+        return encode_chunks(encoder, tokens.to(encoder.device), clip_skip)
+
+    def select_prompt(self, cond: torch.Tensor, index: int) -> torch.Tensor:
+        return cond[index]
+
+    def stack_prompts(self, conds: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(conds)
+
+    # -- images and the UNet ---------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+            return dist.sample(generator=generator)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, batch: Any) -> torch.Tensor:
+        return self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
+
+    def set_attention(self, backend: str, log: LogFn) -> None:
+        if backend == "xformers":
+            try:
+                self.unet.enable_xformers_memory_efficient_attention()
+                return
+            except Exception as exc:  # not installed, or no CUDA kernel for this device/dtype
+                log(f"xformers is not usable here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "using PyTorch SDPA attention instead", "warning")
+        elif backend == "none":
+            log("CrossAttention 'none': using PyTorch SDPA attention, the standard attention of PyTorch 2", "info")
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.unet.set_attn_processor(AttnProcessor2_0())
+
+    def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
+        self.unet.enable_gradient_checkpointing()
+        if text_encoders:
+            for encoder in self.text_encoders:
+                encoder.gradient_checkpointing_enable()
+                encoder.train()  # transformers checkpoints only in train mode (dropouts are 0 in CLIP)
+
+    def release_vae(self) -> None:
+        self.vae.to("cpu")
+
+
+@register("sd1")
+class SD1Family(StableDiffusionFamily):
+    v2 = False
+
+
+@register("sd2")
+class SD2Family(StableDiffusionFamily):
+    v2 = True
+
+
+def _load_vae(path: str, config_dir: Path, dtype: torch.dtype):
+    """A separate VAE: a diffusers VAE folder or a single .safetensors/.ckpt file."""
+    from diffusers import AutoencoderKL
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"VAE not found: {path}")
+    if os.path.isdir(path):
+        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    return AutoencoderKL.from_single_file(path, config=str(config_dir), subfolder="vae", torch_dtype=dtype,
+                                          local_files_only=True)
+
+
+def _file_identity(path: str) -> str:
+    try:
+        stat = os.stat(path)
+        return f"{os.path.abspath(path)}:{stat.st_mtime_ns}:{stat.st_size}"
+    except OSError:
+        return str(path)

@@ -1,0 +1,58 @@
+"""The network of a run: which roles get LoRA, ranks from settings or a weights file."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .network import LoRANetwork, NetworkConfigError, NetworkSpec
+from .targets import Role
+from .weights import ranks_and_alphas, read_lora_file
+
+
+def learning_rates(settings: Any) -> dict[Role, float]:
+    """kohya_ss: a role whose lr is 0 is not trained (and absent from the file); both 0 means
+    both use the single Learning rate (``settings.train_lrs()``)."""
+    unet_lr, te_lr = settings.train_lrs()
+    return {Role.UNET: float(unet_lr or 0.0), Role.TEXT_ENCODER: float(te_lr or 0.0)}
+
+
+def build_network(settings: Any, family: Any, lrs: dict[Role, float], log) -> LoRANetwork:
+    spec = NetworkSpec.from_settings(settings)
+    weights = None
+    if settings.network_weights:
+        weights = read_lora_file(settings.network_weights)
+        if settings.dim_from_weights:
+            ranks, alphas = ranks_and_alphas(weights)
+            spec = replace(spec, module_ranks=ranks, module_alphas=alphas)
+    targets = [t for t in family.lora_targets() if lrs.get(t.role, 0.0) > 0]
+    if not targets:
+        raise NetworkConfigError("every learning rate is 0: nothing to train", "learning_rate")
+    network = LoRANetwork.build(targets, spec)
+    if not network.lora_modules():
+        raise NetworkConfigError(f"{settings.network_weights} has no module for this model", "network_weights")
+    if weights is not None:
+        _load_weights(network, weights, settings.network_weights, log)
+    return network
+
+
+def _load_weights(network: LoRANetwork, weights: dict, path: str, log) -> None:
+    missing, unexpected = network.load_lora_state_dict(weights)
+    loaded = len(network.lora_modules()) - len({k.split(".")[0] for k in missing})
+    log(f"continuing from {path}: {loaded} of {len(network.lora_modules())} LoRA modules loaded", "info")
+    if missing:
+        log(f"{len({k.split('.')[0] for k in missing})} modules are not in the weights file and start fresh", "warning")
+    if unexpected:
+        log(f"{len({k.split('.')[0] for k in unexpected})} modules of the weights file are not trained in this run "
+            "(e.g. text encoder keys with text encoder lr 0) and are left out", "warning")
+
+
+def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
+    """``ss_network_args`` as kohya_ss passes them to sd-scripts (only the ones in use)."""
+    args = {}
+    if spec.conv_rank:
+        args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))
+    if spec.rank_dropout:
+        args["rank_dropout"] = str(spec.rank_dropout)
+    if spec.module_dropout:
+        args["module_dropout"] = str(spec.module_dropout)
+    return args
