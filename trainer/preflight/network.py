@@ -32,7 +32,7 @@ def check_rank_alpha(ctx: CheckContext):
     for alpha_key, alpha, rank_key, rank in pairs:
         if alpha > rank:
             yield Problem("warning", alpha_key, f"alpha ({alpha:g}) is greater than the rank ({rank}): the LoRA's updates "
-                          f"are multiplied by {alpha / rank:g}, which acts like a {alpha / rank:g}x higher learning rate",
+                          f"are multiplied by {alpha / rank:g}, which acts like a learning rate {alpha / rank:g} times higher",
                           fix=f"use an alpha of at most the rank (e.g. {max(1, rank // 2)} or {rank}), or lower the learning rate")
         elif alpha == 0:
             yield Problem("note", alpha_key, f"alpha 0 means alpha = rank ({rank}), i.e. no scaling (sd-scripts' rule)")

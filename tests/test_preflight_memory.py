@@ -1,0 +1,99 @@
+"""The memory estimate: sensible figures per family, the effect of each setting, and the warning."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from test_preflight_support import big_cpu, gpu, problems, settings
+from trainer.preflight import check
+from trainer.preflight import device as device_module
+from trainer.preflight.device import GIB, probe_device
+from trainer.preflight.families import FAMILIES
+from trainer.preflight.memory import estimate_memory
+from trainer.settings import TrainingSettings
+
+
+def gib(settings_, family="sd1", device=None):
+    return estimate_memory(settings_, FAMILIES[family], device or gpu(24)).total_bytes / GIB
+
+
+def test_public_reference_points_are_in_range():
+    # SD1.5 LoRA at 512 px, batch 1, fp16, AdamW8bit, cached latents: about 4-7 GB on real cards.
+    sd15 = TrainingSettings(max_resolution="512,512", mixed_precision="fp16", optimizer="AdamW8bit", network_dim=32)
+    assert 3.5 < gib(sd15) < 7.5
+    # SDXL at 1024 px, batch 1, bf16, Adafactor, no checkpointing: about 19 GB (sd-scripts #756).
+    sdxl = TrainingSettings(sdxl=True, max_resolution="1024,1024", mixed_precision="bf16", optimizer="Adafactor", network_dim=32)
+    assert 15 < gib(sdxl, "sdxl") < 24
+    # ... and with gradient checkpointing and cached text-encoder outputs it fits a 12 GB card.
+    low = sdxl.model_copy(update={"gradient_checkpointing": True, "sdxl_cache_text_encoder_outputs": True})
+    assert gib(low, "sdxl") < 12
+
+
+def test_each_setting_moves_the_estimate_the_right_way():
+    base = TrainingSettings(max_resolution="512,512", mixed_precision="fp16", optimizer="AdamW", cache_latents=True)
+    more = {
+        "train_batch_size": 2, "max_resolution": "768,768", "mixed_precision": "no", "network_dim": 128,
+        "cache_latents": False, "xformers": "none",
+    }
+    less = {"gradient_checkpointing": True, "optimizer": "AdamW8bit", "text_encoder_lr": 0}
+    for key, value in more.items():
+        assert gib(base.model_copy(update={key: value})) > gib(base), key
+    for key, value in less.items():
+        assert gib(base.model_copy(update={key: value})) < gib(base), key
+    assert gib(base, "sdxl") > gib(base, "sd2") > gib(base, "sd1")
+
+
+def test_cpu_runs_in_fp32_and_locon_adds_conv_parameters():
+    s = TrainingSettings(mixed_precision="fp16")
+    cpu = estimate_memory(s, FAMILIES["sd1"], big_cpu())
+    assert cpu.precision == "fp32" and cpu.total_bytes > estimate_memory(s, FAMILIES["sd1"], gpu(24)).total_bytes
+    locon = s.model_copy(update={"LoRA_type": "Kohya LoCon", "conv_dim": 8})
+    assert estimate_memory(locon, FAMILIES["sd1"], gpu(24)).trainable_params > cpu.trainable_params
+
+
+def test_lora_size_matches_a_real_dim_32_file():
+    # A kohya dim-32 SD1.5 LoRA (UNet + text encoder) is about 37.9 MB in fp16.
+    estimate = estimate_memory(TrainingSettings(network_dim=32), FAMILIES["sd1"], gpu(24))
+    assert 36e6 < estimate.trainable_params * 2 < 40e6
+
+
+def test_warning_when_the_run_does_not_fit_the_card(tmp_path, tiny_sdxl_file, monkeypatch):
+    monkeypatch.setattr(device_module, "probe_device", lambda: gpu(8, "Small GPU"))
+    s = settings(tmp_path, tiny_sdxl_file, sdxl=True, max_resolution="1024,1024", max_bucket_reso=2048,
+                 mixed_precision="bf16", gradient_checkpointing=False)
+    report = check(s)
+    [warning] = [p for p in report.warnings if "Small GPU" in p.message]
+    assert "8.0 GiB" in warning.message and "Gradient checkpointing" in warning.fix
+    assert report.memory.exceeds_device and "Small GPU" in report.memory.describe()
+    monkeypatch.setattr(device_module, "probe_device", lambda: gpu(80, "Big GPU"))
+    assert not [p for p in check(s).warnings if "GiB" in p.message]
+
+
+def test_warning_when_other_programs_use_the_memory(tmp_path, tiny_sd1_file, monkeypatch):
+    busy = device_module.DeviceInfo("cuda", "Busy GPU", 24 * GIB, 1 * GIB, "test")
+    monkeypatch.setattr(device_module, "probe_device", lambda: busy)
+    report = check(settings(tmp_path, tiny_sd1_file, max_resolution="512,512", max_bucket_reso=1024))
+    assert any("only 1.0 GiB is free" in p.message for p in report.warnings)
+
+
+def test_probe_device_without_gpu_reports_system_memory():
+    info = probe_device()
+    if info.kind == "cpu":
+        import psutil
+
+        assert info.total_bytes == psutil.virtual_memory().total
+    assert info.describe()
+
+
+def test_probe_uses_a_cpu_torch_build_without_importing_torch(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(device_module, "_torch_is_cpu_build", lambda: True)
+    assert probe_device().kind == "cpu" and "torch" not in sys.modules
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_figures_are_consistent(family):
+    traits = FAMILIES[family]
+    assert traits.unet_params > 8e8 and traits.vae_params > 8e7
+    assert traits.unet_lora_per_rank > traits.text_encoder_lora_per_rank / 2
