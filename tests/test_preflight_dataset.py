@@ -188,3 +188,13 @@ def test_cached_verdict_is_refreshed_when_the_file_changes(tmp_path, model):
     assert any(p.file == str(victim) for p in check(s).errors)
     victim.write_bytes(data)
     assert check(s).ok
+
+
+def test_verdicts_persist_across_processes(tmp_path, model, monkeypatch):
+    s = settings(tmp_path, model)
+    image_check.clear_cache(disk=True)
+    assert check(s).ok
+    image_check.clear_cache()  # a new process: memory empty, the saved file remains
+    image_check._disk_loaded = False
+    monkeypatch.setattr(image_check, "decode_problem", lambda path: pytest.fail(f"decoded {path} again"))
+    assert check(s).ok

@@ -2,12 +2,15 @@
 
 The folder scan reads headers only; a truncated or corrupt file can have a fine
 header and fail half-way through decoding, minutes into a run. Here each image is
-fully decoded (JPEGs at reduced DCT scale, which still reads the whole stream).
-Verdicts are cached by (path, modification time, size), so the GUI's check on
-every edit only decodes new or changed files, within a time budget.
+fully decoded (JPEGs at reduced DCT scale, which still reads the whole stream;
+PNGs by checking every chunk's CRC, which catches truncation and bit rot).
+Verdicts are cached by (path, modification time, size), in memory and in
+Nekoya's cache folder, so the GUI's check on every edit and the next CLI check
+only decode new or changed files (the GUI's within a time budget).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,8 @@ from typing import Iterable
 _verdicts: dict[tuple[str, int, int], str | None] = {}
 _CACHE_LIMIT = 200_000
 _CHUNK = 32  # images decoded between two looks at the clock
+_CACHE_FILE_VERSION = 1
+_disk_loaded = False
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,20 @@ class Verification:
     unverified: int  # not decoded within the time budget
 
 
+# Formats whose every chunk carries a CRC: verify() reads the whole file and checks them
+# without inflating the pixels (a few ms instead of ~70 ms for a 1024 px PNG).
+_CHECKSUMMED_FORMATS = {"PNG"}
+
+
 def decode_problem(path: Path) -> str | None:
-    """None when the image decodes completely, else the reason."""
+    """None when the image decodes completely (or all its checksums match), else the reason."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            if image.format in _CHECKSUMMED_FORMATS:
+                image.verify()
+                return None
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
@@ -53,6 +66,7 @@ def _cache_key(path: Path) -> tuple[str, int, int] | None:
 
 def verify_images(paths: Iterable[Path], budget_s: float | None = None) -> Verification:
     """Decode each image not already verified; stop starting new ones after ``budget_s`` seconds."""
+    _load_disk_cache()
     bad: dict[Path, str] = {}
     pending: list[tuple[Path, tuple[str, int, int]]] = []
     for path in paths:
@@ -74,6 +88,8 @@ def verify_images(paths: Iterable[Path], budget_s: float | None = None) -> Verif
                 if verdict is not None:
                     bad[path] = verdict
             done += len(chunk)
+    if done:
+        _save_disk_cache()
     return Verification(bad, len(pending) - done)
 
 
@@ -83,5 +99,43 @@ def _remember(key: tuple[str, int, int], verdict: str | None) -> None:
     _verdicts[key] = verdict
 
 
-def clear_cache() -> None:
+def clear_cache(*, disk: bool = False) -> None:
+    """Forget the verdicts in memory (and, with ``disk``, the saved ones)."""
+    global _disk_loaded
     _verdicts.clear()
+    _disk_loaded = not disk
+    if disk:
+        try:
+            _cache_file().unlink()
+        except OSError:
+            pass
+
+
+def _cache_file() -> Path:
+    from trainer.checkpoints.shipped import cache_root
+
+    return cache_root() / "preflight" / "image_verdicts.json"
+
+
+def _load_disk_cache() -> None:
+    global _disk_loaded
+    if _disk_loaded:
+        return
+    _disk_loaded = True
+    try:
+        data = json.loads(_cache_file().read_text(encoding="utf-8"))
+        if data.get("version") == _CACHE_FILE_VERSION:
+            for path, mtime_ns, size, verdict in data["verdicts"]:
+                _verdicts.setdefault((path, mtime_ns, size), verdict)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no cache yet, or an unreadable one: decode again
+
+
+def _save_disk_cache() -> None:
+    from trainer.safety import SaveError, atomic_write_text
+
+    rows = [[*key, verdict] for key, verdict in _verdicts.items()]
+    try:
+        atomic_write_text(_cache_file(), json.dumps({"version": _CACHE_FILE_VERSION, "verdicts": rows}))
+    except SaveError:
+        pass  # a read-only cache folder only costs speed
