@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from test_preflight_support import big_cpu, gpu, problems, settings
+from test_preflight_support import big_cpu, gpu, settings
 from trainer.preflight import check
 from trainer.preflight import device as device_module
 from trainer.preflight.device import GIB, probe_device
