@@ -54,9 +54,10 @@ def train(settings: Any, sink: ev.EventSink = ev.ignore, control: Control | None
         run.setup()
         return run.train()
     except Exception as exc:  # every failure ends as one Error event and a "failed" result
-        message, field, hint = _describe(exc)
+        message, field, hint = _describe(exc, settings)
         if not isinstance(exc, _EXPECTED_ERRORS):
             sink(ev.Log("".join(traceback.format_exception(exc)), "warning"))
+        run.save_what_exists()
         sink(ev.Error(message, field, hint))
         return TrainResult("failed", run.step, tuple(run.files), message, field)
     finally:
@@ -70,7 +71,6 @@ class _Run:
         self.step = 0
         self.files: list[str] = []
         self.log_writer = None
-        self._bad_losses = 0  # non-finite losses in a row
         self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nekoya-hash")
 
     def log(self, message: str, level: str = "info") -> None:
@@ -188,8 +188,11 @@ class _Run:
         """Dataset (with latents cached when possible) and the caption encoder."""
         from trainer.data.dataset import DatasetConfig, TrainingDataset
         from trainer.families.prompts import PromptEncoder
+        from trainer.safety import BadImagePolicy, NanGuard
 
         s = self.settings
+        self.image_policy = BadImagePolicy(s.bad_image_policy)
+        self.nan_guard = NanGuard(s.nan_loss_policy, settings=s)
         config = replace(DatasetConfig.from_settings(s, skip_bad_images=s.bad_image_policy == "skip"), seed=self.seed)
         cache = self._latent_cache() if (s.cache_latents or s.cache_latents_to_disk) else None
         self.dataset = TrainingDataset(self.plan.entries, config, latents=cache, on_bad_image=self._bad_image)
@@ -222,9 +225,10 @@ class _Run:
         return cache
 
     def _bad_image(self, error) -> None:
-        self.log(f"unreadable image skipped: {error}", "warning")
-        if self.settings.bad_image_policy != "skip":
-            raise TrainingError(str(error), "bad_image_policy", "fix or remove the image, or choose 'skip'")
+        decision = self.image_policy.handle(error.path, error)
+        if decision.action == "stop":
+            raise TrainingError(decision.message, "bad_image_policy")
+        self.log(decision.message, "warning")
 
     def _prepare_outputs(self) -> None:
         from trainer.network.build import network_args
@@ -348,18 +352,16 @@ class _Run:
         return noise, sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, self.generator, self.device)
 
     def _bad_loss(self, value: float) -> float:
-        self._bad_losses += 1
-        if self.settings.nan_loss_policy == "skip" and self._bad_losses <= 10:
-            self.log(f"step {self.step + 1}: loss is {value}; step skipped", "warning")
-            self.stepper.optimizer.zero_grad(set_to_none=True)
-            return float("nan")
-        raise TrainingError(f"the loss became {value} at step {self.step + 1}", "learning_rate",
-                            "lower the learning rate, use bf16 or fp32, or an fp32 VAE (no_half_vae)")
+        decision = self.nan_guard.check(value, self.step + 1)
+        if decision.action == "stop":
+            raise TrainingError(decision.message, "nan_loss_policy")
+        self.log(decision.message, "warning")
+        self.stepper.optimizer.zero_grad(set_to_none=True)  # drop this update
+        return float("nan")
 
     def _optimizer_step(self, loss: float) -> None:
         if not _finite(loss):
             return  # a skipped NaN step
-        self._bad_losses = 0
         self.stepper.step()
         if self.settings.scale_weight_norms:
             self.network.apply_max_norm(float(self.settings.scale_weight_norms))
@@ -405,6 +407,15 @@ class _Run:
         self.sink(ev.Stopped(self.step, tuple(self.files)))
         return TrainResult("stopped", self.step, tuple(self.files))
 
+    def save_what_exists(self) -> None:
+        """After a failure mid-run (NaN stop, out of memory...): keep the trained steps. Never raises."""
+        if self.step == 0 or getattr(self, "outputs", None) is None:
+            return
+        try:
+            self.outputs.save("stopped", self.step, self.epoch)
+        except Exception as exc:  # the failure being reported matters more than this one
+            self.log(f"could not save the LoRA after the failure: {exc}", "warning")
+
     def _save_state(self, folder: str, next_epoch: bool = False) -> None:
         from trainer.state import Position, rng_state, save_state
 
@@ -448,13 +459,14 @@ def _model_hashes(path: str) -> dict[str, str]:
         return {}
 
 
-def _describe(exc: Exception) -> tuple[str, str | None, str | None]:
+def _describe(exc: Exception, settings: Any) -> tuple[str, str | None, str | None]:
     """(message, field, hint) for an Error event."""
+    from trainer.safety import is_out_of_memory, oom_advice
+
     field = getattr(exc, "field", None)
     hint = getattr(exc, "hint", None)
-    if isinstance(exc, torch.OutOfMemoryError):
-        return ("out of GPU memory", "train_batch_size",
-                "lower the batch size or resolution, turn on gradient checkpointing and cache latents, or use AdamW8bit")
+    if is_out_of_memory(exc):
+        return "out of GPU memory", "train_batch_size", oom_advice(settings)
     if isinstance(exc, _EXPECTED_ERRORS):
         return str(exc), field, hint
     return f"{type(exc).__name__}: {exc}", field, hint

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
-from typing import Callable
 
 import torch
+
+from trainer.safety import SaveError, atomic_write, atomic_write_bytes  # noqa: F401  (re-exported)
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FILE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
@@ -24,12 +24,8 @@ def _read_umask() -> int:
     return mask
 
 
-# mkstemp creates 0600 files; saved files get the mode a plain open() would give them
+# mkstemp makes 0600 temp files; a saved LoRA gets the mode a plain open() would give it
 _FILE_MODE = 0o666 & ~_read_umask()
-
-
-class SaveError(OSError):
-    """A file could not be written; the previous file at that path is unchanged."""
 
 
 # -- names (sd-scripts' train_util.get_*_ckpt_name) ------------------------------------
@@ -74,61 +70,6 @@ def step_to_remove(step: int, every_n_steps: int, keep_last_n_steps: int) -> int
     return old if old > 0 else None
 
 
-# -- atomic writes -----------------------------------------------------------------------
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync it and rename it over ``path``.
-
-    On any failure the temporary file is removed, ``path`` is left as it was, and a
-    ``SaveError`` says so.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise SaveError(f"could not save {path}: {exc}; {kept}") from exc
-    _fsync_folder(folder)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, write)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make the rename itself durable where the OS allows it (not on Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 # -- LoRA files ------------------------------------------------------------------------------
 def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) exactly as sd-scripts computes them.
@@ -153,11 +94,19 @@ def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
 
         model_hash, legacy_hash = sshs_hashes(tensors, metadata)
         full = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, full))
+
+        def write(tmp: str) -> None:
+            save_file(tensors, tmp, full)
+            os.chmod(tmp, _FILE_MODE)
     else:
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getvalue())
+            os.chmod(tmp, _FILE_MODE)
+    atomic_write(path, write)
 
 
 # -- what a run writes, and when ---------------------------------------------------------------
