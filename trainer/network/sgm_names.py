@@ -96,7 +96,7 @@ def sgm_block_paths(unet: nn.Module) -> list[tuple[str, str, nn.Module]]:
             index += 1
     mid = unet.mid_block
     mid_attentions = list(getattr(mid, "attentions", None) or [])
-    for k, resnet in enumerate(mid.resnets):  # resnet, attention, resnet, ...
+    for k, resnet in enumerate(mid.resnets if mid is not None else []):  # resnet, attention, resnet, ...
         paths.append((f"middle_block.{2 * k}", "resnet", resnet))
         if k < len(mid_attentions):
             paths.append((f"middle_block.{2 * k + 1}", "attention", mid_attentions[k]))
