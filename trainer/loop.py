@@ -200,6 +200,7 @@ class _Run:
         self.prompts = PromptEncoder(self.family, s.clip_skip, s.max_token_length, cache_outputs, self.precision.autocast)
         if cache_outputs:
             count = self.prompts.precompute(e.item.caption for e in self.plan.entries)
+            self.family.release_text_encoders()
             self.log(f"text encoder outputs cached for {count} captions (text encoder not trained)")
 
     def _latent_cache(self):

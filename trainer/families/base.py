@@ -59,5 +59,8 @@ class ModelFamily(Protocol):
     def release_vae(self) -> None:
         """Free the VAE's device memory once latents are cached."""
 
+    def release_text_encoders(self) -> None:
+        """Free the text encoders' device memory once every caption's outputs are cached."""
+
     def fingerprint(self) -> str:
         """Identity of the VAE for the latent cache (a different VAE re-encodes)."""

@@ -25,7 +25,7 @@ def family_key(settings: Any) -> str:
 
 
 def create_family(settings: Any):
-    from trainer.families import sd  # noqa: F401  (registers SD1/SD2)
+    from trainer.families import sd, sdxl  # noqa: F401  (importing registers the adapters)
 
     key = family_key(settings)
     if key not in FAMILIES:

@@ -121,6 +121,11 @@ class StableDiffusionFamily:
     def release_vae(self) -> None:
         self.vae.to("cpu")
 
+    def release_text_encoders(self) -> None:
+        """Free the text encoders' device memory once every caption's outputs are cached."""
+        for encoder in self.text_encoders:
+            encoder.to("cpu")
+
 
 @register("sd1")
 class SD1Family(StableDiffusionFamily):
