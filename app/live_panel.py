@@ -73,7 +73,7 @@ def _stats(snap: RunSnapshot, now: float) -> str:
         ("ETA", format_duration(step.eta_s) if step and snap.active else ("done" if snap.status == "finished" else "–")),
         ("Elapsed", format_duration(snap.elapsed_s(now))),
         ("Learning rate", _lrs(step) if step else "–"),
-        ("Memory", format_memory(snap.memory) if snap.memory else "–"),
+        memory_cell(snap.memory),
     ]
     items = "".join(
         f'<div class="nk-stat nk-stat-{k.split()[0].lower()}"><div class="nk-stat-k">{k}</div><div class="nk-stat-v">{html.escape(v)}</div></div>'
@@ -128,10 +128,14 @@ def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: in
     low, high = min(values), max(values)
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
-    last_x = max(total_steps, points[-1][0], 1)
+    margin = (high - low) * 0.06  # keep the lines off the frame
+    low, high = low - margin, high + margin
+    # The x axis spans the steps seen so far (the progress bar shows how far the run is),
+    # so an early look at a long run still shows the curve's shape.
+    first_x, last_x = points[0][0], max(points[-1][0], points[0][0] + 1)
 
     def xy(step: int, value: float) -> str:
-        x = PAD_L + (CHART_W - PAD_L - PAD_R) * (step / last_x)
+        x = PAD_L + (CHART_W - PAD_L - PAD_R) * ((step - first_x) / (last_x - first_x))
         y = PAD_T + (CHART_H - PAD_T - PAD_B) * (1 - (value - low) / (high - low))
         return f"{x:.1f},{y:.1f}"
 
@@ -146,8 +150,8 @@ def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: in
     return (
         f"<svg {box}>{grid}"
         f'<line x1="{PAD_L}" x2="{CHART_W - PAD_R}" y1="{bottom}" y2="{bottom}" class="nk-axis-line"/>'
-        f'<text x="{PAD_L}" y="{CHART_H - 6}" class="nk-axis">0</text>'
-        f'<text x="{CHART_W - PAD_R}" y="{CHART_H - 6}" text-anchor="end" class="nk-axis">step {last_x}</text>'
+        f'<text x="{PAD_L}" y="{CHART_H - 6}" class="nk-axis">step {first_x}</text>'
+        f'<text x="{CHART_W - PAD_R}" y="{CHART_H - 6}" text-anchor="end" class="nk-axis">step {last_x}{_of_total(last_x, total_steps)}</text>'
         f'<polyline points="{raw}" class="nk-line-raw"/>'
         f'<polyline points="{smooth}" class="nk-line-avg"/>'
         f'<g class="nk-legend"><line x1="{CHART_W - 190}" x2="{CHART_W - 170}" y1="16" y2="16" class="nk-line-raw"/>'
@@ -156,6 +160,10 @@ def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: in
         f'<text x="{CHART_W - 95}" y="20" class="nk-axis">average</text></g>'
         "</svg>"
     )
+
+
+def _of_total(last: int, total: int) -> str:
+    return f" of {total}" if total > last else ""
 
 
 def _downsample(points, limit: int):
@@ -185,13 +193,21 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def memory_cell(mem: Memory | None) -> tuple[str, str]:
+    """(title, value): GPU allocated / reserved of total on CUDA, the process's RAM otherwise."""
+    if mem is None:
+        return "Memory", "–"
+    if mem.allocated_mb is not None:
+        return "GPU memory", format_memory(mem)
+    return "RAM", format_memory(mem)
+
+
 def format_memory(mem: Memory) -> str:
-    """CUDA: allocated / reserved of total; otherwise the process's RAM."""
     if mem.allocated_mb is not None:
         total = f" of {_gib(mem.total_mb)}" if mem.total_mb else ""
-        reserved = f" / {_gib(mem.reserved_mb)} reserved" if mem.reserved_mb is not None else ""
-        return f"{mem.device}: {_gib(mem.allocated_mb)} allocated{reserved}{total}"
-    return f"RAM {_gib(mem.rss_mb)} ({mem.device})"
+        reserved = f" · {_gib(mem.reserved_mb)} reserved" if mem.reserved_mb is not None else ""
+        return f"{_gib(mem.allocated_mb)} allocated{reserved}{total}"
+    return _gib(mem.rss_mb)
 
 
 def _gib(mb: float | None) -> str:

@@ -173,14 +173,20 @@ class RunManager:
         self._control: Control | None = None
         self._thread: threading.Thread | None = None
         self._runs = 0
+        self._settings: Any = None
+
+    @property
+    def settings(self) -> Any:
+        """The settings of the current (or last) run."""
+        return self._settings
 
     def start(self, settings: Any) -> tuple[bool, str]:
         """Start a run; refused (False, why) while one is going."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                snap = self._state.snapshot() if self._state else RunSnapshot()
-                return False, f"A training run is already going (step {snap.step}/{snap.total_steps}); stop it first."
+            if self._is_alive():
+                return False, self.start_refusal()
             self._runs += 1
+            self._settings = settings
             self._state = RunState(self._runs, output_name=getattr(settings, "output_name", ""))
             self._control = Control()
             self._thread = threading.Thread(
@@ -188,6 +194,10 @@ class RunManager:
             )
             self._thread.start()
         return True, "Training started."
+
+    def start_refusal(self) -> str:
+        snap = self.snapshot()
+        return f"A training run is already going (step {snap.step}/{snap.total_steps}); stop it first."
 
     def stop(self) -> str:
         with self._lock:

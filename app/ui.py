@@ -54,7 +54,7 @@ def build_app(
                 with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
                     save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
                     sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
-                run_message = gr.HTML(elem_id="run_message")
+                run_message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
                 live = gr.HTML(render_live(runs.snapshot()), elem_id="nk-live-panel")
                 gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False)
                 gr.HTML('<div class="nk-section-title">Step plan and checks</div>')
@@ -65,6 +65,7 @@ def build_app(
         _wire_model_pick(form, notes["model"])
         _wire_run(form, runs, start, stop, save_now, sample_now, run_message, plan)
         _wire_live(demo, runs, live, gallery)
+        demo.load(lambda: _running_form(form, runs), outputs=form.outputs(), show_progress="hidden")
         demo.load(lambda: gr.update(choices=list(folders.listing())), outputs=presets.preset, show_progress="hidden")
     return demo
 
@@ -101,7 +102,9 @@ def _wire_model_pick(form: SettingsForm, note: gr.HTML) -> None:
         return {**form.updates(values), note: _note(message)}
 
     pick.input(picked, inputs=pick, outputs=outputs, show_progress="hidden")
-    path.input(typed, inputs=path, outputs=outputs, show_progress="hidden", trigger_mode="always_last")
+    # change, not input: a pasted path, a loaded config or a quick pick all re-derive the flags
+    # (the quick pick is bound to input only, so the two never trigger each other in a loop).
+    path.change(typed, inputs=path, outputs=outputs, show_progress="hidden", trigger_mode="always_last")
 
 
 def _note(message: str) -> str:
@@ -110,18 +113,32 @@ def _note(message: str) -> str:
 
 def _wire_run(form: SettingsForm, runs: RunManager, start, stop, save_now, sample_now, message: gr.HTML, plan: gr.HTML) -> None:
     def start_run(data):
+        if runs.busy:  # checked first: another page's form may not even be filled in
+            return {message: _message(runs.start_refusal(), ok=False), plan: gr.update()}
         result = check_form(form.values(data), form.kept_values(data))
         if not result.ok:
             text = '<div class="nk-run-refused"><b>Not started.</b> Fix these first:</div>' + render_problems(result.errors)
-            return {message: text, plan: render_check(result)}
+            return {message: gr.update(value=text, visible=True), plan: render_check(result)}
         started, text = runs.start(result.settings)
-        css = "nk-run-ok" if started else "nk-run-refused"
-        return {message: f'<div class="{css}">{text}</div>', plan: gr.update()}
+        return {message: _message(text, ok=started), plan: gr.update()}
 
     start.click(start_run, inputs=form.inputs(), outputs=[message, plan], concurrency_limit=1, concurrency_id="start")
-    stop.click(lambda: f'<div class="nk-run-ok">{runs.stop()}</div>', outputs=message, show_progress="hidden")
-    save_now.click(lambda: f'<div class="nk-run-ok">{runs.request_save()}</div>', outputs=message, show_progress="hidden")
-    sample_now.click(lambda: f'<div class="nk-run-ok">{runs.request_sample()}</div>', outputs=message, show_progress="hidden")
+    stop.click(lambda: _message(runs.stop()), outputs=message, show_progress="hidden")
+    save_now.click(lambda: _message(runs.request_save()), outputs=message, show_progress="hidden")
+    sample_now.click(lambda: _message(runs.request_sample()), outputs=message, show_progress="hidden")
+
+
+def _message(text: str, ok: bool = True):
+    css = "nk-run-ok" if ok else "nk-run-refused"
+    return gr.update(value=f'<div class="{css}">{html.escape(text)}</div>', visible=True)
+
+
+def _running_form(form: SettingsForm, runs: RunManager):
+    """A page opened while a run is going shows that run's settings (so it can be saved or compared)."""
+    if not runs.busy or runs.settings is None:
+        return {}
+    settings = runs.settings
+    return {**form.updates(form_values(settings)), form.kept: settings.kept_kohya_values()}
 
 
 def _wire_live(demo: gr.Blocks, runs: RunManager, live: gr.HTML, gallery: gr.Gallery) -> None:

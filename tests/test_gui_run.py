@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.live_panel import format_duration, format_memory, loss_chart_svg, render_live, sample_gallery
+from app.live_panel import format_duration, loss_chart_svg, memory_cell, render_live, sample_gallery
 from app.run_manager import RunManager, RunSnapshot
 from trainer.events import EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
 
@@ -120,7 +120,7 @@ def test_live_panel_shows_progress_speed_chart_and_files():
     runs.start(SETTINGS)
     runs.wait(10)
     page = render_live(runs.snapshot())
-    assert "100% · step 4 / 4" in page and "10.00 it/s" in page and "RAM 512 MiB" in page
+    assert "100% · step 4 / 4" in page and "10.00 it/s" in page and "512 MiB" in page
     points = re.findall(r'<polyline points="([^"]+)" class="nk-line-avg"', page)
     assert len(points) == 1 and len(points[0].split()) == 4
     assert "unit.safetensors" in page and "Finished" in page
@@ -142,8 +142,9 @@ def test_chart_scales_and_thins_long_runs():
 
 def test_memory_and_duration_formats():
     cuda = Memory(device="cuda:0", rss_mb=3000, allocated_mb=5120, reserved_mb=6144, total_mb=24576)
-    assert format_memory(cuda) == "cuda:0: 5.00 GiB allocated / 6.00 GiB reserved of 24.00 GiB"
-    assert format_memory(Memory(device="cpu", rss_mb=2048)) == "RAM 2.00 GiB (cpu)"
+    assert memory_cell(cuda) == ("GPU memory", "5.00 GiB allocated · 6.00 GiB reserved of 24.00 GiB")
+    assert memory_cell(Memory(device="cpu", rss_mb=2048)) == ("RAM", "2.00 GiB")
+    assert memory_cell(None) == ("Memory", "–")
     assert (format_duration(59), format_duration(3725), format_duration(None)) == ("0:59", "1:02:05", "–")
 
 
