@@ -225,10 +225,11 @@ def test_sd2_single_file_unet_only_with_cached_text_encoder(tiny_sd2_file, tiny_
 
 def test_sd2_v_prediction_long_captions(tiny_sd2v_dir, images, tmp_path):
     rec = Recorder()
-    settings = tiny_settings(tiny_sd2v_dir, images, tmp_path, v2=True, v_parameterization=True,
+    settings = tiny_settings(tiny_sd2v_dir, images, tmp_path, v2=True, v_parameterization=True, xformers="xformers",
                              max_token_length=150, clip_skip=2, min_snr_gamma=5, scale_v_pred_loss_like_noise_pred=True)
     result = train(settings, rec)
     assert result.status == "finished", result.error
+    assert "xformers is not usable here" in rec.logs() and "SDPA" in rec.logs()  # CPU: clear message, SDPA
     meta = metadata(tmp_path / "tiny.safetensors")
     assert meta["ss_base_model_version"] == "sd_v2_v" and meta["modelspec.prediction_type"] == "v"
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"

@@ -71,6 +71,7 @@ class _Run:
         self.step = 0
         self.files: list[str] = []
         self.log_writer = None
+        self._threads_before = 0
         self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nekoya-hash")
 
     def log(self, message: str, level: str = "info") -> None:
@@ -100,6 +101,10 @@ class _Run:
         if self.device.type == "cuda":  # TF32 matmuls: free speed on Ampere+, no visible quality loss
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if self.device.type == "cpu" and s.num_cpu_threads_per_process:
+            # what accelerate's --num_cpu_threads_per_process does (OMP threads); restored in close()
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(int(s.num_cpu_threads_per_process))
         self.precision = resolve_precision(s, self.device)
         for note in self.precision.notes:
             self.log(note, "warning")
@@ -443,6 +448,8 @@ class _Run:
     def close(self) -> None:
         if self.log_writer is not None:
             self.log_writer.close()
+        if self._threads_before:
+            torch.set_num_threads(self._threads_before)
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
 
 
