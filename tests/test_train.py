@@ -164,8 +164,13 @@ def test_trained_lora_loads_in_diffusers_and_changes_output(sd1_run, tiny_sd1_di
 def test_stop_from_thread_then_resume_matches_uninterrupted(tiny_sd1_dir, images, tmp_path):
     common = dict(epoch=2, network_dropout=0.1, noise_offset=0.05, noise_offset_random_strength=True,
                   lr_scheduler="cosine", lr_warmup=25)
-    straight = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "a", **common))
+    straight = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "a", save_every_n_steps=1, save_last_n_steps=1,
+                                   **common))
     assert straight.status == "finished" and straight.step == 4
+    # step files every step, the last 1 step kept besides the newest; step 4 is the final file
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.safetensors")) == [
+        "tiny-step00000002.safetensors", "tiny-step00000003.safetensors", "tiny.safetensors",
+    ]
 
     control, reached, stop_sent = Control(), threading.Event(), threading.Event()
 
@@ -208,10 +213,17 @@ def test_stop_from_thread_then_resume_matches_uninterrupted(tiny_sd1_dir, images
 def test_sd2_single_file_unet_only_with_cached_text_encoder(tiny_sd2_file, tiny_sd2_dir, images, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    rec = Recorder()
+    rec, control = Recorder(), Control()
+
+    def sink(event):
+        rec(event)
+        if isinstance(event, ev.Step) and event.step == 1:
+            control.request_save()  # the GUI's "save now"
+
     settings = tiny_settings(tiny_sd2_file, images, tmp_path, v2=True, text_encoder_lr=0, cache_latents=False)
-    result = train(settings, rec)
+    result = train(settings, sink, control)
     assert result.status == "finished", result.error
+    assert (tmp_path / "tiny-step00000001.safetensors").is_file()
     final = load_file(str(tmp_path / "tiny.safetensors"))
     config = UNet2DConditionModel.load_config(tiny_sd2_dir, subfolder="unet")
     config = type("C", (dict,), {"__getattr__": dict.get})(config)
