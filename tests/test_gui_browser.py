@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 pytest.importorskip("gradio")
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -47,7 +48,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def gui(tmp_path_factory):
     """The app served in-process; yields (url, user presets folder)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from app.run_manager import RunManager
     from app.ui import build_app, launch_options
 
@@ -239,11 +239,15 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
 
     page.click("#start_training")
     expect(page.locator("#run_message")).to_contain_text("already going")
+    page.click("#save_now")  # saves mid-run, training goes on
+    expect(page.locator("#nk-saved-files li").first).to_contain_text("gui_stop", timeout=TRAINING_TIMEOUT_MS)
+    expect(live(page)).to_have_attribute("data-status", "running")
     page.click("#stop_training")
     expect(live(page)).to_have_attribute("data-status", "stopped", timeout=TRAINING_TIMEOUT_MS)
     stopped_at = int(live(page).get_attribute("data-step"))
     assert 10 <= stopped_at < 5000
-    saved = page.locator("#nk-saved-files code").last
-    expect(saved).to_contain_text("gui_stop")
-    assert Path(saved.get_attribute("title")).is_file()
+    saved = page.locator("#nk-saved-files code")
+    expect(saved).to_have_count(2)  # the one saved on request, then the one saved on stop
+    for i in range(2):
+        assert Path(saved.nth(i).get_attribute("title")).is_file()
     page.close()

@@ -3,9 +3,11 @@ through the real Gradio components, presets, config files, model pick and the st
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 gr = pytest.importorskip("gradio")
 
 from app import model_pick  # noqa: E402
