@@ -223,7 +223,15 @@ class _Run:
             suffix=self.family.cache_suffix, fingerprint=self.family.fingerprint(),
         )
         cache = LatentCache(spec)
-        report = cache.prepare(self.plan.entries)
+        shown = [-1]
+
+        def progress(done: int, total: int) -> None:  # a Log line per 10% for big datasets
+            tenth = done * 10 // max(1, total)
+            if tenth > shown[0] and total >= 20:
+                shown[0] = tenth
+                self.log(f"caching latents: {done}/{total}")
+
+        report = cache.prepare(self.plan.entries, progress)
         for error in report.failed:
             self._bad_image(error)
         self.log(f"latents cached: {report.encoded} encoded, {report.reused} read from disk")
