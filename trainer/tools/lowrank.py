@@ -1,0 +1,86 @@
+"""Singular value decompositions for the LoRA tools, and sd-scripts' dynamic rank rules.
+
+A LoRA's ``up @ down`` has rank at most r, so its exact SVD comes from two thin QR
+decompositions and an r×r SVD: O((out + in)·r²) instead of an SVD of the full
+out×in matrix (1280×11520 for an SDXL 3x3 conv).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_SV = 1e-6  # sd-scripts: a module whose largest singular value is below this is zero (rank 1)
+
+
+@dataclass
+class Factors:
+    """``matrix ≈ U · diag(S) · Vh`` with singular values in descending order."""
+
+    U: torch.Tensor  # (out, k)
+    S: torch.Tensor  # (k,)
+    Vh: torch.Tensor  # (k, in)
+
+    def truncate(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) as 2-D matrices of the best rank-``rank`` approximation: up = U·S, down = Vh."""
+        return self.U[:, :rank] * self.S[:rank], self.Vh[:rank]
+
+    def retained(self, rank: int) -> tuple[float, float]:
+        """(Frobenius norm retained, sum of singular values retained) as fractions of 1."""
+        total_sq, total = float(self.S.pow(2).sum()), float(self.S.abs().sum())
+        if total_sq == 0.0:
+            return 1.0, 1.0
+        kept = self.S[:rank]
+        return (float(kept.pow(2).sum()) / total_sq) ** 0.5, float(kept.abs().sum()) / total
+
+    def dropped_squared(self, rank: int) -> float:
+        """‖matrix − rank-``rank`` approximation‖_F²."""
+        return float(self.S[rank:].pow(2).sum())
+
+
+def factor_product(up: torch.Tensor, down: torch.Tensor) -> Factors:
+    """Exact SVD of ``up @ down`` (2-D, float32) without forming the product."""
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    return Factors(q_up @ u, s, vh @ q_down.T)
+
+
+def factor_matrix(matrix: torch.Tensor) -> Factors:
+    """Thin SVD of a full 2-D matrix (used by extraction)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return Factors(u, s, vh)
+
+
+# ---- sd-scripts' dynamic rank rules (networks/resize_lora.py); each returns a rank >= 1 ----------
+
+def _rank_by_ratio(S: torch.Tensor, ratio: float) -> int:
+    """Keep singular values larger than S[0] / ratio."""
+    return int((S > S[0] / ratio).sum())
+
+
+def _rank_by_cumulative(S: torch.Tensor, fraction: float) -> int:
+    """Smallest rank whose singular values sum to ``fraction`` of the total."""
+    cumulative = torch.cumsum(S, 0) / S.sum()
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=S.dtype))) + 1
+
+
+def _rank_by_frobenius(S: torch.Tensor, fraction: float) -> int:
+    """Smallest rank that keeps ``fraction`` of the Frobenius norm."""
+    cumulative = torch.cumsum(S.pow(2), 0) / S.pow(2).sum()
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction**2, dtype=S.dtype))) + 1
+
+
+DYNAMIC_METHODS = {
+    "sv_ratio": _rank_by_ratio,
+    "sv_cumulative": _rank_by_cumulative,
+    "sv_fro": _rank_by_frobenius,
+}
+
+
+def choose_rank(S: torch.Tensor, max_rank: int, method: str | None = None, param: float | None = None) -> int:
+    """The new rank: ``max_rank``, or the dynamic rule's choice capped at it; 1 for a zero matrix."""
+    if len(S) == 0 or float(S[0]) <= MIN_SV:
+        return 1
+    rank = DYNAMIC_METHODS[method](S, float(param)) if method else max_rank
+    return max(1, min(rank, max_rank, len(S)))
