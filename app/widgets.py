@@ -15,6 +15,7 @@ from trainer.settings import TABS, SettingInfo, TrainingSettings, setting_infos
 
 from .form import form_values
 
+ROW_KINDS = ("fields", "checks", "full")
 # Widgets laid out on a row of their own, full width.
 FULL_WIDTH = {"textarea"}
 # Widgets that wrap onto rows with more room each.
@@ -50,7 +51,7 @@ def build_settings_tabs(
                 _build_section(section, list(section_infos), values, components)
             if after_tab and tab in after_tab:
                 after_tab[tab]()
-    return components
+    return {info.key: components[info.key] for info in infos}  # declared order
 
 
 def tab_id(tab: str) -> str:
@@ -66,10 +67,12 @@ def _build_section(section: str, infos: list[SettingInfo], values: dict[str, Any
 
 
 def _build_rows(infos: list[SettingInfo], values: dict[str, Any], out: dict) -> None:
-    # Consecutive widgets of one row kind share a wrapping row: checkboxes with checkboxes,
-    # fields with fields, so the dense form stays aligned.
-    for kind, run in groupby(infos, key=_row_kind):
-        run = list(run)
+    # One wrapping row of fields, then one of checkboxes, then full-width text areas: a dense
+    # form like kohya_ss's, without a box per lone checkbox. Declared order holds within each kind.
+    for kind in ROW_KINDS:
+        run = [i for i in infos if _row_kind(i) == kind]
+        if not run:
+            continue
         if kind == "full":
             for info in run:
                 out[info.key] = build_component(info, values[info.key])
@@ -97,9 +100,11 @@ def _checkbox(info: SettingInfo, value: Any, common: dict) -> gr.components.Comp
 
 
 def _dropdown(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
+    # Wide enough for the longest choice (model names are long), within reason.
+    longest = max((len(str(c)) for c in info.choices or ()), default=0)
     return gr.Dropdown(
         choices=_choices(info), value=value, allow_custom_value=info.allow_custom, filterable=True,
-        min_width=200, **common,
+        min_width=min(440, max(200, 7 * longest)), **common,
     )
 
 
