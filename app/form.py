@@ -11,7 +11,6 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from trainer.settings import (
-    LoadReport,
     SettingsError,
     TrainingSettings,
     setting_info,
@@ -58,15 +57,6 @@ def valid_part_of_form(values: Mapping[str, Any], kept: Mapping[str, Any] | None
         return settings_from_dict({**(kept or {}), **data}, source=FORM_SOURCE).settings, dropped
     except SettingsError:  # only a rule between two fields can still fail: start from the defaults
         return TrainingSettings(), sorted(data)
-
-
-def layer_over_form(
-    data: Mapping[str, Any], values: Mapping[str, Any], kept: Mapping[str, Any] | None = None, source: str = ""
-) -> tuple[LoadReport, list[str]]:
-    """Load a kohya_ss dict (preset or config) over the current form: keys the file lacks keep
-    the form's values. Returns the report and the form fields that were invalid (reset)."""
-    base, dropped = valid_part_of_form(values, kept)
-    return settings_from_dict(dict(data), base=base, source=source), dropped
 
 
 def _invalid_keys(data: Mapping[str, Any]) -> list[str]:
