@@ -69,8 +69,10 @@ class _Run:
         self.settings, self.sink, self.control = settings, sink, control
         self.debug_fixed_noise = debug_fixed_noise
         self.step = 0
+        self.start_epoch, self.start_batch = 1, 0  # where the step loop begins (later when resuming)
         self.files: list[str] = []
         self.log_writer = None
+        self.outputs = None  # set once the run can write files
         self._threads_before = 0
         self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nekoya-hash")
 
@@ -289,8 +291,7 @@ class _Run:
     def train(self) -> TrainResult:
         from trainer.state import ProgressMeter
 
-        plan = self.plan
-        start_epoch, start_batch = getattr(self, "start_epoch", 1), getattr(self, "start_batch", 0)
+        plan, start_epoch, start_batch = self.plan, self.start_epoch, self.start_batch
         self.meter = ProgressMeter(plan.total_steps, self.step, window=plan.steps_per_epoch)
         self.sink(ev.Started(plan.total_steps, plan.epochs, plan.steps_per_epoch, plan.summary(), str(self.device),
                              self.step))
@@ -423,7 +424,7 @@ class _Run:
 
     def save_what_exists(self) -> None:
         """After a failure mid-run (NaN stop, out of memory...): keep the trained steps. Never raises."""
-        if self.step == 0 or getattr(self, "outputs", None) is None:
+        if self.step == 0 or self.outputs is None:
             return
         try:
             self.outputs.save("stopped", self.step, self.epoch)
