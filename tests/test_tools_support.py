@@ -64,7 +64,7 @@ def random_lora(folder, model_dir, name, *, rank=4, alpha=2.0, conv_rank=2, conv
 def apply_lora_files(parts, loras):
     """Apply (path, ratio) LoRA files to ``parts``' models with the trainer's LoRANetwork; returns the networks.
 
-    Call ``restore()`` on each returned network to take them off again.
+    Call ``restore()`` on the returned networks in reverse order to take them off again.
     """
     from trainer.network.weights import read_lora_file
 
@@ -82,11 +82,13 @@ def apply_lora_files(parts, loras):
     return networks
 
 
-def unet_inputs(unet, batch=2, seed=0):
-    """Random (sample, timesteps, kwargs) for a UNet of any family (SDXL gets text_embeds/time_ids)."""
+def unet_inputs(unet, batch=2, seed=0, size=8):
+    """Random (sample, timesteps, kwargs) for a UNet of any family (SDXL gets text_embeds/time_ids).
+
+    8x8 latents: a config inferred from a single file says sample_size 64 (the real model's).
+    """
     config = unet.config
     g = torch.Generator().manual_seed(seed)
-    size = config.sample_size
     sample = torch.randn(batch, config.in_channels, size, size, generator=g)
     context = torch.randn(batch, 7, config.cross_attention_dim, generator=g)
     kwargs = {"encoder_hidden_states": context}

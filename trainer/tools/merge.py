@@ -1,0 +1,167 @@
+"""Merge LoRAs into a base model and save an original-layout checkpoint (A1111's "Generate Ckpt").
+
+Each module adds ``ratio · alpha/rank · up @ down`` to its layer's weight, in
+float32 (sd-scripts' merge_lora), on the same layers the trainer names, so the
+merged model equals the base with the LoRAs applied at those ratios. The result
+is written as one ``.safetensors`` (or ``.ckpt``) file in the original SD layout;
+``half`` saves fp16.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from trainer.tools.errors import ToolError, check_output_path
+from trainer.tools.lora_file import LoraFile, fit_to_layer, read_lora, shapes_fit
+
+HALF = torch.float16
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+@dataclass(frozen=True)
+class LoraToMerge:
+    path: str
+    ratio: float = 1.0
+
+
+@dataclass
+class MergedLora:
+    path: str
+    ratio: float
+    merged: int  # modules added to the model
+    unmatched: list[str] = field(default_factory=list)  # modules with no layer in the base model (skipped)
+
+
+@dataclass
+class MergeResult:
+    base: str
+    family: str
+    out_path: str
+    loras: list[MergedLora]
+    dtype: str
+    tensors: int
+    seconds: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        merged = ", ".join(f"{Path(m.path).name} ×{m.ratio:g} ({m.merged} modules)" for m in self.loras)
+        return f"merged {merged} into {FAMILY_NAMES[self.family]} model {Path(self.base).name}"
+
+    def format(self) -> str:
+        lines = [f"Merged checkpoint {self.out_path}", f"  {self.summary()}",
+                 f"  {self.tensors} tensors, {self.dtype}, {self.seconds:.1f} s"]
+        for lora in self.loras:
+            if lora.unmatched:
+                lines.append(f"  skipped {len(lora.unmatched)} modules of {Path(lora.path).name} that match no layer, "
+                             f"e.g. {lora.unmatched[0]}")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_loras(loras) -> list[LoraToMerge]:
+    """Accept LoraToMerge, (path, ratio) pairs or bare paths (ratio 1)."""
+    out = []
+    for item in loras:
+        if isinstance(item, LoraToMerge):
+            out.append(item)
+        elif isinstance(item, (tuple, list)):
+            out.append(LoraToMerge(str(item[0]), float(item[1])))
+        else:
+            out.append(LoraToMerge(str(item)))
+    if not out:
+        raise ToolError("choose at least one LoRA to merge")
+    return out
+
+
+def merge_into_checkpoint(base, loras: Sequence, out_path, *, half: bool = False, allow_unmatched: bool = False,
+                          v_parameterization: bool | None = None, overwrite: bool = False,
+                          log: Callable[[str], None] | None = None) -> MergeResult:
+    """Merge ``loras`` ((path, ratio) pairs) into ``base`` and save the checkpoint at ``out_path``.
+
+    Every module must match a layer of the base with the right shape; with
+    ``allow_unmatched`` modules that match no layer are skipped and reported (A1111's
+    behaviour); a wrong shape is always an error (the LoRA is for another model).
+    """
+    from trainer.checkpoints import load_pipeline_components
+    from trainer.tools.base_modules import base_modules
+    from trainer.tools.checkpoint_file import (
+        cast_floats, complete_state_dict, components_state_dict, save_checkpoint, write_tokenizer_sidecar,
+    )
+
+    started, log = time.perf_counter(), log or (lambda message: None)
+    wanted = as_loras(loras)
+    out = check_output_path(out_path, (".safetensors", ".ckpt"), inputs=[base, *(w.path for w in wanted)],
+                            overwrite=overwrite)
+    files = [read_lora(w.path) for w in wanted]
+    log(f"loading {base}")
+    components = load_pipeline_components(base, dtype=torch.float32, v_parameterization=v_parameterization)
+    modules = base_modules(components.family, components.unet, components.text_encoders, with_conv=True)
+    plans = [_plan(file, modules, allow_unmatched) for file in files]
+    merged = []
+    with torch.no_grad():
+        for want, file, (layers, unmatched) in zip(wanted, files, plans):
+            log(f"merging {file.path.name} at ratio {want.ratio:g} ({len(layers)} modules)")
+            for name, layer in layers.items():
+                weight = layer.module.weight
+                weight += fit_to_layer(file.modules[name].delta(want.ratio), weight.shape).to(weight.dtype)
+            merged.append(MergedLora(str(file.path), want.ratio, len(layers), unmatched))
+    state_dict = complete_state_dict(components_state_dict(components), components.family, components.info.path)
+    dtype = HALF if half else torch.float32
+    metadata = merged_metadata(components, merged, out, v_parameterization)
+    log(f"saving {out}")
+    save_checkpoint(cast_floats(state_dict, dtype), out, metadata)
+    write_tokenizer_sidecar(components, out)
+    return MergeResult(str(base), components.family, str(out), merged, str(dtype).replace("torch.", ""),
+                       len(state_dict), time.perf_counter() - started, metadata)
+
+
+def _plan(file: LoraFile, modules, allow_unmatched: bool) -> tuple[dict, list[str]]:
+    """name -> target layer for every module of ``file``; raises on wrong shapes (and on unmatched names)."""
+    layers, unmatched, wrong = {}, [], []
+    for name, module in file.modules.items():
+        layer = modules.find(name)
+        if layer is None:
+            unmatched.append(name)
+        elif not shapes_fit(module.delta_shape(), layer.module.weight.shape):
+            wrong.append(f"{name} (ΔW {list(module.delta_shape())}, layer {list(layer.module.weight.shape)})")
+        else:
+            layers[name] = layer
+    family = FAMILY_NAMES[modules.family]
+    if wrong:
+        raise ToolError(f"{file.path.name} does not fit this {family} model: {len(wrong)} modules have another "
+                        f"shape, e.g. {wrong[0]}. Is it a LoRA for another model family?")
+    if not layers:
+        raise ToolError(f"{file.path.name}: none of its {len(file.modules)} modules match a layer of this {family} "
+                        f"model (e.g. {unmatched[0]}). Is it a LoRA for another model family?")
+    if unmatched and not allow_unmatched:
+        raise ToolError(f"{file.path.name}: {len(unmatched)} of {len(file.modules)} modules match no layer of this "
+                        f"{family} model (e.g. {unmatched[0]}); allow unmatched modules to merge the rest")
+    return layers, unmatched
+
+
+def merged_metadata(components, merged: list[MergedLora], out: Path, v_parameterization: bool | None) -> dict[str, str]:
+    """SAI ModelSpec keys of the checkpoint; the prediction type only when it is known."""
+    from trainer.tools.base_modules import family_adapter
+
+    version = family_adapter(components.family, components.unet, components.text_encoders,
+                             components.v_parameterization).version_metadata()
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": version.architecture,
+        "modelspec.implementation": version.implementation,
+        "modelspec.title": out.stem,
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.description": "Nekoya merge: " + ", ".join(f"{Path(m.path).name} x{m.ratio:g}" for m in merged),
+    }
+    known = v_parameterization is not None or components.info.v_parameterization is not None \
+        or components.info.format == "diffusers"
+    if known:
+        meta["modelspec.prediction_type"] = version.prediction_type
+    return meta
