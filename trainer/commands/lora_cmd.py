@@ -1,0 +1,172 @@
+"""``python -m trainer lora {inspect,resize,extract,merge} ...``: the LoRA tools on the command line.
+
+Each sub-command calls one function of :mod:`trainer.tools` and prints its report
+(``--json`` for machine-readable output). Exit codes: 0 done (inspect: every key
+matches the ``--base`` model), 1 the tool refused or failed (message on stderr),
+2 bad arguments (argparse). Nothing heavy is imported until a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+PRECISIONS = ("float", "fp16", "bf16")
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``lora`` and its sub-commands to the main parser's subparsers."""
+    lora = subparsers.add_parser("lora", help="LoRA tools: inspect/verify, resize, extract, merge into a checkpoint")
+    tools = lora.add_subparsers(dest="lora_command", required=True)
+    _inspect_parser(tools)
+    _resize_parser(tools)
+    _extract_parser(tools)
+    _merge_parser(tools)
+    return lora
+
+
+def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    if output:
+        p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+
+
+def _inspect_parser(tools) -> None:
+    p = tools.add_parser("inspect", help="modules, ranks, alphas, norms and training settings of a LoRA file; "
+                                         "with --base, check every key against a base model")
+    p.add_argument("file", help="LoRA file (.safetensors or .ckpt)")
+    p.add_argument("--base", help="base model (diffusers folder or .safetensors/.ckpt) to verify the keys against")
+    p.add_argument("--modules", action="store_true", help="list every module")
+    _common(p, output=False)
+
+
+def _resize_parser(tools) -> None:
+    p = tools.add_parser("resize", help="lower a LoRA's rank by SVD, keeping its effective scale")
+    p.add_argument("file", help="LoRA file to resize")
+    p.add_argument("--rank", type=int, required=True, help="new rank (the maximum with --dynamic)")
+    p.add_argument("--conv-rank", type=int, help="new rank of 3x3 conv modules (default: --rank)")
+    p.add_argument("--dynamic", choices=DYNAMIC_METHODS, help="choose each module's rank: sv_ratio (keep singular "
+                   "values above max/param), sv_cumulative or sv_fro (keep this fraction of the sum / Frobenius norm)")
+    p.add_argument("--param", type=float, help="the --dynamic parameter (sv_ratio e.g. 4; sv_fro e.g. 0.9)")
+    p.add_argument("-o", "--out", help="output file (default: <file>-r<rank>.safetensors next to it)")
+    p.add_argument("--save-precision", choices=PRECISIONS, help="default: the input's precision")
+    p.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
+    p.add_argument("--modules", action="store_true", help="list every module's new rank and error")
+    _common(p)
+
+
+def _extract_parser(tools) -> None:
+    p = tools.add_parser("extract", help="extract a LoRA from a fine-tuned model minus its base model")
+    p.add_argument("--base", required=True, help="the original model")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model")
+    p.add_argument("-o", "--out", required=True, help="LoRA file to write (.safetensors)")
+    p.add_argument("--rank", type=int, default=4, help="rank of Linear and 1x1 conv modules (default 4)")
+    p.add_argument("--conv-rank", type=int, help="also extract 3x3 convs (LoCon) at this rank")
+    p.add_argument("--clamp-quantile", type=float, default=0.99,
+                   help="clamp factor values beyond this quantile of their magnitudes (default 0.99, as sd-scripts)")
+    p.add_argument("--no-clamp", action="store_true", help="do not clamp (exact SVD factors)")
+    p.add_argument("--min-diff", type=float, default=0.01,
+                   help="leave the text encoders out unless a weight differs by more than this (default 0.01)")
+    p.add_argument("--save-precision", choices=PRECISIONS, help="default: float")
+    p.add_argument("--load-precision", choices=PRECISIONS, default="float",
+                   help="load both models in this precision (fp16 halves the memory)")
+    p.add_argument("--device", help="compute device for the SVDs, e.g. cuda")
+    p.add_argument("--modules", action="store_true", help="list every module's error")
+    _common(p)
+
+
+def _merge_parser(tools) -> None:
+    p = tools.add_parser("merge", help="merge LoRAs into a base model and save a single-file checkpoint")
+    p.add_argument("--base", required=True, help="base model (diffusers folder or single file)")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
+                   help="LoRA to merge, with its ratio (default 1.0); repeat for several")
+    p.add_argument("-o", "--out", required=True, help="checkpoint to write: .safetensors (default) or .ckpt")
+    p.add_argument("--half", action="store_true", help="save in fp16 (half the size)")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="skip LoRA modules that match no layer of the base (otherwise an error)")
+    p.add_argument("--v-parameterization", action="store_true", default=None,
+                   help="mark the checkpoint as v-prediction (SD2 768-v); default: what the base says")
+    _common(p)
+
+
+def lora_with_ratio(spec: str) -> tuple[str, float]:
+    """``file.safetensors:0.8`` -> (file, 0.8); a bare path (Windows drive letters included) has ratio 1."""
+    path, sep, ratio = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(ratio)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+
+def run(args, out=None, err=None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    from trainer.checkpoints import CheckpointError
+    from trainer.safety import SaveError
+    from trainer.tools import ToolError
+
+    try:
+        return COMMANDS[args.lora_command](args, out, lambda message: print(message, file=err))
+    except (ToolError, CheckpointError, SaveError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+
+
+def _report(args, out, result, text: str) -> None:
+    out.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n" if args.json else text)
+
+
+def _inspect(args, out, log) -> int:
+    from trainer.tools import inspect_lora, read_lora, verify_lora
+
+    lora = read_lora(args.file)
+    report = inspect_lora(args.file, lora)
+    match = verify_lora(lora, args.base) if args.base else None
+    if args.json:
+        data = {"lora": report.to_dict(), "verify": match.to_dict() if match else None}
+        out.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        out.write(report.format(modules=args.modules) + (match.format() if match else ""))
+    return EXIT_OK if match is None or match.ok else EXIT_FAILED
+
+
+def _resize(args, out, log) -> int:
+    from trainer.tools import resize_lora
+    from trainer.tools.resize import default_resized_name
+
+    target = args.out or default_resized_name(args.file, args.rank, args.dynamic, args.param)
+    result = resize_lora(args.file, target, args.rank, conv_rank=args.conv_rank, dynamic_method=args.dynamic,
+                         dynamic_param=args.param, save_precision=args.save_precision, device=args.device,
+                         overwrite=args.overwrite)
+    _report(args, out, result, result.format(modules=args.modules))
+    return EXIT_OK
+
+
+def _extract(args, out, log) -> int:
+    from trainer.tools import extract_lora
+
+    result = extract_lora(args.base, args.tuned, args.out, args.rank, conv_rank=args.conv_rank,
+                          clamp_quantile=None if args.no_clamp else args.clamp_quantile, min_diff=args.min_diff,
+                          save_precision=args.save_precision, load_precision=args.load_precision,
+                          device=args.device, overwrite=args.overwrite, log=log)
+    _report(args, out, result, result.format(modules=args.modules))
+    return EXIT_OK
+
+
+def _merge(args, out, log) -> int:
+    from trainer.tools import merge_into_checkpoint
+
+    loras = [lora_with_ratio(spec) for spec in args.lora]
+    result = merge_into_checkpoint(args.base, loras, args.out, half=args.half, allow_unmatched=args.allow_unmatched,
+                                   v_parameterization=args.v_parameterization, overwrite=args.overwrite, log=log)
+    _report(args, out, result, result.format())
+    return EXIT_OK
+
+
+COMMANDS = {"inspect": _inspect, "resize": _resize, "extract": _extract, "merge": _merge}
