@@ -97,7 +97,7 @@ class _Run:
         from trainer.optim import plan_optimizer, plan_scheduler
         from trainer.optim.precision import pick_device, resolve_precision
 
-        s = self.settings
+        s = self.settings = self._preflight(self.settings)
         self.started_at = time.time()
         self.device = pick_device()
         if self.device.type == "cuda":  # TF32 matmuls: free speed on Ampere+, no visible quality loss
@@ -124,6 +124,20 @@ class _Run:
             self.log(note, "warning")
         self._notes_shown = len(self.opt_plan.notes)
         self.model_hashes = self._hash_pool.submit(_model_hashes, s.pretrained_model_name_or_path)
+
+    def _preflight(self, settings: Any) -> Any:
+        """The full preflight check (the same as `python -m trainer check`): refuse before any
+        weights load, and apply the adjustments it announces (e.g. Adafactor's warmup)."""
+        from trainer.preflight import check
+
+        report = check(settings, deep=True)
+        for problem in report.warnings + report.notes:
+            self.log(problem.format(), "warning" if problem.severity == "warning" else "info")
+        if not report.ok:
+            first = report.errors[0]
+            lines = "\n".join(p.format() for p in report.errors)
+            raise TrainingError(f"The preflight check found {len(report.errors)} problem(s):\n{lines}", first.field, first.fix or None)
+        return report.adjusted(settings)
 
     def _load_resume(self):
         if not self.settings.resume:

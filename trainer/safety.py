@@ -56,6 +56,15 @@ def free_bytes(path: str | os.PathLike) -> int | None:
         return None
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> None:
     """Save via ``write_fn(temp_path)``, then fsync and rename over ``path`` in one step.
 
@@ -68,6 +77,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
         os.close(fd)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; saved files get the usual permissions
         write_fn(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -18,15 +18,6 @@ SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.floa
 FILE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp makes 0600 temp files; a saved LoRA gets the mode a plain open() would give it
-_FILE_MODE = 0o666 & ~_read_umask()
-
 
 # -- names (sd-scripts' train_util.get_*_ckpt_name) ------------------------------------
 def epoch_file_name(output_name: str, epoch: int, ext: str) -> str:
@@ -97,7 +88,6 @@ def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
 
         def write(tmp: str) -> None:
             save_file(tensors, tmp, full)
-            os.chmod(tmp, _FILE_MODE)
     else:
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
@@ -105,7 +95,6 @@ def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(buffer.getvalue())
-            os.chmod(tmp, _FILE_MODE)
     atomic_write(path, write)
 
 

@@ -59,9 +59,15 @@ def check_text_encoder_cache(ctx: CheckContext):
     key = family.te_output_cache_setting
     if not key or not getattr(s, key):
         return
-    if s.train_lrs()[1] > 0:
+    unet_lr, te_lr = s.train_lrs()
+    if te_lr > 0 and unet_lr > 0:
+        # the UNet keeps its rate; the text-encoder rate becomes 0 so metadata says what was trained
         yield Problem("note", key, "the text encoders are not trained when their outputs are cached "
-                      "(the LoRA gets no text-encoder weights)", fix="untick it to train the text encoders")
+                      "(the LoRA gets no text-encoder weights)", fix="untick it to train the text encoders",
+                      changes=(("unet_lr", unet_lr), ("text_encoder_lr", 0.0)))
+    elif te_lr > 0:
+        yield Problem("error", key, "only the text encoders would be trained (Unet learning rate is 0), but their "
+                      "outputs are cached, so nothing would learn", fix="set a Unet learning rate, or untick it")
     for field, label in CAPTION_RANDOMNESS:
         if getattr(s, field):
             yield Problem("warning", field, f"{label} has no effect: captions are encoded once when text-encoder "

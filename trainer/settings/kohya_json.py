@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -208,18 +207,10 @@ def settings_to_json(settings: TrainingSettings) -> str:
 
 def save_settings(settings: TrainingSettings, path: str | os.PathLike) -> Path:
     """Write the settings as a kohya_ss config file, atomically (never a half-written file)."""
+    from trainer.safety import atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(settings_to_json(settings))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, settings_to_json(settings))
     return path
 
 
