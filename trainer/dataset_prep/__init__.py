@@ -9,6 +9,7 @@ from .caption_edit import (SOURCE_FILE, SOURCE_FOLDER_NAME, SOURCE_NONE, Caption
                            list_captions, read_caption, write_caption)
 from .layout import DatasetPrepError, concept_folder_name, folder_settings, reg_folder_name
 from .prepare import ConceptResult, PrepareResult, prepare_training_folders
+from .reg_count import RegImageCount, count_reg_images
 from .tag_stats import TagFrequencies, count_tags, tag_frequencies
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "list_captions", "read_caption", "write_caption",
     "DatasetPrepError", "concept_folder_name", "folder_settings", "reg_folder_name",
     "ConceptResult", "PrepareResult", "prepare_training_folders",
+    "RegImageCount", "count_reg_images",
     "TagFrequencies", "count_tags", "tag_frequencies",
 ]
