@@ -1,4 +1,4 @@
-"""Regularisation image count against the requested total, and where missing ones would be generated."""
+"""Regularisation image count against the requested total (and where to generate the rest); dataset balancing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,3 +51,32 @@ def test_flat_missing_and_ambiguous_folders(tmp_path):
 def test_bad_requests(tmp_path, folder, total, message):
     with pytest.raises(DatasetPrepError, match=message):
         count_reg_images(str(tmp_path / folder) if folder else "", total)
+
+
+def test_balancing_plans_and_renames_concept_folders(tmp_path):
+    from trainer.dataset_prep import apply_balance, plan_balance
+
+    img = tmp_path / "img"
+    _files(img / "10_a", *[f"{i}.png" for i in range(5)])
+    _files(img / "20_a", *[f"{i}.png" for i in range(4)])  # becomes 25_a while 10_a becomes 20_a
+    _files(img / "1_b", *[f"{i}.jpg" for i in range(20)], "0.txt")
+    _files(img / "3_c")
+    _files(img / "notes", "x.png")
+
+    plan = plan_balance(img, 100)
+    assert [(c.folder.name, c.images, c.new_repeats, c.steps) for c in plan.concepts] == [
+        ("10_a", 5, 20, 100), ("1_b", 20, 5, 100), ("20_a", 4, 25, 100)]
+    assert plan.empty_folders == ("3_c",)
+    assert sorted(p.name for p in img.iterdir()) == ["10_a", "1_b", "20_a", "3_c", "notes"]  # planning renames nothing
+
+    after = apply_balance(plan)
+    assert sorted(p.name for p in img.iterdir()) == ["20_a", "25_a", "3_c", "5_b", "notes"]
+    assert len(list((img / "20_a").iterdir())) == 5 and (img / "5_b" / "0.txt").is_file()
+    assert after.renames == () and "(unchanged)" in after.summary
+
+    _files(img / "7_y", "1.png", "2.png")
+    _files(img / "9_y", "1.png", "2.png")
+    before = sorted(p.name for p in img.iterdir())
+    with pytest.raises(DatasetPrepError, match="50_y"):
+        apply_balance(plan_balance(img, 100))
+    assert sorted(p.name for p in img.iterdir()) == before
