@@ -36,7 +36,7 @@ class BulkEditResult:
         verb = "would change" if self.dry_run else "changed"
         text = f"{self.operation}: {verb} {len(self.changed)} caption(s)"
         if self.created:
-            text += f" ({self.created} new caption file(s) for images captioned by their folder name)"
+            text += f" ({self.created} new caption file(s) for images that had none)"
         text += f", {self.unchanged} unchanged"
         if self.failed:
             text += f"; {len(self.failed)} unreadable caption file(s) skipped: " + "; ".join(self.failed[:3])

@@ -19,7 +19,8 @@ from trainer.safety import GIB, free_bytes
 from .layout import (IMG, LOG, MODEL, REG, DatasetPrepError, check_distinct_sources, check_no_overlap, check_prompt,
                      check_repeats, check_source_dir, concept_folder_name, folder_settings, instance_includes_class,
                      reg_folder_name)
-from .staging import FolderDiff, SourceImages, StagedCopy, collect_source, compare_with_destination, remove_stale_staging
+from .staging import (FolderDiff, SourceImages, StagedCopy, collect_source, compare_with_destination,
+                      remove_stale_staging)
 
 TRAIN_LABEL, REG_LABEL = "training images", "regularisation images"
 
@@ -55,7 +56,8 @@ class ConceptResult:
             text += (f"; {self.other_captions} of these have a caption file with another extension "
                      f"(not copied: set the caption extension to match)")
         if self.kept_different:
-            text += f"; kept the destination's version of {len(self.kept_different)} file(s) that differ from the source"
+            text += (f"; kept the destination's version of {len(self.kept_different)} file(s) "
+                     "that differ from the source")
         if self.only_in_destination:
             text += f"; {len(self.only_in_destination)} file(s) only in the destination were left as they are"
         return text
@@ -111,7 +113,10 @@ def prepare_training_folders(
     merge: bool = False,
     dry_run: bool = False,
 ) -> PrepareResult:
-    """Copy the images into kohya's layout under ``destination``; raises DatasetPrepError, copying nothing, when refused."""
+    """Copy the images into kohya's layout under ``destination``.
+
+    Raises DatasetPrepError, having copied nothing, when the request is refused.
+    """
     instance = check_prompt("Instance prompt", instance_prompt)
     klass = check_prompt("Class prompt", class_prompt)
     repeats = check_repeats("Repeats", repeats, 1)
@@ -149,11 +154,14 @@ def prepare_training_folders(
     settings = folder_settings(dest)
     if dry_run and len(plans) > 1:
         settings["reg_data_dir"] = str(dest.absolute() / REG)
-    return PrepareResult(dest.absolute(), results[0], results[1] if len(results) > 1 else None, settings, tuple(notes), dry_run)
+    reg_result = results[1] if len(results) > 1 else None
+    return PrepareResult(dest.absolute(), results[0], reg_result, settings, tuple(notes), dry_run)
 
 
 def _plan(kind: str, source_dir: Path, target: Path, extension: str, fallback: str) -> _Plan:
     source = collect_source(kind, source_dir, extension)
+    if target.exists() and not target.is_dir():
+        raise DatasetPrepError(f"{target} is a file; remove it or choose another destination")
     diff = compare_with_destination(source, target, extension)
     plan = _Plan(kind, source, target, diff, fallback, extension, existed=target.is_dir())
     others = _other_concept_folders(target)
