@@ -87,6 +87,10 @@ class AdvancedSettings(BaseModel):
 class SampleSettings(BaseModel):
     sample_every_n_steps: int = setting(0, label="Sample every n steps", tab=SAMPLES, ge=0)
     sample_every_n_epochs: int = setting(0, label="Sample every n epochs", tab=SAMPLES, ge=0)
+    sample_at_first: bool = setting(
+        False, label="Sample at first", tab=SAMPLES,
+        help="Also make the sample images before the first step: the base model's look, to compare with.",
+    )
     sample_sampler: str = setting("euler_a", label="Sample sampler", tab=SAMPLES, choices=SAMPLERS)
     sample_prompts: str = setting(
         "", label="Sample prompts", tab=SAMPLES, widget="textarea",
