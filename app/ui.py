@@ -134,7 +134,7 @@ def _message(text: str, ok: bool = True):
 def _running_form(form: SettingsForm, runs: RunManager):
     """A page opened while a run is going shows that run's settings (so it can be saved or compared)."""
     if not runs.busy or runs.settings is None:
-        return {}
+        return {form.kept: gr.skip()}  # Gradio refuses an empty dict: name one output, left as is
     settings = runs.settings
     return {**form.updates(form_values(settings)), form.kept: settings.kept_kohya_values()}
 

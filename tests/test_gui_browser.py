@@ -19,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 pytest.importorskip("gradio")
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
+expect.set_options(timeout=15_000)  # the machine may be busy: assertions wait, they do not race
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -72,6 +73,13 @@ def browser():
         chromium.close()
 
 
+@pytest.fixture(autouse=True)
+def no_handler_errors(capfd):
+    """A handler that raises only prints a traceback on the server: fail the test that caused it."""
+    yield
+    assert "Traceback" not in capfd.readouterr().err
+
+
 @pytest.fixture
 def page(browser, gui):
     page = browser.new_page(viewport=VIEWPORT)
@@ -115,7 +123,22 @@ def live(page):
 
 
 def wait_for_step(page, step: int) -> None:
-    page.wait_for_function(f"Number(document.querySelector('#nk-live')?.dataset.step) >= {step}", timeout=TRAINING_TIMEOUT_MS)
+    try:
+        page.wait_for_function(f"Number(document.querySelector('#nk-live')?.dataset.step) >= {step}", timeout=TRAINING_TIMEOUT_MS)
+    except playwright_api.Error as err:
+        raise AssertionError(f"the run did not reach step {step}:\n{run_report(page)}") from err
+
+
+def wait_for_status(page, status: str) -> None:
+    try:
+        expect(live(page)).to_have_attribute("data-status", status, timeout=TRAINING_TIMEOUT_MS)
+    except AssertionError as err:
+        raise AssertionError(f"the run did not become {status!r}:\n{run_report(page)}") from err
+
+
+def run_report(page) -> str:
+    """What the page says about the run, for failure messages."""
+    return page.locator("#nk-live").inner_text(timeout=5_000)
 
 
 # ---- tests ----------------------------------------------------------------------------------
@@ -207,7 +230,7 @@ def test_training_runs_to_the_end_with_chart_and_file(page, tiny_sd1_dir, image_
     fill_small_run(page, tiny_sd1_dir, image_folder, out, tmp_path / "small.json", steps=8, name="gui_full")
     page.click("#start_training")
     expect(page.locator("#run_message")).to_contain_text("Training started")
-    expect(live(page)).to_have_attribute("data-status", "finished", timeout=TRAINING_TIMEOUT_MS)
+    wait_for_status(page, "finished")
     expect(page.locator("#nk-progress-text")).to_contain_text("100% · step 8 / 8")
     points = page.locator("#nk-loss-chart polyline.nk-line-avg").get_attribute("points").split()
     assert len(points) >= 8
@@ -223,7 +246,7 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
     open_app(page, url)
     fill_small_run(page, tiny_sd1_dir, image_folder, tmp_path / "out", tmp_path / "small.json", steps=5000, name="gui_stop")
     page.click("#start_training")
-    expect(live(page)).to_have_attribute("data-status", "running", timeout=TRAINING_TIMEOUT_MS)
+    wait_for_status(page, "running")
     wait_for_step(page, 3)
     page.close()  # closing the browser does not stop the run
 
@@ -243,7 +266,7 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
     expect(page.locator("#nk-saved-files li").first).to_contain_text("gui_stop", timeout=TRAINING_TIMEOUT_MS)
     expect(live(page)).to_have_attribute("data-status", "running")
     page.click("#stop_training")
-    expect(live(page)).to_have_attribute("data-status", "stopped", timeout=TRAINING_TIMEOUT_MS)
+    wait_for_status(page, "stopped")
     stopped_at = int(live(page).get_attribute("data-step"))
     assert 10 <= stopped_at < 5000
     saved = page.locator("#nk-saved-files code")
