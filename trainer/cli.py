@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer {config,check,train} ...``.
+"""Command line: ``python -m trainer {config,check,train,lora} ...``.
 
 All three read the same kohya_ss-format JSON file and the same ``--set KEY=VALUE``
 overrides through ``trainer.settings``; ``train`` runs the same entry point as the GUI.
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LoRA in this process, with a progress bar")
     train.add_argument("--config", required=True, help="kohya_ss / Nekoya JSON config")
     _add_overrides(train)
+    from .commands import lora_cmd  # light: heavy imports happen inside its commands
+
+    lora_cmd.add_parser(sub)
     return parser
 
 
@@ -44,6 +47,10 @@ def load(path: str, overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "lora":
+        from .commands import lora_cmd
+
+        return lora_cmd.run(args)
     file = args.file if args.command == "config" else args.config
     try:
         settings = load(file, args.overrides)
