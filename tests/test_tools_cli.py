@@ -59,7 +59,8 @@ def test_resize_writes_next_to_the_input_by_default(folder, lora):
     assert code == 1 and "already exists" in err
     code, out, _ = run("resize", lora, "--rank", "4", "--dynamic", "sv_fro", "--param", "0.9", "--json")
     data = json.loads(out)
-    assert code == 0 and data["dynamic_method"] == "sv_fro" and data["out_path"].endswith("sd1_locon-sv_fro0.9.safetensors")
+    assert code == 0 and data["dynamic_method"] == "sv_fro"
+    assert data["out_path"].endswith("sd1_locon-sv_fro0.9.safetensors")
 
 
 def test_merge_and_extract(folder, lora, tiny_sd1_dir):
@@ -78,6 +79,7 @@ def test_merge_and_extract(folder, lora, tiny_sd1_dir):
 
 
 def test_the_command_module_imports_no_torch():
-    code = "import sys, trainer.commands.lora_cmd, trainer.tools; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    code = ("import sys, trainer.commands.lora_cmd, trainer.tools; "
+            "print(sorted({'torch', 'diffusers'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -1,5 +1,6 @@
-"""Extract a LoRA from a fine-tune minus its base: a LoRA merged then extracted at the same rank reproduces the
-original's weight changes and outputs; lower ranks give the best approximation; text encoder, conv and metadata rules."""
+"""Extract a LoRA from a fine-tune minus its base: a LoRA merged then extracted at the same rank reproduces
+the original's weight changes and outputs; lower ranks give the best approximation; text encoder, conv and
+metadata rules."""
 from __future__ import annotations
 
 import pytest

@@ -32,13 +32,14 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd1_lora(folder, tiny_sd1_dir):
-    return random_lora(folder, tiny_sd1_dir, "sd1_locon", metadata=METADATA)
+    return random_lora(folder, tiny_sd1_dir, "sd1_locon_meta", metadata=METADATA)
 
 
 def test_inspect_reports_every_module_with_rank_alpha_kind_and_norm(sd1_lora, tiny_sd1_dir):
     report = inspect_lora(sd1_lora)
     parts = components(tiny_sd1_dir)
-    network = LoRANetwork.build(adapter(parts).lora_targets(), NetworkSpec(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0))
+    spec = NetworkSpec(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0)
+    network = LoRANetwork.build(adapter(parts).lora_targets(), spec)
     network.load_lora_state_dict(read_lora(sd1_lora).tensors())
     expected = {m.lora_name: m for m in network.lora_modules()}
     assert {m.name for m in report.modules} == set(expected)
@@ -155,3 +156,17 @@ def test_ckpt_lora_files_are_read_weights_only(tmp_path, sd1_lora):
     assert set(read_lora(path).modules) == set(read_lora(sd1_lora).modules)
     with pytest.raises(LoraFormatError, match="not found"):
         read_lora(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("config, family, expected", [
+    ("sd15", "sd1", {"lora_unet": 192, "lora_te": 72}),
+    ("sd21", "sd2", {"lora_unet": 192, "lora_te": 138}),  # 23 text layers: diffusers drops OpenCLIP's last
+    ("sdxl_base", "sdxl", {"lora_unet": 722, "lora_te1": 72, "lora_te2": 192}),
+])
+def test_real_architectures_have_sd_scripts_module_counts(config, family, expected):
+    """The layer index the tools match against, built weightless for the real architectures (reference §1.1)."""
+    from trainer.checkpoints import shipped_config_dir
+    from trainer.tools.base_modules import base_modules, empty_models_from_configs
+
+    unet, encoders = empty_models_from_configs(shipped_config_dir(config))
+    assert base_modules(family, unet, encoders, with_conv=False).count_by_prefix() == expected

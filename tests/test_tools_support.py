@@ -45,11 +45,13 @@ def random_lora(folder, model_dir, name, *, rank=4, alpha=2.0, conv_rank=2, conv
     """Save a LoRA with random non-zero up weights for the model in ``model_dir``; built once per session."""
     from trainer.saving import save_lora_file
 
-    key = ("lora", str(model_dir), name, rank, alpha, conv_rank, conv_alpha, seed, std, roles)
+    key = ("lora", str(model_dir), name, rank, alpha, conv_rank, conv_alpha, seed, std, roles,
+           tuple(sorted((metadata or {}).items())))
     if key in _CACHE:
         return _CACHE[key]
     targets = [t for t in adapter(components(model_dir)).lora_targets() if t.role.value in roles]
-    network = LoRANetwork.build(targets, NetworkSpec(rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha))
+    spec = NetworkSpec(rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha)
+    network = LoRANetwork.build(targets, spec)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.lora_modules():
@@ -72,7 +74,8 @@ def apply_lora_files(parts, loras):
     for path, ratio in loras:
         weights = read_lora_file(str(path))
         ranks, alphas = ranks_and_alphas(weights)
-        network = LoRANetwork.build(adapter(parts).lora_targets(), NetworkSpec(module_ranks=ranks, module_alphas=alphas))
+        spec = NetworkSpec(module_ranks=ranks, module_alphas=alphas)
+        network = LoRANetwork.build(adapter(parts).lora_targets(), spec)
         missing, unexpected = network.load_lora_state_dict(weights)
         assert not missing and not unexpected, (missing[:3], unexpected[:3])
         network.set_multiplier(ratio)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
-from trainer.network.targets import UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoraTarget, TargetLayer, find_target_layers
+from trainer.network.targets import (
+    UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoraTarget, TargetLayer, find_target_layers,
+)
 
 # diffusers component name, in single-file order, for each text encoder of a model
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
@@ -79,9 +81,14 @@ def empty_models(path) -> tuple[str, nn.Module, tuple]:
     path = resolve_model_path(path)
     info = detect(path).require_usable()
     config_dir = path if info.format == "diffusers" else infer_config_dir(path)
+    return (info.family, *empty_models_from_configs(config_dir))
+
+
+def empty_models_from_configs(config_dir) -> tuple[nn.Module, tuple]:
+    """(unet, text encoders) on the meta device, from a diffusers (config) folder."""
     index = json.loads((Path(config_dir) / "model_index.json").read_text())
     encoders = tuple(_empty(config_dir, name, index) for name in TEXT_ENCODER_NAMES if name in index)
-    return info.family, _empty(config_dir, "unet", index), encoders
+    return _empty(config_dir, "unet", index), encoders
 
 
 def _empty(config_dir, name: str, index: dict) -> nn.Module:

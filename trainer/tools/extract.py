@@ -21,7 +21,7 @@ import torch
 from trainer.network.targets import Role
 from trainer.tools.errors import ToolError, check_output_path
 from trainer.tools.lora_file import LoraWeights, module_tensors
-from trainer.tools.lowrank import factor_matrix
+from trainer.tools.lowrank import top_factors
 from trainer.tools.resize import LORA_SUFFIXES, SAVE_PRECISIONS
 
 LOAD_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -172,7 +172,7 @@ def extract_module(name: str, diff: torch.Tensor, rank: int, clamp_quantile: flo
     """The rank-``rank`` LoRA module closest to ``diff`` (alpha = rank), and its error."""
     matrix = diff.to(device or "cpu").reshape(diff.shape[0], -1)
     rank = min(rank, *matrix.shape)
-    up, down = factor_matrix(matrix).truncate(rank)
+    up, down = top_factors(matrix, rank).truncate(rank)
     if clamp_quantile is not None and clamp_quantile < 1:
         limit = _quantile(torch.cat([up.flatten(), down.flatten()]).abs(), clamp_quantile)
         up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)

@@ -102,14 +102,18 @@ def shapes_fit(delta_shape, weight_shape) -> bool:
     A 1x1-conv LoRA fits a Linear layer and the reverse (SD2 ``proj_in``/``proj_out``
     are convs in sd-scripts' single-file models, Linear in diffusers).
     """
-    squeezed = lambda s: s[:2] if len(s) == 4 and s[2:] == (1, 1) else s  # noqa: E731
-    return squeezed(tuple(delta_shape)) == squeezed(tuple(weight_shape))
+    return _squeezed(tuple(delta_shape)) == _squeezed(tuple(weight_shape))
+
+
+def _squeezed(shape: tuple) -> tuple:
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
 
 
 def fit_to_layer(delta: torch.Tensor, weight_shape) -> torch.Tensor:
     """``delta`` reshaped to the layer's weight shape (see :func:`shapes_fit`)."""
     if not shapes_fit(delta.shape, weight_shape):
-        raise ValueError(f"a weight change of shape {tuple(delta.shape)} does not fit a layer of shape {tuple(weight_shape)}")
+        raise ValueError(f"a weight change of shape {tuple(delta.shape)} does not fit a layer of shape "
+                         f"{tuple(weight_shape)}")
     return delta.reshape(tuple(weight_shape))
 
 
@@ -121,12 +125,6 @@ class LoraFile:
     problems: list[str] = field(default_factory=list)  # keys that are not (complete) plain LoRA
     dtypes: tuple[str, ...] = ()
     file_bytes: int = 0
-
-    def by_prefix(self) -> dict[str, list[LoraWeights]]:
-        groups: dict[str, list[LoraWeights]] = {}
-        for module in self.modules.values():
-            groups.setdefault(module.prefix, []).append(module)
-        return groups
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The kohya state dict of the modules (what a writer saves back)."""

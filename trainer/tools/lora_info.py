@@ -26,7 +26,9 @@ BASE_VERSIONS = {
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # text-encoder width / UNet cross-attention width -> family (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024)
 WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-SGM_MARKERS = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+SGM_MARKERS = (
+    "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+)
 
 
 def _date(value: str) -> str:
@@ -234,7 +236,8 @@ class MatchReport:
             lines.append(f"  {self.matched_by_alias} modules use diffusers-style UNet names: sd-scripts, ComfyUI and "
                          "diffusers accept them, A1111 may not")
         if self.lora_family and self.lora_family != self.base_family and not self.ok:
-            lines.append(f"  the keys look like an {FAMILY_NAMES[self.lora_family]} LoRA: choose a base model of that family")
+            lines.append(f"  the keys look like an {FAMILY_NAMES[self.lora_family]} LoRA: "
+                         "choose a base model of that family")
         lines += _listed("unmatched", self.unmatched, limit)
         mismatches = [f"{n}: ΔW {list(a)} vs layer {list(b)}" for n, a, b in self.shape_mismatches]
         lines += _listed("wrong shape", mismatches, limit)

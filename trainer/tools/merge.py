@@ -20,6 +20,8 @@ from trainer.tools.errors import ToolError, check_output_path
 from trainer.tools.lora_file import LoraFile, fit_to_layer, read_lora, shapes_fit
 
 HALF = torch.float16
+# ModelSpec implementation of an original-layout (LDM/SGM) checkpoint, whatever the family
+ORIGINAL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
@@ -148,14 +150,15 @@ def _plan(file: LoraFile, modules, allow_unmatched: bool) -> tuple[dict, list[st
 
 def merged_metadata(components, merged: list[MergedLora], out: Path, v_parameterization: bool | None) -> dict[str, str]:
     """SAI ModelSpec keys of the checkpoint; the prediction type only when it is known."""
+    from trainer.network.metadata import MODELSPEC_VERSION
     from trainer.tools.base_modules import family_adapter
 
     version = family_adapter(components.family, components.unet, components.text_encoders,
                              components.v_parameterization).version_metadata()
     meta = {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": version.architecture,
-        "modelspec.implementation": version.implementation,
+        "modelspec.implementation": ORIGINAL_IMPLEMENTATION,
         "modelspec.title": out.stem,
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.description": "Nekoya merge: " + ", ".join(f"{Path(m.path).name} x{m.ratio:g}" for m in merged),
