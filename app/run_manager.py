@@ -211,7 +211,7 @@ class RunManager:
         return self._request(lambda c: c.request_save(), "The trainer saves the LoRA after the current step.")
 
     def request_sample(self) -> str:
-        return self._request(lambda c: c.request_sample(), "The trainer makes samples after the current step.")
+        return self._request(lambda c: c.request_sample(), "The trainer makes samples (Samples tab prompts) after the current step.")
 
     def snapshot(self) -> RunSnapshot:
         state = self._state

@@ -52,7 +52,8 @@ def build_app(
                     start = gr.Button("Start training", variant="primary", elem_id="start_training", scale=3)
                     stop = gr.Button("Stop training", variant="stop", elem_id="stop_training", scale=2)
                 with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
-                    save_now = gr.Button("Save the LoRA now (training goes on)", size="sm", elem_id="save_now")
+                    save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
+                    sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
                 run_message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
                 live = gr.HTML(render_live(runs.snapshot()), elem_id="nk-live-panel")
                 gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False)
@@ -62,7 +63,7 @@ def build_app(
         wire_presets(presets, form, folders)
         wire_plan(form, plan)
         _wire_model_pick(form, notes["model"])
-        _wire_run(form, runs, start, stop, save_now, run_message, plan)
+        _wire_run(form, runs, start, stop, save_now, sample_now, run_message, plan)
         _wire_live(demo, runs, live, gallery)
         demo.load(lambda: _running_form(form, runs), outputs=form.outputs(), show_progress="hidden")
         demo.load(lambda: gr.update(choices=list(folders.listing())), outputs=presets.preset, show_progress="hidden")
@@ -110,7 +111,7 @@ def _note(message: str) -> str:
     return f'<div class="nk-note">{html.escape(message)}</div>' if message else ""
 
 
-def _wire_run(form: SettingsForm, runs: RunManager, start, stop, save_now, message: gr.HTML, plan: gr.HTML) -> None:
+def _wire_run(form: SettingsForm, runs: RunManager, start, stop, save_now, sample_now, message: gr.HTML, plan: gr.HTML) -> None:
     def start_run(data):
         if runs.busy:  # checked first: another page's form may not even be filled in
             return {message: _message(runs.start_refusal(), ok=False), plan: gr.update()}
@@ -124,6 +125,7 @@ def _wire_run(form: SettingsForm, runs: RunManager, start, stop, save_now, messa
     start.click(start_run, inputs=form.inputs(), outputs=[message, plan], concurrency_limit=1, concurrency_id="start")
     stop.click(lambda: _message(runs.stop()), outputs=message, show_progress="hidden")
     save_now.click(lambda: _message(runs.request_save()), outputs=message, show_progress="hidden")
+    sample_now.click(lambda: _message(runs.request_sample()), outputs=message, show_progress="hidden")
 
 
 def _message(text: str, ok: bool = True):

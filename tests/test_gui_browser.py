@@ -36,7 +36,7 @@ SMALL_RUN_CONFIG = {
     "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 32, "mixed_precision": "no",
     "optimizer": "AdamW", "lr_scheduler": "constant", "lr_warmup": 0, "learning_rate": 0.001, "unet_lr": 0.001,
     "text_encoder_lr": 0.0005, "network_dim": 4, "network_alpha": 4, "save_every_n_epochs": 0, "save_precision": "float",
-    "xformers": "none", "cache_latents": True, "seed": 1234,
+    "xformers": "none", "cache_latents": True, "seed": 1234, "sample_prompts": "sks dog --w 64 --h 64 --s 2 --d 5",
 }
 
 
@@ -228,6 +228,8 @@ def fill_small_run(page, model: Path, images: Path, out: Path, config: Path, ste
 def test_training_runs_to_the_end_with_chart_and_file(page, tiny_sd1_dir, image_folder, tmp_path):
     out = tmp_path / "out"
     fill_small_run(page, tiny_sd1_dir, image_folder, out, tmp_path / "small.json", steps=8, name="gui_full")
+    show_tab(page, "Samples")
+    type_into(page, "sample_every_n_steps", 4)
     page.click("#start_training")
     expect(page.locator("#run_message")).to_contain_text("Training started")
     wait_for_status(page, "finished")
@@ -237,6 +239,8 @@ def test_training_runs_to_the_end_with_chart_and_file(page, tiny_sd1_dir, image_
     files = page.locator("#nk-saved-files code")
     expect(files.first).to_contain_text("gui_full")
     assert Path(files.first.get_attribute("title")).is_file()
+    expect(page.locator("#samples_gallery img")).to_have_count(2)  # sampled at steps 4 and 8
+    assert len(list((out / "sample").glob("gui_full_*.png"))) == 2
 
 
 @needs_trainer
@@ -262,6 +266,8 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
 
     page.click("#start_training")
     expect(page.locator("#run_message")).to_contain_text("already going")
+    page.click("#sample_now")
+    expect(page.locator("#samples_gallery img").first).to_be_visible(timeout=TRAINING_TIMEOUT_MS)
     page.click("#save_now")  # saves mid-run, training goes on
     expect(page.locator("#nk-saved-files li").first).to_contain_text("gui_stop", timeout=TRAINING_TIMEOUT_MS)
     expect(live(page)).to_have_attribute("data-status", "running")
