@@ -16,7 +16,8 @@ from trainer.control import Control
 from trainer.inference.keep_state import training_state_kept
 from trainer.loop import train
 
-PROMPTS = "a photo of sks dog --w 64 --h 64 --s 2 --d 5\n# a comment\n\nsks dog running --n blurry --w 72 --h 64 --s 2 --ss dpmsolver++"
+PROMPTS = ("a photo of sks dog --w 64 --h 64 --s 2 --d 5\n# a comment\n\n"
+           "sks dog running --n blurry --w 72 --h 64 --s 2 --ss dpmsolver++")
 STAMP = r"\d{14}"
 
 
@@ -24,7 +25,8 @@ STAMP = r"\d{14}"
 def images(tmp_path_factory):
     from trainer.devtools.synthetic import make_image_folder
 
-    return make_image_folder(tmp_path_factory.mktemp("sample_images") / "img", {"1_sks dog": 2}, sizes=[(64, 64)], seed=3)
+    folder = tmp_path_factory.mktemp("sample_images") / "img"
+    return make_image_folder(folder, {"1_sks dog": 2}, sizes=[(64, 64)], seed=3)
 
 
 def run(model, images, out, control=None, sink=None, **overrides):
@@ -51,7 +53,8 @@ def epoch_run(tiny_sd1_dir, images, tmp_path_factory):
 def test_every_n_epochs_and_at_first_kohya_names(epoch_run):
     out, recorder = epoch_run
     names = sample_names(out)
-    expected = [rf"tiny_e00000{e}_00_{STAMP}_5\.png" for e in (0, 1, 2)] + [rf"tiny_e00000{e}_01_{STAMP}\.png" for e in (0, 1, 2)]
+    expected = [rf"tiny_e00000{e}_00_{STAMP}_5\.png" for e in (0, 1, 2)]  # --d 5: seed in the name
+    expected += [rf"tiny_e00000{e}_01_{STAMP}\.png" for e in (0, 1, 2)]
     assert len(names) == 6
     for pattern in expected:
         assert sum(bool(re.fullmatch(pattern, n)) for n in names) == 1, (pattern, names)

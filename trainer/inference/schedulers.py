@@ -70,7 +70,8 @@ def _scheduler_class(class_name: str):
 
 @functools.lru_cache(maxsize=None)
 def _lms_without_scipy():
-    from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler  # the top-level name is a stub without scipy
+    # diffusers.LMSDiscreteScheduler itself is a stub when scipy is missing; the module is not
+    from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler
 
     class LMSWithoutScipy(LMSDiscreteScheduler):
         """diffusers integrates the LMS coefficients with scipy, which Nekoya does not install.
