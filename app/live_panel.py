@@ -19,7 +19,7 @@ STATUS_TEXT = {
 }
 CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 200, 52, 12, 12, 26
 MAX_CHART_POINTS = 400
-LOG_TAIL = 14
+LOG_TAIL = 60
 
 
 def render_live(snap: RunSnapshot, now: float | None = None) -> str:
@@ -114,8 +114,10 @@ def _files(snap: RunSnapshot) -> str:
 
 
 def _log_tail(snap: RunSnapshot) -> str:
-    lines = "\n".join(snap.log[-LOG_TAIL:])
-    return f'<details class="nk-log" open><summary>Log</summary><pre id="nk-log">{html.escape(lines)}</pre></details>'
+    # Lines in reverse inside a column-reverse box: they read top to bottom and the box
+    # starts scrolled to the newest line, with no script.
+    lines = "".join(f"<div>{html.escape(line)}</div>" for line in reversed(snap.log[-LOG_TAIL:]))
+    return f'<details class="nk-log" open><summary>Log</summary><div class="nk-logbox" id="nk-log">{lines}</div></details>'
 
 
 def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: int) -> str:
