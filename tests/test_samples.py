@@ -203,3 +203,22 @@ def test_kept_state_restores_rng_and_modes_even_on_failure():
             raise RuntimeError("sampling failed")
     assert _draw() == expected
     assert root.training and root[0].training and not root[1].training and torch.is_grad_enabled()
+
+
+class _RecordedMoves(torch.nn.Linear):
+    """A model whose ``to(device)`` is recorded, not done (there is no GPU in the tests)."""
+
+    def __init__(self, device: str = "cpu"):
+        super().__init__(2, 2, device=device)
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(str(args[0]))
+        return self
+
+
+def test_models_parked_on_the_cpu_come_to_the_device_and_go_back():
+    released_vae, on_device = _RecordedMoves(), _RecordedMoves("meta")  # meta: the training device here
+    with training_state_kept([], [released_vae, on_device], torch.device("meta")):
+        assert released_vae.moves == ["meta"]
+    assert released_vae.moves == ["meta", "cpu"] and on_device.moves == []

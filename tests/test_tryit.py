@@ -135,3 +135,27 @@ def test_partly_matching_lora_is_applied_with_a_note(tiny_sd1_dir, sd1_loras, tm
     tryit = TryIt(device="cpu", log=lambda message, level="info": notes.append((level, message)))
     tryit.generate(gen_request(tiny_sd1_dir, lora=str(path), steps=1))
     assert any(level == "warning" and "1 module(s) of extra.safetensors have no layer" in m for level, m in notes)
+
+
+def test_half_vae_that_overflows_decodes_again_in_fp32(tiny_sd1_dir, monkeypatch):
+    from trainer.inference.generate import ImageGenerator, ImageSpec
+
+    model = TryIt(device="cpu").load(str(tiny_sd1_dir))  # its own copy: the VAE weights get rounded here
+    vae = model.family.vae
+    vae.to(dtype=torch.bfloat16).to(dtype=torch.float32)  # weights a half VAE holds, in fp32
+    generator = ImageGenerator(model.family, model.device)
+    spec = ImageSpec("a dog", width=64, height=64, steps=1, seed=3, sampler="euler")
+    expected = pixels(generator.generate(spec))
+    decode = vae.decode
+
+    def overflowing_in_half(latents):
+        out = decode(latents)
+        if latents.dtype == torch.bfloat16:  # what an fp16 SDXL VAE does on large activations
+            out.sample.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(vae, "decode", overflowing_in_half)
+    vae.to(dtype=torch.bfloat16)
+    image = generator.generate(spec)
+    assert vae.dtype == torch.bfloat16  # put back after the fp32 retry
+    assert np.array_equal(pixels(image), expected)

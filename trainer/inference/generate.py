@@ -112,12 +112,24 @@ class ImageGenerator:
 
     def decode(self, latents: torch.Tensor) -> Image.Image:
         vae = self.family.vae
-        # outside autocast: an fp32 VAE (SDXL's, which overflows in fp16) really runs in fp32
-        with torch.autocast(vae.device.type, enabled=False):
-            pixels = vae.decode(latents.to(vae.device, vae.dtype) / self.family.latent_scale).sample
+        pixels = self._vae_decode(latents)
+        if vae.dtype != torch.float32 and not torch.isfinite(pixels).all():
+            # a half VAE overflowed (SDXL's does without sdxl_no_half_vae): decode this one in fp32
+            half = vae.dtype
+            vae.to(dtype=torch.float32)
+            try:
+                pixels = self._vae_decode(latents)
+            finally:
+                vae.to(dtype=half)
         pixels = (pixels[0].float() / 2 + 0.5).clamp(0, 1)
         array = (pixels.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         return Image.fromarray(array)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.family.vae
+        # outside autocast, so the VAE runs in its own dtype (fp32 when asked)
+        with torch.autocast(vae.device.type, enabled=False):
+            return vae.decode(latents.to(vae.device, vae.dtype) / self.family.latent_scale).sample
 
     @property
     def vae_scale_factor(self) -> int:
