@@ -75,10 +75,12 @@ class TryIt:
         with self._lock:
             model = self._load(request.base_model, request.v_parameterization)
             steps = _Progress(progress, len(choices) * len(specs))
-            results = []
-            for choice in choices:
-                results.append(self._with_lora(model, request, choice, specs, steps))
-            return results
+            return [self._with_lora(model, request, choice, specs, steps) for choice in choices]
+
+    def load(self, base_model: str, v_parameterization: bool | None = None):
+        """The loaded base model (``BaseModel``), loading it unless it is the one in the cache."""
+        with self._lock:
+            return self._load(base_model, v_parameterization)
 
     def unload(self) -> None:
         """Free the cached model and LoRAs (e.g. before training starts on the same GPU)."""
@@ -87,11 +89,6 @@ class TryIt:
             _free_device_memory()
 
     # -- internals ----------------------------------------------------------------------------------------
-    def load(self, base_model: str, v_parameterization: bool | None = None):
-        """The loaded base model (``BaseModel``), loading it unless it is the one in the cache."""
-        with self._lock:
-            return self._load(base_model, v_parameterization)
-
     def _load(self, base_model: str, v_parameterization: bool | None):
         from trainer.inference.base_model import inference_device_and_dtype, load_base_model, model_key
 
