@@ -30,6 +30,7 @@ from trainer.preflight.families import FamilyTraits
 from trainer.preflight.optimizer_table import optimizer_facts
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
+from trainer.settings.tab_parameters import LOCON_TYPES
 
 GRADIENT_CHECKPOINTING_FACTOR = 0.45
 PLAIN_ATTENTION_FACTOR = 1.6
@@ -38,7 +39,6 @@ VAE_ENCODE_GIB_PER_SAMPLE = 0.6
 ALLOCATOR_SLACK = 1.1
 RUNTIME_GIB = {"cuda": 0.8, "mps": 0.8, "cpu": 0.6}
 REFERENCE_PIXELS = 512 * 512
-LOCON_TYPES = frozenset({"Kohya LoCon", "LyCORIS/LoCon"})
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,13 @@ def setting(
     allow_custom: bool = False,
     widget: str | None = None,
     unit: str = "",
+    visible_when: dict[str, Sequence[Any]] | None = None,
 ) -> Any:
-    """Declare a setting. The field's name is its kohya_ss JSON key."""
+    """Declare a setting. The field's name is its kohya_ss JSON key.
+
+    ``visible_when={"LoRA_type": ("Kohya LoCon",)}``: the GUI shows the widget only while
+    every named setting has one of the listed values (the value is kept either way).
+    """
     if tab not in TABS:
         raise ValueError(f"unknown tab {tab!r}")
     if widget is not None and widget not in WIDGETS:
@@ -50,6 +55,7 @@ def setting(
         "widget": widget,
         "step": step,
         "unit": unit,
+        "visible_when": {k: list(v) for k, v in (visible_when or {}).items()},
     }
     return Field(default, ge=ge, le=le, description=help, json_schema_extra=extra)
 
@@ -73,6 +79,11 @@ class SettingInfo:
     le: float | None
     step: float | None
     unit: str
+    visible_when: tuple[tuple[str, tuple], ...] = ()
+
+    def is_visible(self, values: dict[str, Any]) -> bool:
+        """Whether the GUI shows this setting, given the current values of the others."""
+        return all(values.get(key) in allowed for key, allowed in self.visible_when)
 
     def describe_allowed(self) -> str:
         """What values are allowed, in words, for error messages."""
@@ -117,6 +128,7 @@ def info_from_field(name: str, field) -> SettingInfo:
         le=le,
         step=extra.get("step"),
         unit=extra.get("unit", ""),
+        visible_when=tuple((k, tuple(v)) for k, v in extra.get("visible_when", {}).items()),
     )
 
 

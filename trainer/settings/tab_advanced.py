@@ -15,6 +15,11 @@ SAMPLERS = (
 )
 
 
+ORIGINAL_NOISE = {"noise_offset_type": ("Original",)}
+MULTIRES_NOISE = {"noise_offset_type": ("Multires",)}
+HUBER_LOSS = {"loss_type": ("huber", "smooth_l1")}
+
+
 class AdvancedSettings(BaseModel):
     # --- Training ------------------------------------------------------------
     gradient_accumulation_steps: int = setting(1, label="Gradient accumulate steps", tab=TAB, section=TRAIN, ge=1, le=120, step=1, widget="slider")
@@ -47,18 +52,18 @@ class AdvancedSettings(BaseModel):
     random_crop: bool = setting(False, label="Random crop instead of center crop", tab=TAB, section=CAPTION, help="Turns latent caching off.")
     # --- Noise -------------------------------------------------------------------
     noise_offset_type: str = setting("Original", label="Noise offset type", tab=TAB, section=NOISE, choices=("Original", "Multires"))
-    noise_offset: float = setting(0, label="Noise offset", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", help="0.05 to 0.15 helps very dark or bright images.")
-    noise_offset_random_strength: bool = setting(False, label="Noise offset random strength", tab=TAB, section=NOISE)
-    adaptive_noise_scale: float = setting(0, label="Adaptive noise scale", tab=TAB, section=NOISE, ge=-1, le=1, step=0.001, widget="slider")
-    multires_noise_iterations: int = setting(0, label="Multires noise iterations", tab=TAB, section=NOISE, ge=0, le=64, step=1, widget="slider", help="6 to 10 recommended.")
-    multires_noise_discount: float = setting(0.3, label="Multires noise discount", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider")
+    noise_offset: float = setting(0, label="Noise offset", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", help="0.05 to 0.15 helps very dark or bright images.", visible_when=ORIGINAL_NOISE)
+    noise_offset_random_strength: bool = setting(False, label="Noise offset random strength", tab=TAB, section=NOISE, visible_when=ORIGINAL_NOISE)
+    adaptive_noise_scale: float = setting(0, label="Adaptive noise scale", tab=TAB, section=NOISE, ge=-1, le=1, step=0.001, widget="slider", visible_when=ORIGINAL_NOISE)
+    multires_noise_iterations: int = setting(0, label="Multires noise iterations", tab=TAB, section=NOISE, ge=0, le=64, step=1, widget="slider", help="6 to 10 recommended.", visible_when=MULTIRES_NOISE)
+    multires_noise_discount: float = setting(0.3, label="Multires noise discount", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", visible_when=MULTIRES_NOISE)
     ip_noise_gamma: float = setting(0, label="IP noise gamma", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider")
     # --- Loss ---------------------------------------------------------------------
     min_snr_gamma: float = setting(0, label="Min SNR gamma", tab=TAB, section=LOSS, ge=0, le=20, step=0.1, widget="slider", help="0 = off; 5 recommended.")
     loss_type: str = setting("l2", label="Loss type", tab=TAB, section=LOSS, choices=("huber", "smooth_l1", "l1", "l2"))
-    huber_schedule: str = setting("snr", label="Huber schedule", tab=TAB, section=LOSS, choices=("constant", "exponential", "snr"))
-    huber_c: float = setting(0.1, label="Huber C", tab=TAB, section=LOSS, ge=0, le=1)
-    huber_scale: float = setting(1.0, label="Huber scale", tab=TAB, section=LOSS, ge=0, le=10)
+    huber_schedule: str = setting("snr", label="Huber schedule", tab=TAB, section=LOSS, choices=("constant", "exponential", "snr"), visible_when=HUBER_LOSS)
+    huber_c: float = setting(0.1, label="Huber C", tab=TAB, section=LOSS, ge=0, le=1, visible_when=HUBER_LOSS)
+    huber_scale: float = setting(1.0, label="Huber scale", tab=TAB, section=LOSS, ge=0, le=10, visible_when=HUBER_LOSS)
     scale_v_pred_loss_like_noise_pred: bool = setting(False, label="Scale v prediction loss", tab=TAB, section=LOSS)
     debiased_estimation_loss: bool = setting(False, label="Debiased Estimation loss", tab=TAB, section=LOSS)
     nan_loss_policy: str = setting(

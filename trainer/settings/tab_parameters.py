@@ -26,6 +26,11 @@ LR_SCHEDULERS = (
 )
 
 
+LOCON_TYPES = ("Kohya LoCon", "LyCORIS/LoCon")
+ONLY_LOCON = {"LoRA_type": LOCON_TYPES}
+ONLY_SDXL = {"sdxl": (True,)}
+
+
 class ParameterSettings(BaseModel):
     # --- Basic -------------------------------------------------------------
     LoRA_type: str = setting(
@@ -107,8 +112,8 @@ class ParameterSettings(BaseModel):
         1, label="Network Alpha", tab=TAB, section=NET, ge=0, le=1024, step=0.00001, widget="slider",
         help="Scales the LoRA by alpha / rank. Usually at most the rank.",
     )
-    conv_dim: int = setting(1, label="Convolution Rank (Dimension)", tab=TAB, section=NET, ge=0, le=512, step=1, widget="slider", help="LoCon only.")
-    conv_alpha: float = setting(1, label="Convolution Alpha", tab=TAB, section=NET, ge=0, le=512, step=0.1, widget="slider", help="LoCon only.")
+    conv_dim: int = setting(1, label="Convolution Rank (Dimension)", tab=TAB, section=NET, ge=0, le=512, step=1, widget="slider", help="LoCon only.", visible_when=ONLY_LOCON)
+    conv_alpha: float = setting(1, label="Convolution Alpha", tab=TAB, section=NET, ge=0, le=512, step=0.1, widget="slider", help="LoCon only.", visible_when=ONLY_LOCON)
     scale_weight_norms: float = setting(0, label="Scale weight norms", tab=TAB, section=NET, ge=0, le=10, step=0.01, widget="slider", help="0 = off; 1 recommended.")
     network_dropout: float = setting(0, label="Network dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
     rank_dropout: float = setting(0, label="Rank dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
@@ -128,7 +133,9 @@ class ParameterSettings(BaseModel):
     sdxl_cache_text_encoder_outputs: bool = setting(
         False, label="Cache text encoder outputs", tab=TAB, section=SDXL,
         help="SDXL: encode captions once; the text encoders are then not trained and leave GPU memory.",
+        visible_when=ONLY_SDXL,
     )
     sdxl_no_half_vae: bool = setting(
         False, label="No half VAE", tab=TAB, section=SDXL, help="SDXL: keep the VAE in fp32 (the fp16 SDXL VAE overflows to NaN).",
+        visible_when=ONLY_SDXL,
     )
