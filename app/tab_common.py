@@ -1,0 +1,150 @@
+"""What the Try it, Tools and Dataset Preparation tabs share: named fields, prefilled paths,
+reports, user-facing errors and the one image model of the GUI process.
+
+No training or image logic here: the tabs call ``trainer.inference``, ``trainer.tools``
+and ``trainer.dataset_prep``; this module only adapts them to widgets.
+"""
+from __future__ import annotations
+
+import html
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from .presets_panel import status_html
+
+# Errors the backends raise with a message meant for the user (ToolError, DatasetPrepError,
+# CheckpointError and LoraMismatchError are ValueErrors; SaveError is an OSError).
+USER_ERRORS = (ValueError, OSError)
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+ProgressFn = Callable[[int, int], None]
+
+
+class NamedFields:
+    """A tab's widgets by name: Gradio's component-keyed dicts in and out, by name (as ``SettingsForm``)."""
+
+    def __init__(self, components: Mapping[str, Any]):
+        self.components = dict(components)
+        self._names = {id(c): name for name, c in self.components.items()}
+
+    def __getitem__(self, name: str):
+        return self.components[name]
+
+    def inputs(self, *extra) -> set:
+        return {*self.components.values(), *extra}
+
+    def values(self, data: Mapping[Any, Any]) -> dict[str, Any]:
+        return {self._names[id(c)]: v for c, v in data.items() if id(c) in self._names}
+
+    def updates(self, values: Mapping[str, Any]) -> dict:
+        return {self.components[name]: value for name, value in values.items()}
+
+
+def follow(current: str | None, last_prefill: str | None, new_value: str | None) -> str:
+    """A prefilled field follows its source until the user types something else into it."""
+    current = (current or "").strip()
+    if not current or current == (last_prefill or "").strip():
+        return new_value or ""
+    return current
+
+
+def text(value: Any) -> str:
+    return str(value or "").strip()
+
+
+def problem(message: str) -> str:
+    return status_html([], [message])
+
+
+def done(message: str, warnings: list[str] = ()) -> str:
+    return status_html([message], [], list(warnings))
+
+
+def report_html(report: str, elem_class: str = "nk-report") -> str:
+    """A backend's ``format()`` text, kept as it is (aligned columns) in a scrolling box."""
+    return f'<pre class="{elem_class}">{html.escape(report.rstrip())}</pre>' if report else ""
+
+
+def lora_files(saved_paths: list[str], output_dir: str | None = None, limit: int = 40) -> list[str]:
+    """LoRA files to offer: the run's saved files (newest first), then those in the output folder (newest first)."""
+    found = [p for p in reversed(saved_paths) if Path(p).suffix.lower() in LORA_SUFFIXES]
+    folder = Path(output_dir).expanduser() if text(output_dir) else None
+    if folder is not None and folder.is_dir():
+        files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in LORA_SUFFIXES]
+        found += [str(p) for p in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return list(dict.fromkeys(found))[:limit]
+
+
+def saved_lora_paths(snapshot) -> list[str]:
+    """Files the current (or last) run saved, oldest first, without state folders."""
+    return [s.path for s in snapshot.saved if s.kind != "state"]
+
+
+def progress_reporter(progress, unit: str) -> ProgressFn:
+    """(done, total) callbacks into a ``gr.Progress`` (or any callable taking the same arguments)."""
+
+    def report(done_count: int, total: int) -> None:
+        if progress is not None and total:
+            progress((done_count, total), desc=f"{done_count}/{total} {unit}", unit=unit)
+
+    return report
+
+
+class ImageModels:
+    """The GUI's one ``TryIt`` (base model cache), shared by Try it and the regularisation images.
+
+    Created on first use so the page starts without torch. Library notes (e.g. LoRA keys
+    that match no layer) are collected per calling thread, for the page that asked.
+    """
+
+    def __init__(self, device: str | None = None):
+        self.device = device  # None: CUDA when there is one
+        self._tryit = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.stop_requested = threading.Event()  # for long batches (regularisation images)
+
+    @property
+    def tryit(self):
+        with self._lock:
+            if self._tryit is None:
+                from trainer.inference.tryit import TryIt
+
+                self._tryit = TryIt(device=self.device, log=self._log)
+            return self._tryit
+
+    @property
+    def loaded(self) -> bool:
+        return self._tryit is not None and self._tryit.model is not None
+
+    def unload(self) -> str:
+        if not self.loaded:
+            return "No model was loaded."
+        self._tryit.unload()
+        return "The Try it model was unloaded; its memory is free."
+
+    @contextmanager
+    def notes(self) -> Iterator[list[str]]:
+        """Collect the warnings logged by the backend during the ``with`` block on this thread."""
+        collected: list[str] = []
+        self._local.notes = collected
+        try:
+            yield collected
+        finally:
+            self._local.notes = None
+
+    def _log(self, message: str, level: str = "info") -> None:
+        notes = getattr(self._local, "notes", None)
+        if notes is not None and level != "info":
+            notes.append(message)
+
+
+def number(value: Any, label: str, cast: Callable[[Any], Any] = int):
+    """A number box's value, or ValueError naming the box (an emptied box gives None)."""
+    if value is None or value == "":
+        raise ValueError(f"{label} is empty; type a number")
+    try:
+        return cast(float(value)) if cast is int else cast(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} must be a number, not {value!r}") from None

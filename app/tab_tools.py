@@ -1,0 +1,183 @@
+"""The Tools tab (kohya's LoRA › Tools): Inspect / Verify, Resize, Extract, Merge into checkpoint.
+
+Layout and wiring only; ``tools_actions`` calls ``trainer.tools``. The tools run one at
+a time in Gradio's queue (each can hold a whole model in memory). Every output path
+is refused when it exists unless its "Overwrite" box is ticked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from . import tools_actions as actions
+from .tab_common import NamedFields, follow, lora_files, saved_lora_paths
+
+TAB_NAME = "Tools"
+MODEL_PLACEHOLDER = "model file (.safetensors / .ckpt) or diffusers folder"
+LORA_PLACEHOLDER = "LoRA file (.safetensors)"
+QUEUE = dict(concurrency_limit=1, concurrency_id="lora_tools")
+
+
+@dataclass
+class ToolsTab:
+    tab: gr.Tab
+    inspect: NamedFields
+    resize: NamedFields
+    extract: NamedFields
+    merge: NamedFields
+    buttons: dict[str, gr.Button]
+    outputs: dict[str, list]  # tool -> its output components (status first)
+    prefilled: gr.State
+
+
+def _path(label: str, elem_id: str, placeholder: str, **extra) -> gr.Textbox:
+    return gr.Textbox(label=label, elem_id=elem_id, max_lines=1, placeholder=placeholder, min_width=320, **extra)
+
+
+def _out(tool: str, placeholder: str) -> tuple[gr.Textbox, gr.Checkbox]:
+    with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
+        out = _path("Output file", f"{tool}_out", placeholder, scale=4)
+        overwrite = gr.Checkbox(False, label="Overwrite if it exists", elem_id=f"{tool}_overwrite", scale=1, min_width=180)
+    return out, overwrite
+
+
+def _results(tool: str) -> tuple[gr.HTML, gr.HTML]:
+    return gr.HTML(elem_id=f"{tool}_status", elem_classes=["nk-status-box"]), gr.HTML(elem_id=f"{tool}_report", elem_classes=["nk-status-box"])
+
+
+def build_tools_tab() -> ToolsTab:
+    buttons, outputs = {}, {}
+    with gr.Tab(TAB_NAME, id="tools", elem_id="tab_tools") as tab:
+        with gr.Tab("Inspect / Verify", id="tools_inspect"):
+            with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+                file = gr.Dropdown(label="LoRA file", elem_id="inspect_file", allow_custom_value=True, choices=[],
+                                   value=None, scale=1, min_width=320, info="Files the run saved, or type a path.")
+                base = _path("Base model (optional)", "inspect_base", MODEL_PLACEHOLDER, scale=1,
+                             info="Checks every key against this model's layers. Empty: no check.")
+            buttons["inspect"] = gr.Button("Inspect", variant="primary", elem_id="inspect_run")
+            status, report = _results("inspect")
+            settings = gr.Dataframe(actions.table(actions.SETTING_HEADERS, []), elem_id="inspect_settings",
+                                    interactive=False, wrap=True, max_height=320, label="Training settings", visible=False)
+            modules = gr.Dataframe(actions.table(actions.MODULE_HEADERS, []), elem_id="inspect_modules",
+                                   interactive=False, max_height=360, label="Modules", visible=False)
+            outputs["inspect"] = [status, report, settings, modules]
+            inspect = NamedFields({"file": file, "base": base})
+        with gr.Tab("Resize", id="tools_resize"):
+            file = _path("LoRA file", "resize_file", LORA_PLACEHOLDER)
+            with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+                method = gr.Dropdown(list(actions.DYNAMIC_METHODS), value=actions.FIXED_RANK, label="Method",
+                                     elem_id="resize_method", min_width=160,
+                                     info="Dynamic: each module's rank from its singular values.")
+                rank = gr.Number(8, precision=0, label="New rank (max for dynamic)", elem_id="resize_rank", min_width=160)
+                conv = gr.Number(0, precision=0, label="Conv rank (0: same)", elem_id="resize_conv_rank", min_width=140)
+                param = gr.Number(None, label="Dynamic parameter", elem_id="resize_param", min_width=160,
+                                  info="sv_ratio e.g. 4; sv_fro / sv_cumulative e.g. 0.9")
+                precision = gr.Dropdown([actions.KEEP_PRECISION, *actions.SAVE_PRECISIONS],
+                                        value=actions.KEEP_PRECISION, label="Save precision",
+                                        elem_id="resize_precision", min_width=150)
+            out, overwrite = _out("resize", "empty: <file>-r<rank>.safetensors next to the input")
+            buttons["resize"] = gr.Button("Resize", variant="primary", elem_id="resize_run")
+            outputs["resize"] = list(_results("resize"))
+            resize = NamedFields({"file": file, "method": method, "rank": rank, "conv_rank": conv, "param": param,
+                                  "precision": precision, "out": out, "overwrite": overwrite})
+        with gr.Tab("Extract", id="tools_extract"):
+            with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+                tuned = _path("Fine-tuned model", "extract_tuned", MODEL_PLACEHOLDER, scale=1)
+                base = _path("Base model (the original)", "extract_base", MODEL_PLACEHOLDER, scale=1)
+            with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+                rank = gr.Number(4, precision=0, label="Rank", elem_id="extract_rank", min_width=120)
+                conv = gr.Number(0, precision=0, label="Conv rank (0: none)", elem_id="extract_conv_rank", min_width=140)
+                clamp = gr.Number(0.99, label="Clamp quantile (1: none)", elem_id="extract_clamp", min_width=160)
+                min_diff = gr.Number(0.01, label="Min. text-encoder difference", elem_id="extract_min_diff",
+                                     min_width=180, info="Below it the text encoder is left out.")
+                precision = gr.Dropdown(list(actions.SAVE_PRECISIONS), value="float", label="Save precision",
+                                        elem_id="extract_precision", min_width=130)
+            out, overwrite = _out("extract", "LoRA file to write (.safetensors)")
+            buttons["extract"] = gr.Button("Extract", variant="primary", elem_id="extract_run")
+            outputs["extract"] = list(_results("extract"))
+            extract = NamedFields({"tuned": tuned, "base": base, "rank": rank, "conv_rank": conv, "clamp_quantile": clamp,
+                                   "min_diff": min_diff, "precision": precision, "out": out, "overwrite": overwrite})
+        with gr.Tab("Merge into checkpoint", id="tools_merge"):
+            base = _path("Base model", "merge_base", MODEL_PLACEHOLDER)
+            slots = {}
+            for i in range(1, actions.MERGE_SLOTS + 1):
+                with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
+                    slots[f"lora_{i}"] = _path(f"LoRA {i}", f"merge_lora_{i}", LORA_PLACEHOLDER, scale=4)
+                    slots[f"ratio_{i}"] = gr.Number(1.0, step=0.05, label="Ratio", elem_id=f"merge_ratio_{i}",
+                                                    scale=1, min_width=100)
+            with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
+                file_format = gr.Radio(list(actions.CHECKPOINT_FORMATS), value=".safetensors", label="Format",
+                                       elem_id="merge_format", min_width=220)
+                half = gr.Checkbox(False, label="Save as fp16 (half the size)", elem_id="merge_half", min_width=200)
+                unmatched = gr.Checkbox(False, label="Skip modules that match no layer", elem_id="merge_unmatched",
+                                        min_width=220)
+            out, overwrite = _out("merge", "checkpoint to write (the format's suffix is added when missing)")
+            buttons["merge"] = gr.Button("Merge", variant="primary", elem_id="merge_run")
+            outputs["merge"] = list(_results("merge"))
+            merge = NamedFields({"base": base, **slots, "format": file_format, "half": half, "allow_unmatched": unmatched,
+                                 "out": out, "overwrite": overwrite})
+        prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
+    return ToolsTab(tab, inspect, resize, extract, merge, buttons, outputs, prefilled)
+
+
+# ---- wiring -----------------------------------------------------------------------------------------
+
+
+def wire_tools(tab: ToolsTab, form_components: dict, runs) -> None:
+    source, output_dir = form_components["pretrained_model_name_or_path"], form_components["output_dir"]
+    base_fields = {"inspect": tab.inspect["base"], "extract": tab.extract["base"], "merge": tab.merge["base"]}
+
+    def refresh(data):
+        """Base models follow the Source Model tab; the LoRA list shows what the run saved."""
+        prefilled, model = dict(data[tab.prefilled]), (data[source] or "").strip()
+        updates = {}
+        for name, box in base_fields.items():
+            updates[box] = prefilled[name] = follow(data[box], prefilled.get(name), model)
+        choices = lora_files(saved_lora_paths(runs.snapshot()), data[output_dir])
+        current = data[tab.inspect["file"]]
+        prefilled["lora"] = follow(current, prefilled.get("lora"), choices[0] if choices else "")
+        updates[tab.inspect["file"]] = gr.update(choices=choices, value=prefilled["lora"] or None)
+        return {**updates, tab.prefilled: prefilled}
+
+    inputs = {tab.prefilled, source, output_dir, tab.inspect["file"], *base_fields.values()}
+    tab.tab.select(refresh, inputs=inputs, outputs=[*base_fields.values(), tab.inspect["file"], tab.prefilled],
+                   show_progress="hidden")
+    _wire_inspect(tab)
+    _wire_writers(tab)
+
+
+def _wire_inspect(tab: ToolsTab) -> None:
+    def inspect(data):
+        values = tab.inspect.values(data)
+        status, report, settings, modules = actions.inspect(values["file"], values["base"])
+        tables = [gr.update(value=t, visible=actions.has_rows(t)) for t in (settings, modules)]
+        return dict(zip(tab.outputs["inspect"], [status, report, *tables]))
+
+    tab.buttons["inspect"].click(inspect, inputs=tab.inspect.inputs(), outputs=tab.outputs["inspect"], **QUEUE)
+
+
+def _wire_writers(tab: ToolsTab) -> None:
+    def resize(data):
+        v = tab.resize.values(data)
+        return actions.resize(v["file"], v["out"], v["rank"], v["conv_rank"], v["method"], v["param"], v["precision"],
+                              v["overwrite"])
+
+    def extract(data, progress=gr.Progress()):
+        v = tab.extract.values(data)
+        return actions.extract(v["tuned"], v["base"], v["out"], v["rank"], v["conv_rank"], v["clamp_quantile"],
+                               v["min_diff"], v["precision"], v["overwrite"], log=_progress_text(progress))
+
+    def merge(data, progress=gr.Progress()):
+        v = tab.merge.values(data)
+        loras = [(v[f"lora_{i}"], v[f"ratio_{i}"]) for i in range(1, actions.MERGE_SLOTS + 1)]
+        return actions.merge(v["base"], loras, v["out"], v["format"], v["half"], v["allow_unmatched"], v["overwrite"],
+                             log=_progress_text(progress))
+
+    for name, fields, handler in (("resize", tab.resize, resize), ("extract", tab.extract, extract),
+                                  ("merge", tab.merge, merge)):
+        tab.buttons[name].click(handler, inputs=fields.inputs(), outputs=tab.outputs[name], **QUEUE)
+
+
+def _progress_text(progress):
+    return lambda message: progress(None, desc=message)

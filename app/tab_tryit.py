@@ -1,0 +1,197 @@
+"""The Try it tab: a base model plus a trained LoRA at a weight, prompt in, images out; and two
+LoRA files (or one at two weights) side by side with the same seed.
+
+Generation is ``trainer.inference.TryIt`` (one model cached for the GUI process, see
+``ImageModels``). Handlers run in Gradio's queue, one at a time, with step progress.
+While a training run is going generation is allowed with a note: it shares the
+CPU or GPU with the run (slower, and on a small GPU it may run out of memory).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import gradio as gr
+
+from trainer.settings import setting_info
+
+from .tab_common import (USER_ERRORS, ImageModels, NamedFields, done, follow, lora_files, problem,
+                         progress_reporter, saved_lora_paths, text)
+
+TAB_NAME = "Try it"
+DEFAULT_WEIGHT = 0.8
+COMPARE_FILES, COMPARE_WEIGHTS, COMPARE_BASE = ("another LoRA file", "the same LoRA at another weight",
+                                                "the base model alone")
+TRAINING_NOTE = ("A training run is going: generating shares the CPU/GPU with it, so both are slower, "
+                 "and on a GPU with little memory one of them may run out of memory.")
+# what the second picture of a comparison is, from the form values
+COMPARE_CHOICES: dict[str, Callable[[dict], tuple[str | None, float]]] = {
+    COMPARE_FILES: lambda v: (text(v["lora_b"]) or None, float(v["weight_b"])),
+    COMPARE_WEIGHTS: lambda v: (text(v["lora"]) or None, float(v["weight_b"])),
+    COMPARE_BASE: lambda v: (None, 0.0),
+}
+
+
+@dataclass
+class TryItTab:
+    tab: gr.Tab
+    fields: NamedFields
+    generate: gr.Button
+    compare: gr.Button
+    unload: gr.Button
+    note: gr.HTML
+    gallery: gr.Gallery
+    prefilled: gr.State  # {"base_model": ..., "lora": ...}: the values this page put in
+
+
+def build_tryit_tab() -> TryItTab:
+    with gr.Tab(TAB_NAME, id="try_it", elem_id="tab_try_it") as tab:
+        with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+            base = gr.Textbox(label="Base model", elem_id="tryit_base_model", scale=3, max_lines=1,
+                              placeholder="model file (.safetensors / .ckpt) or diffusers folder",
+                              info="Prefilled from the Source Model tab.")
+            lora = gr.Dropdown(label="LoRA file", elem_id="tryit_lora", scale=3, allow_custom_value=True,
+                               choices=[], value=None, info="Files the run saved, newest first; or type a path. "
+                               "Empty: the base model alone.")
+            weight = gr.Slider(-1.0, 2.0, value=DEFAULT_WEIGHT, step=0.05, label="LoRA weight", elem_id="tryit_weight",
+                               scale=2, min_width=200)
+        prompt = gr.Textbox(label="Prompt", elem_id="tryit_prompt", lines=2, max_lines=6,
+                            placeholder="e.g. photo of sks dog on a beach")
+        negative = gr.Textbox(label="Negative prompt", elem_id="tryit_negative", lines=1, max_lines=4)
+        with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+            width = gr.Number(512, precision=0, step=64, label="Width", elem_id="tryit_width", min_width=100)
+            height = gr.Number(512, precision=0, step=64, label="Height", elem_id="tryit_height", min_width=100)
+            steps = gr.Number(20, precision=0, label="Steps", elem_id="tryit_steps", min_width=100)
+            cfg = gr.Number(7.0, step=0.5, label="CFG scale", elem_id="tryit_cfg", min_width=100)
+            seed = gr.Number(-1, precision=0, label="Seed (-1 random)", elem_id="tryit_seed", min_width=120)
+            count = gr.Number(1, precision=0, minimum=1, maximum=16, label="Images", elem_id="tryit_count", min_width=100)
+            sampler = gr.Dropdown(list(setting_info("sample_sampler").choices), value="euler_a", label="Sampler",
+                                  elem_id="tryit_sampler", min_width=150)
+        with gr.Row(equal_height=True):
+            generate = gr.Button("Generate", variant="primary", elem_id="tryit_generate", scale=3)
+            unload = gr.Button("Free the model's memory", size="sm", elem_id="tryit_unload", scale=1)
+        with gr.Accordion("Compare side by side (same seed)", open=True, elem_classes=["settings-section"]):
+            with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+                mode = gr.Radio([COMPARE_FILES, COMPARE_WEIGHTS, COMPARE_BASE], value=COMPARE_FILES,
+                                label="Compare the LoRA above with", elem_id="tryit_compare_mode", scale=3)
+                lora_b = gr.Dropdown(label="Second LoRA file", elem_id="tryit_lora_b", scale=3, allow_custom_value=True,
+                                     choices=[], value=None, info="e.g. an earlier epoch")
+                weight_b = gr.Slider(-1.0, 2.0, value=DEFAULT_WEIGHT, step=0.05, label="Second weight",
+                                     elem_id="tryit_weight_b", scale=2, min_width=200)
+            compare = gr.Button("Compare", elem_id="tryit_compare")
+        note = gr.HTML(elem_id="tryit_note", elem_classes=["nk-status-box"])
+        gallery = gr.Gallery(label="Images", elem_id="tryit_gallery", columns=2, height=420, object_fit="contain",
+                             interactive=False, format="png")
+        prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
+    fields = NamedFields({
+        "base_model": base, "lora": lora, "weight": weight, "prompt": prompt, "negative_prompt": negative,
+        "width": width, "height": height, "steps": steps, "cfg_scale": cfg, "seed": seed, "count": count,
+        "sampler": sampler, "compare_with": mode, "lora_b": lora_b, "weight_b": weight_b,
+    })
+    return TryItTab(tab, fields, generate, compare, unload, note, gallery, prefilled)
+
+
+# ---- handlers as plain Python -----------------------------------------------------------------------
+
+
+def prefill(prefilled: dict, source_model: str, saved: list[str], output_dir: str, base: str, lora: str):
+    """Base model from the Source Model tab and LoRA from the newest saved file, unless the user chose others.
+
+    Returns (base model, LoRA, LoRA choices, what was prefilled).
+    """
+    choices = lora_files(saved, output_dir)
+    newest = choices[0] if choices else ""
+    base_value = follow(base, prefilled.get("base_model"), text(source_model))
+    lora_value = follow(lora, prefilled.get("lora"), newest)
+    return base_value, lora_value, choices, {"base_model": base_value, "lora": lora_value}
+
+
+def generate_images(models: ImageModels, values: dict, flags: dict, training: bool, progress=None,
+                    compare: bool = False) -> tuple[list, str, int]:
+    """Images with captions for the gallery, a note for the page, and the gallery's column count."""
+    from trainer.inference.tryit import GenerateRequest, LoraChoice
+
+    refused = _refusal(values, compare)
+    if refused:
+        return [], problem(refused), 1
+    request = GenerateRequest(
+        base_model=text(values["base_model"]), prompt=text(values["prompt"]),
+        negative_prompt=text(values["negative_prompt"]), width=int(values["width"]), height=int(values["height"]),
+        steps=int(values["steps"]), seed=int(values["seed"]), cfg_scale=float(values["cfg_scale"]),
+        sampler=values["sampler"], count=max(1, int(values["count"])), clip_skip=max(1, int(flags.get("clip_skip") or 1)),
+        v_parameterization=True if flags.get("v_parameterization") else None,
+    )
+    choices = [LoraChoice(text(values["lora"]) or None, float(values["weight"]))]
+    if compare:
+        choices.append(LoraChoice(*COMPARE_CHOICES[values["compare_with"]](values)))
+    report = progress_reporter(progress, "steps")
+    started = time.perf_counter()
+    if progress is not None:
+        progress(0.0, desc="loading the base model")
+    try:
+        with models.notes() as notes:
+            results = models.tryit.compare(request, choices, report)
+    except USER_ERRORS as err:
+        return [], problem(f"Not generated: {err}"), 1
+    items = [(images[i], _caption(images[i])) for i in range(len(results[0])) for images in results]
+    seeds = sorted({image.info.get("seed") for images in results for image in images})
+    what = " vs ".join(c.label for c in choices)
+    message = (f"{len(items)} image(s) in {time.perf_counter() - started:.1f} s: {what}; "
+               f"seed {', '.join(str(s) for s in seeds)}")
+    warnings = ([TRAINING_NOTE] if training else []) + notes
+    return items, done(message, warnings), len(choices) if compare else min(len(items), 4)
+
+
+def _refusal(values: dict, compare: bool) -> str:
+    if not text(values["base_model"]):
+        return "Choose the base model first (Source Model tab, or type its path here)."
+    if not text(values["prompt"]):
+        return "Type a prompt first."
+    if compare and values["compare_with"] == COMPARE_FILES and not text(values["lora_b"]):
+        return "Choose the second LoRA file to compare with (or compare with another weight)."
+    if compare and values["compare_with"] == COMPARE_WEIGHTS and not text(values["lora"]):
+        return "Choose the LoRA file to compare at two weights."
+    return ""
+
+
+def _caption(image) -> str:
+    return f"{image.info.get('lora', '')} · seed {image.info.get('seed', '?')}"
+
+
+# ---- wiring -----------------------------------------------------------------------------------------
+
+
+def wire_tryit(tab: TryItTab, form_components: dict, runs, models: ImageModels) -> None:
+    """``form_components``: the settings widgets by kohya key (Source Model path, flags, output folder)."""
+    source, output_dir = form_components["pretrained_model_name_or_path"], form_components["output_dir"]
+    flags = {"clip_skip": form_components["clip_skip"], "v_parameterization": form_components["v_parameterization"]}
+    fields = tab.fields
+
+    def refresh(data):
+        base, lora, choices, prefilled = prefill(data[tab.prefilled], data[source], saved_lora_paths(runs.snapshot()),
+                                                 data[output_dir], data[fields["base_model"]], data[fields["lora"]])
+        return {fields["base_model"]: base, fields["lora"]: gr.update(choices=choices, value=lora or None),
+                fields["lora_b"]: gr.update(choices=choices), tab.prefilled: prefilled}
+
+    def run(compare: bool):
+        def handler(data, progress=gr.Progress()):
+            values = fields.values(data)
+            flag_values = {name: data[c] for name, c in flags.items()}
+            items, note, columns = generate_images(models, values, flag_values, runs.busy, progress, compare)
+            return {tab.gallery: gr.update(value=items, columns=columns), tab.note: note}
+        return handler
+
+    inputs = fields.inputs(*flags.values())
+    outputs = [tab.gallery, tab.note]
+    tab.tab.select(refresh, inputs=fields.inputs(tab.prefilled, source, output_dir),
+                   outputs=[fields["base_model"], fields["lora"], fields["lora_b"], tab.prefilled], show_progress="hidden")
+    for button, compare in ((tab.generate, False), (tab.compare, True)):
+        button.click(run(compare), inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="images")
+    fields["prompt"].submit(run(False), inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="images")
+    tab.unload.click(lambda: done(models.unload()), outputs=tab.note, show_progress="hidden")
+
+
+def wire_release_on_start(start: gr.Button, models: ImageModels) -> None:
+    """Starting a training run frees the Try it model: the trainer needs that memory."""
+    start.click(models.unload, show_progress="hidden")
