@@ -83,3 +83,12 @@ def test_the_command_module_imports_no_torch():
             "print(sorted({'torch', 'diffusers'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_main_cli_runs_the_lora_command(lora, tiny_sd1_dir, capsys):
+    from trainer.cli import main
+
+    assert main(["lora", "inspect", str(lora), "--base", str(tiny_sd1_dir)]) == 0
+    assert "OK: 91 of 91 modules match" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: a sub-command is required
+        main(["lora"])
