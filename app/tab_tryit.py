@@ -194,4 +194,7 @@ def wire_tryit(tab: TryItTab, form_components: dict, runs, models: ImageModels) 
 
 def wire_release_on_start(start: gr.Button, models: ImageModels) -> None:
     """Starting a training run frees the Try it model: the trainer needs that memory."""
-    start.click(models.unload, show_progress="hidden")
+    def release() -> None:
+        models.unload()  # its message is for the Try it tab, not the training page
+
+    start.click(release, show_progress="hidden")

@@ -15,6 +15,7 @@ from trainer.settings import TrainingSettings
 
 from .binding import SettingsForm
 from .checks import check_form
+from .extra_tabs import build_extra_tabs, wire_extra_tabs
 from .form import form_values
 from .live_panel import render_live, sample_gallery
 from .model_pick import on_model_path, on_quick_pick
@@ -41,30 +42,34 @@ def build_app(
     with gr.Blocks(title=TITLE, analytics_enabled=False, fill_width=True) as demo:
         gr.HTML(_header_html(headless), elem_id="nk-header")
         kept = gr.State({})
-        with gr.Row(elem_id="nk-main", equal_height=False):
-            with gr.Column(scale=3, min_width=560, elem_id="nk-form-column"):
-                with gr.Accordion("Configuration: presets and config files", open=True, elem_id="nk-config-accordion"):
-                    presets = build_presets_panel(folders)
-                notes: dict[str, gr.components.Component] = {}
-                components = build_settings_tabs(defaults, after_tab={"Source Model": lambda: notes.update(model=gr.HTML(elem_id="model_note"))})
-            with gr.Column(scale=2, min_width=420, elem_id="nk-run-column"):
-                with gr.Row(equal_height=True):
-                    start = gr.Button("Start training", variant="primary", elem_id="start_training", scale=3)
-                    stop = gr.Button("Stop training", variant="stop", elem_id="stop_training", scale=2)
-                with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
-                    save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
-                    sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
-                run_message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
-                live = gr.HTML(render_live(runs.snapshot()), elem_id="nk-live-panel")
-                gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False)
-                gr.HTML('<div class="nk-section-title">Step plan and checks</div>')
-                plan = gr.HTML(plan_html(form_values(defaults)), elem_id="nk-plan")
+        with gr.Tabs(elem_id="nk-pages"):  # Training (kohya's LoRA › Training), then the tabs around it
+            with gr.Tab("Training", id="training", elem_id="tab_training"):
+                with gr.Row(elem_id="nk-main", equal_height=False):
+                    with gr.Column(scale=3, min_width=560, elem_id="nk-form-column"):
+                        with gr.Accordion("Configuration: presets and config files", open=True, elem_id="nk-config-accordion"):
+                            presets = build_presets_panel(folders)
+                        notes: dict[str, gr.components.Component] = {}
+                        components = build_settings_tabs(defaults, after_tab={"Source Model": lambda: notes.update(model=gr.HTML(elem_id="model_note"))})
+                    with gr.Column(scale=2, min_width=420, elem_id="nk-run-column"):
+                        with gr.Row(equal_height=True):
+                            start = gr.Button("Start training", variant="primary", elem_id="start_training", scale=3)
+                            stop = gr.Button("Stop training", variant="stop", elem_id="stop_training", scale=2)
+                        with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
+                            save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
+                            sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
+                        run_message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
+                        live = gr.HTML(render_live(runs.snapshot()), elem_id="nk-live-panel")
+                        gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False)
+                        gr.HTML('<div class="nk-section-title">Step plan and checks</div>')
+                        plan = gr.HTML(plan_html(form_values(defaults)), elem_id="nk-plan")
+            extra_tabs = build_extra_tabs()  # Dataset Preparation, Try it, Tools
         form = SettingsForm(components, kept)
         wire_presets(presets, form, folders)
         wire_plan(form, plan)
         _wire_model_pick(form, notes["model"])
         _wire_run(form, runs, start, stop, save_now, sample_now, run_message, plan)
         _wire_live(demo, runs, live, gallery)
+        wire_extra_tabs(extra_tabs, form.components, runs, start)
         demo.load(lambda: _running_form(form, runs), outputs=form.outputs(), show_progress="hidden")
         demo.load(lambda: gr.update(choices=list(folders.listing())), outputs=presets.preset, show_progress="hidden")
     return demo
