@@ -111,7 +111,7 @@ def _build_reg_images():
 
 def _build_captions():
     with gr.Accordion("Captions", open=True, elem_classes=["settings-section"]):
-        with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
+        with gr.Row(equal_height=True, elem_classes=["nk-tool-row", "nk-config-row"]):
             folder = _box("Images folder", "cap_folder", "the Image folder (train_data_dir) or one concept folder",
                           scale=4, min_width=320)
             load = gr.Button("Load", elem_id="cap_load", scale=1, min_width=110)
@@ -128,7 +128,7 @@ def _build_captions():
                 out["source"] = gr.HTML(elem_id="cap_source", elem_classes=["nk-status-box"])
                 save = gr.Button("Save caption", variant="primary", elem_id="cap_save")
                 out["save_status"] = gr.HTML(elem_id="cap_save_status", elem_classes=["nk-status-box"])
-        with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
+        with gr.Row(equal_height=True, elem_classes=["nk-tool-row", "nk-config-row"]):
             operation = gr.Dropdown(list(captions.BULK_OPERATIONS), value=captions.ADD_START, label="Bulk edit",
                                     elem_id="cap_operation", min_width=170, scale=1)
             tags = _box("Tags", "cap_tags", "comma-separated, e.g. sks, smiling", scale=2, min_width=200)

@@ -71,7 +71,7 @@ def build_tools_tab() -> ToolsTab:
                                      info="Dynamic: each module's rank from its singular values.")
                 rank = gr.Number(8, precision=0, label="New rank (max for dynamic)", elem_id="resize_rank", min_width=160)
                 conv = gr.Number(0, precision=0, label="Conv rank (0: same)", elem_id="resize_conv_rank", min_width=140)
-                param = gr.Number(None, label="Dynamic parameter", elem_id="resize_param", min_width=160,
+                param = gr.Number(None, label="Dynamic parameter", elem_id="resize_param", min_width=160, visible=False,
                                   info="sv_ratio e.g. 4; sv_fro / sv_cumulative e.g. 0.9")
                 precision = gr.Dropdown([actions.KEEP_PRECISION, *actions.SAVE_PRECISIONS],
                                         value=actions.KEEP_PRECISION, label="Save precision",
@@ -174,6 +174,12 @@ def _wire_writers(tab: ToolsTab) -> None:
         return actions.merge(v["base"], loras, v["out"], v["format"], v["half"], v["allow_unmatched"], v["overwrite"],
                              log=_progress_text(progress))
 
+    def method_default(method, param):
+        """The parameter box shows only for a dynamic method, with that method's usual value."""
+        return gr.update(value=actions.DYNAMIC_DEFAULTS.get(method, param), visible=method in actions.DYNAMIC_DEFAULTS)
+
+    tab.resize["method"].input(method_default, inputs=[tab.resize["method"], tab.resize["param"]],
+                               outputs=tab.resize["param"], show_progress="hidden")
     for name, fields, handler in (("resize", tab.resize, resize), ("extract", tab.extract, extract),
                                   ("merge", tab.merge, merge)):
         tab.buttons[name].click(handler, inputs=fields.inputs(), outputs=tab.outputs[name], **QUEUE)

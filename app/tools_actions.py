@@ -14,6 +14,8 @@ from .tab_common import USER_ERRORS, done, number, problem, report_html, text
 KEEP_PRECISION = "as the input"
 FIXED_RANK = "fixed rank"
 DYNAMIC_METHODS = (FIXED_RANK, "sv_ratio", "sv_fro", "sv_cumulative")
+# a usual parameter for each dynamic method (sv_ratio: a ratio to the largest singular value; others: a fraction)
+DYNAMIC_DEFAULTS = {"sv_ratio": 4.0, "sv_fro": 0.9, "sv_cumulative": 0.9}
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 CHECKPOINT_FORMATS = (".safetensors", ".ckpt")
 MERGE_SLOTS = 4

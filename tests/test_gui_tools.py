@@ -116,3 +116,10 @@ def test_merge_and_extract_refusals(lora, tiny_sd1_dir, tmp_path):
 ])
 def test_checkpoint_path_adds_the_chosen_suffix(out, fmt, expected):
     assert tools.checkpoint_path(out, fmt) == expected
+
+
+@pytest.mark.parametrize("method", sorted(tools.DYNAMIC_DEFAULTS))
+def test_each_dynamic_method_works_with_the_parameter_the_page_fills_in(lora, tmp_path, method):
+    status, report = tools.resize(str(lora), str(tmp_path / "d.safetensors"), 4, method=method,
+                                  param=tools.DYNAMIC_DEFAULTS[method])
+    assert "Saved" in status and method in report
