@@ -52,7 +52,8 @@ def _source_note(entry) -> str:
     if entry.source == "file":
         return f"From {entry.caption_file.name}."
     if entry.source == "folder name":
-        return f"No {entry.caption_file.suffix} file: training uses the folder name. Saving writes {entry.caption_file.name}."
+        return (f"No {entry.caption_file.suffix} file: training uses the folder name. "
+                f"Saving writes {entry.caption_file.name}.")
     return f"No caption: training uses an empty caption. Saving writes {entry.caption_file.name}."
 
 
@@ -75,13 +76,12 @@ def bulk_edit(folder: str, operation: str, tags: str, replacement: str, caption_
 
     if not text(folder):
         return problem("Type the folder of the images first.")
-    extension = caption_extension or ""
+    root, common = text(folder), {"caption_extension": caption_extension or "", "dry_run": dry_run}
     edits = {
-        ADD_START: lambda: add_tags(text(folder), tags or "", at=AT_START, caption_extension=extension, dry_run=dry_run),
-        ADD_END: lambda: add_tags(text(folder), tags or "", at=AT_END, caption_extension=extension, dry_run=dry_run),
-        REPLACE: lambda: replace_tag(text(folder), tags or "", replacement or "", caption_extension=extension,
-                                     dry_run=dry_run),
-        REMOVE: lambda: remove_tags(text(folder), tags or "", caption_extension=extension, dry_run=dry_run),
+        ADD_START: lambda: add_tags(root, tags or "", at=AT_START, **common),
+        ADD_END: lambda: add_tags(root, tags or "", at=AT_END, **common),
+        REPLACE: lambda: replace_tag(root, tags or "", replacement or "", **common),
+        REMOVE: lambda: remove_tags(root, tags or "", **common),
     }
     try:
         result = edits[operation]()

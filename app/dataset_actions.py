@@ -35,7 +35,9 @@ def prepare(values: dict, caption_extension: str, dry_run: bool = False) -> tupl
 
 
 def copy_info(destination: str) -> tuple[str, dict]:
-    """(status, Folders tab values by kohya key) for a prepared destination, as kohya's "Copy info to respective fields"."""
+    """(status, Folders tab values by kohya key) of a prepared destination.
+
+    As kohya's "Copy info to respective fields"."""
     from trainer.dataset_prep import folder_settings
 
     if not text(destination):

@@ -66,6 +66,13 @@ def report_html(report: str, elem_class: str = "nk-report") -> str:
     return f'<pre class="{elem_class}">{html.escape(report.rstrip())}</pre>' if report else ""
 
 
+def status_box(elem_id: str):
+    """An HTML block for messages; hidden by the page's CSS while empty."""
+    import gradio as gr
+
+    return gr.HTML(elem_id=elem_id, elem_classes=["nk-status-box"])
+
+
 def lora_files(saved_paths: list[str], output_dir: str | None = None, limit: int = 40) -> list[str]:
     """LoRA files to offer: the run's saved files (newest first), then those in the output folder (newest first)."""
     found = [p for p in reversed(saved_paths) if Path(p).suffix.lower() in LORA_SUFFIXES]

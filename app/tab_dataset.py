@@ -14,7 +14,7 @@ from trainer.settings import setting_info
 
 from . import captions_actions as captions
 from . import dataset_actions as actions
-from .tab_common import ImageModels, NamedFields, done, follow
+from .tab_common import ImageModels, NamedFields, done, follow, status_box
 from .tools_actions import table
 
 TAB_NAME = "Dataset Preparation"
@@ -78,7 +78,7 @@ def _build_folder_preparation():
                 "preview": gr.Button("Preview (dry run)", elem_id="prep_preview", scale=1),
                 "copy": gr.Button("Copy info to Folders tab", elem_id="prep_copy", scale=2),
             }
-        status, report = gr.HTML(elem_id="prep_status", elem_classes=["nk-status-box"]), gr.HTML(elem_id="prep_report", elem_classes=["nk-status-box"])
+        status, report = status_box("prep_status"), status_box("prep_report")
     fields = NamedFields({"instance_prompt": instance, "class_prompt": klass, "images_dir": images, "repeats": repeats,
                           "reg_images_dir": reg, "reg_repeats": reg_repeats, "destination": dest, "merge": merge})
     return fields, buttons, status, report
@@ -103,7 +103,7 @@ def _build_reg_images():
                                       scale=2),
                 "stop": gr.Button("Stop", variant="stop", elem_id="reg_stop", scale=1),
             }
-        status = gr.HTML(elem_id="reg_status", elem_classes=["nk-status-box"])
+        status = status_box("reg_status")
     fields = NamedFields({"folder": folder, "class_prompt": prompt, "total": total, "width": width, "height": height,
                           "steps": steps, "sampler": sampler})
     return fields, buttons, status
@@ -115,7 +115,7 @@ def _build_captions():
             folder = _box("Images folder", "cap_folder", "the Image folder (train_data_dir) or one concept folder",
                           scale=4, min_width=320)
             load = gr.Button("Load", elem_id="cap_load", scale=1, min_width=110)
-        out = {"status": gr.HTML(elem_id="cap_status", elem_classes=["nk-status-box"])}
+        out = {"status": status_box("cap_status")}
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=320):
                 out["table"] = gr.Dataframe(table(captions.CAPTION_HEADERS, []), elem_id="cap_table", interactive=False,
@@ -125,9 +125,9 @@ def _build_captions():
                 out["image"] = gr.Image(label="Image", elem_id="cap_image", interactive=False, height=240, type="pil",
                                         buttons=[])
                 caption = gr.Textbox(label="Caption", elem_id="cap_caption", lines=3, max_lines=8)
-                out["source"] = gr.HTML(elem_id="cap_source", elem_classes=["nk-status-box"])
+                out["source"] = status_box("cap_source")
                 save = gr.Button("Save caption", variant="primary", elem_id="cap_save")
-                out["save_status"] = gr.HTML(elem_id="cap_save_status", elem_classes=["nk-status-box"])
+                out["save_status"] = status_box("cap_save_status")
         with gr.Row(equal_height=True, elem_classes=["nk-tool-row", "nk-config-row"]):
             operation = gr.Dropdown(list(captions.BULK_OPERATIONS), value=captions.ADD_START, label="Bulk edit",
                                     elem_id="cap_operation", min_width=170, scale=1)
@@ -135,7 +135,7 @@ def _build_captions():
             replacement = _box("Replace with", "cap_replacement", "(replace only)", scale=2, min_width=160)
             preview = gr.Button("Preview", elem_id="cap_bulk_preview", scale=0, min_width=100)
             apply = gr.Button("Apply", elem_id="cap_bulk_apply", scale=0, min_width=100)
-        out["bulk_status"] = gr.HTML(elem_id="cap_bulk_status", elem_classes=["nk-status-box"])
+        out["bulk_status"] = status_box("cap_bulk_status")
         out["tags"] = gr.Dataframe(table(captions.TAG_HEADERS, []), elem_id="cap_tag_table", interactive=False,
                                    max_height=300, label="Tag frequencies (images per tag)")
     fields = NamedFields({"folder": folder, "caption": caption, "operation": operation, "tags": tags,
@@ -163,8 +163,8 @@ def _wire_folder_preparation(tab: DatasetTab, form: dict) -> None:
         if not settings:
             return out
         prefilled = dict(data[tab.prefilled])
-        new = {"reg_folder": actions.reg_folder_for(values["destination"], values["class_prompt"], values["reg_repeats"]),
-               "reg_class": values["class_prompt"], "captions": settings["train_data_dir"]}
+        reg_folder = actions.reg_folder_for(values["destination"], values["class_prompt"], values["reg_repeats"])
+        new = {"reg_folder": reg_folder, "reg_class": values["class_prompt"], "captions": settings["train_data_dir"]}
         for name, box in followers.items():
             out[box] = prefilled[name] = follow(data[box], prefilled.get(name), new[name])
         return {**out, tab.prefilled: prefilled}
@@ -242,8 +242,8 @@ def _wire_captions(tab: DatasetTab, form: dict) -> None:
         value = follow(current, prefilled.get("captions"), train_data_dir)
         return value, {**prefilled, "captions": value}
 
-    load_outputs = [out["status"], out["table"], tab.images, out["tags"], tab.selected, out["image"], tab.cap["caption"],
-                    out["source"], out["save_status"]]
+    load_outputs = [out["status"], out["table"], tab.images, out["tags"], tab.selected, out["image"],
+                    tab.cap["caption"], out["source"], out["save_status"]]
     tab.cap_buttons["load"].click(load, inputs=[folder, ext], outputs=load_outputs)
     folder.submit(load, inputs=[folder, ext], outputs=load_outputs)
     out["table"].select(select, inputs=[tab.images, ext], outputs=[tab.selected, out["image"], tab.cap["caption"],

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from . import tools_actions as actions
-from .tab_common import NamedFields, follow, lora_files, saved_lora_paths
+from .tab_common import NamedFields, follow, lora_files, saved_lora_paths, status_box
 
 TAB_NAME = "Tools"
 MODEL_PLACEHOLDER = "model file (.safetensors / .ckpt) or diffusers folder"
@@ -38,12 +38,13 @@ def _path(label: str, elem_id: str, placeholder: str, **extra) -> gr.Textbox:
 def _out(tool: str, placeholder: str) -> tuple[gr.Textbox, gr.Checkbox]:
     with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
         out = _path("Output file", f"{tool}_out", placeholder, scale=4)
-        overwrite = gr.Checkbox(False, label="Overwrite if it exists", elem_id=f"{tool}_overwrite", scale=1, min_width=180)
+        overwrite = gr.Checkbox(False, label="Overwrite if it exists", elem_id=f"{tool}_overwrite", scale=1,
+                                min_width=180)
     return out, overwrite
 
 
 def _results(tool: str) -> tuple[gr.HTML, gr.HTML]:
-    return gr.HTML(elem_id=f"{tool}_status", elem_classes=["nk-status-box"]), gr.HTML(elem_id=f"{tool}_report", elem_classes=["nk-status-box"])
+    return status_box(f"{tool}_status"), status_box(f"{tool}_report")
 
 
 def build_tools_tab() -> ToolsTab:
@@ -58,7 +59,8 @@ def build_tools_tab() -> ToolsTab:
             buttons["inspect"] = gr.Button("Inspect", variant="primary", elem_id="inspect_run")
             status, report = _results("inspect")
             settings = gr.Dataframe(actions.table(actions.SETTING_HEADERS, []), elem_id="inspect_settings",
-                                    interactive=False, wrap=True, max_height=320, label="Training settings", visible=False)
+                                    interactive=False, wrap=True, max_height=320, label="Training settings",
+                                    visible=False)
             modules = gr.Dataframe(actions.table(actions.MODULE_HEADERS, []), elem_id="inspect_modules",
                                    interactive=False, max_height=360, label="Modules", visible=False)
             outputs["inspect"] = [status, report, settings, modules]
@@ -69,7 +71,8 @@ def build_tools_tab() -> ToolsTab:
                 method = gr.Dropdown(list(actions.DYNAMIC_METHODS), value=actions.FIXED_RANK, label="Method",
                                      elem_id="resize_method", min_width=160,
                                      info="Dynamic: each module's rank from its singular values.")
-                rank = gr.Number(8, precision=0, label="New rank (max for dynamic)", elem_id="resize_rank", min_width=160)
+                rank = gr.Number(8, precision=0, label="New rank (max for dynamic)", elem_id="resize_rank",
+                                 min_width=160)
                 conv = gr.Number(0, precision=0, label="Conv rank (0: same)", elem_id="resize_conv_rank", min_width=140)
                 param = gr.Number(None, label="Dynamic parameter", elem_id="resize_param", min_width=160, visible=False,
                                   info="sv_ratio e.g. 4; sv_fro / sv_cumulative e.g. 0.9")
@@ -87,7 +90,8 @@ def build_tools_tab() -> ToolsTab:
                 base = _path("Base model (the original)", "extract_base", MODEL_PLACEHOLDER, scale=1)
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
                 rank = gr.Number(4, precision=0, label="Rank", elem_id="extract_rank", min_width=120)
-                conv = gr.Number(0, precision=0, label="Conv rank (0: none)", elem_id="extract_conv_rank", min_width=140)
+                conv = gr.Number(0, precision=0, label="Conv rank (0: none)", elem_id="extract_conv_rank",
+                                 min_width=140)
                 clamp = gr.Number(0.99, label="Clamp quantile (1: none)", elem_id="extract_clamp", min_width=160)
                 min_diff = gr.Number(0.01, label="Min. text-encoder difference", elem_id="extract_min_diff",
                                      min_width=180, info="Below it the text encoder is left out.")
@@ -96,8 +100,9 @@ def build_tools_tab() -> ToolsTab:
             out, overwrite = _out("extract", "LoRA file to write (.safetensors)")
             buttons["extract"] = gr.Button("Extract", variant="primary", elem_id="extract_run")
             outputs["extract"] = list(_results("extract"))
-            extract = NamedFields({"tuned": tuned, "base": base, "rank": rank, "conv_rank": conv, "clamp_quantile": clamp,
-                                   "min_diff": min_diff, "precision": precision, "out": out, "overwrite": overwrite})
+            extract = NamedFields({"tuned": tuned, "base": base, "rank": rank, "conv_rank": conv,
+                                   "clamp_quantile": clamp, "min_diff": min_diff, "precision": precision, "out": out,
+                                   "overwrite": overwrite})
         with gr.Tab("Merge into checkpoint", id="tools_merge"):
             base = _path("Base model", "merge_base", MODEL_PLACEHOLDER)
             slots = {}
@@ -115,8 +120,8 @@ def build_tools_tab() -> ToolsTab:
             out, overwrite = _out("merge", "checkpoint to write (the format's suffix is added when missing)")
             buttons["merge"] = gr.Button("Merge", variant="primary", elem_id="merge_run")
             outputs["merge"] = list(_results("merge"))
-            merge = NamedFields({"base": base, **slots, "format": file_format, "half": half, "allow_unmatched": unmatched,
-                                 "out": out, "overwrite": overwrite})
+            merge = NamedFields({"base": base, **slots, "format": file_format, "half": half,
+                                 "allow_unmatched": unmatched, "out": out, "overwrite": overwrite})
         prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
     return ToolsTab(tab, inspect, resize, extract, merge, buttons, outputs, prefilled)
 

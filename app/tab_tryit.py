@@ -17,7 +17,7 @@ import gradio as gr
 from trainer.settings import setting_info
 
 from .tab_common import (USER_ERRORS, ImageModels, NamedFields, done, follow, lora_files, problem,
-                         progress_reporter, saved_lora_paths, text)
+                         progress_reporter, saved_lora_paths, status_box, text)
 
 TAB_NAME = "Try it"
 DEFAULT_WEIGHT = 0.8
@@ -65,7 +65,8 @@ def build_tryit_tab() -> TryItTab:
             steps = gr.Number(20, precision=0, label="Steps", elem_id="tryit_steps", min_width=100)
             cfg = gr.Number(7.0, step=0.5, label="CFG scale", elem_id="tryit_cfg", min_width=100)
             seed = gr.Number(-1, precision=0, label="Seed (-1 random)", elem_id="tryit_seed", min_width=120)
-            count = gr.Number(1, precision=0, minimum=1, maximum=16, label="Images", elem_id="tryit_count", min_width=100)
+            count = gr.Number(1, precision=0, minimum=1, maximum=16, label="Images", elem_id="tryit_count",
+                              min_width=100)
             sampler = gr.Dropdown(list(setting_info("sample_sampler").choices), value="euler_a", label="Sampler",
                                   elem_id="tryit_sampler", min_width=150)
         with gr.Row(equal_height=True):
@@ -80,7 +81,7 @@ def build_tryit_tab() -> TryItTab:
                 weight_b = gr.Slider(-1.0, 2.0, value=DEFAULT_WEIGHT, step=0.05, label="Second weight",
                                      elem_id="tryit_weight_b", scale=2, min_width=200)
             compare = gr.Button("Compare", elem_id="tryit_compare")
-        note = gr.HTML(elem_id="tryit_note", elem_classes=["nk-status-box"])
+        note = status_box("tryit_note")
         gallery = gr.Gallery(label="Images", elem_id="tryit_gallery", columns=2, height=420, object_fit="contain",
                              interactive=False, format="png")
         prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
@@ -119,7 +120,8 @@ def generate_images(models: ImageModels, values: dict, flags: dict, training: bo
         base_model=text(values["base_model"]), prompt=text(values["prompt"]),
         negative_prompt=text(values["negative_prompt"]), width=int(values["width"]), height=int(values["height"]),
         steps=int(values["steps"]), seed=int(values["seed"]), cfg_scale=float(values["cfg_scale"]),
-        sampler=values["sampler"], count=max(1, int(values["count"])), clip_skip=max(1, int(flags.get("clip_skip") or 1)),
+        sampler=values["sampler"], count=max(1, int(values["count"])),
+        clip_skip=max(1, int(flags.get("clip_skip") or 1)),
         v_parameterization=True if flags.get("v_parameterization") else None,
     )
     choices = [LoraChoice(text(values["lora"]) or None, float(values["weight"]))]
@@ -185,7 +187,8 @@ def wire_tryit(tab: TryItTab, form_components: dict, runs, models: ImageModels) 
     inputs = fields.inputs(*flags.values())
     outputs = [tab.gallery, tab.note]
     tab.tab.select(refresh, inputs=fields.inputs(tab.prefilled, source, output_dir),
-                   outputs=[fields["base_model"], fields["lora"], fields["lora_b"], tab.prefilled], show_progress="hidden")
+                   outputs=[fields["base_model"], fields["lora"], fields["lora_b"], tab.prefilled],
+                   show_progress="hidden")
     for button, compare in ((tab.generate, False), (tab.compare, True)):
         button.click(run(compare), inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="images")
     fields["prompt"].submit(run(False), inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="images")

@@ -116,8 +116,8 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, file_format: str 
         return problem(str(err)), ""
     lines = _LogLines(log)
     try:
-        result = merge_into_checkpoint(text(base), chosen, target, half=bool(half), allow_unmatched=bool(allow_unmatched),
-                                       overwrite=bool(overwrite), log=lines)
+        result = merge_into_checkpoint(text(base), chosen, target, half=bool(half),
+                                       allow_unmatched=bool(allow_unmatched), overwrite=bool(overwrite), log=lines)
     except USER_ERRORS as err:
         return problem(f"Not merged: {err}"), report_html(lines.text())
     return done(f"Saved {result.out_path}: {result.summary()}."), report_html(result.format())

@@ -34,7 +34,7 @@ def test_prepare_builds_kohya_folders_and_copy_info_fills_the_folders_tab(source
     dest = tmp_path / "dataset"
     status, report, settings = actions.prepare(prep_values(images, reg, dest), ".txt")
     assert "Prepared" in status and "Copy info to Folders tab" in status
-    assert len(list((dest / "img" / "40_sks dog").glob("*.png"))) + len(list((dest / "img" / "40_sks dog").glob("*.jpg"))) == 3
+    assert len([p for p in (dest / "img" / "40_sks dog").iterdir() if p.suffix in (".png", ".jpg")]) == 3
     assert (dest / "reg" / "1_dog").is_dir() and (dest / "log").is_dir() and (dest / "model").is_dir()
     assert "40_sks dog" in report and settings["train_data_dir"] == str(dest.absolute() / "img")
 
