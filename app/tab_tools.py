@@ -132,22 +132,24 @@ def build_tools_tab() -> ToolsTab:
 def wire_tools(tab: ToolsTab, form_components: dict, runs) -> None:
     source, output_dir = form_components["pretrained_model_name_or_path"], form_components["output_dir"]
     base_fields = {"inspect": tab.inspect["base"], "extract": tab.extract["base"], "merge": tab.merge["base"]}
+    lora_fields = {"inspect_lora": tab.inspect["file"], "resize_lora": tab.resize["file"],
+                   "merge_lora": tab.merge["lora_1"]}
 
     def refresh(data):
-        """Base models follow the Source Model tab; the LoRA list shows what the run saved."""
+        """Base models follow the Source Model tab, LoRA files the newest one the run saved (until edited)."""
         prefilled, model = dict(data[tab.prefilled]), (data[source] or "").strip()
-        updates = {}
-        for name, box in base_fields.items():
-            updates[box] = prefilled[name] = follow(data[box], prefilled.get(name), model)
         choices = lora_files(saved_lora_paths(runs.snapshot()), data[output_dir])
-        current = data[tab.inspect["file"]]
-        prefilled["lora"] = follow(current, prefilled.get("lora"), choices[0] if choices else "")
-        updates[tab.inspect["file"]] = gr.update(choices=choices, value=prefilled["lora"] or None)
+        newest = choices[0] if choices else ""
+        updates = {}
+        for fields, value in ((base_fields, model), (lora_fields, newest)):
+            for name, box in fields.items():
+                updates[box] = prefilled[name] = follow(data[box], prefilled.get(name), value)
+        updates[tab.inspect["file"]] = gr.update(choices=choices, value=prefilled["inspect_lora"] or None)
         return {**updates, tab.prefilled: prefilled}
 
-    inputs = {tab.prefilled, source, output_dir, tab.inspect["file"], *base_fields.values()}
-    tab.tab.select(refresh, inputs=inputs, outputs=[*base_fields.values(), tab.inspect["file"], tab.prefilled],
-                   show_progress="hidden")
+    followers = [*base_fields.values(), *lora_fields.values()]
+    tab.tab.select(refresh, inputs={tab.prefilled, source, output_dir, *followers},
+                   outputs=[*followers, tab.prefilled], show_progress="hidden")
     _wire_inspect(tab)
     _wire_writers(tab)
 
@@ -159,7 +161,8 @@ def _wire_inspect(tab: ToolsTab) -> None:
         tables = [gr.update(value=t, visible=actions.has_rows(t)) for t in (settings, modules)]
         return dict(zip(tab.outputs["inspect"], [status, report, *tables]))
 
-    tab.buttons["inspect"].click(inspect, inputs=tab.inspect.inputs(), outputs=tab.outputs["inspect"], **QUEUE)
+    # not behind a merge in the tools' queue: inspecting reads one file and a weightless model
+    tab.buttons["inspect"].click(inspect, inputs=tab.inspect.inputs(), outputs=tab.outputs["inspect"])
 
 
 def _wire_writers(tab: ToolsTab) -> None:

@@ -98,6 +98,8 @@ def inspect_the_lora(page, lora, model) -> None:
     expect(page.locator("#inspect_modules")).to_contain_text("lora_unet_")
     expect(page.locator("#inspect_settings")).to_contain_text("network dim")
     shot(page, "tools")
+    show_tab(page, "Resize")
+    expect(text_box(page, "resize_file")).to_have_value(str(lora))
 
 
 def generate_in_try_it(page, lora, model) -> None:
