@@ -16,7 +16,7 @@ import gradio as gr
 
 from trainer.settings import setting_info
 
-from .tab_common import (USER_ERRORS, ImageModels, NamedFields, done, follow, lora_files, problem,
+from .tab_common import (USER_ERRORS, ImageModels, NamedFields, done, follow, lora_files, number, problem,
                          progress_reporter, saved_lora_paths, status_box, text)
 
 TAB_NAME = "Try it"
@@ -27,8 +27,8 @@ TRAINING_NOTE = ("A training run is going: generating shares the CPU/GPU with it
                  "and on a GPU with little memory one of them may run out of memory.")
 # what the second picture of a comparison is, from the form values
 COMPARE_CHOICES: dict[str, Callable[[dict], tuple[str | None, float]]] = {
-    COMPARE_FILES: lambda v: (text(v["lora_b"]) or None, float(v["weight_b"])),
-    COMPARE_WEIGHTS: lambda v: (text(v["lora"]) or None, float(v["weight_b"])),
+    COMPARE_FILES: lambda v: (text(v["lora_b"]) or None, number(v["weight_b"], "Second weight", float)),
+    COMPARE_WEIGHTS: lambda v: (text(v["lora"]) or None, number(v["weight_b"], "Second weight", float)),
     COMPARE_BASE: lambda v: (None, 0.0),
 }
 
@@ -111,29 +111,21 @@ def prefill(prefilled: dict, source_model: str, saved: list[str], output_dir: st
 def generate_images(models: ImageModels, values: dict, flags: dict, training: bool, progress=None,
                     compare: bool = False) -> tuple[list, str, int]:
     """Images with captions for the gallery, a note for the page, and the gallery's column count."""
-    from trainer.inference.tryit import GenerateRequest, LoraChoice
+    from trainer.inference.tryit import LoraChoice
 
     refused = _refusal(values, compare)
     if refused:
         return [], problem(refused), 1
-    request = GenerateRequest(
-        base_model=text(values["base_model"]), prompt=text(values["prompt"]),
-        negative_prompt=text(values["negative_prompt"]), width=int(values["width"]), height=int(values["height"]),
-        steps=int(values["steps"]), seed=int(values["seed"]), cfg_scale=float(values["cfg_scale"]),
-        sampler=values["sampler"], count=max(1, int(values["count"])),
-        clip_skip=max(1, int(flags.get("clip_skip") or 1)),
-        v_parameterization=True if flags.get("v_parameterization") else None,
-    )
-    choices = [LoraChoice(text(values["lora"]) or None, float(values["weight"]))]
-    if compare:
-        choices.append(LoraChoice(*COMPARE_CHOICES[values["compare_with"]](values)))
-    report = progress_reporter(progress, "steps")
     started = time.perf_counter()
     if progress is not None:
         progress(0.0, desc="loading the base model")
     try:
+        request = _request(values, flags)
+        choices = [LoraChoice(text(values["lora"]) or None, number(values["weight"], "LoRA weight", float))]
+        if compare:
+            choices.append(LoraChoice(*COMPARE_CHOICES[values["compare_with"]](values)))
         with models.notes() as notes:
-            results = models.tryit.compare(request, choices, report)
+            results = models.tryit.compare(request, choices, progress_reporter(progress, "steps"))
     except USER_ERRORS as err:
         return [], problem(f"Not generated: {err}"), 1
     items = [(images[i], _caption(images[i])) for i in range(len(results[0])) for images in results]
@@ -143,6 +135,21 @@ def generate_images(models: ImageModels, values: dict, flags: dict, training: bo
                f"seed {', '.join(str(s) for s in seeds)}")
     warnings = ([TRAINING_NOTE] if training else []) + notes
     return items, done(message, warnings), len(choices) if compare else min(len(items), 4)
+
+
+def _request(values: dict, flags: dict):
+    """The ``GenerateRequest`` of the form; ValueError naming an emptied number box."""
+    from trainer.inference.tryit import GenerateRequest
+
+    return GenerateRequest(
+        base_model=text(values["base_model"]), prompt=text(values["prompt"]),
+        negative_prompt=text(values["negative_prompt"]), width=number(values["width"], "Width"),
+        height=number(values["height"], "Height"), steps=number(values["steps"], "Steps"),
+        seed=number(values["seed"], "Seed"), cfg_scale=number(values["cfg_scale"], "CFG scale", float),
+        sampler=values["sampler"], count=max(1, number(values["count"], "Images")),
+        clip_skip=max(1, int(flags.get("clip_skip") or 1)),
+        v_parameterization=True if flags.get("v_parameterization") else None,
+    )
 
 
 def _refusal(values: dict, compare: bool) -> str:

@@ -108,6 +108,7 @@ def test_a_training_run_adds_a_note_but_does_not_refuse(models, tiny_sd1_dir):
     ({"lora": "", "compare_with": tryit.COMPARE_WEIGHTS}, True, "Choose the LoRA file to compare"),
     ({"lora": "/nowhere/missing.safetensors"}, False, "Not generated"),
     ({"base_model": "/nowhere/model"}, False, "Not generated"),
+    ({"steps": None}, False, "Steps is empty"),
 ])
 def test_refusals_are_notes(models, tiny_sd1_dir, overrides, compare, message):
     items, note, _ = tryit.generate_images(models, values(tiny_sd1_dir, **overrides), {}, False, compare=compare)
