@@ -23,6 +23,7 @@ from .plan_panel import plan_html, render_check, render_problems, wire_plan
 from .presets import PRESETS_DIR, PresetFolders, default_user_presets_dir
 from .presets_panel import build_presets_panel, wire_presets
 from .run_manager import RunManager
+from .visibility import wire_visibility
 from .widgets import build_settings_tabs
 
 TITLE = "Nekoya · LoRA training"
@@ -65,6 +66,7 @@ def build_app(
             extra_tabs = build_extra_tabs()  # Dataset Preparation, Try it, Tools
         form = SettingsForm(components, kept)
         wire_presets(presets, form, folders)
+        wire_visibility(form.components, form_values(defaults))
         wire_plan(form, plan)
         _wire_model_pick(form, notes["model"])
         _wire_run(form, runs, start, stop, save_now, sample_now, run_message, plan)

@@ -193,6 +193,23 @@ def test_a_preset_saved_from_the_page_loads_back(page, gui):
     expect(box(page, "optimizer_args")).to_have_value("weight_decay=0.05")
 
 
+def test_fields_show_only_where_they_apply(page):
+    """Conv rank only for LoCon types, Multires fields only for the Multires noise type (visible_when)."""
+    show_tab(page, "Parameters")
+    expect(page.locator("#setting_conv_dim")).to_be_hidden()
+    pick(page, "setting_LoRA_type", "Kohya LoCon")
+    expect(page.locator("#setting_conv_dim")).to_be_visible()
+    show_tab(page, "Advanced")
+    expect(page.locator("#setting_multires_noise_iterations")).to_be_hidden()
+    expect(page.locator("#setting_noise_offset")).to_be_visible()
+    pick(page, "setting_noise_offset_type", "Multires")
+    expect(page.locator("#setting_multires_noise_iterations")).to_be_visible()
+    expect(page.locator("#setting_noise_offset")).to_be_hidden()
+    pick(page, "setting_noise_offset_type", "Original")  # leave the shared page as it was
+    show_tab(page, "Parameters")
+    pick(page, "setting_LoRA_type", "Standard")
+
+
 def test_invalid_values_are_named_in_the_page_and_block_start(page):
     show_tab(page, "Parameters")
     type_into(page, "max_resolution", "huge")
