@@ -332,3 +332,27 @@ def test_non_finite_loss_policy(tiny_sd1_dir, images, tmp_path, monkeypatch, pol
         assert result.status == "failed" and result.field == "nan_loss_policy"
         assert [os.path.basename(f) for f in result.files] == ["tiny-step00000002.safetensors"]  # kept what it had
         assert "NaN" in rec.of(ev.Error)[0].message
+
+
+def test_out_of_memory_mid_run_saves_what_exists_and_says_what_to_change(tiny_sd1_dir, images, tmp_path, monkeypatch):
+    import trainer.loss
+
+    real = trainer.loss.training_loss
+    calls = {"n": 0}
+
+    def oom_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.loss, "training_loss", oom_on_third)
+    rec = Recorder()
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path, epoch=2, gradient_checkpointing=False)
+    result = train(settings, rec)
+    assert result.status == "failed" and result.field == "train_batch_size"
+    assert [os.path.basename(f) for f in result.files] == ["tiny-step00000002.safetensors"]  # the steps done are kept
+    assert os.path.exists(result.files[0])
+    error = rec.of(ev.Error)[0]
+    assert "out of GPU memory" in error.message
+    assert "gradient checkpointing" in error.hint.lower()  # advice fits the settings: it is off here
