@@ -1,0 +1,73 @@
+"""The benchmark helpers measure what they claim: step gaps skip warm-up, the bare loop's LoRA starts as
+the identity, and the sd-scripts view keeps the same weights under transformers 4's key names."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import profile_train  # noqa: E402
+import sd_scripts_view  # noqa: E402
+
+
+def test_median_gap_ignores_the_warm_up_steps():
+    # steps end at t = 0, 10, 11, 12.5, 13.5, 14.5: the first gaps (compile, first allocations) are skipped
+    stamps = [0.0, 10.0, 11.0, 12.5, 13.5, 14.5]
+    assert profile_train._median_gap(stamps) == 1.0
+    assert profile_train._median_gap(stamps[:3]) is None  # no gap after warm-up yet
+
+
+def test_bare_lora_starts_as_the_identity_and_trains():
+    import torch
+
+    class Transformer2DModel(torch.nn.Module):  # the class name is what the injector matches
+        def __init__(self):
+            super().__init__()
+            self.proj_in = torch.nn.Conv2d(4, 6, 1)
+            self.to_q = torch.nn.Linear(6, 6)
+            self.conv3 = torch.nn.Conv2d(6, 6, 3, padding=1)  # 3x3 convs are not LoRA targets
+
+        def forward(self, x):
+            h = self.conv3(self.proj_in(x))
+            return self.to_q(h.permute(0, 2, 3, 1))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Transformer2DModel())
+    x = torch.randn(1, 4, 3, 3)
+    before = model(x).detach()
+    params = profile_train._inject_lora(model, ("Transformer2DModel",), rank=2, alpha=2.0)
+    assert len(params) == 4  # down + up for proj_in and to_q only
+    assert torch.equal(model(x), before)  # up weights start at zero
+    with torch.no_grad():
+        params[1].fill_(0.1)  # proj_in's up projection
+    assert not torch.allclose(model(x), before)
+
+
+def test_sd_scripts_view_keeps_the_weights_under_transformers4_names(tiny_sd1_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    info = sd_scripts_view.make_view(Path(tiny_sd1_dir), tmp_path / "view", tmp_path / "tok", real_vocab=False)
+    source = load_file(Path(tiny_sd1_dir) / "text_encoder" / "model.safetensors")
+    rekeyed = load_file(tmp_path / "view" / "text_encoder" / "model.safetensors")
+    assert info["text_encoder_tensors"] == len(source) == len(rekeyed)
+    for key, tensor in source.items():
+        new_key = key if key.startswith("text_model.") else "text_model." + key
+        assert rekeyed[new_key].equal(tensor)
+    for name in ("unet", "vae", "scheduler", "model_index.json"):
+        assert (tmp_path / "view" / name).resolve() == (Path(tiny_sd1_dir) / name).resolve()
+    tokenizer = tmp_path / "tok" / sd_scripts_view.TOKENIZER_NAME
+    assert (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
+    vocab = json.loads((tokenizer / "vocab.json").read_text())
+    config = json.loads((Path(tiny_sd1_dir) / "text_encoder" / "config.json").read_text())
+    assert len(vocab) == config["vocab_size"]  # the tokenizer fits the model's embedding table
+
+
+def test_profile_train_refuses_to_run_without_the_benchmark_model(tmp_path):
+    args = profile_train.build_parser().parse_args(["--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="train_speed.py --size tiny"):
+        profile_train.bench_paths(args)
