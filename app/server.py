@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import os
 
+from trainer.model_libraries import warm_up_in_background
+
 from .run_manager import RunManager
 from .ui import build_app, launch_options
 
@@ -28,6 +30,7 @@ def launch_app(
         logging.getLogger(chatty).setLevel(logging.WARNING)
     runs = RunManager()
     demo = build_app(run_manager=runs, headless=headless)
+    warm_up_in_background()  # torch/diffusers import while the page loads: the first Start is quicker
     demo.queue(default_concurrency_limit=4)
     try:
         demo.launch(

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", default="AdamW")
-    p.add_argument("--cache-latents", action="store_true")
+    p.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="cache latents before training (the settings' default; --no-cache-latents to encode every step)")
     p.add_argument("--mixed-precision", default=None, help="no/fp16/bf16 (default: bf16 on CUDA, no on CPU)")
     p.add_argument("--network-dim", type=int, default=8)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nekoya-bench"))
