@@ -15,7 +15,7 @@ import torch
 from trainer.families.base import LogFn
 from trainer.families.clip_text import CHUNK, tokenize_chunks
 from trainer.families.registry import register
-from trainer.families.sd import StableDiffusionFamily, _file_identity, _load_vae
+from trainer.families.sd import StableDiffusionFamily, _file_identity, _load_vae, vae_input
 from trainer.network.metadata import VersionInfo
 from trainer.network.sgm_names import SGM_CONV_CLASSES, sgm_unet_view
 from trainer.network.targets import CLIP_CLASSES, UNET_ATTENTION_CLASSES, LoraTarget, Role
@@ -132,7 +132,7 @@ class SDXLFamily(StableDiffusionFamily):
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         # Outside autocast, so sdxl_no_half_vae really runs the VAE in fp32.
         with torch.no_grad(), torch.autocast(self.vae.device.type, enabled=False):
-            dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+            dist = self.vae.encode(vae_input(self.vae, pixels)).latent_dist
             return dist.sample(generator=generator)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: SDXLConditioning, batch: Any) -> torch.Tensor:
