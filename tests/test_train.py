@@ -356,3 +356,13 @@ def test_out_of_memory_mid_run_saves_what_exists_and_says_what_to_change(tiny_sd
     error = rec.of(ev.Error)[0]
     assert "out of GPU memory" in error.message
     assert "gradient checkpointing" in error.hint.lower()  # advice fits the settings: it is off here
+
+
+def test_dynamo_backend_compiles_the_unet(tiny_sd1_dir, images, tmp_path):
+    rec = Recorder()
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path, dynamo_backend="eager", text_encoder_lr=0)
+    result = train(settings, rec)
+    assert result.status == "finished", result.error
+    assert "UNet compiled with torch.compile (backend eager)" in rec.logs()
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in rec.of(ev.Step))
+    assert os.path.exists(result.files[-1])

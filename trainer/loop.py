@@ -171,9 +171,6 @@ class _Run:
         self.family = create_family(s)
         self.family.load(s, self.precision.base_dtype, self.device, self.log)
         self.family.set_attention(s.xformers, self.log)
-        if s.dynamo_backend not in ("", "no"):
-            self.log(f"dynamo_backend {s.dynamo_backend}: torch.compile is not used by the in-process trainer yet; "
-                     "running eagerly", "warning")
         self.schedule = NoiseSchedule.scaled_linear(device=self.device)
         self.noise_config = NoiseConfig.from_settings(s)
         self.weighting = LossWeighting.from_settings(s, self.family.v_prediction)
@@ -192,6 +189,18 @@ class _Run:
         self.network.train()
         if s.gradient_checkpointing:
             self.family.enable_gradient_checkpointing(self.train_te)
+        self._compile_unet()
+
+    def _compile_unet(self) -> None:
+        """torch.compile the UNet in place (after the LoRA hooks are in), when a Dynamo backend is chosen."""
+        backend = self.settings.dynamo_backend
+        if backend in ("", "no"):
+            return
+        if backend == "cudagraphs" and self.device.type != "cuda":
+            self.log("Dynamo backend cudagraphs needs an NVIDIA GPU; the UNet runs without torch.compile", "warning")
+            return
+        self.family.unet.compile(backend=backend)
+        self.log(f"UNet compiled with torch.compile (backend {backend}); the first steps are slower while it compiles")
 
     def _build_optimizer(self) -> None:
         from trainer.optim import create_scheduler
