@@ -1,8 +1,7 @@
 """Check the form before a run: settings validation, then the preflight check.
 
 Used live by the step plan panel and by Start (where errors block the run).
-``trainer.preflight`` is optional here: without it the step plan's own errors
-and warnings are shown.
+If a preflight check itself crashes, the step plan's own errors and warnings are shown.
 """
 from __future__ import annotations
 
@@ -50,19 +49,17 @@ def check_form(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None)
 
 
 def check_settings(settings: TrainingSettings) -> CheckResult:
-    try:
-        from trainer.preflight import check  # optional: preflight may not exist in this tree
-    except ImportError:
-        return _plan_only(settings)
+    from trainer.preflight import check
+
     try:
         report = check(settings, deep=False)  # quick: images decoded within a small time budget, cached
     except Exception as err:  # a bug in a check must not hide the plan or block the page
         result = _plan_only(settings)
         result.problems.append(Problem("warning", f"The preflight check itself failed ({type(err).__name__}: {err}); only the step plan was checked."))
         return result
-    problems = [Problem(p.severity, p.message, p.field, getattr(p, "fix", "")) for p in report.problems]
-    memory = getattr(report, "memory", None)
-    return CheckResult(settings, _sorted(problems), getattr(report, "plan", None), memory.describe() if memory else "")
+    problems = [Problem(p.severity, p.message, p.field, p.fix) for p in report.problems]
+    memory = report.memory
+    return CheckResult(settings, _sorted(problems), report.plan, memory.describe() if memory else "")
 
 
 def _plan_only(settings: TrainingSettings) -> CheckResult:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from trainer.checkpoints import shapes as arch
@@ -27,7 +25,9 @@ from trainer.checkpoints.clip_vocab import REAL_VOCAB_SIZE
 from trainer.checkpoints.detect import detect
 from trainer.checkpoints.errors import CheckpointError
 from trainer.checkpoints.reader import TensorSource
-from trainer.checkpoints.shipped import cache_root, read_component_config, shipped_config_dir, shipped_config_source
+from trainer.checkpoints.shipped import (
+    build_config_folder, cache_root, read_component_config, shipped_config_dir, shipped_config_source,
+)
 
 # family -> v_parameterization -> shipped config that is the starting point
 BASE_CONFIGS = {
@@ -124,18 +124,13 @@ def _write_custom_folder(base: Path, configs: dict, scheduler: dict, tokenizers:
     target = cache_root() / "inferred" / digest.hexdigest()[:16]
     if (target / "model_index.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         for relative, data in files.items():
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             (staging / relative).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         for name, folder in tokenizers.items():
             shutil.copytree(folder, staging / name, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "model_index.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    build_config_folder(target, fill)
     return target

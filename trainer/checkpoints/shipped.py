@@ -67,13 +67,21 @@ def _digest(folder: Path) -> str:
 
 
 def _materialise(source: Path, target: Path) -> None:
-    # Build in a sibling temp folder, then rename: concurrent processes never see half a folder.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    def fill(staging: Path) -> None:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         for tokenizer_dir in staging.glob("tokenizer*"):
             write_vocab_files(tokenizer_dir, list(real_merges()))
+
+    build_config_folder(target, fill)
+
+
+def build_config_folder(target: Path, fill) -> None:
+    """Build a config folder with ``fill(staging)`` in a sibling temp folder, then rename it to
+    ``target``: concurrent processes never see half a folder (a finished twin is kept)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        fill(staging)
         os.replace(staging, target)
     except OSError:
         if not (target / "model_index.json").exists():
