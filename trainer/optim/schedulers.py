@@ -1,8 +1,9 @@
 """Learning-rate schedulers by kohya name, with warmup as steps or % of the run.
 
 The named schedules are transformers' ``get_scheduler`` functions (the same
-functions diffusers and sd-scripts use); ``lr_scheduler_type`` may name any
-``torch.optim.lr_scheduler`` class or ``module.Class`` instead.
+functions diffusers and sd-scripts use), re-implemented in :mod:`.lr_lambdas` so
+that starting a run does not import transformers or diffusers; ``lr_scheduler_type``
+may name any ``torch.optim.lr_scheduler`` class or ``module.Class`` instead.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .args import OptimConfigError, parse_literal_args
+from .lr_lambdas import IGNORES_OPTIONS, lambda_scheduler
 
 # name -> (takes warmup, extra kwargs from settings)
 SCHEDULERS: dict[str, tuple[bool, tuple[str, ...]]] = {
@@ -68,8 +70,12 @@ def plan_scheduler(settings: Any, total_steps: int, override: str | None = None)
         plan.kwargs.setdefault(key, values[key])
     if name == "adafactor":  # AdafactorSchedule reports the lr Adafactor computes; initial_lr is for step 0
         plan.kwargs = {"initial_lr": float(settings.learning_rate)}
+    if name in IGNORES_OPTIONS and plan.kwargs and not plan.custom_class:  # as transformers' get_scheduler, which drops them
+        plan.notes.append(f"the {name} scheduler takes no lr_scheduler_args; {', '.join(plan.kwargs)} ignored")
     for key, default in _SPECIFIC_DEFAULTS.get(name, {}).items():
         plan.kwargs.setdefault(key, default if default is not None else max(1, total_steps // 10))
+    if name == "cosine_with_min_lr" and "min_lr" in plan.kwargs and plan.kwargs["min_lr_rate"] == 0.0:
+        del plan.kwargs["min_lr_rate"]  # min_lr given: the min_lr_rate default would clash with it
     return plan
 
 
@@ -82,16 +88,10 @@ def create_scheduler(plan: SchedulerPlan, optimizer):
         if not isinstance(optimizer, Adafactor):
             raise OptimConfigError("the adafactor scheduler works only with the Adafactor optimizer", "lr_scheduler")
         return AdafactorSchedule(optimizer, plan.kwargs.get("initial_lr", 0.0))
-    if plan.name == "piecewise_constant":  # only diffusers has this one
-        from diffusers.optimization import get_piecewise_constant_schedule
-
-        return get_piecewise_constant_schedule(optimizer, **plan.kwargs)
-    from transformers.optimization import get_scheduler
-
-    return get_scheduler(
-        plan.name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps,
-        scheduler_specific_kwargs=plan.kwargs or None,
-    )
+    try:
+        return lambda_scheduler(plan.name, optimizer, plan.warmup_steps, plan.total_steps, plan.kwargs)
+    except ValueError as exc:
+        raise OptimConfigError(f"lr_scheduler {plan.name}: {exc}; check lr_scheduler_args", "lr_scheduler_args") from None
 
 
 def _custom_scheduler(plan: SchedulerPlan, optimizer):
