@@ -312,3 +312,6 @@ def test_tokenizer_reads_folders_transformers_writes_or_hubs_ship(tokenizer_dirs
     assert (mine.pad_token_id, mine.eos_token_id, mine.model_max_length) == (
         ref.pad_token_id, ref.eos_token_id, ref.model_max_length)
     assert mine(CAPTIONS).input_ids == ref(CAPTIONS).input_ids
+    # no model_max_length: "max_length" padding without a length pads nothing, as in transformers
+    assert mine(CAPTIONS[0], padding="max_length", truncation=True).input_ids == ref(CAPTIONS[0]).input_ids
+    assert CLIPTokenizer.from_pretrained(tmp_path, subfolder="hub").pad_token == BANG

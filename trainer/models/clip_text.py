@@ -48,6 +48,7 @@ LEGACY_EOS_ID = 2  # configs from before transformers PR #24773: pool at the hig
 def make_config(config: dict | SimpleNamespace) -> SimpleNamespace:
     """The full config (defaults filled in) as a namespace; rejects what this module does not implement."""
     values = dict(vars(config) if isinstance(config, SimpleNamespace) else config)
+    # A null in config.json means "the default" for the keys that have one.
     values = {**DEFAULTS, **{k: v for k, v in values.items() if v is not None or k not in DEFAULTS}}
     if values["hidden_act"] not in ACTIVATIONS:
         _unsupported("hidden_act", values["hidden_act"], "quick_gelu or gelu")
@@ -247,7 +248,7 @@ class CLIPTextModel(_TextEncoderBase):
         else:
             index = (input_ids == self.eos_token_id).int().argmax(dim=-1)  # first EOS (pad may equal EOS)
         rows = torch.arange(last.shape[0], device=last.device)
-        return last[rows, index.to(last.device)]
+        return last[rows, index]
 
 
 class CLIPTextModelWithProjection(_TextEncoderBase):

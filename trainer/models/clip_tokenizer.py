@@ -113,8 +113,11 @@ class CLIPTokenizer:
     # -- loading and saving ------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> CLIPTokenizer:
-        """Read a tokenizer folder as transformers does (special_tokens_map.json wins over tokenizer_config.json)."""
-        folder = Path(folder)
+        """Read a tokenizer folder as transformers does (special_tokens_map.json wins over tokenizer_config.json).
+
+        ``subfolder`` is honoured; other transformers keywords (``local_files_only`` ...) are ignored.
+        """
+        folder = Path(folder) / overrides.get("subfolder", "")
         vocab, merges = _read_vocab(folder)
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
@@ -329,8 +332,8 @@ def _merge(symbols: list[str], pair: list[str]) -> list[str]:
 
 
 def _pad_length(padding: bool | str, limit: int, rows: list[list[int]]) -> int | None:
-    if padding == "max_length":
-        return limit
+    if padding == "max_length":  # with no length known, transformers does not pad either
+        return limit if limit < VERY_LARGE_INTEGER else None
     if padding is True or padding == "longest":
         return max((len(r) for r in rows), default=0)
     return None
