@@ -105,7 +105,8 @@ def unet_inputs(unet, batch=2, seed=0, size=8):
 @torch.no_grad()
 def unet_output(unet, seed=0):
     sample, t, kwargs = unet_inputs(unet, seed=seed)
-    return unet(sample, t, **kwargs).sample
+    out = unet(sample, t, **kwargs)
+    return getattr(out, "sample", out)  # Nekoya's UNet returns the tensor, diffusers' an output object
 
 
 @torch.no_grad()

@@ -83,7 +83,7 @@ class _Run:
     # -- setup: data, model, network, optimizer, inputs ------------------------------------------
     def setup(self) -> None:
         self._check_settings()
-        import_model_libraries()  # without bitsandbytes riding along with diffusers (2 s, 45 MB)
+        import_model_libraries()
         self._load_model()
         self._build_network()
         self._build_optimizer()

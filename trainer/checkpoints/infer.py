@@ -101,7 +101,7 @@ def _tokenizer_sources(path: Path, configs: dict, base_name: str, tokenizer_dir)
 
 def _set_token_ids(configs: dict, tokenizers: dict[str, Path]) -> None:
     """Custom vocabularies: take bos/eos/pad ids from the tokenizer (the official configs' ids are CLIP's)."""
-    from transformers import CLIPTokenizer
+    from trainer.models.clip_tokenizer import CLIPTokenizer
 
     for name, folder in tokenizers.items():
         config = configs[name.replace("tokenizer", "text_encoder")]

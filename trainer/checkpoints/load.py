@@ -4,9 +4,12 @@ Accepts a diffusers folder, a single ``.safetensors``/``.ckpt`` file, or a hub i
 that is already in the local Hugging Face cache. Nekoya never downloads: any
 missing file is an error that asks for a local path.
 
-Single files are converted with the key maps of :mod:`ldm_keys` into models
-built (without allocating weights) from :func:`infer_config_dir`'s folder, and
-every tensor of every model must be found: no silent random weights.
+Models are Nekoya's lean implementations (:mod:`trainer.models`), which keep
+diffusers'/transformers' state-dict keys: a folder's weights load as they are,
+and single files are converted with the key maps of :mod:`ldm_keys` into models
+built (without allocating weights) from :func:`infer_config_dir`'s folder. Every
+tensor of every model must be found: no silent random weights. Loading imports
+neither diffusers nor transformers.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 from trainer.checkpoints.detect import ModelInfo, detect
 from trainer.checkpoints.errors import CheckpointError
 from trainer.checkpoints.infer import infer_config_dir
-from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS, from_ldm, key_candidates
+from trainer.checkpoints.ldm_keys import LDM_PREFIXES, SINGLE_FILE_LAYOUTS, from_ldm, key_candidates, vae_plan
 from trainer.checkpoints.reader import TensorSource
 
 TOKENIZER_FOR = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -45,14 +48,6 @@ class Components:
     @property
     def v_parameterization(self) -> bool:
         return self.scheduler_config.get("prediction_type") == "v_prediction"
-
-    def noise_scheduler(self):
-        """A DDPMScheduler with the model's training noise schedule (what kohya trains with)."""
-        from diffusers import DDPMScheduler
-
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
-        config = {k: self.scheduler_config[k] for k in keys if k in self.scheduler_config}
-        return DDPMScheduler(**{**config, "clip_sample": False})
 
 
 def load_pipeline_components(path, family_hint=None, dtype=None, tokenizer_dir=None,
@@ -97,15 +92,15 @@ def resolve_model_path(path) -> Path:
 
 
 def _load_diffusers_folder(folder: Path, info: ModelInfo, dtype, v_parameterization) -> Components:
-    import diffusers
-    import transformers
+    from trainer.models.components import load_folder_component
+    from trainer.models.weights import WeightsError
 
-    index = json.loads((folder / "model_index.json").read_text())
     models = {}
     for name in SINGLE_FILE_LAYOUTS[info.family]:
-        library, class_name = index[name]
-        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
-        models[name] = cls.from_pretrained(folder, subfolder=name, local_files_only=True, torch_dtype=dtype).eval()
+        try:
+            models[name] = load_folder_component(folder, name, dtype)
+        except (WeightsError, ValueError) as exc:
+            raise CheckpointError(f"{folder}: {name}: {exc}") from None
     components = _assemble(info, folder, models)
     if v_parameterization is not None:
         components.scheduler_config["prediction_type"] = "v_prediction" if v_parameterization else "epsilon"
@@ -113,41 +108,58 @@ def _load_diffusers_folder(folder: Path, info: ModelInfo, dtype, v_parameterizat
 
 
 def _load_single_file_models(path: Path, family: str, config_dir: Path, dtype) -> dict:
+    from trainer.models.components import empty_model
+
     with TensorSource(path) as source:
         available = set(source.keys())
         models = {}
         for name, (prefix, plan_builder) in SINGLE_FILE_LAYOUTS[family].items():
-            model = _empty_model(config_dir, name)
-            state_dict = {}
-            for entry in plan_builder(model.state_dict().keys(), prefix=prefix):
-                found = next((k for k in key_candidates(entry.ldm) if k in available), None)
-                if found is None:
-                    raise CheckpointError(f"{path.name}: missing tensor {entry.ldm!r} for the {name}")
-                for key, tensor in zip(entry.diffusers, from_ldm(entry, source.get(found))):
-                    state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-            model.load_state_dict(state_dict, strict=True, assign=True)
-            models[name] = model.eval()
+            model = empty_model(config_dir, name)
+            _fill_from_single_file(model, plan_builder, prefix, source, available, f"{path.name}: the {name}", dtype)
+            models[name] = model
     return models
 
 
-def _empty_model(config_dir: Path, name: str):
-    """The component's architecture with parameters on the meta device (no allocation)."""
-    import diffusers
-    import transformers
-    from accelerate import init_empty_weights
+def _fill_from_single_file(model, plan_builder, prefix: str, source: TensorSource, available: set, what: str, dtype):
+    """Give the meta-device ``model`` its tensors from an original-layout file, every one required."""
+    state_dict = {}
+    for entry in plan_builder(model.state_dict().keys(), prefix=prefix):
+        found = next((k for k in key_candidates(entry.ldm) if k in available), None)
+        if found is None:
+            raise CheckpointError(f"{what}: missing tensor {entry.ldm!r}")
+        for key, tensor in zip(entry.diffusers, from_ldm(entry, source.get(found))):
+            state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.eval()
 
-    index = json.loads((config_dir / "model_index.json").read_text())
-    library, class_name = index[name]
-    with init_empty_weights():
-        if library == "diffusers":
-            cls = getattr(diffusers, class_name)
-            return cls.from_config(cls.load_config(config_dir / name))
-        config = transformers.CLIPTextConfig.from_pretrained(config_dir / name)
-        return getattr(transformers, class_name)(config)
+
+def load_vae(path, config_dir: Path, dtype):
+    """A separate VAE: a diffusers VAE folder, or one file in the original (``encoder.down.0...``, with or
+    without ``first_stage_model.``) or diffusers (``encoder.down_blocks.0...``) layout."""
+    from trainer.models.components import empty_model, model_factory
+    from trainer.models.weights import WeightsError, build_with_weights, load_component
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"VAE not found: {path}")
+    try:
+        if path.is_dir():
+            return load_component(path, model_factory("AutoencoderKL"), dtype)
+        model = empty_model(config_dir, "vae")
+        with TensorSource(path) as source:
+            available = set(source.keys())
+            if set(model.state_dict()) <= available:  # already diffusers keys
+                state = {k: source.get(k) for k in model.state_dict()}
+                return build_with_weights(lambda: model, state, dtype, path.name)
+            prefix = LDM_PREFIXES["vae"] if any(k.startswith(LDM_PREFIXES["vae"]) for k in available) else ""
+            _fill_from_single_file(model, vae_plan, prefix, source, available, f"VAE {path.name}", dtype)
+            return model
+    except (WeightsError, ValueError) as exc:
+        raise CheckpointError(f"VAE {path}: {exc}") from None
 
 
 def _assemble(info: ModelInfo, config_dir: Path, models: dict) -> Components:
-    from transformers import CLIPTokenizer
+    from trainer.models.clip_tokenizer import CLIPTokenizer
 
     encoders = [name for name in TOKENIZER_FOR if name in models]
     tokenizers = tuple(CLIPTokenizer.from_pretrained(config_dir / TOKENIZER_FOR[n]) for n in encoders)

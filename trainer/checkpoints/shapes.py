@@ -8,7 +8,6 @@ channels, which only test models have).
 """
 from __future__ import annotations
 
-import inspect
 import re
 
 from trainer.checkpoints.errors import CheckpointError
@@ -186,9 +185,12 @@ def _normalise(value):
 def _class_defaults(config: dict) -> dict:
     """Constructor defaults of the config's class, for keys an official config leaves out."""
     class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
-    if class_name in {"UNet2DConditionModel", "AutoencoderKL"}:
-        import diffusers
+    if class_name == "UNet2DConditionModel":
+        from trainer.models.unet import DEFAULTS
 
-        init = getattr(diffusers, class_name).__init__
-        return {k: p.default for k, p in inspect.signature(init).parameters.items() if p.default is not p.empty}
+        return DEFAULTS
+    if class_name == "AutoencoderKL":
+        from trainer.models.vae import DEFAULTS
+
+        return DEFAULTS
     return {}

@@ -95,28 +95,28 @@ class StableDiffusionFamily:
             return dist.sample(generator=generator)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, batch: Any) -> torch.Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
+        return self.unet(noisy, timesteps, encoder_hidden_states=cond)
 
     def set_attention(self, backend: str, log: LogFn) -> None:
+        from trainer.models.attention import load_xformers, sdpa_attention
+
+        attend = sdpa_attention
         if backend == "xformers":
             try:
-                self.unet.enable_xformers_memory_efficient_attention()
-                return
+                attend = load_xformers(self.unet.device, self.unet.dtype)
             except Exception as exc:  # not installed, or no CUDA kernel for this device/dtype
                 log(f"xformers is not usable here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                     "using PyTorch SDPA attention instead", "warning")
         elif backend == "none":
             log("CrossAttention 'none': using PyTorch SDPA attention, the standard attention of PyTorch 2", "info")
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.unet.set_attn_processor(AttnProcessor2_0())
+        self.unet.set_attention_backend(attend)
 
     def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
         self.unet.enable_gradient_checkpointing()
         if text_encoders:
             for encoder in self.text_encoders:
                 encoder.gradient_checkpointing_enable()
-                encoder.train()  # transformers checkpoints only in train mode (dropouts are 0 in CLIP)
+                encoder.train()  # checkpointing is on in train mode only (CLIP has no dropout)
 
     def release_vae(self) -> None:
         self.vae.to("cpu")
@@ -147,14 +147,9 @@ def vae_input(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 def _load_vae(path: str, config_dir: Path, dtype: torch.dtype):
     """A separate VAE: a diffusers VAE folder or a single .safetensors/.ckpt file."""
-    from diffusers import AutoencoderKL
+    from trainer.checkpoints.load import load_vae
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"VAE not found: {path}")
-    if os.path.isdir(path):
-        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-    return AutoencoderKL.from_single_file(path, config=str(config_dir), subfolder="vae", torch_dtype=dtype,
-                                          local_files_only=True)
+    return load_vae(path, config_dir, dtype)
 
 
 def _file_identity(path: str) -> str:

@@ -139,7 +139,7 @@ class SDXLFamily(StableDiffusionFamily):
         time_ids = batch.size_conditioning().to(noisy.device, torch.float32)
         added = {"text_embeds": cond.pooled.to(noisy.device), "time_ids": time_ids}
         return self.unet(noisy, timesteps, encoder_hidden_states=cond.hidden_states.to(noisy.device),
-                         added_cond_kwargs=added).sample
+                         added_cond_kwargs=added)
 
 
 def join_chunks(states: torch.Tensor, batch: int, n_chunks: int) -> torch.Tensor:

@@ -86,21 +86,8 @@ def empty_models(path) -> tuple[str, nn.Module, tuple]:
 
 def empty_models_from_configs(config_dir) -> tuple[nn.Module, tuple]:
     """(unet, text encoders) on the meta device, from a diffusers (config) folder."""
+    from trainer.models.components import empty_model
+
     index = json.loads((Path(config_dir) / "model_index.json").read_text())
-    encoders = tuple(_empty(config_dir, name, index) for name in TEXT_ENCODER_NAMES if name in index)
-    return _empty(config_dir, "unet", index), encoders
-
-
-def _empty(config_dir, name: str, index: dict) -> nn.Module:
-    import diffusers
-    import transformers
-    from accelerate import init_empty_weights
-
-    library, class_name = index[name]
-    folder = Path(config_dir) / name
-    with init_empty_weights():
-        if library == "diffusers":
-            cls = getattr(diffusers, class_name)
-            return cls.from_config(cls.load_config(folder))
-        config = transformers.CLIPTextConfig.from_pretrained(folder)
-        return getattr(transformers, class_name)(config)
+    encoders = tuple(empty_model(config_dir, name) for name in TEXT_ENCODER_NAMES if name in index)
+    return empty_model(config_dir, "unet"), encoders
