@@ -102,11 +102,18 @@ class CLIPTextProjectionOutput(_Output):
     _order = ("text_embeds", "last_hidden_state", "hidden_states")
 
 
+def _embedding(count: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, without its random init when built on the meta device to take loaded weights:
+    a meta ``normal_`` imports torch._dynamo, 1.5 s of every start."""
+    weight = torch.empty(count, dim)
+    return nn.Embedding(count, dim, _weight=weight) if weight.is_meta else nn.Embedding(count, dim)
+
+
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, config: SimpleNamespace) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = _embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = _embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Positions 0..L-1: a slice of the table equals the lookup of arange(L).
