@@ -117,7 +117,7 @@ def test_predict_passes_pooled_and_size_conditioning(family):
         rows = [[96, 64, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]]
         pred = family.predict(noisy, t, cond, size_batch(rows))
         manual = family.unet(noisy, t, encoder_hidden_states=cond.hidden_states, added_cond_kwargs={
-            "text_embeds": cond.pooled, "time_ids": torch.tensor(rows, dtype=torch.float32)}).sample
+            "text_embeds": cond.pooled, "time_ids": torch.tensor(rows, dtype=torch.float32)})
         other_size = family.predict(noisy, t, cond, size_batch([[1024, 1024, 0, 0, 1024, 1024]] * 2))
     torch.testing.assert_close(pred, manual)
     assert pred.shape == noisy.shape
