@@ -68,3 +68,29 @@ def test_ctrl_c_stops_cleanly_and_saves(tiny_sd1_dir, images, tmp_path, capsys, 
     assert "stopped at step 2" in captured.out
     assert os.path.isfile(tmp_path / "out" / "cli-step00000002.safetensors")
     assert signal.getsignal(signal.SIGINT) is previous_handler  # handler restored
+
+
+@pytest.mark.parametrize("family_fixture", ["tiny_sd1_dir", "tiny_sdxl_file"])
+def test_a_training_run_imports_no_diffusers_or_transformers(request, family_fixture, images, tmp_path):
+    """Start-up cost: the CLI trains on Nekoya's lean models (trainer.models), so a run from a diffusers
+    folder or an SDXL single file never imports diffusers, transformers, peft or accelerate."""
+    import json
+    import subprocess
+    import sys
+
+    model = request.getfixturevalue(family_fixture)
+    extra = {"sdxl": True} if "sdxl" in family_fixture else {}
+    config = write_config(tmp_path / "config.json", model, images, tmp_path / "out", text_encoder_lr=1e-4, **extra)
+    probe = (
+        "import json, sys\n"
+        "from trainer import cli\n"
+        f"code = cli.main(['train', '--config', {str(config)!r}])\n"
+        "heavy = sorted(m for m in ('diffusers', 'transformers', 'peft', 'accelerate', 'gradio') if m in sys.modules)\n"
+        "print('PROBE', json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = next(line for line in done.stdout.splitlines() if line.startswith("PROBE"))
+    result = json.loads(line.split(" ", 1)[1])
+    assert result == {"code": 0, "heavy": []}, done.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "out" / "cli.safetensors")
