@@ -151,6 +151,20 @@ def test_bf16_autocast_runs_close_to_diffusers():
     assert (da.float() - db.float()).abs().max() <= 0.05 * db.float().abs().max()
 
 
+def test_half_weights_match_diffusers_half():
+    ours, ref = _pair(TINY_VAE)
+    ours.to(dtype=torch.bfloat16)
+    ref.to(dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    pixels = (torch.rand(1, 3, 32, 32) * 2 - 1).to(torch.bfloat16)
+    with torch.no_grad():
+        a, b = ours.encode(pixels).latent_dist, ref.encode(pixels).latent_dist
+        sa = a.sample(generator=torch.Generator().manual_seed(5))
+        assert sa.dtype == torch.bfloat16
+        _close(sa.float(), b.sample(generator=torch.Generator().manual_seed(5)).float(), rtol=2e-2)
+        _close(ours.decode(sa).sample.float(), ref.decode(sa).sample.float(), rtol=2e-2)
+
+
 def test_module_imports_no_model_library():
     code = ("import sys, trainer.models.vae; "
             "bad = [m for m in ('diffusers', 'transformers', 'peft', 'accelerate', 'huggingface_hub') "

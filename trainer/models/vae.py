@@ -61,7 +61,9 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(_norm_act(self.norm2, self.conv1(_norm_act(self.norm1, x))))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        # into the fresh conv output (autograd keeps conv inputs, not outputs): one large buffer fewer;
+        # out of place when dtypes differ (autocast), where the sum takes the wider dtype
+        return h.add_(skip) if h.dtype == skip.dtype else skip + h
 
 
 class Attention(nn.Module):
