@@ -97,7 +97,6 @@ def test_encode_decode_match_diffusers(config, size):
 
 
 def test_logvar_clamped_like_diffusers():
-    ours, ref = _pair(TINY_VAE)
     params = torch.randn(1, 8, 4, 4) * 50
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Ref
     from trainer.models.vae import DiagonalGaussianDistribution as Ours
