@@ -100,9 +100,9 @@ SETUP_PHASES = ("_check_settings", "_load_model", "_build_network", "_build_opti
 
 def run_startup(args: argparse.Namespace) -> dict:
     """Seconds spent in each setup phase of trainer.loop, then in the first step; stops after it."""
-    import psutil
+    from process_clock import process_start_time
 
-    started = psutil.Process().create_time()
+    started = process_start_time()
     from trainer import loop
     from trainer.control import Control
 

@@ -20,10 +20,10 @@ import runpy
 import sys
 import time
 
-import psutil
 import tqdm as tqdm_module
+from process_clock import process_start_time  # bench/, next to this script
 
-STARTED = psutil.Process().create_time()
+STARTED = process_start_time()
 WARMUP_STEPS = 3
 WALL: list[float] = []
 CPU: list[float] = []

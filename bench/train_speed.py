@@ -64,9 +64,9 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
 def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
     import time
 
-    import psutil
+    from process_clock import process_start_time
 
-    started = psutil.Process().create_time()
+    started = process_start_time()
     from trainer.events import Step
     from trainer.loop import train
     from trainer.settings import TrainingSettings
