@@ -128,6 +128,14 @@ def test_lowercase_booleans_and_unknown_optimizers_are_refused(run):
     assert not problems(report, "error", "optimizer")
 
 
+def test_scheduler_options_it_does_not_take_are_refused_before_loading(run):
+    _, report = run(lr_scheduler="cosine", lr_scheduler_args="T_max=10 num_cycles=2")
+    [error] = problems(report, "error", "lr_scheduler_args")
+    assert "T_max" in error.message and "num_cycles" not in error.message and "num_cycles" in error.fix
+    _, report = run(lr_scheduler="cosine_with_restarts", lr_scheduler_args="num_cycles=3")
+    assert not problems(report, "error", "lr_scheduler_args")
+
+
 def test_missing_optimizer_package(run, monkeypatch):
     import importlib.util
 

@@ -102,6 +102,25 @@ def check_extra_args(ctx: CheckContext):
                               fix=f"write {name}={proper} (capital letter, as in Python)")
 
 
+@preflight_check("optimizer.scheduler_args")
+def check_scheduler_args(ctx: CheckContext):
+    """Options the chosen schedule does not take fail before any loading, not when the scheduler is built."""
+    from trainer.optim.lr_lambdas import IGNORES_OPTIONS, SCHEDULES, schedule_options
+
+    name = ctx.settings.lr_scheduler
+    if name not in SCHEDULES or name in IGNORES_OPTIONS or (ctx.settings.lr_scheduler_type or "").strip():
+        return
+    try:
+        values = parse_literal_args(ctx.settings.lr_scheduler_args, "lr_scheduler_args")
+    except OptimConfigError:
+        return  # reported by check_extra_args
+    takes = schedule_options(name)
+    unknown = sorted(set(values) - set(takes) - {"last_epoch"})
+    if unknown:
+        yield Problem("error", "lr_scheduler_args", f"the {name} scheduler has no option {', '.join(unknown)}",
+                      fix=f"its options: {', '.join(takes) or 'none'}; remove the others")
+
+
 @preflight_check("optimizer.package")
 def check_optimizer_package(ctx: CheckContext):
     name = _optimizer_name(ctx.settings)
