@@ -85,17 +85,21 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         caption_extension=".txt",
     )
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
 
     def sink(event) -> None:
         if isinstance(event, Step):
             stamps.append(time.time())
+            cpu_stamps.append(time.process_time())
 
     train(settings, sink)
-    gaps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:])) or sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    gaps, cpu_gaps = _median_gaps(stamps), _median_gaps(cpu_stamps)
     result = {
         "size": args.size, "resolution": args.resolution, "batch": args.batch, "optimizer": args.optimizer,
         "gradient_checkpointing": args.gradient_checkpointing, "cache_latents": args.cache_latents,
-        "steps": len(stamps), "s_per_step": round(gaps[len(gaps) // 2], 4) if gaps else None,
+        "steps": len(stamps), "s_per_step": round(gaps, 4) if gaps else None,
+        # process CPU seconds per step (all threads): less sensitive than wall time to a shared machine
+        "cpu_s_per_step": round(cpu_gaps, 4) if cpu_gaps else None,
         "time_to_first_step_s": round(stamps[0] - started, 2) if stamps else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1), "device": "cuda" if cuda else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -107,6 +111,12 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
     if result["s_per_step"]:
         result["it_per_s"] = round(1 / result["s_per_step"], 3)
     return result
+
+
+def _median_gaps(stamps: list[float]) -> float | None:
+    """Median gap between steps after the first two (warm-up); all gaps when there are fewer than four."""
+    gaps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:])) or sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    return gaps[len(gaps) // 2] if gaps else None
 
 
 def _peak_rss_mb() -> float:
