@@ -71,3 +71,20 @@ def test_profile_train_refuses_to_run_without_the_benchmark_model(tmp_path):
     args = profile_train.build_parser().parse_args(["--workdir", str(tmp_path)])
     with pytest.raises(SystemExit, match="train_speed.py --size tiny"):
         profile_train.bench_paths(args)
+
+
+def test_train_speed_prints_one_json_line_with_the_figures(tmp_path):
+    """The benchmark as a user runs it: builds the tiny model and images, trains in a child, one JSON line."""
+    import os
+    import subprocess
+
+    script = BENCH / "train_speed.py"
+    done = subprocess.run([sys.executable, str(script), "--size", "tiny", "--steps", "5", "--again",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["size"] == "tiny" and result["steps"] == 5 and result["device"] == "cpu"
+    for key in ("s_per_step", "cpu_s_per_step", "time_to_first_step_s", "peak_rss_mb", "again_time_to_first_step_s"):
+        assert result[key] > 0, key
+    assert result["again_time_to_first_step_s"] < result["time_to_first_step_s"]
