@@ -108,3 +108,35 @@ def test_sdxl_without_size_conditioning_says_what_is_missing():
     sample, context, _ = _inputs("sdxl")
     with pytest.raises(ValueError, match="time_ids"):
         ours(sample, 10, context)
+
+
+def test_attention_backend_is_swappable_and_xformers_falls_back_with_a_message():
+    from trainer.families.sd import SD1Family
+    from trainer.models.attention import load_xformers, sdpa_attention
+
+    _, ours = _pair("sd1")
+    sample, context, _ = _inputs("sd1")
+    with torch.no_grad():
+        expected = ours(sample, 10, context)
+    calls = []
+
+    def counting(q, k, v, heads):
+        calls.append(heads)
+        return sdpa_attention(q, k, v, heads)
+
+    ours.set_attention_backend(counting)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(sample, 10, context), expected)
+    assert len(calls) == 2 * 4  # self + cross attention of 4 transformer blocks (down 1, mid 1, up 2)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        load_xformers(torch.device("cpu"), torch.float32)
+
+    family = SD1Family.__new__(SD1Family)  # only the UNet matters for set_attention
+    family.unet = ours
+    messages = []
+    family.set_attention("xformers", lambda message, level="info": messages.append((level, message)))
+    assert messages and messages[0][0] == "warning" and "using PyTorch SDPA attention instead" in messages[0][1]
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(sample, 10, context), expected)
+    assert not calls  # back on SDPA
