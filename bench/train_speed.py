@@ -35,11 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="AdamW")
     p.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=True,
                    help="cache latents before training (the settings' default; --no-cache-latents to encode every step)")
+    p.add_argument("--cache-to-disk", action="store_true",
+                   help="cache_latents_to_disk: latents kept next to the images, so a later run (see --again) reads them")
     p.add_argument("--mixed-precision", default=None, help="no/fp16/bf16 (default: bf16 on CUDA, no on CPU)")
     p.add_argument("--network-dim", type=int, default=8)
     p.add_argument("--again", action="store_true",
                    help="then start a second run in the same process, as a second Start in the GUI does (libraries "
-                        "imported, files in the page cache), and add its time to first step from the call")
+                        "imported, files in the page cache), and add its time to first step from the call "
+                        "(peak_rss_mb then covers both runs)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nekoya-bench"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -82,7 +85,8 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         model_list="custom", pretrained_model_name_or_path=str(model), train_data_dir=str(images),
         output_dir=str(out), output_name="bench", max_resolution=f"{args.resolution},{args.resolution}",
         train_batch_size=args.batch, max_train_steps=args.steps, epoch=1000, save_every_n_epochs=0,
-        optimizer=args.optimizer, cache_latents=args.cache_latents, gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer, cache_latents=args.cache_latents or args.cache_to_disk,
+        cache_latents_to_disk=args.cache_to_disk, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"), network_dim=args.network_dim,
         network_alpha=args.network_dim, lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
         caption_extension=".txt",
