@@ -17,14 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models.attention import AttentionFn
-from trainer.models.unet_blocks import (
-    Attention,
-    Downsample2D,
-    ResnetBlock2D,
-    Transformer2DModel,
-    UNetBlock,
-    Upsample2D,
-)
+from trainer.models.resample import Downsample2D, Upsample2D
+from trainer.models.unet_blocks import Attention, ResnetBlock2D, Transformer2DModel, UNetBlock
 
 # diffusers' defaults for every key this class reads
 DEFAULTS: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""The UNet's building blocks: resnets, spatial transformers, up/down samplers.
+"""The UNet's building blocks: resnets, spatial transformers, and the blocks that hold them.
 
 Module and attribute names are diffusers' (``ResnetBlock2D.norm1``,
 ``Transformer2DModel.transformer_blocks.0.attn1.to_q``, ``downsamplers.0.conv`` ...),
@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.models.attention import AttentionFn, sdpa_attention
+from trainer.models.resample import Downsample2D, Upsample2D
 
 
 class ResnetBlock2D(nn.Module):
@@ -120,31 +121,6 @@ class Transformer2DModel(nn.Module):
         if not self.linear:
             h = self.proj_out(h)
         return h + x
-
-
-class Downsample2D(nn.Module):
-    def __init__(self, channels: int, padding: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
-        self.pad_right_bottom = padding == 0  # diffusers pads (0, 1, 0, 1) itself when the conv has none
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad_right_bottom:
-            x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
 
 
 class UNetBlock(nn.Module):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.resample import Downsample2D, Upsample2D
+
 EPS = 1e-6  # diffusers builds every VAE norm with eps=1e-6
 
 DEFAULTS: dict[str, Any] = {  # diffusers 0.42 AutoencoderKL.__init__ defaults
@@ -86,36 +88,12 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
-class Downsample2D(nn.Module):
-    """Stride-2 conv after padding right/bottom by one (the encoder's downsample_padding=0)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2D(nn.Module):
-    """Nearest 2x upsampling then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
-            x = x.contiguous()  # upsample_nearest_nhwc fails on large tensors (as diffusers guards)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class DownEncoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers))
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
