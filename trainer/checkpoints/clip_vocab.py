@@ -16,6 +16,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from trainer.models.clip_tokenizer import bytes_to_unicode
+
 BPE_GZ = Path(__file__).parent / "configs" / "bpe_simple_vocab_16e6.txt.gz"
 START, END = "<|startoftext|>", "<|endoftext|>"
 REAL_VOCAB_SIZE = 49408
@@ -26,20 +28,6 @@ TINY_MERGES = (
     ("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o</w>"), ("o", "f</w>"),
 )
 TINY_VOCAB_SIZE = 512 + len(TINY_MERGES) + 2
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The CLIP/GPT-2 reversible byte -> printable unicode table (256 entries)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def _vocab_from_merges(merges: list[tuple[str, str]]) -> dict[str, int]:

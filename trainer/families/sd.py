@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +41,9 @@ class StableDiffusionFamily:
         self.unet, self.vae, self.tokenizer = parts.unet, parts.vae, parts.tokenizer
         self.text_encoders = (parts.text_encoder,)
         if settings.vae:
-            self.vae = _load_vae(settings.vae, parts.config_dir, base_dtype)
+            from trainer.checkpoints.load import load_vae
+
+            self.vae = load_vae(settings.vae, parts.config_dir, base_dtype)
         for model in (self.unet, self.vae, *self.text_encoders):
             model.requires_grad_(False)
             model.eval()
@@ -143,13 +144,6 @@ def vae_input(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         vae.to(memory_format=torch.channels_last)
         vae._nekoya_channels_last = True
     return pixels.to(vae.device, vae.dtype).contiguous(memory_format=torch.channels_last)
-
-
-def _load_vae(path: str, config_dir: Path, dtype: torch.dtype):
-    """A separate VAE: a diffusers VAE folder or a single .safetensors/.ckpt file."""
-    from trainer.checkpoints.load import load_vae
-
-    return load_vae(path, config_dir, dtype)
 
 
 def _file_identity(path: str) -> str:

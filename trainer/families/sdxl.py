@@ -15,7 +15,7 @@ import torch
 from trainer.families.base import LogFn
 from trainer.families.clip_text import CHUNK, tokenize_chunks
 from trainer.families.registry import register
-from trainer.families.sd import StableDiffusionFamily, _file_identity, _load_vae, vae_input
+from trainer.families.sd import StableDiffusionFamily, _file_identity, vae_input
 from trainer.network.metadata import VersionInfo
 from trainer.network.sgm_names import SGM_CONV_CLASSES, sgm_unet_view
 from trainer.network.targets import CLIP_CLASSES, UNET_ATTENTION_CLASSES, LoraTarget, Role
@@ -59,7 +59,9 @@ class SDXLFamily(StableDiffusionFamily):
         self.tokenizer = self.tokenizers[0]
         vae_dtype = torch.float32 if self.no_half_vae else base_dtype
         if settings.vae:
-            self.vae = _load_vae(settings.vae, parts.config_dir, vae_dtype)
+            from trainer.checkpoints.load import load_vae
+
+            self.vae = load_vae(settings.vae, parts.config_dir, vae_dtype)
         if self.vae.dtype != vae_dtype:  # fp32 VAE from half weights: the overflow is in activations, not weights
             self.vae.to(dtype=vae_dtype)
         for model in (self.unet, self.vae, *self.text_encoders):

@@ -117,15 +117,15 @@ class UNet2DConditionModel(nn.Module):
         if cfg.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_dim)
 
-        def transformer(width: int, i: int, layer_count: int, context_dim: int) -> Transformer2DModel:
-            return Transformer2DModel(width, heads[i], layer_count, context_dim, groups, cfg.use_linear_projection)
+        def transformer(width: int, head_count: int, layer_count: int, context_dim: int) -> Transformer2DModel:
+            return Transformer2DModel(width, head_count, layer_count, context_dim, groups, cfg.use_linear_projection)
 
         self.down_blocks = nn.ModuleList()
         out_ch = channels[0]
         for i, kind in enumerate(cfg.down_block_types):
             in_ch, out_ch = out_ch, channels[i]
             resnets = [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_dim, groups, eps) for j in range(layers[i])]
-            attentions = ([transformer(out_ch, i, depth[i], context[i]) for _ in range(layers[i])]
+            attentions = ([transformer(out_ch, heads[i], depth[i], context[i]) for _ in range(layers[i])]
                           if kind == "CrossAttnDownBlock2D" else None)
             down = Downsample2D(out_ch, cfg.downsample_padding) if i < n - 1 else None
             self.down_blocks.append(UNetBlock(resnets, attentions, downsample=down))
@@ -133,7 +133,7 @@ class UNet2DConditionModel(nn.Module):
         mid = channels[-1]
         self.mid_block = UNetBlock(
             [ResnetBlock2D(mid, mid, temb_dim, groups, eps) for _ in range(2)],
-            [transformer(mid, n - 1, depth[-1], context[-1])],
+            [transformer(mid, heads[-1], depth[-1], context[-1])],
         )
 
         r_channels, r_layers, r_heads = channels[::-1], layers[::-1], heads[::-1]
@@ -152,8 +152,7 @@ class UNet2DConditionModel(nn.Module):
             ]
             attentions = None
             if kind == "CrossAttnUpBlock2D":
-                attentions = [Transformer2DModel(out_ch, r_heads[i], r_depth[i], r_context[i], groups,
-                                                 cfg.use_linear_projection) for _ in range(count)]
+                attentions = [transformer(out_ch, r_heads[i], r_depth[i], r_context[i]) for _ in range(count)]
             up = Upsample2D(out_ch) if i < n - 1 else None
             self.up_blocks.append(UNetBlock(resnets, attentions, upsample=up))
 
