@@ -1,6 +1,8 @@
 """Optimizers, schedulers, precision and the optimizer step, on CPU."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -140,3 +142,39 @@ def test_stepper_accumulates_and_clips():
     assert param.grad is None
     assert param.norm().item() == pytest.approx(1.0)  # clipped to norm 1
     assert stepper.group_lrs() == {"unet": 1.0}
+
+
+def test_adamw_steps_without_importing_dynamo_and_matches_torch(tmp_path):
+    """The trainer's AdamW (plan_optimizer -> create) runs its steps, zero_grad, state_dict and a scheduler
+    without importing torch._dynamo, and its updates are bit-identical to a stock torch.optim.AdamW's."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys, types, torch\n"
+        "from trainer.optim import create_scheduler, plan_optimizer, plan_scheduler\n"
+        "def run(make):\n"
+        "    torch.manual_seed(0)\n"
+        "    ps = [torch.nn.Parameter(torch.randn(6, 4)) for _ in range(3)]\n"
+        "    opt = make([{'params': ps[:2], 'lr': 1e-2}, {'params': ps[2:], 'lr': 1e-3}])\n"
+        "    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))\n"
+        "    for _ in range(4):\n"
+        "        sum((p ** 3).sum() for p in ps).backward()\n"
+        "        torch.nn.utils.clip_grad_norm_(ps, 1.0)\n"
+        "        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)\n"
+        "    opt.load_state_dict(opt.state_dict())\n"
+        "    return [p.detach().clone() for p in ps], opt\n"
+        "s = types.SimpleNamespace(optimizer='AdamW', optimizer_args='', learning_rate=1e-2)\n"
+        "ours, opt = run(plan_optimizer(s, 'cpu').create)\n"
+        "loaded = 'torch._dynamo' in sys.modules\n"
+        "theirs, _ = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, fused=True))\n"
+        "same = all(torch.equal(a, b) for a, b in zip(ours, theirs))\n"
+        "moved = not torch.equal(ours[0], run(lambda g: torch.optim.SGD(g, lr=0.0))[0][0])\n"
+        "print('PROBE', json.dumps({'dynamo': loaded, 'same': same, 'moved': moved, 'fused': opt.defaults['fused']}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    line = next((line for line in done.stdout.splitlines() if line.startswith("PROBE")), None)
+    assert line is not None, done.stderr[-2000:]
+    assert json.loads(line.split(" ", 1)[1]) == {"dynamo": False, "same": True, "moved": True, "fused": True}

@@ -69,7 +69,12 @@ class OptimizerPlan:
                 g.pop("lr", None)
         elif self.same_group_lr:
             self._equalize_lrs(groups)
-        return self.cls(groups, lr=self.lr, **self.kwargs)
+        from .eager_step import eager_step, skip_compile_guards
+
+        skip_compile_guards(self.cls)
+        optimizer = self.cls(groups, lr=self.lr, **self.kwargs)
+        eager_step(optimizer)
+        return optimizer
 
     def _equalize_lrs(self, groups: list[dict]) -> None:
         """Give every group the first group's lr; DAdaptAdam keeps the ratio as layer_scale."""
