@@ -178,3 +178,23 @@ def test_adamw_steps_without_importing_dynamo_and_matches_torch(tmp_path):
     line = next((line for line in done.stdout.splitlines() if line.startswith("PROBE")), None)
     assert line is not None, done.stderr[-2000:]
     assert json.loads(line.split(" ", 1)[1]) == {"dynamo": False, "same": True, "moved": True, "fused": True}
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left as they are
+def test_clip_grad_norm_gives_torchs_gradients(max_norm):
+    from trainer.optim.stepper import clip_grad_norm
+
+    torch.manual_seed(0)
+    shapes = [(8, 32), (32, 8), (4, 4, 3, 3), (7,)]
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes] + [torch.nn.Parameter(torch.zeros(3))]
+    theirs = [torch.nn.Parameter(torch.zeros(s)) for s in shapes] + [torch.nn.Parameter(torch.zeros(3))]
+    for a, b in zip(ours[:-1], theirs[:-1]):  # the last one has no gradient
+        a.grad = torch.randn(a.shape) * 3
+        b.grad = a.grad.clone()
+    clip_grad_norm(ours, max_norm)
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    for a, b in zip(ours[:-1], theirs[:-1]):
+        assert torch.equal(a.grad, b.grad)
+    assert ours[-1].grad is None
+    total = torch.linalg.vector_norm(torch.stack([a.grad.norm() for a in ours[:-1]]))
+    assert total.item() == pytest.approx(min(max_norm, total.item()), rel=1e-5)
