@@ -76,7 +76,10 @@ class LoRAModule(nn.Module):
         if self.training and self.rank_dropout:
             lx = lx * self._rank_mask(lx)
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
-        return out + self.lora_up(lx) * (self.multiplier * scale)
+        factor = self.multiplier * scale
+        if factor == 1.0:  # alpha = rank: nothing to scale
+            return out + self.lora_up(lx)
+        return torch.add(out, self.lora_up(lx), alpha=factor)  # one kernel for the scale and the sum
 
     def _rank_mask(self, lx: torch.Tensor) -> torch.Tensor:
         """Per-sample, per-rank keep mask shaped to broadcast over tokens or pixels."""
