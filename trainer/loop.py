@@ -234,6 +234,8 @@ class _Run:
             self.log(f"text encoder outputs cached for {count} captions (text encoder not trained)")
 
     def _latent_cache(self):
+        """The latent cache, encoding each image when a batch first needs it: the first step comes after its
+        own batch is encoded, not after the whole dataset (``_finish_latent_cache`` frees the VAE later)."""
         from trainer.data.latent_cache import CacheSpec, LatentCache, latent_caching_blockers
 
         s = self.settings
@@ -241,27 +243,36 @@ class _Run:
         if blockers:
             self.log("latents are not cached: " + "; ".join(blockers), "warning")
             return None
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
         spec = CacheSpec(
-            encode=lambda pixels: self.family.encode_images(pixels, generator),
+            encode=self.family.encode_images, seed=self.seed,
             to_disk=bool(s.cache_latents_to_disk), flip=bool(s.flip_aug), batch_size=max(1, int(s.vae_batch_size or 1)),
             suffix=self.family.cache_suffix, fingerprint=self.family.fingerprint(),
         )
         cache = LatentCache(spec)
         shown = [-1]
 
-        def progress(done: int, total: int) -> None:  # a Log line per 10% for big datasets
+        def progress(done: int, total: int) -> None:  # a Log line per 10% for big datasets (from any thread)
             tenth = done * 10 // max(1, total)
             if tenth > shown[0] and total >= 20:
                 shown[0] = tenth
                 self.log(f"caching latents: {done}/{total}")
 
         report = cache.prepare(self.plan.entries, progress)
-        for error in report.failed:
-            self._bad_image(error)
+        if report.pending:
+            self.log(f"latents are encoded as each image is first used ({report.pending} to encode, {report.reused} "
+                     "read from disk), so the steps of the first epoch are slower")
+        else:  # everything was on disk
+            self._finish_latent_cache(cache)
+        return cache
+
+    def _finish_latent_cache(self, cache) -> None:
+        """Once: encode what is still missing (after a resume the first epoch skipped some batches; normally
+        nothing), say the totals and free the VAE, which only sampling needs from then on."""
+        if cache is None or cache.finished:
+            return
+        report = cache.finish()
         self.log(f"latents cached: {report.encoded} encoded, {report.reused} read from disk")
         self.family.release_vae()
-        return cache
 
     def _bad_image(self, error) -> None:
         decision = self.image_policy.handle(error.path, error)
@@ -340,18 +351,25 @@ class _Run:
 
     def _run_epoch(self, epoch: int, first_batch: int) -> bool:
         """Train the epoch's batches from ``first_batch``; True when it ended early (steps done or stop)."""
+        from contextlib import nullcontext
+
         accum = max(1, int(self.settings.gradient_accumulation_steps))
         self.batches_done = first_batch
         losses: list[float] = []
+        cache = self.dataset.latents
+        # a data worker may encode latents with the VAE: not while a step's sampling uses it too
+        vae_guard = cache.exclusive() if cache is not None else nullcontext()
         for batch in self.dataset.iter_epoch(epoch, first_batch):
             losses.append(self._train_step(batch))
             self.batches_done += 1
             if self.batches_done % accum and self.batches_done < len(self.dataset):
                 continue  # accumulate more gradients before stepping
-            self._optimizer_step(sum(losses) / len(losses))
+            with vae_guard:
+                self._optimizer_step(sum(losses) / len(losses))
             losses = []
             if self.step >= self.plan.total_steps or self.control.stop_requested:
                 return True
+        self._finish_latent_cache(cache)  # every image was used once: all latents are cached
         return False
 
     def _train_step(self, batch) -> float:

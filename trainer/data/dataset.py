@@ -8,6 +8,9 @@ generator seeded by (seed, epoch, batch index): so an epoch is a pure function o
 the seed, and a resumed run that skips the first N batches sees exactly what the
 uninterrupted run saw.
 
+With a latent source (``latents=``), a batch holds latents instead of pixels; the
+source may encode an image's latents the first time a batch asks for them.
+
 Epochs are 1-based, as sd-scripts (``caption_dropout_every_n_epochs`` depends on it).
 """
 from __future__ import annotations
@@ -94,7 +97,12 @@ class CachedLatents:
 
 
 class LatentSource(Protocol):
-    def get(self, entry: Entry, flipped: bool) -> CachedLatents: ...
+    """Latents per entry, e.g. ``trainer.data.latent_cache.LatentCache``."""
+
+    def get(self, entry: Entry, flipped: bool) -> CachedLatents:
+        """The entry's latents. May encode them on first use, and runs on the data workers' threads when
+        ``workers`` > 0 (so it must be thread-safe). An image that cannot be loaded raises its
+        ``BadImageError``: the batch reports it and skips it (or stops) like any bad image."""
 
 
 BadImageCallback = Callable[[BadImageError], None]

@@ -1,10 +1,30 @@
-"""Latent caching through an injected ``encode(pixels) -> latents`` (the VAE lives elsewhere).
+"""Latent caching through an injected ``encode(pixels, generators) -> latents`` (the VAE lives elsewhere).
 
-Each distinct (image, bucket) is encoded once before training, in batches of
-``batch_size`` images of one bucket; with flip augmentation the mirrored image is
-encoded too (a flipped latent is not the mirror of a latent). Latents are kept in
-memory, and with ``to_disk`` also written next to the image the way sd-scripts does:
-``<stem>_<W:04d>x<H:04d>_<suffix>.npz`` with keys ``latents_<h>x<w>``,
+Each distinct (image, bucket) is encoded when it is first used (``get``), not before
+training: the first step comes as soon as its own batch is encoded, and a setting that
+fails at the first step fails in seconds. Once encoded, a latent is kept and reused by
+every later use (and, with ``to_disk``, by later runs). ``prepare`` only registers the
+dataset's entries and reads the valid disk entries; ``encode_missing`` encodes what is
+left (a resumed run's skipped batches, or everything up front when a caller wants that).
+
+Registered entries missing from disk are split once into encoding chunks: ``batch_size``
+images of one bucket, in the dataset's order sorted by bucket (what up-front caching
+encoded together). A first use encodes the missing members of its entry's chunk, so the
+VAE always sees the same batches whatever order the entries are asked for in. With flip
+augmentation the mirrored image is encoded too (a flipped latent is not the mirror of a
+latent).
+
+Latents do not depend on encoding order: the VAE's sampling noise comes from one
+generator per (run seed, image path, bucket, flipped), seeded through SHA-256
+(``entry_seed``), so an entry gets the same latents encoded up front, on demand, in
+another epoch order or after a resume.
+
+``get`` may run on data-loader worker threads while the main thread trains: encoding
+and storing happen under one lock (no entry is encoded twice), and ``exclusive()``
+lets another user of the VAE (sampling) keep encoders out meanwhile.
+
+Latents are kept in memory, and with ``to_disk`` also written next to the image the way
+sd-scripts does: ``<stem>_<W:04d>x<H:04d>_<suffix>.npz`` with keys ``latents_<h>x<w>``,
 ``original_size_<h>x<w>``, ``crop_ltrb_<h>x<w>`` and ``latents_flipped_<h>x<w>``
 (h x w: latent size; W x H: image size). A file holds one entry per bucket size.
 
@@ -14,23 +34,28 @@ and byte size and a fingerprint of the encoder settings; any change re-encodes i
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
 
-from trainer.data.buckets import Size, crop_offsets
+from trainer.data.buckets import Size
 from trainer.data.dataset import CachedLatents
 from trainer.data.images import BadImageError, prepare_image, to_tensor
 from trainer.data.samples import Entry
 
 CACHE_FORMAT_VERSION = "nekoya-latents-1"  # bump when the image pipeline changes what gets encoded
 
-Encoder = Callable[[torch.Tensor], torch.Tensor]
+# (pixels (B, 3, H, W), one generator per row) -> unscaled latents (B, C, H/8, W/8)
+Encoder = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
+Progress = Callable[[int, int], None]  # (images encoded or failed so far, images to encode)
+Key = tuple[Path, Size]
 
 
 class LatentCacheError(RuntimeError):
@@ -46,10 +71,21 @@ def latent_caching_blockers(settings: Any) -> list[str]:
     return [reason for key, reason in reasons.items() if getattr(settings, key, False)]
 
 
+def entry_seed(seed: int, path: Path | str, bucket: Size, flipped: bool) -> int:
+    """The seed of one image's VAE sampling noise: a SHA-256 of (run seed, absolute path, bucket, flipped).
+
+    Stable across processes and machines (unlike ``hash()``, salted per process) and independent of
+    the order images are encoded in.
+    """
+    text = f"{int(seed)}|{os.path.abspath(path)}|{bucket[0]}x{bucket[1]}|{'flipped' if flipped else 'plain'}"
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") & (2**63 - 1)
+
+
 @dataclass(frozen=True)
 class CacheSpec:
-    """How to cache. ``encode`` receives CPU float32 pixels (B, 3, H, W) in [-1, 1], moves them to its
-    own device and dtype, and returns the unscaled latents (B, C, H/8, W/8), e.g. ``latent_dist.sample()``."""
+    """How to cache. ``encode`` receives CPU float32 pixels (B, 3, H, W) in [-1, 1] and one CPU
+    ``torch.Generator`` per row, moves the pixels to its own device and dtype, and returns the unscaled
+    latents (B, C, H/8, W/8), e.g. ``latent_dist.sample(generator=generators)``."""
 
     encode: Encoder
     to_disk: bool = False
@@ -59,13 +95,15 @@ class CacheSpec:
     fingerprint: str = ""  # encoder identity (VAE file, dtype...): a change re-encodes
     downscale: int = 8  # pixels per latent cell
     keep_in_memory: bool = True  # False with to_disk: read the file at every use
+    seed: int = 0  # the run seed: with each image's path, bucket and flip, it seeds that image's sampling noise
 
 
 @dataclass
 class CacheReport:
-    encoded: int = 0  # (image, bucket) pairs encoded now
+    encoded: int = 0  # (image, bucket) pairs encoded so far
     reused: int = 0  # pairs read back from disk
     failed: list[BadImageError] = field(default_factory=list)
+    pending: int = 0  # registered pairs not encoded yet (encoded on first use)
 
 
 @dataclass(frozen=True)
@@ -77,41 +115,111 @@ class _Record:
 
 
 class LatentCache:
-    """Latents for every entry of a dataset; pass it to ``TrainingDataset(latents=...)`` after ``prepare``."""
+    """Latents for the entries of a dataset, encoded on first use; pass it to ``TrainingDataset(latents=...)``.
+
+    ``prepare`` registers the entries (and reads the disk cache) so the cache knows its chunks and when
+    it is ``complete``; ``get`` works for any entry. Thread-safe.
+    """
 
     def __init__(self, spec: CacheSpec) -> None:
         self.spec = spec
-        self._records: dict[tuple[Path, Size], _Record] = {}
+        self.finished = False  # set by finish(): the caller has taken the totals (and freed the VAE)
+        self._records: dict[Key, _Record] = {}
+        self._done: set[Key] = set()  # encoded or read from disk (also when not kept in memory)
         self._failed: dict[Path, BadImageError] = {}
+        self._chunks: list[list[Entry]] = []  # registered entries to encode, in encoding batches
+        self._chunk_of: dict[Key, list[Entry]] = {}
+        self._missing: set[Key] = set()  # registered, neither encoded nor failed yet
+        self._report = CacheReport()
+        self._to_encode = 0  # registered entries that were not on disk: the progress total
+        self._progress: Progress | None = None
+        self._lock = threading.RLock()
 
-    def prepare(self, entries: Sequence[Entry], progress: Callable[[int, int], None] | None = None) -> CacheReport:
-        """Load valid disk entries and encode the rest. Bad images are collected in the report, not raised."""
-        report = CacheReport()
-        todo: list[Entry] = []
-        for entry in _unique(entries):
-            record = self._read_disk(entry) if self.spec.to_disk else None
-            if record is not None:
-                self._remember(entry, record)
-                report.reused += 1
-            elif _key(entry) not in self._records:
-                todo.append(entry)
-        todo.sort(key=lambda e: e.choice.bucket)
-        for group in _batches_by_bucket(todo, self.spec.batch_size):
-            report.encoded += self._encode_group(group, report)
-            if progress is not None:
-                progress(report.encoded + len(report.failed), len(todo))
-        return report
+    # -- the dataset's side ---------------------------------------------------------------------------
+    def prepare(self, entries: Sequence[Entry], progress: Progress | None = None) -> CacheReport:
+        """Register ``entries``: read their valid disk entries now (cheap), plan the encoding of the rest.
+
+        Nothing is encoded here. ``progress(done, total)`` is called from whichever thread encodes.
+        """
+        with self._lock:
+            self._progress = progress or self._progress
+            todo: list[Entry] = []
+            for entry in _unique(entries):
+                key = _key(entry)
+                if key in self._done or key in self._chunk_of:
+                    continue
+                record = self._read_disk(entry) if self.spec.to_disk else None
+                if record is not None:
+                    self._store(entry, record)
+                    self._report.reused += 1
+                else:
+                    todo.append(entry)
+            todo.sort(key=lambda e: e.choice.bucket)
+            for chunk in _batches_by_bucket(todo, self.spec.batch_size):
+                self._chunks.append(chunk)
+                self._chunk_of.update((_key(e), chunk) for e in chunk)
+            self._missing.update(_key(e) for e in todo)
+            self._to_encode += len(todo)
+            return self.report
 
     def get(self, entry: Entry, flipped: bool) -> CachedLatents:
-        if entry.item.path in self._failed:
-            raise self._failed[entry.item.path]
-        record = self._records.get(_key(entry))
-        if record is None and self.spec.to_disk and not self.spec.keep_in_memory:
-            record = self._read_disk(entry)
+        """The entry's latents, encoding them (with its chunk) on first use. Raises the image's
+        ``BadImageError`` when it cannot be loaded, ``LatentCacheError`` on NaN latents."""
+        record = self._lookup(entry)
         if record is None:
-            raise LatentCacheError(
-                f"{entry.item.path}: no cached latents for bucket {entry.choice.bucket}; call prepare() first"
-            )
+            with self._lock:  # checked again under the lock: another thread may have just encoded it
+                record = self._lookup(entry) or self._encode_for(entry)
+        return self._view(entry, record, flipped)
+
+    # -- the training loop's side -----------------------------------------------------------------
+    @property
+    def report(self) -> CacheReport:
+        """The totals so far (a copy)."""
+        with self._lock:
+            r = self._report
+            return CacheReport(r.encoded, r.reused, list(r.failed), len(self._missing))
+
+    @property
+    def complete(self) -> bool:
+        """Every registered entry is cached (or its image failed): the encoder is not needed any more."""
+        return not self._missing
+
+    def encode_missing(self) -> CacheReport:
+        """Encode every registered entry not cached yet, chunk by chunk. Bad images go to the report."""
+        with self._lock:
+            for chunk in self._chunks:
+                todo = [e for e in chunk if _key(e) in self._missing]
+                if todo:
+                    self._encode_group(todo)
+            return self.report
+
+    def finish(self) -> CacheReport:
+        """``encode_missing`` and mark the cache finished (its encoder may be released). The totals."""
+        report = self.encode_missing()
+        self.finished = True
+        return report
+
+    def exclusive(self) -> ContextManager[Any]:
+        """Hold this while using the encoder's model elsewhere (sampling with the VAE): no thread encodes."""
+        return self._lock
+
+    def npz_path(self, entry: Entry) -> Path:
+        item = entry.item
+        return item.path.with_name(f"{item.path.stem}_{item.width:04d}x{item.height:04d}_{self.spec.suffix}.npz")
+
+    # -- lookup and encoding --------------------------------------------------------------------------
+    def _lookup(self, entry: Entry) -> _Record | None:
+        """The stored record, or None when it must be encoded; raises for an image that failed."""
+        failed = self._failed.get(entry.item.path)
+        if failed is not None:
+            raise failed
+        key = _key(entry)
+        record = self._records.get(key)
+        if record is None and key in self._done and not self._in_memory():
+            record = self._read_disk(entry)
+        return record
+
+    def _view(self, entry: Entry, record: _Record, flipped: bool) -> CachedLatents:
         if not flipped:
             return CachedLatents(record.latents, record.original_size, record.crop_left_top)
         if record.flipped is None:
@@ -120,15 +228,17 @@ class LatentCache:
         mirrored_left = entry.choice.resized[0] - left - entry.choice.bucket[0]
         return CachedLatents(record.flipped, record.original_size, (mirrored_left, top))
 
-    def npz_path(self, entry: Entry) -> Path:
-        item = entry.item
-        return item.path.with_name(f"{item.path.stem}_{item.width:04d}x{item.height:04d}_{self.spec.suffix}.npz")
+    def _encode_for(self, entry: Entry) -> _Record:
+        """Encode ``entry`` with the missing members of its chunk (the lock is held). Raises if its image failed."""
+        key = _key(entry)
+        chunk = self._chunk_of.get(key, [entry])
+        fresh = self._encode_group([e for e in chunk if _key(e) in self._missing or _key(e) == key])
+        if key not in fresh:
+            raise self._failed[entry.item.path]
+        return fresh[key]
 
-    def _remember(self, entry: Entry, record: _Record) -> None:
-        if self.spec.keep_in_memory or not self.spec.to_disk:
-            self._records[_key(entry)] = record
-
-    def _encode_group(self, group: list[Entry], report: CacheReport) -> int:
+    def _encode_group(self, group: list[Entry]) -> dict[Key, _Record]:
+        """Load, encode and store one batch of one bucket; bad images are recorded, not raised."""
         prepared, ok = [], []
         for entry in group:
             try:
@@ -136,22 +246,27 @@ class LatentCache:
                 ok.append(entry)
             except BadImageError as error:
                 self._failed[entry.item.path] = error
-                report.failed.append(error)
-        if not ok:
-            return 0
-        pixels = to_tensor([p.pixels for p in prepared])
-        latents = self._run_encoder(pixels, ok)
-        flipped = self._run_encoder(torch.flip(pixels, dims=[3]), ok) if self.spec.flip else [None] * len(ok)
-        for entry, image, lat, lat_flipped in zip(ok, prepared, latents, flipped):
-            record = _Record(lat, lat_flipped, image.original_size, image.crop_left_top)
-            self._remember(entry, record)
-            if self.spec.to_disk:
-                self._write_disk(entry, record)
-        return len(ok)
+                self._missing.discard(_key(entry))
+                self._report.failed.append(error)
+        fresh: dict[Key, _Record] = {}
+        if ok:
+            pixels = to_tensor([p.pixels for p in prepared])
+            latents = self._run_encoder(pixels, ok, flipped=False)
+            mirrored = self._run_encoder(torch.flip(pixels, dims=[3]), ok, flipped=True) if self.spec.flip else None
+            for i, (entry, image) in enumerate(zip(ok, prepared)):
+                record = _Record(latents[i], mirrored[i] if mirrored else None, image.original_size, image.crop_left_top)
+                if self.spec.to_disk:
+                    self._write_disk(entry, record)
+                self._store(entry, record)
+                fresh[_key(entry)] = record
+            self._report.encoded += len(ok)
+        self._tell_progress()
+        return fresh
 
-    def _run_encoder(self, pixels: torch.Tensor, entries: list[Entry]) -> list[torch.Tensor]:
+    def _run_encoder(self, pixels: torch.Tensor, entries: list[Entry], flipped: bool) -> list[torch.Tensor]:
+        generators = [self._generator(entry, flipped) for entry in entries]
         with torch.no_grad():
-            latents = self.spec.encode(pixels).detach().float().cpu()
+            latents = self.spec.encode(pixels, generators).detach().float().cpu()
         height, width = self._latent_size(entries[0])
         if latents.dim() != 4 or tuple(latents.shape[i] for i in (0, 2, 3)) != (len(entries), height, width):
             expected = f"({len(entries)}, C, {height}, {width})"
@@ -162,6 +277,27 @@ class LatentCache:
                     f"{entry.item.path}: the VAE produced NaN/inf latents (try an fp32 VAE: no_half_vae)"
                 )
         return list(latents)
+
+    def _generator(self, entry: Entry, flipped: bool) -> torch.Generator:
+        """A CPU generator of its own per image and flip: the same noise whatever the encoding order or device."""
+        seed = entry_seed(self.spec.seed, entry.item.path, entry.choice.bucket, flipped)
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def _store(self, entry: Entry, record: _Record) -> None:
+        key = _key(entry)
+        self._done.add(key)
+        self._missing.discard(key)
+        if self._in_memory():
+            self._records[key] = record
+
+    def _in_memory(self) -> bool:
+        """Whether records stay in memory (else they are read from their file at every use)."""
+        return self.spec.keep_in_memory or not self.spec.to_disk
+
+    def _tell_progress(self) -> None:
+        if self._progress is not None:
+            done = self._report.encoded + len(self._report.failed)
+            self._progress(done, max(done, self._to_encode))
 
     def _latent_size(self, entry: Entry) -> tuple[int, int]:
         """(height, width) of the latents of an entry's bucket."""
@@ -216,12 +352,12 @@ class LatentCache:
         return _Record(latents, torch.from_numpy(flipped) if flipped is not None else None, original, (left, top))
 
 
-def _key(entry: Entry) -> tuple[Path, Size]:
+def _key(entry: Entry) -> Key:
     return entry.item.path, entry.choice.bucket
 
 
 def _unique(entries: Sequence[Entry]) -> list[Entry]:
-    seen: dict[tuple[Path, Size], Entry] = {}
+    seen: dict[Key, Entry] = {}
     for entry in entries:
         seen.setdefault(_key(entry), entry)
     return list(seen.values())

@@ -90,7 +90,10 @@ class StableDiffusionFamily:
         return torch.stack(conds)
 
     # -- images and the UNet ---------------------------------------------------------------
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor,
+                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Unscaled latents sampled from the VAE's posterior. ``generator`` may be a list, one per image (the
+        latent cache's per-image noise, so an image's latents do not depend on what it is encoded with)."""
         with torch.no_grad():
             dist = self.vae.encode(vae_input(self.vae, pixels)).latent_dist
             return dist.sample(generator=generator)

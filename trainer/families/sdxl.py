@@ -131,7 +131,9 @@ class SDXLFamily(StableDiffusionFamily):
         return SDXLConditioning(torch.stack([c.hidden_states for c in conds]), torch.stack([c.pooled for c in conds]))
 
     # -- images and the UNet ---------------------------------------------------------------
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor,
+                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """As ``StableDiffusionFamily.encode_images`` (``generator`` may be a list, one per image)."""
         # Outside autocast, so sdxl_no_half_vae really runs the VAE in fp32.
         with torch.no_grad(), torch.autocast(self.vae.device.type, enabled=False):
             dist = self.vae.encode(vae_input(self.vae, pixels)).latent_dist
