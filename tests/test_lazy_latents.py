@@ -267,10 +267,12 @@ def three_images(tmp_path):
     return make_image_folder(tmp_path / "img", {"1_sks dog": 3}, sizes=[(64, 64)], seed=5)
 
 
-def _run(model, images, out, monkeypatch, **overrides):
-    """Train on the tiny model; a timeline of Step numbers, Log lines, VAE encodes and VAE releases."""
+def _run(model, images, out, monkeypatch, stop_at: int = 0, **overrides):
+    """Train on the tiny model (stopping after step ``stop_at`` if given); a timeline of Step numbers,
+    Log lines, VAE encodes and VAE releases."""
     from test_train import tiny_settings
     from trainer import events as ev
+    from trainer.control import Control
     from trainer.families.sd import StableDiffusionFamily
     from trainer.loop import train
 
@@ -288,14 +290,18 @@ def _run(model, images, out, monkeypatch, **overrides):
     monkeypatch.setattr(StableDiffusionFamily, "encode_images", counting_encode)
     monkeypatch.setattr(StableDiffusionFamily, "release_vae", recorded_release)
 
+    control = Control()
+
     def sink(event):
         if isinstance(event, ev.Step):
             timeline.append(("step", event.step))
+            if event.step == stop_at:
+                control.request_stop()
         elif isinstance(event, ev.Log):
             timeline.append(("log", event.message))
 
-    result = train(tiny_settings(model, images, out, **overrides), sink)
-    assert result.status == "finished", result.error
+    result = train(tiny_settings(model, images, out, **overrides), sink, control)
+    assert result.status == ("stopped" if stop_at else "finished"), result.error
     return timeline
 
 
@@ -332,3 +338,25 @@ def test_a_second_run_reads_every_latent_from_disk_and_frees_the_vae_before_step
     assert _log_index(timeline, "latents cached: 0 encoded, 3 read from disk") < timeline.index(("release",))
     assert timeline.index(("release",)) < timeline.index(("step", 1)) and timeline.count(("release",)) == 1
     assert not [item for item in timeline if item[0] == "log" and "first used" in item[1]]
+
+
+def test_a_resumed_run_encodes_the_skipped_images_after_its_first_epoch_and_matches_a_straight_run(
+        tiny_sd1_dir, three_images, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    common = dict(epoch=3, flip_aug=True, noise_offset=0.05)
+    _run(tiny_sd1_dir, three_images, tmp_path / "straight", monkeypatch, **common)
+    _run(tiny_sd1_dir, three_images, tmp_path / "stopped", monkeypatch, stop_at=4, save_state=True, **common)
+    state = tmp_path / "stopped" / "tiny-step00000004-state"
+    timeline = _run(tiny_sd1_dir, three_images, tmp_path / "resumed", monkeypatch, resume=str(state), **common)
+    assert [item[1] for item in timeline if item[0] == "step"] == [5, 6, 7, 8, 9]
+    # epoch 2 resumes at its batch 1: two images used (plain + flipped each), the third encoded when it ends
+    assert _encoded_before(timeline, ("step", 6)) == 2 * 2
+    assert _encoded_before(timeline, ("step", 7)) == 3 * 2
+    cached = _log_index(timeline, "latents cached: 3 encoded, 0 read from disk")
+    assert timeline.index(("step", 6)) < cached < timeline.index(("release",)) < timeline.index(("step", 7))
+    straight = load_file(str(tmp_path / "straight" / "tiny.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "tiny.safetensors"))
+    assert set(straight) == set(resumed)
+    for key in straight:  # the same latents although encoded in another order, by another process
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
