@@ -38,9 +38,10 @@ import hashlib
 import os
 import tempfile
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -199,7 +200,7 @@ class LatentCache:
         self.finished = True
         return report
 
-    def exclusive(self) -> ContextManager[Any]:
+    def exclusive(self) -> AbstractContextManager[Any]:
         """Hold this while using the encoder's model elsewhere (sampling with the VAE): no thread encodes."""
         return self._lock
 
