@@ -45,8 +45,10 @@ class ModelFamily(Protocol):
     def stack_prompts(self, conds: list[Any]) -> Any:
         """A batch of conditioning from per-sample pieces."""
 
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Unscaled VAE latents (a sample of the latent distribution) of [-1, 1] pixels."""
+    def encode_images(self, pixels: torch.Tensor,
+                      generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Unscaled VAE latents (a sample of the latent distribution) of [-1, 1] pixels; a list of
+        generators gives each row its own noise."""
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any, batch: Any) -> torch.Tensor:
         """The UNet's prediction for noisy latents."""

@@ -83,7 +83,7 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     base = family.unet_params * weight_bytes
     base += 0 if te_cached else sum(family.text_encoder_params) * weight_bytes
     vae_bytes = 4 if (not half or (family.fp16_vae_overflows and settings.sdxl_no_half_vae)) else 2
-    base += 0 if latents_cached else family.vae_params * vae_bytes
+    base += family.vae_params * vae_bytes  # cached latents are encoded on first use: the VAE stays for epoch 1
 
     trainable = lora_parameter_count(settings, family, te_cached)
     lora_weight_bytes = 2 if (settings.full_fp16 or settings.full_bf16) else 4
@@ -93,7 +93,9 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     activations *= 1 if half else FP32_ACTIVATION_FACTOR
     activations *= GRADIENT_CHECKPOINTING_FACTOR if settings.gradient_checkpointing else 1
     activations *= PLAIN_ATTENTION_FACTOR if settings.xformers == "none" else 1
-    vae_encode = 0 if latents_cached else VAE_ENCODE_GIB_PER_SAMPLE * GIB * samples * (1 if half else 2)
+    # cached: vae_batch_size images at a time, between steps; else the training batch, every step
+    encoded = max(1, int(settings.vae_batch_size or 1)) * width * height / REFERENCE_PIXELS if latents_cached else samples
+    vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * (1 if half else 2)
     parts = {
         "base model": int(base),
         "LoRA + optimizer": int(lora),
