@@ -72,7 +72,9 @@ class ParameterSettings(BaseModel):
     seed: int = setting(0, label="Seed", tab=TAB, section=BASIC, ge=0, help="0 = random. The same seed and settings repeat a run.")
     cache_latents: bool = setting(
         True, label="Cache latents", tab=TAB, section=BASIC,
-        help="Encode every image once before training: faster steps and less VRAM. Not with color augmentation or random crop.",
+        help="Encode each image once, when training first uses it (in the first epoch), and reuse its latents after that: "
+             "training starts at once, later steps are faster and the VAE leaves VRAM after epoch 1. "
+             "Not with color augmentation or random crop.",
     )
     cache_latents_to_disk: bool = setting(
         False, label="Cache latents to disk", tab=TAB, section=BASIC,
