@@ -3,8 +3,10 @@
     python bench/train_speed.py --size tiny
     python bench/train_speed.py --size sd15 --steps 4 --resolution 512 --gradient-checkpointing \
         --optimizer AdamW8bit --cache-latents
+    python bench/train_speed.py --size sdxl --gradient-checkpointing --optimizer AdamW8bit --unet-only  # GPU
 
-Builds a random-initialised model of that size from configs (``sd15`` is the real
+Builds a random-initialised model of that size from configs (``sdxl`` is the real SDXL base
+architecture, ~14 GB of fp32 files: for GPU machines; ``sd15`` is the real
 SD 1.5 architecture) and a generated image folder once (cached under --workdir), then
 runs the real trainer entry point in a fresh child process and prints one JSON line.
 ``time_to_first_step_s`` is measured from the child's process start, i.e. from the
@@ -22,16 +24,30 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+class Size(NamedTuple):
+    family: str  # trainer.devtools.synthetic family of the random model
+    resolution: int  # default square resolution
+    steps: int  # default optimizer steps
+
+
+SIZES = {"tiny": Size("sd1", 64, 30), "sd15": Size("sd1", 512, 4), "sdxl": Size("sdxl", 1024, 4)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=("tiny", "sd15"), default="tiny")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30 tiny, 4 sd15)")
-    p.add_argument("--resolution", type=int, default=None, help="square training resolution (default 64 tiny, 512 sd15)")
+    p.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30 tiny, 4 sd15/sdxl)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square training resolution (default 64 tiny, 512 sd15, 1024 sdxl)")
+    p.add_argument("--unet-only", action="store_true",
+                   help="train the U-Net only (text_encoder_lr 0): text-encoder outputs are cached, as in "
+                        "kohya's low-VRAM SDXL settings (sdxl_cache_text_encoder_outputs)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", default="AdamW")
@@ -62,7 +78,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
 
     model, images = paths(args)
     if not (model / "model_index.json").exists():
-        build_tiny_pipeline(model, family="sd1", seed=0, size=args.size)
+        build_tiny_pipeline(model, family=SIZES[args.size].family, seed=0, size=args.size)
     if not images.exists():
         side = args.resolution
         make_image_folder(images, concepts={"10_bench cat": 8}, sizes=[(side, side)], captions=True, seed=0)
@@ -91,7 +107,8 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         cache_latents_to_disk=args.cache_to_disk, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"), network_dim=args.network_dim,
         network_alpha=args.network_dim, lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
-        caption_extension=".txt",
+        caption_extension=".txt", sdxl=SIZES[args.size].family == "sdxl",
+        **({"text_encoder_lr": 0.0, "sdxl_cache_text_encoder_outputs": True} if args.unet_only else {}),
     )
     stamps: list[float] = []
     cpu_stamps: list[float] = []
@@ -113,6 +130,7 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         del stamps[first_run_steps:]
     result = {
         "size": args.size, "resolution": args.resolution, "batch": args.batch, "optimizer": args.optimizer,
+        "unet_only": args.unet_only,
         "gradient_checkpointing": args.gradient_checkpointing, "cache_latents": args.cache_latents,
         "steps": len(stamps), "s_per_step": round(gaps, 4) if gaps else None,
         "latent_encode_s": round(sum(end - start for start, end in encodes.wall), 2),
@@ -181,8 +199,8 @@ def _peak_rss_mb() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.steps = args.steps or (30 if args.size == "tiny" else 4)
-    args.resolution = args.resolution or (64 if args.size == "tiny" else 512)
+    args.steps = args.steps or SIZES[args.size].steps
+    args.resolution = args.resolution or SIZES[args.size].resolution
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:  # the model is on disk already: measure only what a user's run pays
         print(json.dumps(child(args, *paths(args))))

@@ -22,6 +22,17 @@ def test_median_gap_ignores_the_warm_up_steps():
     assert profile_train._median_gap(stamps[:3]) is None  # no gap after warm-up yet
 
 
+def test_train_speed_leaves_latent_encoding_out_of_the_step_time():
+    import train_speed
+
+    # steps 2 s apart after warm-up; a 1 s VAE encode fell inside two of the three gaps
+    stamps = [0.0, 5.0, 6.0, 8.0, 10.0, 12.0]
+    assert train_speed._median_gaps(stamps) == 2.0
+    assert train_speed._median_gaps(stamps, [(6.5, 7.5), (10.2, 11.2)]) == 1.0
+    assert train_speed._median_gaps(stamps, [(7.5, 8.5)]) == 1.5  # half inside one gap, half inside the next
+    assert train_speed.SIZES["sdxl"].family == "sdxl" and train_speed.SIZES["sd15"].resolution == 512
+
+
 def test_bare_lora_starts_as_the_identity_and_trains():
     import torch
 

@@ -5,7 +5,7 @@ the shipped config folders, weights are random (seeded), tokenizers are written
 from local vocabulary files.
 
 * :func:`build_tiny_pipeline` -> a diffusers folder (``size="tiny"`` for tests,
-  ``size="sd15"`` for the real SD1.5 architecture, benchmarks only).
+  ``size="sd15"`` / ``"sdxl"`` for the real SD 1.5 / SDXL base architectures, benchmarks only).
 * :func:`save_single_file` -> the original LDM/SGM single-file layout.
 * :func:`make_image_folder` -> a kohya-style image folder with captions.
 """
@@ -28,7 +28,7 @@ __all__ = [
 
 FAMILIES = tuple(TINY_SPECS)
 # size -> family -> shipped config whose full architecture is built with random weights
-FULL_SIZE_CONFIGS = {"sd15": {"sd1": "sd15"}}
+FULL_SIZE_CONFIGS = {"sd15": {"sd1": "sd15"}, "sdxl": {"sdxl": "sdxl_base"}}
 
 
 def build_tiny_pipeline(out_dir, family: str = "sd1", seed: int = 0, size: str = "tiny") -> Path:
