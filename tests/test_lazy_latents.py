@@ -360,3 +360,34 @@ def test_a_resumed_run_encodes_the_skipped_images_after_its_first_epoch_and_matc
     assert set(straight) == set(resumed)
     for key in straight:  # the same latents although encoded in another order, by another process
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+
+
+def test_speed_and_eta_leave_out_first_use_encoding_and_count_what_is_left(
+        tiny_sd1_dir, three_images, tmp_path, monkeypatch):
+    """Epoch 1 encodes images as it goes: the it/s shown is the training speed, and the ETA adds the encoding
+    still to come instead of extrapolating epoch 1's slower steps over the whole run."""
+    import time
+
+    from test_train import tiny_settings
+    from trainer import events as ev
+    from trainer.families.sd import StableDiffusionFamily
+    from trainer.loop import train
+
+    slow_s = 0.4
+    encode = StableDiffusionFamily.encode_images
+
+    def slow_encode(self, pixels, generator=None):
+        time.sleep(slow_s * pixels.shape[0])
+        return encode(self, pixels, generator)
+
+    monkeypatch.setattr(StableDiffusionFamily, "encode_images", slow_encode)
+    steps: list[ev.Step] = []
+    result = train(tiny_settings(tiny_sd1_dir, three_images, tmp_path / "out", epoch=2),
+                   lambda e: steps.append(e) if isinstance(e, ev.Step) else None)
+    assert result.status == "finished", result.error
+    assert len(steps) == 6
+    # each epoch-1 step encoded one image (0.4 s); a tiny step itself takes a few hundredths of a second
+    assert all(step.it_per_s > 1 / slow_s for step in steps), [round(s.it_per_s, 1) for s in steps]
+    # after step 1, two images are still to encode: the ETA holds them (2 x 0.4 s), after epoch 1 it does not
+    assert steps[0].eta_s >= 2 * slow_s * 0.9
+    assert steps[3].eta_s < slow_s

@@ -72,6 +72,7 @@ class _Run:
         self.step = 0
         self.start_epoch, self.start_batch = 1, 0  # where the step loop begins (later when resuming)
         self.files: list[str] = []
+        self._encoding_seen = 0.0  # the latent cache's encoding seconds at the last step
         self.log_writer = None
         self.outputs = None  # set once the run can write files
         self._threads_before = 0
@@ -415,6 +416,16 @@ class _Run:
         noise = sample_noise(latents, cfg, self.generator)
         return noise, sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, self.generator, self.device)
 
+    def _latent_encoding(self) -> tuple[float, float]:
+        """(seconds spent encoding latents since the last step, estimated seconds still to encode): epoch 1's
+        steps encode images on first use; the speed and ETA shown should not count that twice."""
+        cache = self.dataset.latents
+        if cache is None:
+            return 0.0, 0.0
+        report = cache.report
+        since, self._encoding_seen = report.seconds - self._encoding_seen, report.seconds
+        return since, report.seconds_left()
+
     def _bad_loss(self, value: float) -> float:
         decision = self.nan_guard.check(value, self.step + 1)
         if decision.action == "stop":
@@ -430,12 +441,13 @@ class _Run:
         if self.settings.scale_weight_norms:
             self.network.apply_max_norm(float(self.settings.scale_weight_norms))
         self.step += 1
-        self.meter.record(loss)
+        encoding_s, encoding_left_s = self._latent_encoding()
+        self.meter.record(loss, excluded_s=encoding_s)
         lrs = self.stepper.group_lrs()
         self.sink(ev.Step(
             step=self.step, total_steps=self.plan.total_steps, epoch=self.epoch, total_epochs=self.plan.epochs,
             loss=loss, avg_loss=self.meter.avg_loss, lr=next(iter(lrs.values()), 0.0), lrs=lrs,
-            it_per_s=self.meter.it_per_s(), elapsed_s=self.meter.elapsed(), eta_s=self.meter.eta(self.step),
+            it_per_s=self.meter.it_per_s(), elapsed_s=self.meter.elapsed(), eta_s=self.meter.eta(self.step, encoding_left_s),
             memory=memory_snapshot(self.device),
         ))
         self.log_writer.step(self.step, loss, self.meter.avg_loss, lrs)

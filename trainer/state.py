@@ -52,12 +52,14 @@ class ProgressMeter:
     def new_epoch(self) -> None:
         self._epoch_losses = []
 
-    def record(self, loss: float) -> None:
+    def record(self, loss: float, excluded_s: float = 0.0) -> None:
+        """A finished step. ``excluded_s``: time since the last step that was not training (latents encoded
+        on first use), left out of the speed so the ETA is not inflated by work that ends with epoch 1."""
         self.last_loss = loss
         self._window.append(loss)
         self._epoch_losses.append(loss)
         now = time.perf_counter()
-        self._step_seconds.append(now - self._last)
+        self._step_seconds.append(max(0.0, now - self._last - excluded_s))
         self._last = now
 
     @property
@@ -75,9 +77,10 @@ class ProgressMeter:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def eta(self, step: int) -> float:
+    def eta(self, step: int, extra_s: float = 0.0) -> float:
+        """Seconds left: the remaining steps at the current speed, plus ``extra_s`` of other known work."""
         speed = self.it_per_s()
-        return (self.total_steps - step) / speed if speed > 0 else 0.0
+        return ((self.total_steps - step) / speed if speed > 0 else 0.0) + extra_s
 
 
 def memory_snapshot(device: torch.device) -> Memory:

@@ -38,6 +38,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,11 @@ class CacheReport:
     reused: int = 0  # pairs read back from disk
     failed: list[BadImageError] = field(default_factory=list)
     pending: int = 0  # registered pairs not encoded yet (encoded on first use)
+    seconds: float = 0.0  # time spent encoding so far (all threads)
+
+    def seconds_left(self) -> float:
+        """The encoding still to come, at the mean time per image so far (0 before the first encode)."""
+        return self.pending * self.seconds / self.encoded if self.encoded else 0.0
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,7 @@ class LatentCache:
         """The totals so far (a copy)."""
         with self._lock:
             r = self._report
-            return CacheReport(r.encoded, r.reused, list(r.failed), len(self._missing))
+            return CacheReport(r.encoded, r.reused, list(r.failed), len(self._missing), r.seconds)
 
     @property
     def complete(self) -> bool:
@@ -240,6 +246,13 @@ class LatentCache:
 
     def _encode_group(self, group: list[Entry]) -> dict[Key, _Record]:
         """Load, encode and store one batch of one bucket; bad images are recorded, not raised."""
+        started = time.perf_counter()
+        try:
+            return self._encode_and_store(group)
+        finally:
+            self._report.seconds += time.perf_counter() - started
+
+    def _encode_and_store(self, group: list[Entry]) -> dict[Key, _Record]:
         prepared, ok = [], []
         for entry in group:
             try:
