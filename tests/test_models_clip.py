@@ -167,8 +167,21 @@ def test_gradients_match_transformers(case, tokenizer_dirs):
         return dict(model.named_parameters())
 
     expected, got = backward(ref), backward(mine)
+    _assert_same_gradients(expected, got)
+
+
+def _assert_same_gradients(expected: dict, got: dict) -> None:
+    """Every parameter's gradient within 1e-5 of its own largest value, except the key biases: adding one
+    vector to every key shifts each query's scores by a constant, which softmax ignores, so their true
+    gradient is 0 and both sides hold rounding noise (~1e-6): those are held to 1e-5 of the largest
+    gradient in the model."""
+    largest = max(param.grad.abs().max().item() for param in expected.values())
+    bad = []
     for name, param in expected.items():
-        torch.testing.assert_close(got[name].grad, param.grad, atol=1e-5 * param.grad.abs().max() + 1e-8, rtol=1e-4)
+        atol = 1e-5 * (largest if name.endswith("k_proj.bias") else param.grad.abs().max().item()) + 1e-8
+        if not torch.allclose(got[name].grad, param.grad, atol=atol, rtol=1e-4):
+            bad.append((name, param.grad.abs().max().item(), (got[name].grad - param.grad).abs().max().item()))
+    assert not bad, bad
 
 
 def test_gradient_checkpointing_recomputes_each_layer_in_training_only(tokenizer_dirs, monkeypatch):
@@ -193,9 +206,7 @@ def test_gradient_checkpointing_recomputes_each_layer_in_training_only(tokenizer
     ref_out = ref(ids, output_hidden_states=True)
     (ref_out.text_embeds.sum() + ref_out.hidden_states[-2].square().sum()).backward()
     torch.testing.assert_close(out.text_embeds, ref_out.text_embeds)
-    for name, param in ref.named_parameters():
-        got = dict(mine.named_parameters())[name].grad
-        torch.testing.assert_close(got, param.grad, atol=1e-5 * param.grad.abs().max() + 1e-8, rtol=1e-4)
+    _assert_same_gradients(dict(ref.named_parameters()), dict(mine.named_parameters()))
     mine.gradient_checkpointing_disable()
     assert not mine.is_gradient_checkpointing
 

@@ -120,9 +120,9 @@ def test_attention_backend_is_swappable_and_xformers_falls_back_with_a_message()
         expected = ours(sample, 10, context)
     calls = []
 
-    def counting(q, k, v, heads):
+    def counting(q, k, v, heads, batch):
         calls.append(heads)
-        return sdpa_attention(q, k, v, heads)
+        return sdpa_attention(q, k, v, heads, batch)
 
     ours.set_attention_backend(counting)
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """Multi-head attention kernels for the lean models: PyTorch SDPA, or xformers on CUDA.
 
-Inputs are (batch, tokens, heads * head_dim) projections; the output has the same
-layout, ready for the output projection.
+Inputs are the q/k/v projections as (batch, tokens, heads * head_dim), or as 2-D rows
+(batch * tokens, heads * head_dim) with ``batch`` given; the output has the layout of q,
+ready for the output projection. (The UNet keeps tokens as 2-D rows: a Linear on rows is
+one addmm, on 3-D input it adds views forward and backward, ~20 us a layer with its LoRA.)
 """
 from __future__ import annotations
 
@@ -10,27 +12,23 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (q, k, v, heads, batch) -> attention output shaped like q
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, tokens, inner = q.shape
-    head_dim = inner // heads
-    q = q.view(batch, -1, heads, head_dim).transpose(1, 2)
-    k = k.view(batch, -1, heads, head_dim).transpose(1, 2)
-    v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(batch, tokens, inner)
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, batch: int = 1) -> torch.Tensor:
+    shape = (batch, -1, heads, q.shape[-1] // heads)
+    out = F.scaled_dot_product_attention(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2),
+                                         v.view(shape).transpose(1, 2))
+    return out.transpose(1, 2).reshape(q.shape)
 
 
-def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, batch: int = 1) -> torch.Tensor:
     import xformers.ops  # only reached after load_xformers() succeeded
 
-    batch, tokens, inner = q.shape
-    head_dim = inner // heads
-    shape = (batch, -1, heads, head_dim)
+    shape = (batch, -1, heads, q.shape[-1] // heads)
     out = xformers.ops.memory_efficient_attention(q.view(shape), k.view(shape), v.view(shape))
-    return out.reshape(batch, tokens, inner)
+    return out.reshape(q.shape)
 
 
 def load_xformers(device: torch.device, dtype: torch.dtype) -> AttentionFn:

@@ -135,14 +135,14 @@ class CLIPAttention(nn.Module):
         self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
+    def forward(self, hidden_states: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        """``hidden_states``: tokens as rows (batch * length, width), or (batch, length, width)."""
+        shape = (batch, -1, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
+        return self.out_proj(out.transpose(1, 2).reshape(hidden_states.shape))
 
 
 class CLIPMLP(nn.Module):
@@ -164,8 +164,8 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), batch)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -176,17 +176,22 @@ class CLIPEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False):
-        """Last layer's output, and (when asked) the input plus every layer's output."""
+        """Last layer's output, and (when asked) the input plus every layer's output, all (batch, length, width).
+
+        The layers see tokens as rows, (batch * length, width): each Linear is then one addmm, without
+        the views a 3-D input adds forward and backward."""
         states = [hidden_states] if output_hidden_states else None
         recompute = self.gradient_checkpointing and self.training
+        shape = hidden_states.shape
+        rows = hidden_states.reshape(-1, shape[-1])
         for layer in self.layers:
             if recompute:
-                hidden_states = checkpoint(layer, hidden_states, use_reentrant=False)
+                rows = checkpoint(layer, rows, shape[0], use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states)
+                rows = layer(rows, shape[0])
             if states is not None:
-                states.append(hidden_states)
-        return hidden_states, (tuple(states) if states is not None else None)
+                states.append(rows.view(shape))
+        return rows.view(shape), (tuple(states) if states is not None else None)
 
 
 class _TextEncoderBase(nn.Module):

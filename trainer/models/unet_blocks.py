@@ -50,9 +50,10 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
+        """``x``/``context``: tokens as rows (batch * tokens, channels), or (batch, tokens, channels)."""
         context = x if context is None else context
-        out = self.attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = self.attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, batch)
         return self.to_out[0](out)
 
 
@@ -86,9 +87,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), batch=batch)
+        x = x + self.attn2(self.norm2(x), context, batch)
         return x + self.ff(self.norm3(x))
 
 
@@ -110,11 +111,13 @@ class Transformer2DModel(nn.Module):
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        # tokens as rows, (batch * tokens, channels): every Linear below is then one addmm, no views
+        h = h.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+        context = context.reshape(-1, context.shape[-1])
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, batch)
         if self.linear:
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
