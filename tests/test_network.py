@@ -224,3 +224,37 @@ def test_scale_weight_norms_caps_delta_norm():
     assert scaled == 1
     assert module.delta_weight().norm().item() == pytest.approx(1.0, rel=1e-4)
     assert max_norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_rank_dropout_masks_per_sample_when_tokens_come_as_rows():
+    """The lean models pass tokens as rows (batch * tokens, features); rank dropout still draws one mask per
+    sample, as sd-scripts does on (batch, tokens, features): same draw, same output."""
+    root = block_root(linear=torch.nn.Linear(8, 8))
+    net = LoRANetwork.build([LoraTarget("lora_x", root, ("Block",), Role.UNET)], NetworkSpec(rank=4, rank_dropout=0.5))
+    net.apply_to()
+    torch.nn.init.normal_(net.lora_modules()[0].lora_up.weight)
+    net.train()
+    x = torch.randn(2, 5, 8)  # 2 samples of 5 tokens
+    net.set_batch_size(2)
+    torch.manual_seed(3)
+    as_tokens = root.block.linear(x)
+    torch.manual_seed(3)
+    as_rows = root.block.linear(x.reshape(10, 8))
+    torch.testing.assert_close(as_rows, as_tokens.reshape(10, 8))
+    net.set_batch_size(10)  # told every row is a sample: masks differ between a sample's tokens
+    torch.manual_seed(3)
+    assert not torch.allclose(root.block.linear(x.reshape(10, 8)), as_rows)
+
+
+def test_rows_fast_path_adds_the_scaled_update():
+    root = block_root(linear=torch.nn.Linear(8, 6))
+    net = LoRANetwork.build([LoraTarget("lora_x", root, ("Block",), Role.UNET)], NetworkSpec(rank=4, alpha=1))
+    net.apply_to()
+    module = net.lora_modules()[0]
+    torch.nn.init.normal_(module.lora_up.weight)
+    module.multiplier = 0.7
+    x = torch.randn(10, 8)
+    expected = torch.nn.functional.linear(x, root.block.linear.weight, root.block.linear.bias) + (
+        x @ module.lora_down.weight.T @ module.lora_up.weight.T) * (0.7 * 1 / 4)
+    torch.testing.assert_close(root.block.linear(x), expected)
+    torch.testing.assert_close(root.block.linear(x.reshape(2, 5, 8)), expected.reshape(2, 5, 6))

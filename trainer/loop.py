@@ -378,6 +378,7 @@ class _Run:
         from trainer.loss import huber_c, per_sample_loss, training_loss
         from trainer.noise import noisy_latents
 
+        self.network.set_batch_size(len(batch))  # rank dropout masks per sample
         with self.precision.autocast():
             latents = self._latents(batch)
             cond = self.prompts(batch.captions, self.train_te)

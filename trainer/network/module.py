@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -48,6 +49,10 @@ class LoRAModule(nn.Module):
         # Held in a list so the base layer is not registered as a child (no double state dict).
         self._org = [org_module]
         self._org_forward = None
+        self._linear = isinstance(org_module, nn.Linear)
+        # samples in the current batch, shared by the network's modules (LoRANetwork.set_batch_size): the lean
+        # models feed their Linears tokens as rows (batch * tokens, features), and rank dropout masks per sample
+        self.batch_size_ref = [1]
 
     @property
     def org_module(self) -> nn.Module:
@@ -67,24 +72,32 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
-        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
+        if self.training and (self.module_dropout or self.dropout or self.rank_dropout):
+            return self._forward_with_dropouts(x, out)
+        if self._linear and x.dim() == 2:  # rows: the update and the sum in one addmm (alpha = the scale)
+            lx = F.linear(x, self.lora_down.weight)
+            return torch.addmm(out, lx, self.lora_up.weight.t(), alpha=self.multiplier * self.scale)
+        return torch.add(out, self.lora_up(self.lora_down(x)), alpha=self.multiplier * self.scale)
+
+    def _forward_with_dropouts(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return out
         lx = self.lora_down(x)
         scale = self.scale
-        if self.training and self.dropout:
-            lx = nn.functional.dropout(lx, p=self.dropout)
-        if self.training and self.rank_dropout:
+        if self.dropout:
+            lx = F.dropout(lx, p=self.dropout)
+        if self.rank_dropout:
             lx = lx * self._rank_mask(lx)
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
-        factor = self.multiplier * scale
-        if factor == 1.0:  # alpha = rank: nothing to scale
-            return out + self.lora_up(lx)
-        return torch.add(out, self.lora_up(lx), alpha=factor)  # one kernel for the scale and the sum
+        return torch.add(out, self.lora_up(lx), alpha=self.multiplier * scale)
 
     def _rank_mask(self, lx: torch.Tensor) -> torch.Tensor:
-        """Per-sample, per-rank keep mask shaped to broadcast over tokens or pixels."""
-        mask = torch.rand((lx.size(0), self.rank), device=lx.device) > self.rank_dropout
-        if lx.dim() == 3:  # (batch, tokens, rank)
+        """Per-sample, per-rank keep mask shaped to broadcast over tokens or pixels (sd-scripts' rule)."""
+        samples = self.batch_size_ref[0] if lx.dim() == 2 and lx.size(0) % self.batch_size_ref[0] == 0 else lx.size(0)
+        mask = torch.rand((samples, self.rank), device=lx.device) > self.rank_dropout
+        if lx.dim() == 2 and samples != lx.size(0):  # tokens as rows: each sample's rows share its mask
+            mask = mask.repeat_interleave(lx.size(0) // samples, dim=0)
+        elif lx.dim() == 3:  # (batch, tokens, rank)
             mask = mask.unsqueeze(1)
         elif lx.dim() == 4:  # (batch, rank, h, w)
             mask = mask[:, :, None, None]

@@ -80,6 +80,9 @@ class LoRANetwork(nn.Module):
             )
             self.add_module(layer.lora_name, module)
             self.roles[layer.lora_name] = layer.role
+        self._batch_size = [1]  # one list shared by every module (see LoRAModule.batch_size_ref)
+        for module in self.lora_modules():
+            module.batch_size_ref = self._batch_size
 
     @classmethod
     def build(cls, targets: Iterable[LoraTarget], spec: NetworkSpec) -> "LoRANetwork":
@@ -98,6 +101,11 @@ class LoRANetwork(nn.Module):
     def restore(self) -> None:
         for module in self.lora_modules():
             module.restore()
+
+    def set_batch_size(self, samples: int) -> None:
+        """Samples in the batch about to run: rank dropout draws one mask per sample even where the lean
+        models pass tokens as rows (batch * tokens, features)."""
+        self._batch_size[0] = max(1, int(samples))
 
     def set_multiplier(self, multiplier: float) -> None:
         for module in self.lora_modules():
