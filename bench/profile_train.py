@@ -4,6 +4,7 @@
     python bench/profile_train.py --mode cprofile  # Python-level profile of the step loop (top functions)
     python bench/profile_train.py --mode torch     # torch.profiler operator table for a few steps
     python bench/profile_train.py --mode bare      # the floor: a bare LoRA loop, same model/targets/optimizer
+    python bench/profile_train.py --mode bare --lean  # the same loop on Nekoya's own models (trainer/models)
     python bench/profile_train.py --mode startup   # where the time before the first step goes (phase by phase)
 
 Uses the model and image folder that ``bench/train_speed.py --size tiny`` builds (run that once first),
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nekoya-bench"))
     p.add_argument("--top", type=int, default=25, help="rows of the profile tables")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the trainer's default is 2)")
+    p.add_argument("--lean", action="store_true",
+                   help="bare mode on Nekoya's own models (trainer/models) with fused AdamW: the trainer's floor")
     return p
 
 
@@ -186,13 +189,16 @@ def run_bare(args: argparse.Namespace) -> dict:
     model, images, resolution = bench_paths(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").requires_grad_(False).eval()
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").requires_grad_(False).eval()
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").requires_grad_(False).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    unet.set_attn_processor(unet.attn_processors)  # diffusers' default SDPA processors
+    if args.lean:
+        unet, vae, text_encoder, tokenizer = _lean_models(model)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").requires_grad_(False).eval()
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae").requires_grad_(False).eval()
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").requires_grad_(False).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        unet.set_attn_processor(unet.attn_processors)  # diffusers' default SDPA processors
     params = _inject_lora(unet, ("Transformer2DModel",)) + _inject_lora(text_encoder, ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"))
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=args.lean)
     schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     latents, tokens = _cached_inputs(images, resolution, vae, tokenizer)
     clock = StepClock(total=args.steps)
@@ -202,14 +208,27 @@ def run_bare(args: argparse.Namespace) -> dict:
         noise = torch.randn_like(latents[i])
         t = torch.randint(0, 1000, (1,))
         noisy = schedule.add_noise(latents[i], noise, t)
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, cond).sample, noise)
+        pred = unet(noisy, t, cond)
+        loss = torch.nn.functional.mse_loss(pred if args.lean else pred.sample, noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.wall.append(time.perf_counter())
         clock.cpu.append(time.process_time())
-    return {"mode": "bare", "size": args.size, "threads": args.threads, "lora_params": sum(p.numel() for p in params), **clock.summary()}
+    return {"mode": "bare", "lean": args.lean, "size": args.size, "threads": args.threads,
+            "lora_params": sum(p.numel() for p in params), **clock.summary()}
+
+
+def _lean_models(model: Path):
+    import torch
+
+    from trainer.models.clip_tokenizer import CLIPTokenizer
+    from trainer.models.components import load_folder_component
+
+    unet, vae, text_encoder = (load_folder_component(model, name, torch.float32).requires_grad_(False).eval()
+                               for name in ("unet", "vae", "text_encoder"))
+    return unet, vae, text_encoder, CLIPTokenizer.from_pretrained(model / "tokenizer")
 
 
 def _inject_lora(root, classes: tuple[str, ...], rank: int = 8, alpha: float = 8.0) -> list:
