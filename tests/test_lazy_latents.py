@@ -7,7 +7,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ from trainer.data.dataset import DatasetConfig, TrainingDataset
 from trainer.data.images import BadImageError
 from trainer.data.latent_cache import CacheSpec, LatentCache, entry_seed
 from trainer.data.plan import plan_steps
+
+from test_data_latent_cache import _entries, _settings  # the dataset settings those tests use
 
 SIZES = [(64, 64), (96, 48), (48, 96), (64, 64), (80, 40), (64, 64)]
 
@@ -43,18 +44,6 @@ class NoisyEncoder:
         return mean + 0.1 * noise
 
 
-def _settings(root: Path, **overrides):
-    values = dict(
-        train_data_dir=str(root), reg_data_dir="", caption_extension=".txt", train_batch_size=2,
-        gradient_accumulation_steps=1, epoch=1, max_train_epochs=0, max_train_steps=0, max_resolution="64",
-        enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, bucket_no_upscale=False,
-        seed=1, prior_loss_weight=1.0, flip_aug=True, color_aug=False, random_crop=False, shuffle_caption=False,
-        keep_tokens=0, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0, max_data_loader_n_workers=0,
-    )
-    values.update(overrides)
-    return SimpleNamespace(**values)
-
-
 @pytest.fixture()
 def image_root(tmp_path) -> Path:
     for i, size in enumerate(SIZES):
@@ -62,10 +51,6 @@ def image_root(tmp_path) -> Path:
         path.parent.mkdir(exist_ok=True)
         Image.new("RGB", size, (40 * i, 120, 255 - 40 * i)).save(path)
     return tmp_path
-
-
-def _entries(root, **overrides):
-    return list(plan_steps(_settings(root, **overrides)).entries)
 
 
 def _cache(entries, encoder, **spec) -> LatentCache:
