@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trainer.optim import OPTIMIZERS, SCHEDULERS, OptimConfigError, create_scheduler, parse_literal_args, plan_optimizer, plan_scheduler
+from trainer.optim import precision as precision_module
 from trainer.optim.precision import resolve_precision
 from trainer.optim.stepper import OptimizerStepper
 from trainer.settings import TrainingSettings
@@ -123,11 +124,26 @@ def test_sgd_nesterov_gets_momentum_and_unknown_names_fail():
     assert err.value.field == "optimizer"
 
 
-def test_precision_on_cpu_degrades_with_a_note():
+def test_precision_on_cpu_degrades_with_a_note(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     p = resolve_precision(settings(mixed_precision="bf16", full_bf16=True), torch.device("cpu"))
     assert p.mode == "no" and p.network_dtype == torch.float32 and p.make_scaler() is None
-    assert any("CUDA" in n for n in p.notes)
+    assert any("without bf16 instructions" in n for n in p.notes)
+    p = resolve_precision(settings(mixed_precision="fp16"), torch.device("cpu"))
+    assert p.mode == "no" and p.base_dtype == torch.float32 and any("needs a GPU" in n for n in p.notes)
     assert resolve_precision(settings(mixed_precision="no"), torch.device("cpu")).notes == ()
+
+
+def test_bf16_runs_on_a_cpu_with_bf16_instructions(monkeypatch):
+    # what sd-scripts does through accelerate: bf16 weights and bf16 autocast; fp16 stays a GPU thing
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    p = resolve_precision(settings(mixed_precision="bf16", full_bf16=True), torch.device("cpu"))
+    assert (p.mode, p.base_dtype, p.network_dtype, p.notes) == ("bf16", torch.bfloat16, torch.bfloat16, ())
+    assert p.make_scaler() is None
+    with p.autocast():
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+    fp16 = resolve_precision(settings(mixed_precision="fp16"), torch.device("cpu"))
+    assert fp16.mode == "no" and any("bf16 would be faster" in n for n in fp16.notes)
 
 
 def test_stepper_accumulates_and_clips():

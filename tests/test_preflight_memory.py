@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +55,29 @@ def test_cpu_runs_in_fp32_and_locon_adds_conv_parameters():
     assert cpu.precision == "fp32" and cpu.total_bytes > estimate_memory(s, FAMILIES["sd1"], gpu(24)).total_bytes
     locon = s.model_copy(update={"LoRA_type": "Kohya LoCon", "conv_dim": 8})
     assert estimate_memory(locon, FAMILIES["sd1"], gpu(24)).trainable_params > cpu.trainable_params
+
+
+def test_a_cpu_with_bf16_instructions_runs_bf16_and_counts_half_the_weights():
+    bf16_cpu = replace(big_cpu(), native_bf16=True)
+    s = TrainingSettings(mixed_precision="bf16")
+    native, plain = (estimate_memory(s, FAMILIES["sd1"], cpu) for cpu in (bf16_cpu, big_cpu()))
+    assert (native.precision, plain.precision) == ("bf16", "fp32")
+    assert native.total_bytes < plain.total_bytes
+    assert estimate_memory(TrainingSettings(mixed_precision="fp16"), FAMILIES["sd1"], bf16_cpu).precision == "fp32"
+
+
+def test_cpu_bf16_detection_without_torch_agrees_with_torch(monkeypatch):
+    import torch
+
+    with_torch = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    device_module.cpu_has_native_bf16.cache_clear()
+    monkeypatch.delitem(sys.modules, "torch")
+    try:
+        from_cpuinfo = device_module.cpu_has_native_bf16()
+    finally:
+        device_module.cpu_has_native_bf16.cache_clear()
+    if Path("/proc/cpuinfo").exists():
+        assert from_cpuinfo == with_torch
 
 
 def test_lora_size_matches_a_real_dim_32_file():

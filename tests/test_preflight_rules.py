@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -251,6 +252,14 @@ def test_precision_notes_depend_on_the_device(run, monkeypatch, tmp_path, tiny_s
     assert "NaN" in problems(report, "warning", "sdxl_no_half_vae")[0].message
     report = check(settings(tmp_path, tiny_sdxl_file, sdxl=True, mixed_precision="fp16", sdxl_no_half_vae=True))
     assert not problems(report, "warning", "sdxl_no_half_vae")
+
+
+def test_bf16_on_a_cpu_with_bf16_instructions_needs_no_note(run, monkeypatch):
+    assert "without bf16 instructions" in problems(run(mixed_precision="bf16")[1], "note", "mixed_precision")[0].message
+    monkeypatch.setattr(device_module, "probe_device", lambda: replace(big_cpu(), native_bf16=True))
+    assert not problems(run(mixed_precision="bf16")[1], "note", "mixed_precision")
+    [fp16] = problems(run(mixed_precision="fp16")[1], "note", "mixed_precision")
+    assert "needs a GPU" in fp16.message and "bf16 would be faster" in fp16.message
 
 
 def test_text_encoder_output_cache(run, tmp_path, tiny_sdxl_file):

@@ -82,7 +82,7 @@ def test_overfit_loss_falls_and_events_in_order(sd1_run):
     assert (started.total_steps, started.total_epochs, started.steps_per_epoch) == (8, 4, 2)
     assert [e.epoch for e in rec.of(ev.EpochEnd)] == [1, 2, 3, 4]
     assert steps[-1].lrs == {"unet": 1e-2, "textencoder": 1e-3} and steps[-1].memory.rss_mb > 0
-    assert "CUDA" in rec.logs()  # fp16 on CPU says it trains in fp32
+    assert "fp16 needs a GPU" in rec.logs()  # fp16 on CPU says it trains in fp32
 
 
 def test_epoch_and_final_files(sd1_run):
@@ -366,3 +366,22 @@ def test_dynamo_backend_compiles_the_unet(tiny_sd1_dir, images, tmp_path):
     assert "UNet compiled with torch.compile (backend eager)" in rec.logs()
     assert all(torch.isfinite(torch.tensor(s.loss)) for s in rec.of(ev.Step))
     assert os.path.exists(result.files[-1])
+
+
+def test_bf16_trains_on_a_cpu_with_bf16_instructions(tiny_sd1_dir, images, tmp_path, monkeypatch):
+    # bf16 autocast runs on any CPU; the trainer only chooses it where the CPU has bf16 instructions
+    from trainer.optim import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    rec = Recorder()
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path, mixed_precision="bf16", full_bf16=True,
+                             save_precision="bf16", epoch=3)
+    result = train(settings, rec)
+    assert result.status == "finished", result.error
+    assert "mixed precision bf16 on cpu: frozen weights bfloat16, LoRA weights bfloat16" in rec.logs()
+    assert "instructions" not in rec.logs()  # no note: it runs what was asked for
+    losses = [s.loss for s in rec.of(ev.Step)]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    lora = load_file(result.files[-1])
+    assert {t.dtype for t in lora.values()} == {torch.bfloat16}
+    assert any(t.float().abs().sum() > 0 for k, t in lora.items() if "lora_up" in k)  # trained (up starts at 0)

@@ -114,6 +114,7 @@ class _Run:
         self.precision = resolve_precision(s, self.device)
         for note in self.precision.notes:
             self.log(note, "warning")
+        self.log(self.precision.describe())
         self.resume = self._load_resume()
         self.seed = self._pick_seed()
         self.plan = plan_steps(s)

@@ -72,8 +72,9 @@ class MemoryEstimate:
 
 
 def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> MemoryEstimate:
-    half = device.is_gpu and settings.mixed_precision in ("fp16", "bf16")
-    precision = settings.mixed_precision if half else "fp32"
+    runs, _ = device.mixed_precision(settings.mixed_precision)
+    half = runs != "no"
+    precision = runs if half else "fp32"
     weight_bytes = 2 if half else 4
     width, height = settings.resolution
     samples = max(1, settings.train_batch_size) * width * height / REFERENCE_PIXELS

@@ -21,10 +21,10 @@ def _family(ctx: CheckContext):
 @preflight_check("training.precision")
 def check_precision(ctx: CheckContext):
     s = ctx.settings
-    half = s.mixed_precision in ("fp16", "bf16")
-    if half and not ctx.device.is_gpu:
-        yield Problem("note", "mixed_precision", f"mixed precision {s.mixed_precision} needs a GPU; on this computer "
-                      "training runs in fp32 (slower and uses more memory, but the same result)")
+    runs, note = ctx.device.mixed_precision(s.mixed_precision)
+    if note:
+        yield Problem("note", "mixed_precision", note)
+    if runs != s.mixed_precision:
         return
     for key, wanted in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
         if getattr(s, key) and s.mixed_precision != wanted:

@@ -64,7 +64,8 @@ class ParameterSettings(BaseModel):
     )
     mixed_precision: str = setting(
         "fp16", label="Mixed precision", tab=TAB, section=BASIC, choices=("no", "fp16", "bf16"),
-        help="fp16 or bf16 on NVIDIA GPUs (bf16 on RTX 30xx and newer). On CPU training runs in fp32.",
+        help="fp16 or bf16 on NVIDIA GPUs (bf16 on RTX 30xx and newer). On a CPU, bf16 runs where the CPU has "
+             "bf16 instructions (recent Xeons, AMD Zen 4); otherwise training runs in fp32.",
     )
     num_cpu_threads_per_process: int = setting(
         2, label="Number of CPU threads per core", tab=TAB, section=BASIC, ge=1, le=128, step=1, widget="slider",
