@@ -37,6 +37,11 @@ class DeviceInfo:
             return (wanted if wanted in ("fp16", "bf16") else "no"), None
         return cpu_mixed_precision(wanted, self.native_bf16)
 
+    def describe(self) -> str:
+        total = f"{self.total_bytes / GIB:.1f} GiB" if self.total_bytes else "unknown size"
+        memory = "VRAM" if self.kind == "cuda" else "RAM"
+        return f"{self.name} ({total} {memory})"
+
 
 def cpu_mixed_precision(wanted: str, native_bf16: bool) -> tuple[str, str | None]:
     """What a CPU run does with Mixed precision ``wanted``. bf16 runs where the CPU has bf16
@@ -69,11 +74,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-    def describe(self) -> str:
-        total = f"{self.total_bytes / GIB:.1f} GiB" if self.total_bytes else "unknown size"
-        memory = "VRAM" if self.kind == "cuda" else "RAM"
-        return f"{self.name} ({total} {memory})"
 
 
 def probe_device() -> DeviceInfo:
