@@ -188,3 +188,31 @@ def test_kohya_sdxl_preset_loads_and_trains(tiny_sdxl_dir, images, tmp_path):
     assert prefixes == {"unet", "te1", "te2"}
     assert {t.dtype for t in tensors.values()} == {torch.float16}  # save_precision fp16
     assert "xformers" in recorder.logs()  # not usable on CPU: SDPA instead, with a message
+
+
+def test_bf16_half_weights_train_sample_and_resume(tiny_sdxl_dir, images, tmp_path, monkeypatch):
+    """The half-precision paths a GPU runs (bf16 frozen weights and VAE, full_bf16 LoRA, samples, saved
+    state), on a CPU: the trainer picks bf16 where the CPU has bf16 instructions (forced here)."""
+    from PIL import Image
+
+    from trainer.optim import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    common = dict(mixed_precision="bf16", full_bf16=True, max_train_steps=0, epoch=2, save_every_n_epochs=1,
+                  save_state=True, sample_every_n_epochs=1, sample_prompts="sks dog --w 64 --h 64 --s 2")
+    whole = sdxl_settings(tiny_sdxl_dir, images, tmp_path / "whole", **common)
+    recorder, _ = run(whole)
+    assert "mixed precision bf16 on cpu: frozen weights bfloat16, LoRA weights bfloat16" in recorder.logs()
+    samples = sorted((tmp_path / "whole" / "sample").glob("*.png"))
+    assert len(samples) == 2
+    for path in samples:
+        pixels = torch.tensor(list(Image.open(path).convert("L").getdata()), dtype=torch.float32)
+        assert pixels.std() > 1  # not a black or NaN image
+
+    resumed = sdxl_settings(tiny_sdxl_dir, images, tmp_path / "resumed", **common,
+                            resume=str(tmp_path / "whole" / "xl-000001-state"))
+    resumed_recorder, _ = run(resumed)
+    epoch_2 = [s.loss for s in recorder.of(ev.Step)][2:]
+    assert [s.loss for s in resumed_recorder.of(ev.Step)] == epoch_2 and len(epoch_2) == 2
+    a, b = load_file(final_file(whole)), load_file(final_file(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
