@@ -85,21 +85,12 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     return model, images
 
 
-def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
-    import time
-
-    from process_clock import process_start_time
-
-    started = process_start_time()
-    from trainer.events import Step
-    from trainer.loop import train
+def bench_settings(args: argparse.Namespace, model: Path, images: Path, cuda: bool):
+    """The run every benchmark here times or measures: the issue's settings for this size and options."""
     from trainer.settings import TrainingSettings
 
-    import torch
-
-    cuda = torch.cuda.is_available()
     out = Path(tempfile.mkdtemp(prefix="bench-out-"))
-    settings = TrainingSettings(
+    return TrainingSettings(
         model_list="custom", pretrained_model_name_or_path=str(model), train_data_dir=str(images),
         output_dir=str(out), output_name="bench", max_resolution=f"{args.resolution},{args.resolution}",
         train_batch_size=args.batch, max_train_steps=args.steps, epoch=1000, save_every_n_epochs=0,
@@ -110,6 +101,21 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         caption_extension=".txt", sdxl=SIZES[args.size].family == "sdxl",
         **({"text_encoder_lr": 0.0, "sdxl_cache_text_encoder_outputs": True} if args.unet_only else {}),
     )
+
+
+def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
+    import time
+
+    from process_clock import process_start_time
+
+    started = process_start_time()
+    from trainer.events import Step
+    from trainer.loop import train
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    settings = bench_settings(args, model, images, cuda)
     stamps: list[float] = []
     cpu_stamps: list[float] = []
 

@@ -99,3 +99,29 @@ def test_train_speed_prints_one_json_line_with_the_figures(tmp_path):
     for key in ("s_per_step", "cpu_s_per_step", "time_to_first_step_s", "peak_rss_mb", "again_time_to_first_step_s"):
         assert result[key] > 0, key
     assert result["again_time_to_first_step_s"] < result["time_to_first_step_s"]
+
+
+def test_tensor_bytes_counts_live_storages_once_and_keeps_the_peak():
+    import torch
+
+    import memory_peak
+
+    tracker = memory_peak.TensorBytes()
+    with tracker:
+        a = torch.zeros(1024, dtype=torch.float32)  # 4 KiB
+        view = a[:512]  # same storage: not counted again
+        b = torch.ones(2048, dtype=torch.bfloat16)  # 4 KiB
+        assert tracker.current == 8192
+        del a, view, b
+    assert tracker.current == 0 and tracker.peak == 8192
+
+
+def test_memory_peak_runs_the_trainer_and_prints_its_figures(tmp_path, capsys):
+    import memory_peak
+
+    assert memory_peak.main(["--size", "tiny", "--workdir", str(tmp_path)]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["steps"] == 2 and figures["mixed_precision"] == "bf16"
+    # the tiny model's bf16 weights (~1 MiB) are there at the start; a step adds its activations
+    assert 0.5 < figures["at_start_mb"] < figures["peak_tensor_mb"] < 64
+    assert figures["preflight_estimate_mb"] > 0

@@ -1,0 +1,110 @@
+"""Peak tensor memory of a training run, on any device: the VRAM figure without a GPU.
+
+    python bench/memory_peak.py --size sd15 --gradient-checkpointing --optimizer AdamW8bit
+    python bench/memory_peak.py --size sdxl --gradient-checkpointing --optimizer AdamW8bit --unet-only
+
+Runs the real trainer entry point (same settings as ``bench/train_speed.py``, bf16 by default as on a
+GPU) under a dispatch mode that adds up the bytes of every tensor storage the run creates and
+subtracts them when the storage is freed. The peak is what ``torch.cuda.max_memory_allocated()``
+reports for the same run on a GPU, less the kernels' scratch buffers (cuBLAS/cuDNN workspaces),
+which no tensor owns; ``nvidia-smi`` adds the allocator's cache and the CUDA context (~0.5 GB) on
+top. bf16 runs on any CPU here, even without bf16 instructions (slowly): the tensor sizes are
+what matter. Prints one JSON line with the peak, the memory when training starts (weights, LoRA,
+optimizer) and the preflight estimate for the same settings on a GPU.
+A benchmark, not a test: nothing here asserts a figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_speed  # noqa: E402  (bench/, next to this file)
+
+MIB = 2**20
+
+
+class TensorBytes(TorchDispatchMode):
+    """Live bytes of the tensor storages created under it, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = WeakIdKeyDictionary()  # storage -> weakref whose callback subtracts its bytes
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self._track(leaf.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        if storage in self.live:
+            return
+        size = storage.nbytes()
+        self.live[storage] = weakref.ref(storage, lambda _, size=size: self._free(size))
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, size: int) -> None:
+        self.current -= size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = train_speed.build_parser()
+    parser.description = __doc__.split("\n\n")[0]
+    parser.set_defaults(steps=2, mixed_precision="bf16")
+    args = parser.parse_args(argv)
+    args.resolution = args.resolution or train_speed.SIZES[args.size].resolution
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from trainer.events import Started
+    from trainer.loop import train
+    from trainer.optim import precision
+    from trainer.preflight.device import GIB, DeviceInfo
+    from trainer.preflight.families import FAMILIES
+    from trainer.preflight.memory import estimate_memory
+
+    precision.cpu_has_native_bf16 = lambda: True  # run the GPU's dtypes on any CPU
+    model, images = train_speed.prepare(args)
+    settings = train_speed.bench_settings(args, model, images, cuda=torch.cuda.is_available())
+    tracker = TensorBytes()
+    at_start: list[int] = []
+
+    def sink(event) -> None:
+        if isinstance(event, Started):  # models, LoRA and optimizer are built; no step has run
+            at_start.append(tracker.current)
+            # checkpoints load and convert on the CPU, then the models move to the device: on a GPU the
+            # load-time peak (fp32 and bf16 copies of a model at once) is in RAM, so VRAM counts from here
+            tracker.peak = tracker.current
+
+    with tracker:
+        result = train(settings, sink)
+    if result.status != "finished":
+        sys.stderr.write(f"the run did not finish: {result.error}\n")
+        return 1
+    family = train_speed.SIZES[args.size].family
+    estimate = estimate_memory(settings, FAMILIES[family], DeviceInfo("cuda", "GPU", 80 * GIB, 80 * GIB, "bench"))
+    print(json.dumps({
+        "size": args.size, "resolution": args.resolution, "batch": args.batch, "optimizer": args.optimizer,
+        "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "unet_only": args.unet_only, "steps": result.step,
+        "peak_tensor_mb": round(tracker.peak / MIB, 1),  # from the start of training
+        "at_start_mb": round(at_start[0] / MIB, 1) if at_start else None,
+        "preflight_estimate_mb": round(estimate.total_bytes / MIB, 1),
+        "preflight_parts_mb": {name: round(size / MIB, 1) for name, size in estimate.parts.items()},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
