@@ -125,3 +125,19 @@ def test_memory_peak_runs_the_trainer_and_prints_its_figures(tmp_path, capsys):
     # the tiny model's bf16 weights (~1 MiB) are there at the start; a step adds its activations
     assert 0.5 < figures["at_start_mb"] < figures["peak_tensor_mb"] < 64
     assert figures["preflight_estimate_mb"] > 0
+
+
+def test_moving_a_module_to_the_cpu_counts_as_freeing_it():
+    import torch
+
+    import memory_peak
+
+    tracker = memory_peak.TensorBytes()
+    layer = torch.nn.Linear(16, 16, bias=False)  # built outside: not counted
+    with tracker:
+        layer.to(torch.bfloat16)  # 512 bytes of weight, as the trainer's load converts a model
+        assert tracker.current == 512
+        tracker.offload(layer)
+        assert tracker.current == 0
+        del layer  # freed for real later: not subtracted twice
+    assert tracker.current == 0 and tracker.peak == 512
