@@ -44,13 +44,18 @@ def _settings(root: Path, **overrides):
     return SimpleNamespace(**values)
 
 
+def write_images(root: Path, folder: str, sizes, red_step: int) -> Path:
+    """One plain-colour PNG per size in ``root/folder`` (a kohya ``<repeats>_<name>`` folder)."""
+    for i, size in enumerate(sizes):
+        path = root / folder / f"im{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", size, (red_step * i, 120, 255 - 40 * i)).save(path)
+    return root
+
+
 @pytest.fixture()
 def image_root(tmp_path) -> Path:
-    for i, size in enumerate(SIZES):
-        path = tmp_path / "3_thing" / f"im{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.new("RGB", size, (50 * i, 120, 255 - 40 * i)).save(path)
-    return tmp_path
+    return write_images(tmp_path, "3_thing", SIZES, red_step=50)
 
 
 def _entries(root, **overrides):

@@ -18,7 +18,7 @@ from trainer.data.images import BadImageError
 from trainer.data.latent_cache import CacheSpec, LatentCache, entry_seed
 from trainer.data.plan import plan_steps
 
-from test_data_latent_cache import _entries, _settings  # the dataset settings those tests use
+from test_data_latent_cache import _entries, _settings, write_images  # the dataset settings those tests use
 
 SIZES = [(64, 64), (96, 48), (48, 96), (64, 64), (80, 40), (64, 64)]
 
@@ -46,11 +46,7 @@ class NoisyEncoder:
 
 @pytest.fixture()
 def image_root(tmp_path) -> Path:
-    for i, size in enumerate(SIZES):
-        path = tmp_path / "2_thing" / f"im{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.new("RGB", size, (40 * i, 120, 255 - 40 * i)).save(path)
-    return tmp_path
+    return write_images(tmp_path, "2_thing", SIZES, red_step=40)
 
 
 def _cache(entries, encoder, **spec) -> LatentCache:

@@ -83,6 +83,7 @@ def test_overfit_loss_falls_and_events_in_order(sd1_run):
     assert [e.epoch for e in rec.of(ev.EpochEnd)] == [1, 2, 3, 4]
     assert steps[-1].lrs == {"unet": 1e-2, "textencoder": 1e-3} and steps[-1].memory.rss_mb > 0
     assert "fp16 needs a GPU" in rec.logs()  # fp16 on CPU says it trains in fp32
+    assert rec.logs().count("fp16 needs a GPU") == 1  # once, though preflight and trainer both know it
 
 
 def test_epoch_and_final_files(sd1_run):

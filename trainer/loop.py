@@ -113,7 +113,8 @@ class _Run:
             torch.set_num_threads(int(s.num_cpu_threads_per_process))
         self.precision = resolve_precision(s, self.device)
         for note in self.precision.notes:
-            self.log(note, "warning")
+            if note not in self._preflight_said:  # the CPU precision note comes from the same rule
+                self.log(note, "warning")
         self.log(self.precision.describe())
         self.resume = self._load_resume()
         self.seed = self._pick_seed()
@@ -138,6 +139,7 @@ class _Run:
         report = check(settings, deep=True)
         for problem in report.warnings + report.notes:
             self.log(problem.format(), "warning" if problem.severity == "warning" else "info")
+        self._preflight_said = {problem.message for problem in report.warnings + report.notes}
         if not report.ok:
             first = report.errors[0]
             lines = "\n".join(p.format() for p in report.errors)

@@ -33,8 +33,10 @@ class DeviceInfo:
     def mixed_precision(self, wanted: str) -> tuple[str, str | None]:
         """The mixed precision ("no", "fp16", "bf16") a run that asks for ``wanted`` gets on this device,
         and a note when that differs. GPUs get what they ask for (bf16 support: trainer.optim.precision)."""
-        if self.is_gpu or wanted not in ("fp16", "bf16"):
-            return (wanted if wanted in ("fp16", "bf16") else "no"), None
+        if wanted not in ("fp16", "bf16"):
+            return "no", None
+        if self.is_gpu:
+            return wanted, None
         return cpu_mixed_precision(wanted, self.native_bf16)
 
     def describe(self) -> str:
