@@ -124,6 +124,8 @@ def test_memory_peak_runs_the_trainer_and_prints_its_figures(tmp_path, capsys):
     assert figures["steps"] == 2 and figures["mixed_precision"] == "bf16"
     # the tiny model's bf16 weights (~1 MiB) are there at the start; a step adds its activations
     assert 0.5 < figures["at_start_mb"] < figures["peak_tensor_mb"] < 64
+    assert figures["norms"] == "cuda" and 0 < figures["peak_encode_mb"] <= figures["peak_tensor_mb"]
+    assert figures["peak_tensor_mb"] == max(figures["peak_step_mb"], figures["peak_encode_mb"])
     assert figures["preflight_estimate_mb"] > 0
 
 
@@ -141,3 +143,41 @@ def test_moving_a_module_to_the_cpu_counts_as_freeing_it():
         assert tracker.current == 0
         del layer  # freed for real later: not subtracted twice
     assert tracker.current == 0 and tracker.peak == 512
+
+
+def test_norms_follow_cuda_autocast_only_inside_the_stack():
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    import memory_peak
+
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    weight = torch.ones(8, dtype=torch.bfloat16)
+    with contextlib.ExitStack() as stack:
+        memory_peak.follow_cuda_autocast_norms(stack)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert F.group_norm(x, 4, weight).dtype == torch.float32  # as CUDA's autocast does
+            assert F.layer_norm(x, (4,)).dtype == torch.float32
+        assert F.group_norm(x, 4, weight).dtype == torch.bfloat16  # no autocast: untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.group_norm(x, 4, weight).dtype == torch.bfloat16  # the CPU's own rule is back
+
+
+def test_peaks_of_the_steps_and_of_the_encodes_are_kept_apart():
+    import torch
+
+    import memory_peak
+
+    tracker = memory_peak.TensorBytes()
+    with tracker:
+        kept = torch.zeros(256)  # 1 KiB
+        tracker.restart_peaks()
+        tracker.phase = "encode"
+        big = torch.zeros(1024)  # 4 KiB more while "encoding"
+        del big
+        tracker.phase = "step"
+        step = torch.zeros(512)  # 2 KiB more in a step
+        del step, kept
+    assert tracker.phase_peaks == {"encode": 5 * 1024, "step": 3 * 1024} and tracker.peak == 5 * 1024

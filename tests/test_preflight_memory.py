@@ -30,6 +30,31 @@ def test_public_reference_points_are_in_range():
     # ... and with gradient checkpointing and cached text-encoder outputs it fits a 12 GB card.
     low = sdxl.model_copy(update={"gradient_checkpointing": True, "sdxl_cache_text_encoder_outputs": True})
     assert gib(low, "sdxl") < 12
+    # sd-scripts' train_SDXL-en: SDXL LoRA "can be done with 8GB GPU memory (10GB recommended)" with a low
+    # dim, the U-Net only, gradient checkpointing, cached latents and text-encoder outputs, and Adafactor.
+    eight = low.model_copy(update={"network_dim": 8, "network_alpha": 8, "text_encoder_lr": 0.0})
+    assert 6 < gib(eight, "sdxl") < 8
+
+
+# Tensor peaks of real training steps in the GPU's dtypes, measured by bench/memory_peak.py (bench/RESULTS.md,
+# session 5): bf16, AdamW8bit, batch 1, LoRA dim 8, latents cached on first use.
+MEASURED_PEAKS_MB = [
+    ("sd1", {"max_resolution": "512,512", "gradient_checkpointing": True}, 2323),
+    ("sd1", {"max_resolution": "512,512"}, 3296),
+    ("sd1", {"max_resolution": "512,512", "mixed_precision": "no"}, 5938),
+    ("sdxl", {"max_resolution": "1024,1024", "gradient_checkpointing": True}, 7889),
+    ("sdxl", {"max_resolution": "1024,1024", "gradient_checkpointing": True, "text_encoder_lr": 0.0,
+              "sdxl_cache_text_encoder_outputs": True}, 6282),
+    ("sdxl", {"max_resolution": "1024,1024", "text_encoder_lr": 0.0, "sdxl_cache_text_encoder_outputs": True}, 13212),
+]
+
+
+@pytest.mark.parametrize(("family", "update", "peak_mb"), MEASURED_PEAKS_MB)
+def test_the_estimate_is_a_little_above_the_measured_peaks(family, update, peak_mb):
+    s = TrainingSettings(sdxl=family == "sdxl", mixed_precision="bf16", optimizer="AdamW8bit", network_dim=8,
+                         network_alpha=8).model_copy(update=update)
+    with_context = peak_mb / 1024 + 0.5  # nvidia-smi adds the CUDA context and the allocator's cache
+    assert 1.0 < gib(s, family) / with_context < 1.3
 
 
 def test_each_setting_moves_the_estimate_the_right_way():

@@ -10,11 +10,17 @@ parameters, so each family stores the sum of ``in + out`` over its targets.
 (Check: SD1.5 at rank 32 gives 18.9 M parameters = 37.7 MB in fp16, the size of a
 typical dim-32 SD1.5 LoRA.)
 
-Activation figures are rough: GiB of UNet activations kept for the backward pass
-per sample of 64x64 latents (512x512 px) in half precision with SDPA attention.
-They are fitted to public reports (SD1.5 LoRA at 512 px batch 1 in about 6 GB,
-SDXL at 1024 px batch 1 in about 19 GB without gradient checkpointing, sd-scripts
-#756) and to our CPU measurement (SD1.5 fp32: +3.1 GiB, +1.7 GiB with checkpointing).
+Activation figures are GiB of UNet activations kept for the backward pass per
+sample of 64x64 latents (512x512 px), half precision, SDPA attention: without
+gradient checkpointing, and with it (only the blocks' inputs are kept; one block
+is recomputed at a time). They are the tensor peaks of Nekoya's own training step
+measured by ``bench/memory_peak.py`` in the GPU's dtypes (bf16 weights and
+autocast, norms in fp32 as CUDA's autocast runs them), less the LoRA's gradients
+and optimizer state, rounded up: SD1.5 1.19 / 0.17 GiB at 512 px, SDXL 7.8 / 1.0
+GiB at 1024 px (bench/RESULTS.md, session 5). SD2 has no run of its own: SD1's
+figures scaled by its larger attention layers. They agree with public reports
+(SDXL LoRA in 8 GB with checkpointing, sd-scripts' train_SDXL-en; about 19 GB
+without it, sd-scripts #756).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class FamilyTraits:
     unet_conv_per_rank: int  # sum of (in * 9 + out) over the 3x3 conv targets (LoCon)
     text_encoder_lora_per_rank: int  # all text encoders together
     activations_gib: float  # per 512x512 sample, half precision, no gradient checkpointing
+    checkpointed_activations_gib: float  # the same with gradient checkpointing
     native_resolution: int
     # Settings that only mean something for this family (others ignore them).
     te_output_cache_setting: str | None = None
@@ -42,17 +49,17 @@ FAMILIES: dict[str, FamilyTraits] = {
     "sd1": FamilyTraits(
         "sd1", "Stable Diffusion 1.x", 859_520_964, (123_060_480,), 83_653_863,
         unet_lora_per_rank=423_936, unet_conv_per_rank=544_000, text_encoder_lora_per_rank=165_888,
-        activations_gib=1.6, native_resolution=512,
+        activations_gib=1.2, checkpointed_activations_gib=0.2, native_resolution=512,
     ),
     "sd2": FamilyTraits(
         "sd2", "Stable Diffusion 2.x", 865_910_724, (340_387_840,), 83_653_863,
         unet_lora_per_rank=432_128, unet_conv_per_rank=544_000, text_encoder_lora_per_rank=423_936,
-        activations_gib=1.7, native_resolution=768,
+        activations_gib=1.3, checkpointed_activations_gib=0.22, native_resolution=768,
     ),
     "sdxl": FamilyTraits(
         "sdxl", "Stable Diffusion XL", 2_567_463_684, (123_060_480, 694_659_840), 83_653_863,
         unet_lora_per_rank=2_659_840, unet_conv_per_rank=355_840, text_encoder_lora_per_rank=903_168,
-        activations_gib=2.4, native_resolution=1024,
+        activations_gib=1.95, checkpointed_activations_gib=0.26, native_resolution=1024,
         te_output_cache_setting="sdxl_cache_text_encoder_outputs", fp16_vae_overflows=True,
     ),
 }

@@ -11,11 +11,15 @@
   are trained (UNet lr > 0, text encoder lr > 0), plus conv_dim x the conv sum for
   LoCon; each parameter costs weight + gradient (4 + 4 bytes, 2 + 2 with full
   fp16/bf16) + the optimizer's state (``optimizer_table.py``).
-* Activations: the family's GiB per 512x512 sample, times (width x height) / 512²,
-  times batch size, x2 in fp32, x0.45 with gradient checkpointing, x1.6 with
-  attention "none" (no memory-efficient kernel).
-* VAE encode (when latents are not cached): 0.6 GiB per 512x512 sample in half
-  precision, before the UNet runs, so only the larger of the two counts.
+* Activations: the family's GiB per 512x512 sample (its figure with gradient
+  checkpointing when that is on), times (width x height) / 512², times batch
+  size, x1.6 in fp32, x1.6 with attention "none" (no memory-efficient kernel).
+* VAE encode: 0.3 GiB per 512x512 sample in half precision (x2 in fp32). Latents
+  are encoded on first use, so it happens during epoch 1 (a batch at a time when
+  not cached), outside the UNet's step: only the larger of the two counts.
+
+The figures are tensor peaks of real runs measured by ``bench/memory_peak.py``
+(see ``families.py``); the slack and runtime parts cover what no tensor owns.
 * Runtime: CUDA context and kernels' workspaces (0.8 GiB), or Python + torch on CPU (0.6 GiB).
 
 It is meant to be right within about 30 %: enough to tell "fits" from "will run
@@ -32,10 +36,9 @@ from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 from trainer.settings.tab_parameters import LOCON_TYPES
 
-GRADIENT_CHECKPOINTING_FACTOR = 0.45
 PLAIN_ATTENTION_FACTOR = 1.6
-FP32_ACTIVATION_FACTOR = 2.0
-VAE_ENCODE_GIB_PER_SAMPLE = 0.6
+FP32_ACTIVATION_FACTOR = 1.6  # measured on SD1.5 at 512 px: 1.5x without checkpointing, 1.9x with
+VAE_ENCODE_GIB_PER_SAMPLE = 0.3  # measured: 0.26 GiB at 512 px, 1.0 GiB at 1024 px
 ALLOCATOR_SLACK = 1.1
 RUNTIME_GIB = {"cuda": 0.8, "mps": 0.8, "cpu": 0.6}
 REFERENCE_PIXELS = 512 * 512
@@ -90,13 +93,13 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     lora_weight_bytes = 2 if (settings.full_fp16 or settings.full_bf16) else 4
     lora = trainable * (2 * lora_weight_bytes + optimizer_facts(settings.optimizer).state_bytes)
 
-    activations = family.activations_gib * GIB * samples
+    per_sample = family.checkpointed_activations_gib if settings.gradient_checkpointing else family.activations_gib
+    activations = per_sample * GIB * samples
     activations *= 1 if half else FP32_ACTIVATION_FACTOR
-    activations *= GRADIENT_CHECKPOINTING_FACTOR if settings.gradient_checkpointing else 1
     activations *= PLAIN_ATTENTION_FACTOR if settings.xformers == "none" else 1
     # cached: vae_batch_size images at a time, between steps; else the training batch, every step
     encoded = max(1, int(settings.vae_batch_size or 1)) * width * height / REFERENCE_PIXELS if latents_cached else samples
-    vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * (1 if half else 2)
+    vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * (1 if half else FP32_ACTIVATION_FACTOR)
     parts = {
         "base model": int(base),
         "LoRA + optimizer": int(lora),
