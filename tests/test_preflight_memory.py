@@ -74,6 +74,20 @@ def test_each_setting_moves_the_estimate_the_right_way():
     assert gib(base.model_copy(update={"cache_latents": False})) >= gib(base)
 
 
+def test_text_encoders_leave_the_device_when_untrained_and_captions_never_change():
+    trained = TrainingSettings(max_resolution="512,512", mixed_precision="bf16", unet_lr=1e-4, text_encoder_lr=1e-4)
+    frozen = trained.model_copy(update={"text_encoder_lr": 0.0})
+    shuffled = frozen.model_copy(update={"shuffle_caption": True})  # captions change: encoded every step
+    te_bytes = FAMILIES["sd1"].text_encoder_params[0] * 2
+    assert gib(frozen) < gib(shuffled) < gib(trained)
+    assert gib(shuffled) - gib(frozen) == pytest.approx(te_bytes / GIB, rel=0.01)
+    # SDXL with its cache setting, at 512 px with checkpointing: caching (the encoders on the device) is the peak
+    sdxl = TrainingSettings(sdxl=True, max_resolution="512,512", mixed_precision="bf16", gradient_checkpointing=True,
+                            sdxl_cache_text_encoder_outputs=True)
+    parts = estimate_memory(sdxl, FAMILIES["sdxl"], gpu(24)).parts
+    assert parts["activations or encoding"] == pytest.approx(sum(FAMILIES["sdxl"].text_encoder_params) * 2 * 1.1, rel=0.01)
+
+
 def test_cpu_runs_in_fp32_and_locon_adds_conv_parameters():
     s = TrainingSettings(mixed_precision="fp16")
     cpu = estimate_memory(s, FAMILIES["sd1"], big_cpu())

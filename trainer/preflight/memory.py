@@ -1,12 +1,15 @@
 """A simple, documented estimate of the memory a run needs at its peak (a training step).
 
     peak = frozen weights + LoRA (weights, gradients, optimizer state)
-           + max(UNet activations, VAE encode) x 1.1 (allocator slack) + runtime
+           + max(UNet activations, VAE encode, text encoders while caching) x 1.1 (allocator slack)
+           + runtime
 
 * Frozen weights: UNet + text encoders + VAE of the family (``families.py``) at
-  2 bytes (fp16/bf16 mixed precision on a GPU) or 4 bytes (no mixed precision, or
-  CPU, where training runs in fp32). Cached latents move the VAE off the device;
-  cached text-encoder outputs (SDXL) move the text encoders off.
+  2 bytes (fp16/bf16 mixed precision on a GPU, bf16 on a CPU with bf16 instructions)
+  or 4 bytes (no mixed precision, or a CPU where it runs in fp32). Cached latents move the VAE off the device;
+  cached text-encoder outputs move the text encoders off (SDXL's setting, or any
+  family whose text encoders are not trained and whose captions never change),
+  after they encoded the captions once before the first step.
 * LoRA: rank x (sum of in + out over its targets) parameters for the parts that
   are trained (UNet lr > 0, text encoder lr > 0), plus conv_dim x the conv sum for
   LoCon; each parameter costs weight + gradient (4 + 4 bytes, 2 + 2 with full
@@ -47,7 +50,7 @@ REFERENCE_PIXELS = 512 * 512
 @dataclass(frozen=True)
 class MemoryEstimate:
     device: DeviceInfo
-    parts: dict[str, int]  # bytes: "base model", "LoRA + optimizer", "activations", "runtime"
+    parts: dict[str, int]  # bytes: "base model", "LoRA + optimizer", "activations or encoding", "runtime"
     precision: str  # "fp16", "bf16" or "fp32"
     trainable_params: int
     family_label: str
@@ -82,7 +85,7 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     width, height = settings.resolution
     samples = max(1, settings.train_batch_size) * width * height / REFERENCE_PIXELS
     latents_cached = settings.cache_latents and not (settings.color_aug or settings.random_crop)
-    te_cached = bool(family.te_output_cache_setting and getattr(settings, family.te_output_cache_setting, False))
+    te_cached = text_encoder_outputs_cached(settings, family)
 
     base = family.unet_params * weight_bytes
     base += 0 if te_cached else sum(family.text_encoder_params) * weight_bytes
@@ -100,16 +103,28 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     # cached: vae_batch_size images at a time, between steps; else the training batch, every step
     encoded = max(1, int(settings.vae_batch_size or 1)) * width * height / REFERENCE_PIXELS if latents_cached else samples
     vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * (1 if half else FP32_ACTIVATION_FACTOR)
+    # cached text-encoder outputs are computed before the first step, with the encoders on the device
+    encoders = sum(family.text_encoder_params) * weight_bytes if te_cached else 0
     parts = {
         "base model": int(base),
         "LoRA + optimizer": int(lora),
-        "activations": int(max(activations, vae_encode) * ALLOCATOR_SLACK),
+        "activations or encoding": int(max(activations, vae_encode, encoders) * ALLOCATOR_SLACK),
         "runtime": int(RUNTIME_GIB[device.kind] * GIB),
     }
     notes = ["rough estimate (about ±30 %); the real peak shows in the progress panel once training runs"]
     if not device.is_gpu:
         notes.append("on CPU training runs in fp32, so mixed precision does not apply")
     return MemoryEstimate(device, parts, precision, trainable, family.label, tuple(notes))
+
+
+def text_encoder_outputs_cached(settings, family: FamilyTraits) -> bool:
+    """As the trainer decides: the family's cache setting, or text encoders that are not trained and captions
+    that never change (no shuffling, tag or caption dropout), so each caption is encoded once."""
+    from trainer.data.captions import CaptionConfig
+
+    if family.te_output_cache_setting and getattr(settings, family.te_output_cache_setting, False):
+        return True
+    return settings.train_lrs()[1] <= 0 and CaptionConfig.from_settings(settings).is_static
 
 
 def lora_parameter_count(settings, family: FamilyTraits, te_cached: bool = False) -> int:
