@@ -116,6 +116,9 @@ def pick(page, elem_id: str, option: str) -> None:
 
 def show_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name, exact=True).click()
+    # Gradio mounts a tab's widgets the first time it is shown: let two frames pass so their input handlers are
+    # live before anything is typed (a value typed within the same frame once did not reach the app on a busy host)
+    page.wait_for_function("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => done(true))))")
 
 
 def live(page):

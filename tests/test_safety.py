@@ -7,7 +7,7 @@ import os
 import pytest
 
 from trainer import safety
-from trainer.safety import BadImagePolicy, NanGuard, SaveError, atomic_write, atomic_write_bytes, oom_advice
+from trainer.safety import BadImagePolicy, NanGuard, SaveError, atomic_write, atomic_write_bytes
 from trainer.settings import TrainingSettings
 
 
@@ -81,30 +81,6 @@ def test_free_bytes_of_a_missing_path_uses_the_parent(tmp_path):
 
 
 # ---- out of memory ----------------------------------------------------------------------------
-
-def test_oom_advice_only_suggests_what_is_not_done_yet():
-    heavy = TrainingSettings(train_batch_size=4, gradient_checkpointing=False, cache_latents=False, optimizer="AdamW",
-                             sdxl=True, max_resolution="1024,1024", network_dim=128)
-    advice = oom_advice(heavy)
-    for text in ("Train batch size from 4 to 2", "Gradient accumulate steps to 2", "Gradient checkpointing",
-                 "Cache latents", "AdamW8bit", "Max resolution from 1024,1024 to 768,768",
-                 "Cache text encoder outputs", "Network Rank from 128"):
-        assert text in advice, text
-    assert advice.index("batch size") < advice.index("Gradient checkpointing")  # most effective first
-    light = TrainingSettings(train_batch_size=1, gradient_checkpointing=True, cache_latents=True, optimizer="AdamW8bit",
-                             max_resolution="512,512", network_dim=16)
-    text = oom_advice(light)
-    assert "Gradient checkpointing" not in text and "batch size" not in text and "Cache text encoder" not in text
-    assert text.endswith("1. lower Max resolution from 512,512 to 384,384")  # the one thing left
-    text = oom_advice(light.model_copy(update={"max_resolution": "384,384"}))
-    assert "every memory-saving setting is already on" in text
-    assert "Random crop" in oom_advice(TrainingSettings(cache_latents=True, random_crop=True, gradient_checkpointing=True))
-
-
-def test_oom_short_advice_is_one_line():
-    short = oom_advice(TrainingSettings(train_batch_size=2), short=True)
-    assert "\n" not in short and short.count(";") <= 2
-
 
 def test_is_out_of_memory():
     import torch

@@ -545,12 +545,13 @@ def _model_hashes(path: str) -> dict[str, str]:
 
 def _describe(exc: Exception, settings: Any) -> tuple[str, str | None, str | None]:
     """(message, field, hint) for an Error event."""
-    from trainer.safety import is_out_of_memory, oom_advice
+    from trainer.preflight.memory_advice import memory_advice
+    from trainer.safety import is_out_of_memory
 
     field = getattr(exc, "field", None)
     hint = getattr(exc, "hint", None)
     if is_out_of_memory(exc):
-        return "out of GPU memory", "train_batch_size", oom_advice(settings)
+        return "out of GPU memory", "train_batch_size", memory_advice(settings)
     if isinstance(exc, _EXPECTED_ERRORS):
         return str(exc), field, hint
     return f"{type(exc).__name__}: {exc}", field, hint

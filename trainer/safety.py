@@ -3,8 +3,8 @@
 * :func:`atomic_write` — every save: temp file in the same folder, fsync, rename.
   On any error (a full disk included) the temp file is removed, the previous file
   stays as it was, and :class:`SaveError` says so and how much space is free.
-* :func:`is_out_of_memory` / :func:`oom_advice` — recognise an OOM and say what
-  to change, for these settings (only what is not already done).
+* :func:`is_out_of_memory` — recognise an OOM (what to change then:
+  :mod:`trainer.preflight.memory_advice`).
 * :class:`NanGuard` — NaN/inf loss: skip the step or stop (``nan_loss_policy``),
   with the step number and a hint.
 * :class:`BadImagePolicy` — an image that fails during training: skip it or stop
@@ -25,7 +25,6 @@ from typing import Callable
 
 GIB = 1024**3
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-OPTIMIZERS_8BIT = ("adamw8bit", "pagedadamw8bit", "lion8bit", "pagedlion8bit", "sgdnesterov8bit", "adafactor")
 
 
 # ---- atomic saves ----------------------------------------------------------------------------
@@ -143,60 +142,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _native_side(settings) -> int:
-    from trainer.preflight.families import traits_for
-
-    return traits_for(settings).native_resolution
-
-
-# (applies to these settings?, what to change) in order of how much memory it saves.
-_OOM_RULES: tuple[tuple[Callable, Callable], ...] = (
-    (lambda s: s.train_batch_size > 1,
-     lambda s: f"lower Train batch size from {s.train_batch_size} to {max(1, s.train_batch_size // 2)} "
-               f"(raise Gradient accumulate steps to {s.gradient_accumulation_steps * 2} to keep the same effective batch)"),
-    (lambda s: not s.gradient_checkpointing, lambda s: "tick Gradient checkpointing (a large saving, about 20 % slower)"),
-    (lambda s: not s.cache_latents or s.color_aug or s.random_crop,
-     lambda s: "tick Cache latents" + (" (and untick Color augmentation / Random crop, which prevent it)"
-                                       if s.color_aug or s.random_crop else "")),
-    (lambda s: (s.optimizer or "").lower() not in OPTIMIZERS_8BIT,
-     lambda s: f"use the AdamW8bit optimizer instead of {s.optimizer} (its state takes a quarter of the memory)"),
-    (lambda s: s.mixed_precision == "no", lambda s: "set Mixed precision to bf16 (or fp16 on older GPUs)"),
-    (lambda s: max(s.resolution) > _native_side(s) * 3 // 4,
-     lambda s: f"lower Max resolution from {s.max_resolution} to "
-               f"{_lower_side(max(s.resolution))},{_lower_side(max(s.resolution))}"),
-    (lambda s: _te_cache_setting(s) and not getattr(s, _te_cache_setting(s)),
-     lambda s: "tick Cache text encoder outputs (the text encoders are then not trained)"),
-    (lambda s: s.network_dim > 32, lambda s: f"lower Network Rank from {s.network_dim} to 32"),
-    (lambda s: s.xformers == "none", lambda s: "set CrossAttention to sdpa"),
-)
-
-
-def _lower_side(side: int) -> int:
-    return max(256, (side * 3 // 4) // 64 * 64)
-
-
-def _te_cache_setting(settings) -> str | None:
-    from trainer.preflight.families import traits_for
-
-    return traits_for(settings).te_output_cache_setting
-
-
-def oom_suggestions(settings) -> list[str]:
-    """What to change to use less memory, for these settings, most effective first."""
-    return [advice(settings) for applies, advice in _OOM_RULES if applies(settings)]
-
-
-def oom_advice(settings, *, short: bool = False) -> str:
-    """The message for an out-of-memory stop: what to change, numbered; ``short`` gives the top 3 on one line."""
-    suggestions = oom_suggestions(settings)
-    if not suggestions:
-        return "every memory-saving setting is already on; use a GPU with more memory, or a smaller model"
-    if short:
-        return "; ".join(suggestions[:3])
-    numbered = "\n".join(f"  {i}. {text}" for i, text in enumerate(suggestions, 1))
-    return f"To use less memory, change (most effective first):\n{numbered}"
 
 
 # ---- NaN / infinite loss ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from trainer.preflight.device import GIB, DeviceInfo
 from trainer.preflight.families import FamilyTraits
+from trainer.preflight.memory_advice import memory_advice
 from trainer.preflight.optimizer_table import optimizer_facts
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
@@ -111,9 +112,8 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
         "activations or encoding": int(max(activations, vae_encode, encoders) * ALLOCATOR_SLACK),
         "runtime": int(RUNTIME_GIB[device.kind] * GIB),
     }
-    notes = ["rough estimate (about ±30 %); the real peak shows in the progress panel once training runs"]
-    if not device.is_gpu:
-        notes.append("on CPU training runs in fp32, so mixed precision does not apply")
+    # the precision actually used is in the first line; the preflight's precision check says why it differs
+    notes = ["rough estimate (within about 30 %); the real peak shows in the progress panel once training runs"]
     return MemoryEstimate(device, parts, precision, trainable, family.label, tuple(notes))
 
 
@@ -141,8 +141,6 @@ def lora_parameter_count(settings, family: FamilyTraits, te_cached: bool = False
 
 @preflight_check("memory.estimate")
 def check_memory(ctx: CheckContext):
-    from trainer.safety import oom_advice
-
     estimate = ctx.memory
     device = estimate.device
     need = estimate.total_bytes / GIB
@@ -153,7 +151,7 @@ def check_memory(ctx: CheckContext):
             "warning", None,
             f"this run needs about {need:.1f} GiB, more than {what} ({have:.1f} GiB on {device.name}); "
             "it will probably stop with out of memory",
-            fix=oom_advice(ctx.settings, short=True),
+            fix=memory_advice(ctx.settings, device, short=True),
         )
     elif device.available_bytes is not None and estimate.total_bytes > device.available_bytes:
         free = device.available_bytes / GIB
@@ -161,5 +159,5 @@ def check_memory(ctx: CheckContext):
             "warning", None,
             f"this run needs about {need:.1f} GiB but only {free:.1f} GiB is free on {device.name} right now; "
             "other programs are using the rest",
-            fix="close other programs that use the GPU (or memory), or " + oom_advice(ctx.settings, short=True),
+            fix="close other programs that use the GPU (or memory), or " + memory_advice(ctx.settings, device, short=True),
         )
