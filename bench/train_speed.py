@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache_latents_to_disk: latents kept next to the images, so a later run (see --again) reads them")
     p.add_argument("--mixed-precision", default=None, help="no/fp16/bf16 (default: bf16 on CUDA, no on CPU)")
     p.add_argument("--network-dim", type=int, default=8)
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "none"),
+                   help="CrossAttention (kohya's xformers setting): sdpa (default), xformers, or none (plain attention)")
     p.add_argument("--again", action="store_true",
                    help="then start a second run in the same process, as a second Start in the GUI does (libraries "
                         "imported, files in the page cache), and add its time to first step from the call "
@@ -98,7 +100,7 @@ def bench_settings(args: argparse.Namespace, model: Path, images: Path, cuda: bo
         cache_latents_to_disk=args.cache_to_disk, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"), network_dim=args.network_dim,
         network_alpha=args.network_dim, lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
-        caption_extension=".txt", sdxl=SIZES[args.size].family == "sdxl",
+        caption_extension=".txt", sdxl=SIZES[args.size].family == "sdxl", xformers=args.attention,
         **({"text_encoder_lr": 0.0, "sdxl_cache_text_encoder_outputs": True} if args.unet_only else {}),
     )
 

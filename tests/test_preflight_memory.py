@@ -61,13 +61,14 @@ def test_each_setting_moves_the_estimate_the_right_way():
     base = TrainingSettings(max_resolution="512,512", mixed_precision="fp16", optimizer="AdamW", cache_latents=True)
     more = {
         "train_batch_size": 2, "max_resolution": "768,768", "mixed_precision": "no", "network_dim": 128,
-        "xformers": "none",
     }
     less = {"gradient_checkpointing": True, "optimizer": "AdamW8bit", "text_encoder_lr": 0}
     for key, value in more.items():
         assert gib(base.model_copy(update={key: value})) > gib(base), key
     for key, value in less.items():
         assert gib(base.model_copy(update={key: value})) < gib(base), key
+    # "none" runs SDPA too (measured: the same peak as sdpa with and without checkpointing)
+    assert gib(base.model_copy(update={"xformers": "none"})) == gib(base)
     assert gib(base, "sdxl") > gib(base, "sd2") > gib(base, "sd1")
     # latents are cached on first use, so the VAE is on the device during epoch 1 either way: caching
     # lowers the peak only where encoding a training batch would outgrow the step (never here)

@@ -16,8 +16,9 @@
   fp16/bf16) + the optimizer's state (``optimizer_table.py``).
 * Activations: the family's GiB per 512x512 sample (its figure with gradient
   checkpointing when that is on), times (width x height) / 512², times batch
-  size, x1.6 in fp32, x1.6 with attention "none" (no memory-efficient kernel).
-* VAE encode: 0.3 GiB per 512x512 sample in half precision (x2 in fp32). Latents
+  size, x1.6 in fp32. Attention is memory-efficient with every CrossAttention
+  choice (SDPA, xformers, and "none", which Nekoya runs with SDPA too).
+* VAE encode: 0.3 GiB per 512x512 sample in half precision (x1.6 in fp32). Latents
   are encoded on first use, so it happens during epoch 1 (a batch at a time when
   not cached), outside the UNet's step: only the larger of the two counts.
 
@@ -40,7 +41,6 @@ from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 from trainer.settings.tab_parameters import LOCON_TYPES
 
-PLAIN_ATTENTION_FACTOR = 1.6
 FP32_ACTIVATION_FACTOR = 1.6  # measured on SD1.5 at 512 px: 1.5x without checkpointing, 1.9x with
 VAE_ENCODE_GIB_PER_SAMPLE = 0.3  # measured: 0.26 GiB at 512 px, 1.0 GiB at 1024 px
 ALLOCATOR_SLACK = 1.1
@@ -100,7 +100,6 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     per_sample = family.checkpointed_activations_gib if settings.gradient_checkpointing else family.activations_gib
     activations = per_sample * GIB * samples
     activations *= 1 if half else FP32_ACTIVATION_FACTOR
-    activations *= PLAIN_ATTENTION_FACTOR if settings.xformers == "none" else 1
     # cached: vae_batch_size images at a time, between steps; else the training batch, every step
     encoded = max(1, int(settings.vae_batch_size or 1)) * width * height / REFERENCE_PIXELS if latents_cached else samples
     vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * (1 if half else FP32_ACTIVATION_FACTOR)

@@ -81,9 +81,6 @@ RULES: tuple[MemoryRule, ...] = (
     MemoryRule(lambda s: s.network_dim > 32,
                lambda s: {"network_dim": 32},
                lambda s: f"lower Network Rank from {s.network_dim} to 32"),
-    MemoryRule(lambda s: s.xformers == "none",
-               lambda s: {"xformers": "sdpa"},
-               lambda s: "set CrossAttention to sdpa"),
 )
 
 
