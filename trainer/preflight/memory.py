@@ -81,11 +81,7 @@ class MemoryEstimate:
 def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> MemoryEstimate:
     runs, _ = device.mixed_precision(settings.mixed_precision)
     half = runs != "no"
-    precision = runs if half else "fp32"
     weight_bytes = 2 if half else 4
-    width, height = settings.resolution
-    samples = max(1, settings.train_batch_size) * width * height / REFERENCE_PIXELS
-    latents_cached = settings.cache_latents and not (settings.color_aug or settings.random_crop)
     te_cached = text_encoder_outputs_cached(settings, family)
 
     base = family.unet_params * weight_bytes
@@ -96,24 +92,31 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     trainable = lora_parameter_count(settings, family, te_cached)
     lora_weight_bytes = 2 if (settings.full_fp16 or settings.full_bf16) else 4
     lora = trainable * (2 * lora_weight_bytes + optimizer_facts(settings.optimizer).state_bytes)
-
-    per_sample = family.checkpointed_activations_gib if settings.gradient_checkpointing else family.activations_gib
-    activations = per_sample * GIB * samples
-    activations *= 1 if half else FP32_ACTIVATION_FACTOR
-    # cached: vae_batch_size images at a time, between steps; else the training batch, every step
-    encoded = max(1, int(settings.vae_batch_size or 1)) * width * height / REFERENCE_PIXELS if latents_cached else samples
-    vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * (1 if half else FP32_ACTIVATION_FACTOR)
-    # cached text-encoder outputs are computed before the first step, with the encoders on the device
-    encoders = sum(family.text_encoder_params) * weight_bytes if te_cached else 0
     parts = {
         "base model": int(base),
         "LoRA + optimizer": int(lora),
-        "activations or encoding": int(max(activations, vae_encode, encoders) * ALLOCATOR_SLACK),
+        "activations or encoding": int(_working_bytes(settings, family, half, te_cached) * ALLOCATOR_SLACK),
         "runtime": int(RUNTIME_GIB[device.kind] * GIB),
     }
     # the precision actually used is in the first line; the preflight's precision check says why it differs
     notes = ["rough estimate (within about 30 %); the real peak shows in the progress panel once training runs"]
-    return MemoryEstimate(device, parts, precision, trainable, family.label, tuple(notes))
+    return MemoryEstimate(device, parts, runs if half else "fp32", trainable, family.label, tuple(notes))
+
+
+def _working_bytes(settings, family: FamilyTraits, half: bool, te_cached: bool) -> float:
+    """The largest of what runs on top of the weights: a step's activations, a VAE encode, or the text
+    encoders while they cache their outputs before the first step."""
+    width, height = settings.resolution
+    samples = max(1, settings.train_batch_size) * width * height / REFERENCE_PIXELS
+    precision_factor = 1 if half else FP32_ACTIVATION_FACTOR
+    per_sample = family.checkpointed_activations_gib if settings.gradient_checkpointing else family.activations_gib
+    activations = per_sample * GIB * samples * precision_factor
+    # cached: vae_batch_size images at a time, between steps; else the training batch, every step
+    latents_cached = settings.cache_latents and not (settings.color_aug or settings.random_crop)
+    encoded = max(1, int(settings.vae_batch_size or 1)) * width * height / REFERENCE_PIXELS if latents_cached else samples
+    vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * precision_factor
+    encoders = sum(family.text_encoder_params) * (2 if half else 4) if te_cached else 0
+    return max(activations, vae_encode, encoders)
 
 
 def text_encoder_outputs_cached(settings, family: FamilyTraits) -> bool:
