@@ -7,7 +7,7 @@
 
 Builds a random-initialised model of that size from configs (``sdxl`` is the real SDXL base
 architecture, ~14 GB of fp32 files: for GPU machines; ``sd15`` is the real
-SD 1.5 architecture) and a generated image folder once (cached under --workdir), then
+SD 1.5 architecture, ``sd21`` the real SD 2.1 768 px v-prediction one) and a generated image folder once (cached under --workdir), then
 runs the real trainer entry point in a fresh child process and prints one JSON line.
 ``time_to_first_step_s`` is measured from the child's process start, i.e. from the
 command a user types to the first finished optimizer step, model already on disk.
@@ -36,7 +36,8 @@ class Size(NamedTuple):
     steps: int  # default optimizer steps
 
 
-SIZES = {"tiny": Size("sd1", 64, 30), "sd15": Size("sd1", 512, 4), "sdxl": Size("sdxl", 1024, 4)}
+SIZES = {"tiny": Size("sd1", 64, 30), "sd15": Size("sd1", 512, 4), "sd21": Size("sd2v", 768, 4),
+         "sdxl": Size("sdxl", 1024, 4)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +93,7 @@ def bench_settings(args: argparse.Namespace, model: Path, images: Path, cuda: bo
     from trainer.settings import TrainingSettings
 
     out = Path(tempfile.mkdtemp(prefix="bench-out-"))
+    family = SIZES[args.size].family
     return TrainingSettings(
         model_list="custom", pretrained_model_name_or_path=str(model), train_data_dir=str(images),
         output_dir=str(out), output_name="bench", max_resolution=f"{args.resolution},{args.resolution}",
@@ -100,7 +102,8 @@ def bench_settings(args: argparse.Namespace, model: Path, images: Path, cuda: bo
         cache_latents_to_disk=args.cache_to_disk, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"), network_dim=args.network_dim,
         network_alpha=args.network_dim, lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
-        caption_extension=".txt", sdxl=SIZES[args.size].family == "sdxl", xformers=args.attention,
+        caption_extension=".txt", sdxl=family == "sdxl", v2=family.startswith("sd2"),
+        v_parameterization=family == "sd2v", xformers=args.attention,
         **({"text_encoder_lr": 0.0, "sdxl_cache_text_encoder_outputs": True} if args.unet_only else {}),
     )
 

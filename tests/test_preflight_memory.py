@@ -44,6 +44,8 @@ MEASURED_PEAKS_MB = [
     ("sd1", {"max_resolution": "512,512", "mixed_precision": "no"}, 5938),
     ("sd1", {"max_resolution": "512,512", "train_batch_size": 2}, 4521),
     ("sd1", {"max_resolution": "512,512", "train_batch_size": 2, "gradient_checkpointing": True}, 2450),
+    ("sd2", {"max_resolution": "768,768", "v2": True, "v_parameterization": True, "gradient_checkpointing": True}, 3088),
+    ("sd2", {"max_resolution": "768,768", "v2": True, "v_parameterization": True}, 5214),
     ("sdxl", {"max_resolution": "1024,1024", "gradient_checkpointing": True}, 7889),
     ("sdxl", {"max_resolution": "1024,1024", "gradient_checkpointing": True, "text_encoder_lr": 0.0,
               "sdxl_cache_text_encoder_outputs": True}, 6282),

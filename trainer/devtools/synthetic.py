@@ -28,11 +28,12 @@ __all__ = [
 
 FAMILIES = tuple(TINY_SPECS)
 # size -> family -> shipped config whose full architecture is built with random weights
-FULL_SIZE_CONFIGS = {"sd15": {"sd1": "sd15"}, "sdxl": {"sdxl": "sdxl_base"}}
+FULL_SIZE_CONFIGS = {"sd15": {"sd1": "sd15"}, "sd21": {"sd2v": "sd21"}, "sdxl": {"sdxl": "sdxl_base"}}
 
 
 def build_tiny_pipeline(out_dir, family: str = "sd1", seed: int = 0, size: str = "tiny") -> Path:
-    """Save a random pipeline of ``family`` ("sd1", "sd2", "sd2v", "sdxl") as a diffusers folder."""
+    """Save a random pipeline of ``family`` ("sd1", "sd2", "sd2v", "sdxl") as a diffusers folder (``size``:
+    "tiny", or a real architecture: "sd15" for sd1, "sd21" for sd2v (768 px v-prediction), "sdxl" for sdxl)."""
     if family not in TINY_SPECS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     out_dir = Path(out_dir)

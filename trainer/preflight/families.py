@@ -16,9 +16,9 @@ gradient checkpointing, and with it (only the blocks' inputs are kept; one block
 is recomputed at a time). They are the tensor peaks of Nekoya's own training step
 measured by ``bench/memory_peak.py`` in the GPU's dtypes (bf16 weights and
 autocast, norms in fp32 as CUDA's autocast runs them), less the LoRA's gradients
-and optimizer state, rounded up: SD1.5 1.19 / 0.17 GiB at 512 px, SDXL 7.8 / 1.0
-GiB at 1024 px (bench/RESULTS.md, session 5). SD2 has no run of its own: SD1's
-figures scaled by its larger attention layers. They agree with public reports
+and optimizer state, rounded up: SD1.5 1.19 / 0.17 GiB at 512 px, SD2.1 2.6 / 0.39
+GiB at 768 px (1.17 / 0.175 per 512x512), SDXL 7.8 / 1.0 GiB at 1024 px
+(bench/RESULTS.md, session 5). They agree with public reports
 (SDXL LoRA in 8 GB with checkpointing, sd-scripts' train_SDXL-en; about 19 GB
 without it, sd-scripts #756).
 """
@@ -54,7 +54,7 @@ FAMILIES: dict[str, FamilyTraits] = {
     "sd2": FamilyTraits(
         "sd2", "Stable Diffusion 2.x", 865_910_724, (340_387_840,), 83_653_863,
         unet_lora_per_rank=432_128, unet_conv_per_rank=544_000, text_encoder_lora_per_rank=423_936,
-        activations_gib=1.3, checkpointed_activations_gib=0.22, native_resolution=768,
+        activations_gib=1.2, checkpointed_activations_gib=0.2, native_resolution=768,
     ),
     "sdxl": FamilyTraits(
         "sdxl", "Stable Diffusion XL", 2_567_463_684, (123_060_480, 694_659_840), 83_653_863,
