@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from trainer.preflight.device import GIB, DeviceInfo
 from trainer.preflight.families import traits_for
+from trainer.preflight.optimizer_table import optimizer_facts
 
-OPTIMIZERS_8BIT = ("adamw8bit", "pagedadamw8bit", "lion8bit", "pagedlion8bit", "sgdnesterov8bit", "adafactor")
 # the advice after an out-of-memory stop is about the device that ran out: rank for a typical GPU
 TYPICAL_GPU = DeviceInfo("cuda", "GPU", None, None, "assumed")
 SHOWN_SAVING_GIB = 0.05  # smaller savings are listed without a figure
@@ -68,7 +68,7 @@ RULES: tuple[MemoryRule, ...] = (
                lambda s: {"cache_latents": True, "color_aug": False, "random_crop": False},
                lambda s: "tick Cache latents" + (" (and untick Color augmentation / Random crop, which prevent it)"
                                                  if s.color_aug or s.random_crop else "")),
-    MemoryRule(lambda s: (s.optimizer or "").lower() not in OPTIMIZERS_8BIT,
+    MemoryRule(lambda s: optimizer_facts(s.optimizer).state_bytes > optimizer_facts("AdamW8bit").state_bytes,
                lambda s: {"optimizer": "AdamW8bit"},
                lambda s: f"use the AdamW8bit optimizer instead of {s.optimizer} (its state takes a quarter of the memory)"),
     MemoryRule(lambda s: s.mixed_precision == "no",
