@@ -108,3 +108,11 @@ def test_hostile_pickle_is_refused_and_creates_nothing(tmp_path, config):
 def test_overrides_reach_the_check(tmp_path, config):
     out = run_check(tmp_path, config, "--set", "learning_rate=0", "--set", "unet_lr=0", "--set", "text_encoder_lr=0")
     assert out.returncode == 1 and "learning_rate (Learning rate): every learning rate is 0" in out.stdout
+
+
+def test_caption_extension_that_is_a_path_is_refused_naming_the_field(tmp_path, config):
+    out = run_check(tmp_path, {**config, "caption_extension": "../../x"})
+    assert out.returncode == 1
+    assert "caption_extension (Caption file extension" in out.stderr and "not a file extension" in out.stderr
+    assert "please report" not in out.stdout + out.stderr
+    assert run_check(tmp_path, {**config, "caption_extension": "txt"}).returncode == 0

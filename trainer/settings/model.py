@@ -19,6 +19,8 @@ from .tab_source_folders import FolderSettings, MetadataSettings, SourceModelSet
 
 # Characters Windows, macOS or Linux refuse in a file name, and control characters.
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+# A caption extension is appended to each image's stem: letters, digits, '-', '_' after dots ("txt" reads as ".txt").
+_CAPTION_EXTENSION = re.compile(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class TrainingSettings(
@@ -71,6 +73,13 @@ class TrainingSettings(
         if bad:
             shown = " ".join(repr(c) for c in bad)
             raise ValueError(f"a file name cannot contain {shown}; use letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _check_caption_extension(cls, value: str) -> str:
+        if value.strip() and not _CAPTION_EXTENSION.fullmatch(value.strip()):
+            raise ValueError("not a file extension; write one such as '.txt' or '.caption' (or leave it empty)")
         return value
 
     @field_validator("max_bucket_reso")
