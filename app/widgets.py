@@ -6,6 +6,7 @@ help, choices, ranges and defaults all come from ``trainer.settings``.
 """
 from __future__ import annotations
 
+import html
 from itertools import groupby
 from typing import Any, Callable, Mapping
 
@@ -49,6 +50,9 @@ def build_settings_tabs(
             in_tab = [i for i in infos if i.tab == tab]
             for section, section_infos in groupby(in_tab, key=lambda i: i.section):
                 _build_section(section, list(section_infos), values, components)
+            unused = [i for i in in_tab if i.unused]
+            if unused:
+                gr.HTML(unused_note_html(unused), elem_id=f"unused_{tab_id(tab)}", elem_classes=["nk-unused-note"])
             if after_tab and tab in after_tab:
                 after_tab[tab]()
     return {info.key: components[info.key] for info in infos}  # declared order
@@ -56,6 +60,12 @@ def build_settings_tabs(
 
 def tab_id(tab: str) -> str:
     return tab.lower().replace(" ", "_")
+
+
+def unused_note_html(infos: list[SettingInfo]) -> str:
+    """The tab's note naming the kohya_ss settings whose widgets are hidden because Nekoya does not use them."""
+    items = "".join(f"<li><b>{html.escape(i.label)}</b> (<code>{i.key}</code>): {html.escape(i.unused)}</li>" for i in infos)
+    return f'<div class="nk-note">Kept in the JSON config but not used by Nekoya, so not shown:<ul>{items}</ul></div>'
 
 
 def _build_section(section: str, infos: list[SettingInfo], values: dict[str, Any], out: dict) -> None:
@@ -92,6 +102,8 @@ def build_component(info: SettingInfo, value: Any) -> gr.components.Component:
     """One widget for one setting, by its declared widget kind."""
     label = f"{info.label} ({info.unit})" if info.unit else info.label
     common = dict(label=label, info=info.help or None, elem_id=elem_id(info.key))
+    if info.unused:  # kept so its value round-trips through the form and config files
+        common["visible"] = False
     return _BUILDERS[info.widget](info, value, common)
 
 

@@ -35,11 +35,14 @@ def setting(
     widget: str | None = None,
     unit: str = "",
     visible_when: dict[str, Sequence[Any]] | None = None,
+    unused: str = "",
 ) -> Any:
     """Declare a setting. The field's name is its kohya_ss JSON key.
 
     ``visible_when={"LoRA_type": ("Kohya LoCon",)}``: the GUI shows the widget only while
     every named setting has one of the listed values (the value is kept either way).
+    ``unused="why"``: a kohya_ss setting Nekoya reads and writes back but does not use; the GUI
+    hides its widget and names it, with the reason, in a note on its tab.
     """
     if tab not in TABS:
         raise ValueError(f"unknown tab {tab!r}")
@@ -56,6 +59,7 @@ def setting(
         "step": step,
         "unit": unit,
         "visible_when": {k: list(v) for k, v in (visible_when or {}).items()},
+        "unused": unused,
     }
     return Field(default, ge=ge, le=le, description=help, json_schema_extra=extra)
 
@@ -80,10 +84,11 @@ class SettingInfo:
     step: float | None
     unit: str
     visible_when: tuple[tuple[str, tuple], ...] = ()
+    unused: str = ""  # why Nekoya does not use it (kept in the JSON only); empty for a used setting
 
     def is_visible(self, values: dict[str, Any]) -> bool:
         """Whether the GUI shows this setting, given the current values of the others."""
-        return all(values.get(key) in allowed for key, allowed in self.visible_when)
+        return not self.unused and all(values.get(key) in allowed for key, allowed in self.visible_when)
 
     def describe_allowed(self) -> str:
         """What values are allowed, in words, for error messages."""
@@ -129,6 +134,7 @@ def info_from_field(name: str, field) -> SettingInfo:
         step=extra.get("step"),
         unit=extra.get("unit", ""),
         visible_when=tuple((k, tuple(v)) for k, v in extra.get("visible_when", {}).items()),
+        unused=extra.get("unused", ""),
     )
 
 

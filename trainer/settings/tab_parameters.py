@@ -128,6 +128,7 @@ class ParameterSettings(BaseModel):
     stop_text_encoder_training: int = setting(
         0, label="Stop TE (% of total steps)", tab=TAB, section=RES, ge=-1, le=100,
         help="Not supported for LoRA (as in kohya_ss); kept so configs round-trip.",
+        unused="not supported for LoRA training (as in kohya_ss); to train the UNet only, set Text Encoder learning rate to 0",
     )
     enable_bucket: bool = setting(True, label="Enable buckets", tab=TAB, section=RES, help="Train images of different aspect ratios without cropping them square.")
     min_bucket_reso: int = setting(256, label="Minimum bucket resolution", tab=TAB, section=RES, ge=64, le=4096, step=64, widget="slider")
