@@ -18,6 +18,8 @@ from .presets_panel import status_html
 # CheckpointError and LoraMismatchError are ValueErrors; SaveError is an OSError).
 USER_ERRORS = (ValueError, OSError)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+REFRESH_LABEL = "🔄"
+LORA_LIST_INFO = "Every LoRA in the Output folder and the run's files, newest first (🔄 reads the folder again); or type a path."
 ProgressFn = Callable[[int, int], None]
 
 
@@ -73,14 +75,32 @@ def status_box(elem_id: str):
     return gr.HTML(elem_id=elem_id, elem_classes=["nk-status-box"])
 
 
-def lora_files(saved_paths: list[str], output_dir: str | None = None, limit: int = 40) -> list[str]:
-    """LoRA files to offer: the run's saved files (newest first), then those in the output folder (newest first)."""
+def lora_files(saved_paths: list[str], output_dir: str | None = None) -> list[str]:
+    """LoRA files to offer: the run's saved files (newest first), then every LoRA in the output folder (newest first)."""
     found = [p for p in reversed(saved_paths) if Path(p).suffix.lower() in LORA_SUFFIXES]
-    folder = Path(output_dir).expanduser() if text(output_dir) else None
-    if folder is not None and folder.is_dir():
-        files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in LORA_SUFFIXES]
-        found += [str(p) for p in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)]
-    return list(dict.fromkeys(found))[:limit]
+    return list(dict.fromkeys(found + output_folder_loras(output_dir)))
+
+
+def output_folder_loras(output_dir: str | None) -> list[str]:
+    """Every LoRA file in the output folder, newest first: earlier runs' epochs too, after a restart."""
+    folder = Path(text(output_dir)).expanduser() if text(output_dir) else None
+    try:
+        stamped = [(p.stat().st_mtime, str(p)) for p in folder.iterdir() if p.is_file() and _is_lora(p)] if folder else []
+    except OSError:  # missing or unreadable folder: nothing to offer (preflight names the problem)
+        return []
+    return [path for _, path in sorted(stamped, reverse=True)]
+
+
+def _is_lora(path: Path) -> bool:
+    """A .safetensors file with LoRA weights (not a merged checkpoint); a pickle LoRA cannot be told without loading."""
+    from trainer.preflight.network import lora_ranks
+
+    if path.suffix.lower() not in LORA_SUFFIXES:
+        return False
+    try:
+        return lora_ranks(path, deep=False) != set()
+    except ValueError:
+        return False
 
 
 def saved_lora_paths(snapshot) -> list[str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from . import tools_actions as actions
-from .tab_common import NamedFields, follow, lora_files, saved_lora_paths, status_box
+from .tab_common import LORA_LIST_INFO, REFRESH_LABEL, NamedFields, follow, lora_files, saved_lora_paths, status_box
 
 TAB_NAME = "Tools"
 MODEL_PLACEHOLDER = "model file (.safetensors / .ckpt) or diffusers folder"
@@ -53,7 +53,9 @@ def build_tools_tab() -> ToolsTab:
         with gr.Tab("Inspect / Verify", id="tools_inspect"):
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
                 file = gr.Dropdown(label="LoRA file", elem_id="inspect_file", allow_custom_value=True, choices=[],
-                                   value=None, scale=1, min_width=320, info="Files the run saved, or type a path.")
+                                   value=None, scale=1, min_width=320, info=LORA_LIST_INFO)
+                buttons["refresh_loras"] = gr.Button(REFRESH_LABEL, elem_id="inspect_refresh_loras", size="sm", scale=0,
+                                                     min_width=44)
                 base = _path("Base model (optional)", "inspect_base", MODEL_PLACEHOLDER, scale=1,
                              info="Checks every key against this model's layers. Empty: no check.")
             buttons["inspect"] = gr.Button("Inspect", variant="primary", elem_id="inspect_run")
@@ -148,8 +150,11 @@ def wire_tools(tab: ToolsTab, form_components: dict, runs) -> None:
         return {**updates, tab.prefilled: prefilled}
 
     followers = [*base_fields.values(), *lora_fields.values()]
-    tab.tab.select(refresh, inputs={tab.prefilled, source, output_dir, *followers},
-                   outputs=[*followers, tab.prefilled], show_progress="hidden")
+    refresh_io = dict(inputs={tab.prefilled, source, output_dir, *followers}, outputs=[*followers, tab.prefilled],
+                      show_progress="hidden")
+    tab.tab.select(refresh, **refresh_io)
+    tab.buttons["refresh_loras"].click(refresh, **refresh_io)
+    output_dir.change(refresh, trigger_mode="always_last", **refresh_io)
     _wire_inspect(tab)
     _wire_writers(tab)
 

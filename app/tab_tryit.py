@@ -16,8 +16,8 @@ import gradio as gr
 
 from trainer.settings import setting_info
 
-from .tab_common import (USER_ERRORS, ImageModels, NamedFields, done, follow, lora_files, number, problem,
-                         progress_reporter, saved_lora_paths, status_box, text)
+from .tab_common import (LORA_LIST_INFO, REFRESH_LABEL, USER_ERRORS, ImageModels, NamedFields, done, follow,
+                         lora_files, number, problem, progress_reporter, saved_lora_paths, status_box, text)
 
 TAB_NAME = "Try it"
 DEFAULT_WEIGHT = 0.8
@@ -39,6 +39,7 @@ class TryItTab:
     fields: NamedFields
     generate: gr.Button
     compare: gr.Button
+    refresh: gr.Button  # reads the output folder's LoRA files again
     unload: gr.Button
     note: gr.HTML
     gallery: gr.Gallery
@@ -52,8 +53,8 @@ def build_tryit_tab() -> TryItTab:
                               placeholder="model file (.safetensors / .ckpt) or diffusers folder",
                               info="Prefilled from the Source Model tab.")
             lora = gr.Dropdown(label="LoRA file", elem_id="tryit_lora", scale=3, allow_custom_value=True,
-                               choices=[], value=None, info="Files the run saved, newest first; or type a path. "
-                               "Empty: the base model alone.")
+                               choices=[], value=None, info=LORA_LIST_INFO + " Empty: the base model alone.")
+            refresh = gr.Button(REFRESH_LABEL, elem_id="tryit_refresh_loras", size="sm", scale=0, min_width=44)
             weight = gr.Slider(-1.0, 2.0, value=DEFAULT_WEIGHT, step=0.05, label="LoRA weight", elem_id="tryit_weight",
                                scale=2, min_width=200)
         prompt = gr.Textbox(label="Prompt", elem_id="tryit_prompt", lines=2, max_lines=6,
@@ -90,7 +91,7 @@ def build_tryit_tab() -> TryItTab:
         "width": width, "height": height, "steps": steps, "cfg_scale": cfg, "seed": seed, "count": count,
         "sampler": sampler, "compare_with": mode, "lora_b": lora_b, "weight_b": weight_b,
     })
-    return TryItTab(tab, fields, generate, compare, unload, note, gallery, prefilled)
+    return TryItTab(tab, fields, generate, compare, refresh, unload, note, gallery, prefilled)
 
 
 # ---- handlers as plain Python -----------------------------------------------------------------------
@@ -193,9 +194,11 @@ def wire_tryit(tab: TryItTab, form_components: dict, runs, models: ImageModels) 
 
     inputs = fields.inputs(*flags.values())
     outputs = [tab.gallery, tab.note]
-    tab.tab.select(refresh, inputs=fields.inputs(tab.prefilled, source, output_dir),
-                   outputs=[fields["base_model"], fields["lora"], fields["lora_b"], tab.prefilled],
-                   show_progress="hidden")
+    refresh_io = dict(inputs=fields.inputs(tab.prefilled, source, output_dir),
+                      outputs=[fields["base_model"], fields["lora"], fields["lora_b"], tab.prefilled], show_progress="hidden")
+    tab.tab.select(refresh, **refresh_io)
+    tab.refresh.click(refresh, **refresh_io)
+    output_dir.change(refresh, trigger_mode="always_last", **refresh_io)
     for button, compare in ((tab.generate, False), (tab.compare, True)):
         button.click(run(compare), inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="images")
     fields["prompt"].submit(run(False), inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="images")

@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 pytest.importorskip("gradio")
 
+from test_gui_lora_lists import lora_file  # noqa: E402
 from test_tools_support import one_thread, random_lora  # noqa: E402,F401  (fixture)
 
 from app import tab_tryit as tryit  # noqa: E402
@@ -52,8 +53,7 @@ def test_fields_follow_their_source_until_the_user_types_something_else():
 
 def test_the_newest_saved_lora_is_offered_first_then_the_output_folder(tmp_path):
     older, newer = tmp_path / "run-000001.safetensors", tmp_path / "run.safetensors"
-    (tmp_path / "loose.safetensors").write_bytes(b"x")
-    os.utime(tmp_path / "loose.safetensors", (1, 1))
+    lora_file(tmp_path / "loose.safetensors", 1)  # a LoRA of an earlier run (read as one from its header)
     snapshot = SimpleNamespace(saved=(Saved(str(older), "epoch", 1, 1), Saved(str(tmp_path / "state"), "state", 2, 2),
                                       Saved(str(newer), "final", 2, 2)))
     saved = saved_lora_paths(snapshot)
