@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .model_libraries import stay_offline
 from .settings import SettingsError, apply_overrides, read_settings_file, settings_to_json
 
 EXIT_INVALID_SETTINGS = 2
@@ -46,6 +47,7 @@ def load(path: str, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    stay_offline()  # before anything imports huggingface_hub or bitsandbytes
     args = build_parser().parse_args(argv)
     if args.command == "lora":
         from .commands import lora_cmd
