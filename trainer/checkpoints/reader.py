@@ -8,6 +8,7 @@ code is refused with :class:`UnsafeCheckpointError`.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from trainer.checkpoints.errors import CheckpointError, UnsafeCheckpointError
@@ -77,26 +78,44 @@ def checkpoint_format(path: Path) -> str:
 
 def load_pickle_state_dict(path: Path) -> dict:
     """``torch.load`` with ``weights_only=True`` only; unwraps ``{"state_dict": ...}``."""
+    return _unwrap_state_dict(load_weights_only(path), path)
+
+
+def load_weights_only(path: Path):
+    """What a pickle holds, through ``torch.load(weights_only=True)`` (memory-mapped when the file is a zip).
+
+    Every failure is a CheckpointError naming the file; torch's own text, which suggests
+    ``weights_only=False``, never reaches the user."""
     import pickle
 
     import torch
 
+    path = Path(path)
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what the user needs
+            warnings.simplefilter("ignore")
+            return _torch_load(torch, path)
+    except pickle.UnpicklingError as exc:  # the weights-only loader refused it
         raise UnsafeCheckpointError(
-            f"{path.name} is a pickle that needs arbitrary code to load, which Nekoya refuses to run "
-            "(it could do anything on your computer). Use a .safetensors version of this model, "
-            f"or convert it with a tool you trust.{_offending_global(exc)}"
+            f"{path.name} cannot be loaded safely: it is a pickle that needs code to run{_offending_global(exc)}, "
+            "or it is damaged. Nekoya reads pickles only with torch's weights-only loader (running one could do "
+            "anything on your computer): use a .safetensors version of this file, or convert it with a tool you trust."
         ) from exc
-    except (OSError, EOFError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name} could not be read as a checkpoint: {exc}") from exc
-    return _unwrap_state_dict(obj, path)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, IndexError, KeyError... on damaged files
+        raise CheckpointError(f"{path.name} {DAMAGED_PICKLE}") from exc
+
+
+def _torch_load(torch, path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+DAMAGED_PICKLE = ("cannot be read as a torch checkpoint: it is truncated or damaged, or not a .ckpt/.pt file at all; "
+                  "copy or download it again")
 
 
 def _offending_global(exc: Exception) -> str:

@@ -149,28 +149,40 @@ def read_lora(path) -> LoraFile:
     tensors, metadata = _read_tensors(path)
     modules, problems = parse_modules(tensors)
     if not modules:
-        found = f"; it holds {problems[0]}" if problems else ""
-        raise LoraFormatError(f"{path.name} has no kohya LoRA modules (lora_down/lora_up pairs){found}")
+        raise LoraFormatError(f"{path.name} is not a LoRA file: {_what_it_holds(tensors, problems)}")
     dtypes = tuple(sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()}))
     return LoraFile(path, modules, metadata, problems, dtypes, os.path.getsize(path))
 
 
+def _what_it_holds(tensors: dict, problems: list[str]) -> str:
+    from trainer.checkpoints.ldm_keys import LDM_PREFIXES
+
+    if any(key.startswith(LDM_PREFIXES["unet"]) for key in tensors):
+        return "it is a Stable Diffusion model checkpoint (use it as the base model, not as a LoRA)"
+    found = f"; it holds {problems[0]}" if problems else ""
+    return f"it has no kohya LoRA modules (lora_down/lora_up pairs){found}"
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.suffix.lower() == ".safetensors":
+    from trainer.checkpoints.errors import CheckpointError
+    from trainer.checkpoints.reader import PICKLE_SUFFIXES, load_pickle_state_dict
+
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as exc:  # SafetensorError, OSError: a damaged or foreign file
-            raise LoraFormatError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
-    from trainer.checkpoints.reader import load_pickle_state_dict
-    from trainer.checkpoints.errors import CheckpointError
-
+            raise LoraFormatError(f"{path.name} is not a LoRA file: it cannot be read as .safetensors "
+                                  "(truncated or damaged, or another kind of file renamed)") from exc
+    if suffix not in PICKLE_SUFFIXES:
+        raise LoraFormatError(f"{path.name} is not a LoRA file: LoRAs are .safetensors (or .ckpt/.pt) files")
     try:
         return load_pickle_state_dict(path), {}
     except CheckpointError as exc:
-        raise LoraFormatError(str(exc)) from exc
+        raise LoraFormatError(f"{path.name} is not a LoRA file: {str(exc).removeprefix(path.name + ' ')}") from exc
 
 
 def parse_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoraWeights], list[str]]:
