@@ -23,6 +23,7 @@ from .plan_panel import plan_html, render_check, render_problems, wire_plan
 from .presets import PRESETS_DIR, PresetFolders, default_user_presets_dir
 from .presets_panel import build_presets_panel, wire_presets
 from .run_manager import RunManager
+from .train_command import build_train_command_panel, wire_train_command
 from .visibility import wire_visibility
 from .widgets import build_settings_tabs
 
@@ -58,6 +59,7 @@ def build_app(
                         with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
                             save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
                             sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
+                        train_command = build_train_command_panel()
                         run_message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
                         live = gr.HTML(render_live(runs.snapshot()), elem_id="nk-live-panel")
                         gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False)
@@ -70,6 +72,7 @@ def build_app(
         wire_plan(form, plan)
         _wire_model_pick(form, notes["model"])
         _wire_run(form, runs, start, stop, save_now, sample_now, run_message, plan)
+        wire_train_command(train_command, form)
         _wire_live(demo, runs, live, gallery)
         wire_extra_tabs(extra_tabs, form.components, runs, start)
         demo.load(lambda: _running_form(form, runs), outputs=form.outputs(), show_progress="hidden")

@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 gr = pytest.importorskip("gradio")
+from gui_app_support import component, fresh_app, run_handlers  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 
@@ -36,26 +37,7 @@ def output_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """A freshly built app: no run has saved anything (as after a restart)."""
-    from app.run_manager import RunManager
-    from app.ui import build_app
-
-    return build_app(run_manager=RunManager(), user_presets_dir=tmp_path_factory.mktemp("presets"))
-
-
-def component(demo, elem_id):
-    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
-
-
-def run_handlers(demo, trigger, event: str, overrides: dict) -> list[dict]:
-    """Call every handler bound to ``trigger``'s ``event`` as Gradio would: a dict of the input widgets' values."""
-    results = []
-    for fn in demo.fns.values():
-        if (trigger._id, event) in fn.targets:
-            data = {c: overrides.get(c, c.value) for c in fn.inputs}
-            results.append(fn.fn(data))
-    assert results, f"nothing is bound to {event} of {trigger.elem_id}"
-    return results
+    return fresh_app(tmp_path_factory.mktemp("presets"))
 
 
 def choices_of(results: list[dict], dropdown) -> list[str]:

@@ -1,0 +1,25 @@
+"""Helpers for tests that drive a freshly built app through its own handlers, as Gradio calls them."""
+from __future__ import annotations
+
+
+def fresh_app(presets_dir):
+    """The whole page, built as at a (re)start: no run has saved anything yet."""
+    from app.run_manager import RunManager
+    from app.ui import build_app
+
+    return build_app(run_manager=RunManager(), user_presets_dir=presets_dir)
+
+
+def component(demo, elem_id: str):
+    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def run_handlers(demo, trigger, event: str, overrides: dict) -> list:
+    """Call every handler bound to ``trigger``'s ``event`` with a dict of its input widgets' values (their
+    current values unless overridden), as Gradio does for handlers that take a set of inputs."""
+    results = []
+    for fn in demo.fns.values():
+        if (trigger._id, event) in fn.targets:
+            results.append(fn.fn({c: overrides.get(c, c.value) for c in fn.inputs}))
+    assert results, f"nothing is bound to {event} of {trigger.elem_id}"
+    return results
