@@ -99,3 +99,13 @@ def test_to_tensor_range_and_layout():
     tensor = to_tensor(arrays)
     assert tuple(tensor.shape) == (2, 3, 4, 6)
     assert tensor[0].max().item() == -1.0 and tensor[1].min().item() == 1.0
+
+
+def test_huge_image_is_a_bad_image_naming_its_size_not_a_decompression_bomb(tmp_path):
+    from test_preflight_support import write_huge_png
+
+    path = write_huge_png(tmp_path / "panorama.png")
+    with pytest.raises(BadImageError) as raised:
+        prepare_image(path, BucketChoice((64, 64), (64, 64), 0.0))
+    assert raised.value.path == path
+    assert raised.value.reason.startswith("30000×30000 pixels (900 MP); images over 179 MP are not read")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_preflight_support import valid_config, write_hostile_pickle
+from test_preflight_support import valid_config, write_hostile_pickle, write_huge_png
 from trainer.devtools.synthetic import add_corrupt_image, make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +116,14 @@ def test_caption_extension_that_is_a_path_is_refused_naming_the_field(tmp_path, 
     assert "caption_extension (Caption file extension" in out.stderr and "not a file extension" in out.stderr
     assert "please report" not in out.stdout + out.stderr
     assert run_check(tmp_path, {**config, "caption_extension": "txt"}).returncode == 0
+
+
+def test_huge_image_is_named_with_its_size_and_follows_the_bad_image_policy(tmp_path, config):
+    huge = write_huge_png(Path(config["train_data_dir"]) / "5_cat" / "panorama.png")
+    out = run_check(tmp_path, config)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"error    train_data_dir (Image folder): panorama.png: 30000×30000 pixels (900 MP); images over 179 MP " \
+           "are not read" in out.stdout and str(huge) in out.stdout
+    assert "please report" not in out.stdout and "Decompression" not in out.stdout + out.stderr
+    skipping = run_check(tmp_path, {**config, "bad_image_policy": "skip"})
+    assert skipping.returncode == 0 and "panorama.png: 30000×30000 pixels" in skipping.stdout

@@ -58,3 +58,17 @@ def write_hostile_pickle(path: Path, marker: Path) -> Path:
 
 def problems(report, severity=None, field=None):
     return [p for p in report.problems if (severity is None or p.severity == severity) and (field is None or p.field == field)]
+
+
+def write_huge_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A valid PNG header announcing ``width`` x ``height`` 1-bit pixels, written without allocating them."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path

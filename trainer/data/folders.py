@@ -205,6 +205,11 @@ def _scan_concept(
     for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p)):
         try:
             width, height = _header_cache.size(path)
+        except Image.DecompressionBombError:
+            from trainer.data.images import too_large_reason
+
+            skipped.append(Skipped(path, too_large_reason(path)))
+            continue
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             skipped.append(Skipped(path, f"cannot read image header: {exc}"))
             continue

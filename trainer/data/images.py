@@ -16,6 +16,7 @@ Differences from sd-scripts, on purpose:
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from trainer.data.buckets import BucketChoice, Size, crop_offsets
 COLOR_AUG_PROBABILITY = 0.33
 HUE_SHIFT_LIMIT = 8.0  # on OpenCV's 0..180 hue scale, as sd-scripts
 GAMMA_RANGE = (0.95, 1.05)
+# What PIL, and so kohya's sd-scripts, refuses to open as a possible decompression bomb (about 179 MP, e.g.
+# 13000x13000); PIL only warns between half this and this, and such photos train (slowly) in kohya too.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
 class BadImageError(Exception):
@@ -49,16 +53,47 @@ class PreparedImage:
 def load_rgb(path: Path | str) -> Image.Image:
     """Decode an image as RGB, upright, with transparency flattened onto white."""
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings(), Image.open(path) as opened:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # under MAX_IMAGE_PIXELS: allowed
             image = ImageOps.exif_transpose(opened)
             image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(path, too_large_reason(path)) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadImageError(path, f"cannot decode image: {exc}") from exc
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def too_large_reason(path: Path | str) -> str:
+    """Why an image over MAX_IMAGE_PIXELS is not read, with its size from the header."""
+    size = _unchecked_header_size(Path(path))
+    found = f"{size[0]}×{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} MP)" if size else "too large"
+    return (f"{found}; images over {MAX_IMAGE_PIXELS / 1e6:.0f} MP are not read (a guard against decompression "
+            "bombs): resize it")
+
+
+def _unchecked_header_size(path: Path) -> tuple[int, int] | None:
+    """The size in the header of an image Image.open refuses as too large: the format plugins read headers
+    without that check (nothing is decoded)."""
+    Image.init()  # the plugins register their openers
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for factory, accept in list(Image.OPEN.values()):
+                if accept is not None and accept(prefix) is not True:
+                    continue
+                try:
+                    fp.seek(0)
+                    return factory(fp, str(path)).size
+                except Exception:  # not this format
+                    continue
+    except OSError:
+        pass
+    return None
 
 
 def resize(image: Image.Image, size: Size) -> Image.Image:

@@ -49,8 +49,10 @@ def decode_problem(path: Path) -> str | None:
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
-    except Image.DecompressionBombError as exc:
-        return f"too large to decode safely: {exc}"
+    except Image.DecompressionBombError:
+        from trainer.data.images import too_large_reason
+
+        return too_large_reason(path)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return f"cannot be decoded: {exc}"
     return None
