@@ -10,12 +10,14 @@ refused unless ``merge`` (which only adds files, never replaces one).
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.data.folders import normalise_caption_extension, parse_concept_folder_name
 from trainer.safety import GIB, free_bytes
 
+from .dest_lock import destination_lock
 from .layout import (IMG, LOG, MODEL, REG, DatasetPrepError, check_distinct_sources, check_no_overlap, check_prompt,
                      check_repeats, check_source_dir, concept_folder_name, folder_settings, instance_includes_class,
                      reg_folder_name)
@@ -130,6 +132,13 @@ def prepare_training_folders(
 
     train_dir = check_source_dir("Training images", images_dir)
     check_no_overlap(TRAIN_LABEL, train_dir, dest)
+    with nullcontext() if dry_run else destination_lock(dest):
+        return _prepare(train_dir, dest, instance, klass, repeats, reg_images_dir, reg_repeats, extension,
+                        merge=merge, dry_run=dry_run)
+
+
+def _prepare(train_dir: Path, dest: Path, instance: str, klass: str, repeats: int, reg_images_dir, reg_repeats: int,
+             extension: str, *, merge: bool, dry_run: bool) -> PrepareResult:
     train_folder = concept_folder_name(repeats, instance, klass)
     plans = [_plan(TRAIN_LABEL, train_dir, dest / IMG / train_folder, extension, train_folder.partition("_")[2])]
     notes: list[str] = []
