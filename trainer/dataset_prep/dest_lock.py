@@ -69,13 +69,13 @@ def _busy(lock: Path, pid: int) -> str:
 
 def _holder(lock: Path) -> int | None:
     """The live process holding ``lock``, or None when the lock is stale (its process is gone)."""
-    from trainer.safety import pid_alive
+    import psutil
 
     try:
         pid = int(lock.read_text().strip())
     except (OSError, ValueError):
         return None  # unreadable or half-written by a process that died at once
-    return pid if pid != os.getpid() and pid_alive(pid) else None  # this process's threads: _held_here
+    return pid if pid != os.getpid() and psutil.pid_exists(pid) else None  # this process's threads: _held_here
 
 
 def _release(lock: Path) -> None:
