@@ -1,6 +1,7 @@
 @echo off
 rem Start the Nekoya GUI on Windows; the first run creates .venv and installs everything.
-rem Arguments pass through to launch.py (kohya_ss flags: --listen, --server_port, --inbrowser, ...).
+rem Arguments pass through to launch.py (kohya_ss flags: --listen, --server_port, --inbrowser, ...);
+rem for a login, NEKOYA_PASSWORD or --password-file keeps the password out of the process list.
 setlocal
 cd /d "%~dp0"
 if not exist ".venv\Scripts\python.exe" (

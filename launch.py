@@ -2,6 +2,9 @@
 
     python launch.py [--listen 127.0.0.1] [--server_port 7860] [--inbrowser] [--share]
                      [--headless] [--root_path PATH] [--username U --password P]
+                     [--password-file PATH] [--allowed-hosts NAME,NAME]
+
+The password can also come from ``NEKOYA_PASSWORD`` (or a file), so it does not show in ``ps``.
 """
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+PASSWORD_ENV = "NEKOYA_PASSWORD"
+ALLOWED_HOSTS_ENV = "NEKOYA_ALLOWED_HOSTS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,17 +29,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="for servers without a display: no native file dialogs")
     p.add_argument("--root_path", default=None, help="root path when served behind a reverse proxy")
     p.add_argument("--username", default="", help="user name for the GUI's login (with --password)")
-    p.add_argument("--password", default="", help="password for the GUI's login (with --username)")
+    p.add_argument("--password", default="", help="password for the GUI's login (with --username); shows in the "
+                   f"process list: prefer --password-file or {PASSWORD_ENV}")
+    p.add_argument("--password-file", dest="password_file", default=None, metavar="PATH",
+                   help="read the login password from the first line of this file")
+    p.add_argument("--allowed-hosts", dest="allowed_hosts", default=os.environ.get(ALLOWED_HOSTS_ENV, ""),
+                   metavar="NAME,NAME", help="more host names the browser may use to reach the GUI (behind a reverse "
+                   f"proxy, a DNS name of this machine); also {ALLOWED_HOSTS_ENV}")
     p.add_argument("--allow-no-auth", dest="allow_no_auth", action="store_true",
                    help="allow --listen on a non-local address or --share without --username/--password")
     p.add_argument("--debug", action="store_true", help="more logging")
     return p
 
 
+def resolve_password(args: argparse.Namespace) -> list[str]:
+    """Fill ``args.password`` from --password-file, or NEKOYA_PASSWORD with --username; returns the problems found."""
+    given = [name for name, value in (("--password", args.password), ("--password-file", args.password_file)) if value]
+    if len(given) > 1:
+        return ["--password and --password-file go separately: give one of them."]
+    if args.password_file:
+        path = Path(args.password_file).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            return [f"--password-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); "
+                    "give a readable text file whose first line is the password."]
+        args.password = lines[0] if lines else ""
+        if not args.password:
+            return [f"--password-file {path}: the first line is empty; write the password on it."]
+    elif args.username and not args.password:
+        args.password = os.environ.get(PASSWORD_ENV, "")
+    return []
+
+
 def exposure_problems(args: argparse.Namespace) -> list[str]:
     """Refuse to expose an unprotected training GUI to the network unless told to."""
     if bool(args.username) != bool(args.password):
-        return ["--username and --password go together: give both or neither."]
+        return [f"--username and a password go together: give both (the password with --password-file or "
+                f"{PASSWORD_ENV}) or neither."]
     if args.username or args.allow_no_auth:
         return []
     problems = []
@@ -57,15 +90,21 @@ def _is_local(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problems = exposure_problems(args)
+    from_command_line = bool(args.password)
+    problems = resolve_password(args) or exposure_problems(args)
     if problems:
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         return 2
     if args.share and not args.do_not_share:
         print("warning: --share makes a public link; anyone with it can use this GUI and your files.", file=sys.stderr)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if from_command_line:
+        print(f"warning: --password shows in the process list (ps) to every user of this computer; use {PASSWORD_ENV} "
+              "or --password-file instead.", file=sys.stderr)
+    from trainer.model_libraries import stay_offline
+
+    stay_offline()  # before gradio and huggingface_hub are imported
+    from app.host_guard import split_host_list
     from app.server import launch_app  # heavy (gradio): imported after the flags are checked
 
     return launch_app(
@@ -77,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         auth=(args.username, args.password) if args.username else None,
         headless=args.headless,
         debug=args.debug,
+        allowed_hosts=split_host_list(args.allowed_hosts),
     )
 
 
