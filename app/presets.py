@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from trainer.safety import SaveError
 from trainer.settings import SettingsError, read_settings_file, save_settings, setting_info
+from trainer.settings.kohya_json import why_not_a_config
 
 from .form import form_values, settings_from_form, valid_part_of_form
 
@@ -22,7 +24,9 @@ USER_PRESETS_DIR = PRESETS_DIR / "user"
 USER_PRESETS_ENV = "NEKOYA_USER_PRESETS"
 USER_PREFIX = "user/"
 MAX_CHANGES_LISTED = 12
+SAVE_FIELD = "Save as"
 _BAD_NAME = re.compile(r'[<>:"|?*\x00-\x1f]')
+_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
 def default_user_presets_dir() -> Path:
@@ -46,21 +50,45 @@ class PresetFolders:
         return self.listing().get(label)
 
     def save_target(self, name: str) -> Path:
-        """Where "Save" writes: a bare name goes to the user folder, a path is used as given."""
+        """Where "Save" writes: a plain name goes to the user folder, a full path (absolute or ~/...) as given."""
         name = name.strip().removeprefix(USER_PREFIX)  # a listed user preset's label saves over that preset
         if not name:
-            raise ValueError("type a preset name (saved in the user presets folder) or a file path")
-        if _BAD_NAME.search(name):
-            raise ValueError(f"{name!r} has characters a file name cannot have")
-        is_path = "/" in name or "\\" in name or name.startswith("~")
-        path = Path(name).expanduser() if is_path else self.user / name
+            raise ValueError(f"{SAVE_FIELD}: type a preset name (saved in {self.user}) or a full path ending in .json")
+        expanded = Path(name).expanduser()
+        if expanded.is_absolute():
+            if name.endswith(("/", "\\")) or "/" not in name and "\\" not in name:  # "/x/", "~", "~bob"
+                raise ValueError(f"{SAVE_FIELD}: {name!r} names a folder: add the file name, e.g. {name.rstrip('/')}/my_run.json")
+            _check_file_name(expanded.name, name)
+            path = expanded
+        elif "/" in name or "\\" in name or name.startswith("~"):
+            raise ValueError(f"{SAVE_FIELD}: {name!r} is neither a plain name nor a full path: "
+                             f"type a name such as my_run (saved in {self.user}) or a full path such as /home/me/my_run.json")
+        else:
+            _check_file_name(name, name)
+            path = self.user / name
         return path if path.suffix.lower() == ".json" else path.with_name(path.name + ".json")
 
 
+def _check_file_name(file_name: str, typed: str) -> None:
+    """Refuse names that would leave the folder, hide the file or that Windows cannot store."""
+    fix = "type a name such as my_run"
+    if _BAD_NAME.search(file_name):
+        raise ValueError(f'{SAVE_FIELD}: {typed!r} has characters a file name cannot have (< > : " | ? * or control '
+                         f"characters): {fix}")
+    if file_name.startswith(".") or file_name.endswith("."):
+        raise ValueError(f"{SAVE_FIELD}: {typed!r} cannot start or end with '.' (that names a folder or a hidden "
+                         f"file): {fix}")
+    if file_name.split(".")[0].upper() in _RESERVED_NAMES:
+        raise ValueError(f"{SAVE_FIELD}: {typed!r} is a name Windows reserves for devices: {fix}")
+
+
 def _json_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
+    """The folder's .json files, without reading them: a bad one is reported when it is loaded."""
+    try:
+        found = [p for p in folder.glob("*.json") if p.is_file()]  # no FIFOs, devices or folders
+    except OSError:  # an unreadable or vanished folder lists nothing rather than breaking the page
         return []
-    return sorted((p for p in folder.glob("*.json") if p.is_file()), key=lambda p: p.stem.lower())
+    return sorted(found, key=lambda p: p.stem.lower())
 
 
 @dataclass
@@ -75,7 +103,18 @@ class LoadOutcome:
     problems: list[str] = field(default_factory=list)
 
 
-def load_over_form(path: str | os.PathLike, values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) -> LoadOutcome:
+def load_preset(folders: PresetFolders, label: str | None, values: Mapping[str, Any],
+                kept: Mapping[str, Any] | None = None, again: bool = False) -> LoadOutcome:
+    """Load the picked preset. Picking loads it at once (as kohya_ss's Presets do); ``again`` is the
+    "Load again" button, which re-applies it after the form was edited."""
+    path = folders.path_of(label) if label else None
+    if path is None:
+        return LoadOutcome(False, problems=[f"Pick a preset first (no preset named {label!r})." if label else "Pick a preset first."])
+    return load_over_form(path, values, kept, name=label, again=again)
+
+
+def load_over_form(path: str | os.PathLike, values: Mapping[str, Any], kept: Mapping[str, Any] | None = None,
+                   name: str | None = None, again: bool = False) -> LoadOutcome:
     """Read a preset or kohya_ss config and layer it over the current form values."""
     base, reset = valid_part_of_form(values, kept)
     try:
@@ -83,12 +122,14 @@ def load_over_form(path: str | os.PathLike, values: Mapping[str, Any], kept: Map
     except SettingsError as err:
         return LoadOutcome(ok=False, problems=list(err.problems))
     new_values = form_values(report.settings)
-    name = Path(path).stem
-    messages = [f"Loaded {name!r}: " + describe_changes(values, new_values)]
+    title = f"Loaded {name or Path(path).stem!r}" + (" again" if again else "")
+    changes = describe_changes(values, new_values)
+    if again and not _changed(values, new_values):
+        changes = "the form still has all its values (picking a preset loads it; Load again re-applies it after edits)."
     warnings = report.warnings()
     if reset:
         warnings.append("These fields held invalid values and were reset: " + ", ".join(_labels(reset)))
-    return LoadOutcome(True, new_values, report.settings.kept_kohya_values(), messages, warnings)
+    return LoadOutcome(True, new_values, report.settings.kept_kohya_values(), [f"{title}: {changes}"], warnings)
 
 
 def save_form(path: Path, values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) -> Path:
@@ -96,8 +137,57 @@ def save_form(path: Path, values: Mapping[str, Any], kept: Mapping[str, Any] | N
     return save_settings(settings_from_form(values, kept), path)
 
 
+@dataclass
+class SaveOutcome:
+    """What "Save" did, for the page; ``pending`` is the existing file the next Save may replace."""
+
+    ok: bool
+    messages: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    pending: str | None = None
+
+
+def save_preset(folders: PresetFolders, name: str, values: Mapping[str, Any], kept: Mapping[str, Any] | None = None,
+                confirmed: str | None = None) -> SaveOutcome:
+    """Save the form under ``name``. An existing config is replaced only when ``confirmed`` names it
+    (the second press of Save); a file that is not a config is never replaced."""
+    try:
+        target = folders.save_target(name)
+        settings = settings_from_form(values, kept)
+    except ValueError as err:  # SettingsError is a ValueError too
+        return SaveOutcome(False, problems=["Not saved: fix these first.", *getattr(err, "problems", [str(err)])])
+    refusal = _refusal(target, folders.user)
+    if refusal:
+        return SaveOutcome(False, problems=[f"Not saved: {refusal}"])
+    exists = os.path.lexists(target)
+    if exists and confirmed != str(target):
+        return SaveOutcome(False, warnings=[f"{target} exists; press Save again to replace it."], pending=str(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # only the user presets folder may be missing here
+        save_settings(settings, target)
+    except OSError as err:  # SaveError says what happened and that the previous file is intact
+        return SaveOutcome(False, problems=[f"Not saved: {err if isinstance(err, SaveError) else err.strerror or err}"])
+    return SaveOutcome(True, messages=[f"{'Replaced' if exists else 'Saved'} {target}"])
+
+
+def _refusal(target: Path, user_folder: Path) -> str | None:
+    """Why Save must not write ``target``: a file there that is not a config, or a missing folder."""
+    if os.path.lexists(target):
+        reason = why_not_a_config(target)
+        return f"{reason}. Save never replaces such a file: type another name." if reason else None
+    folder = target.parent
+    if folder != user_folder and not folder.is_dir():
+        return f"the folder {folder} does not exist: create it first, or type a plain name to save in {user_folder}."
+    return None
+
+
+def _changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    return [k for k in after if before.get(k) != after[k]]
+
+
 def describe_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    changed = [k for k in after if before.get(k) != after[k]]
+    changed = _changed(before, after)
     if not changed:
         return "no setting changed (the form already had these values)."
     shown = [f"{setting_info(k).label} {_short(before.get(k))} → {_short(after[k])}" for k in changed[:MAX_CHANGES_LISTED]]

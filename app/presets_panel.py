@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from trainer.settings import SettingsError
-
 from .binding import SettingsForm
-from .presets import LoadOutcome, PresetFolders, load_over_form, save_form
+from .presets import LoadOutcome, PresetFolders, load_over_form, load_preset, save_preset
 
 
 @dataclass
@@ -22,13 +20,15 @@ class PresetsPanel:
     save_name: gr.Textbox
     save: gr.Button
     status: gr.HTML
+    pending_replace: gr.State  # the existing file a second press of Save replaces
 
 
 def build_presets_panel(folders: PresetFolders) -> PresetsPanel:
     with gr.Row(equal_height=True, elem_classes=["nk-config-row"]):
-        preset = gr.Dropdown(choices=list(folders.listing()), value=None, label="Presets", elem_id="preset_choice", scale=4)
+        preset = gr.Dropdown(choices=list(folders.listing()), value=None, label="Presets", elem_id="preset_choice", scale=4,
+                             info="Picking a preset loads it over the form (settings it lacks keep their values).")
         refresh = gr.Button("↻", elem_id="preset_refresh", scale=0, min_width=44, elem_classes=["nk-icon-button"])
-        load_preset = gr.Button("Load preset", elem_id="preset_load", scale=1, min_width=130)
+        load_preset = gr.Button("Load again", elem_id="preset_load", scale=1, min_width=130)
     with gr.Row(equal_height=True, elem_classes=["nk-config-row"]):
         config_path = gr.Textbox(
             label="Config file", elem_id="config_path", scale=4, max_lines=1,
@@ -42,7 +42,7 @@ def build_presets_panel(folders: PresetFolders) -> PresetsPanel:
         )
         save = gr.Button("Save", elem_id="preset_save", scale=1, min_width=130)
     status = gr.HTML(elem_id="preset_status")
-    return PresetsPanel(preset, refresh, load_preset, config_path, load_config, save_name, save, status)
+    return PresetsPanel(preset, refresh, load_preset, config_path, load_config, save_name, save, status, gr.State(None))
 
 
 def wire_presets(panel: PresetsPanel, form: SettingsForm, folders: PresetFolders) -> None:
@@ -55,12 +55,8 @@ def wire_presets(panel: PresetsPanel, form: SettingsForm, folders: PresetFolders
             return {panel.status: status_html([], outcome.problems)}
         return {**form.updates(outcome.values), form.kept: outcome.kept, panel.status: status_html(outcome.messages, [], outcome.warnings)}
 
-    def load_preset(data):
-        label = data[panel.preset]
-        path = folders.path_of(label) if label else None
-        if path is None:
-            return {panel.status: status_html([], [f"Pick a preset first (no preset named {label!r})." if label else "Pick a preset first."])}
-        return apply(load_over_form(path, form.values(data), form.kept_values(data)))
+    def pick_preset(data, again=False):
+        return apply(load_preset(folders, data[panel.preset], form.values(data), form.kept_values(data), again=again))
 
     def load_config(data):
         path = (data[panel.config_path] or "").strip()
@@ -69,24 +65,23 @@ def wire_presets(panel: PresetsPanel, form: SettingsForm, folders: PresetFolders
         return apply(load_over_form(path, form.values(data), form.kept_values(data)))
 
     def save(data):
-        try:
-            target = folders.save_target(data[panel.save_name] or "")
-            written = save_form(target, form.values(data), form.kept_values(data))
-        except ValueError as err:  # SettingsError is a ValueError too
-            problems = err.problems if isinstance(err, SettingsError) else [str(err)]
-            return {panel.status: status_html([], ["Not saved: fix these first.", *problems]), panel.preset: gr.update()}
-        except OSError as err:
-            return {panel.status: status_html([], [f"Not saved: {err.strerror or err} ({target})"]), panel.preset: gr.update()}
-        return {panel.status: status_html([f"Saved {written}"], []), panel.preset: refresh_choices(data[panel.preset])}
+        outcome = save_preset(folders, data[panel.save_name] or "", form.values(data), form.kept_values(data),
+                              confirmed=data[panel.pending_replace])
+        choices = refresh_choices(data[panel.preset]) if outcome.ok else gr.update()
+        status = status_html(outcome.messages, outcome.problems, outcome.warnings)
+        return {panel.status: status, panel.preset: choices, panel.pending_replace: outcome.pending}
 
     panel.refresh.click(refresh_choices, inputs=panel.preset, outputs=panel.preset, show_progress="hidden")
     outputs = form.outputs(panel.status)
-    panel.load_preset.click(load_preset, inputs=form.inputs(panel.preset), outputs=outputs)
-    panel.preset.input(load_preset, inputs=form.inputs(panel.preset), outputs=outputs)  # kohya_ss applies on pick
+    panel.load_preset.click(lambda data: pick_preset(data, again=True), inputs=form.inputs(panel.preset), outputs=outputs)
+    panel.preset.input(pick_preset, inputs=form.inputs(panel.preset), outputs=outputs)  # kohya_ss applies a preset on pick
     panel.load_config.click(load_config, inputs=form.inputs(panel.config_path), outputs=outputs)
     panel.config_path.submit(load_config, inputs=form.inputs(panel.config_path), outputs=outputs)
-    panel.save.click(save, inputs=form.inputs(panel.save_name, panel.preset), outputs=[panel.status, panel.preset])
-    panel.save_name.submit(save, inputs=form.inputs(panel.save_name, panel.preset), outputs=[panel.status, panel.preset])
+    save_inputs = form.inputs(panel.save_name, panel.preset, panel.pending_replace)
+    save_outputs = [panel.status, panel.preset, panel.pending_replace]
+    panel.save.click(save, inputs=save_inputs, outputs=save_outputs)
+    panel.save_name.submit(save, inputs=save_inputs, outputs=save_outputs)
+    panel.save_name.input(lambda: None, outputs=panel.pending_replace, show_progress="hidden")  # a new name asks again
 
 
 def status_html(messages: list[str], problems: list[str], warnings: list[str] = ()) -> str:

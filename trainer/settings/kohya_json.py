@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from .config_file import ConfigFileError, read_config_json
 from .known_models import CUSTOM, QUICK_PICK_CHOICES
 from .kohya_unused import is_kohya_unused
 from .model import TrainingSettings, is_setting, setting_info
@@ -143,18 +144,25 @@ def settings_from_dict(data: dict[str, Any], base: TrainingSettings | None = Non
 
 
 def read_settings_file(path: str | os.PathLike, base: TrainingSettings | None = None) -> LoadReport:
-    path = Path(path)
+    """Load a kohya_ss config file (read safely: see ``config_file``). Raises SettingsError."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SettingsError([f"config file {str(path)!r} does not exist"]) from None
-    except OSError as err:
-        raise SettingsError([f"config file {str(path)!r} cannot be read: {err.strerror}"]) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SettingsError([f"not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"], str(path)) from None
+        data = read_config_json(path)
+    except ConfigFileError as err:
+        raise SettingsError([str(err)]) from None
     return settings_from_dict(data, base=base, source=str(path))
+
+
+def why_not_a_config(path: str | os.PathLike) -> str | None:
+    """Why the existing file at ``path`` is not a kohya_ss/Nekoya config (so no save may replace it), or None."""
+    try:
+        data = read_config_json(path)
+    except ConfigFileError as err:
+        return str(err)
+    if not isinstance(data, dict):
+        return f"{str(path)!r} holds a JSON {type(data).__name__}, not a kohya_ss config"
+    if not any(is_setting(k) or is_kohya_unused(k) for k in data):
+        return f"{str(path)!r} is a JSON file without any kohya_ss setting, not a config"
+    return None
 
 
 def describe_validation_error(err: ValidationError, given: dict[str, Any]) -> list[str]:
