@@ -15,12 +15,13 @@ import gradio as gr
 from trainer.settings import TABS, SettingInfo, TrainingSettings, setting_infos
 
 from .form import form_values
+from .path_picker import PathPicker, build_picker, wire_pickers
 
 ROW_KINDS = ("fields", "checks", "full")
 # Widgets laid out on a row of their own, full width.
 FULL_WIDTH = {"textarea"}
-# Widgets that wrap onto rows with more room each.
-WIDE = {"path", "file", "folder"}
+# Path widgets: wider, and each with a picker that browses the server's folders.
+PATH_KINDS = {"path", "file", "folder"}
 PATH_PLACEHOLDERS = {
     "path": "model file (.safetensors / .ckpt) or diffusers folder",
     "file": "path to a file",
@@ -44,17 +45,19 @@ def build_settings_tabs(
     """
     values = form_values(settings or TrainingSettings())
     components: dict[str, gr.components.Component] = {}
+    pickers: list[PathPicker] = []
     infos = setting_infos()
     for tab in TABS:
         with gr.Tab(tab, id=tab_id(tab), elem_id=f"tab_{tab_id(tab)}"):
             in_tab = [i for i in infos if i.tab == tab]
             for section, section_infos in groupby(in_tab, key=lambda i: i.section):
-                _build_section(section, list(section_infos), values, components)
+                _build_section(section, list(section_infos), values, components, pickers)
             unused = [i for i in in_tab if i.unused]
             if unused:
                 gr.HTML(unused_note_html(unused), elem_id=f"unused_{tab_id(tab)}", elem_classes=["nk-unused-note"])
             if after_tab and tab in after_tab:
                 after_tab[tab]()
+    wire_pickers(pickers)
     return {info.key: components[info.key] for info in infos}  # declared order
 
 
@@ -68,15 +71,15 @@ def unused_note_html(infos: list[SettingInfo]) -> str:
     return f'<div class="nk-note">Kept in the JSON config but not used by Nekoya, so not shown:<ul>{items}</ul></div>'
 
 
-def _build_section(section: str, infos: list[SettingInfo], values: dict[str, Any], out: dict) -> None:
+def _build_section(section: str, infos: list[SettingInfo], values: dict[str, Any], out: dict, pickers: list) -> None:
     if not section:
-        _build_rows(infos, values, out)
+        _build_rows(infos, values, out, pickers)
         return
     with gr.Accordion(section, open=True, elem_classes=["settings-section"]):
-        _build_rows(infos, values, out)
+        _build_rows(infos, values, out, pickers)
 
 
-def _build_rows(infos: list[SettingInfo], values: dict[str, Any], out: dict) -> None:
+def _build_rows(infos: list[SettingInfo], values: dict[str, Any], out: dict, pickers: list) -> None:
     # One wrapping row of fields, then one of checkboxes, then full-width text areas: a dense
     # form like kohya_ss's, without a box per lone checkbox. Declared order holds within each kind.
     for kind in ROW_KINDS:
@@ -89,7 +92,12 @@ def _build_rows(infos: list[SettingInfo], values: dict[str, Any], out: dict) -> 
             continue
         with gr.Row(equal_height=False, elem_classes=[f"settings-row-{kind}"]):
             for info in run:
-                out[info.key] = build_component(info, values[info.key])
+                if info.widget in PATH_KINDS:  # the field with its 📂/📄 picker
+                    picker = build_picker(info.widget, lambda: build_component(info, values[info.key]), elem_id(info.key))
+                    pickers.append(picker)
+                    out[info.key] = picker.field
+                else:
+                    out[info.key] = build_component(info, values[info.key])
 
 
 def _row_kind(info: SettingInfo) -> str:
@@ -147,8 +155,9 @@ def _textarea(info: SettingInfo, value: Any, common: dict) -> gr.components.Comp
 
 
 def _path(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:
-    # Paths are typed (no native file dialogs: the GUI often runs on a headless server).
-    return gr.Textbox(value=value, lines=1, max_lines=1, placeholder=PATH_PLACEHOLDERS[info.widget], min_width=320, **common)
+    # Typed, or chosen with the picker next to it (it browses the server: the browser may be on another machine).
+    return gr.Textbox(value=value, lines=1, max_lines=1, placeholder=PATH_PLACEHOLDERS[info.widget], min_width=260,
+                      scale=1, **common)
 
 
 def _choices(info: SettingInfo) -> list[tuple[str, Any]]:

@@ -15,11 +15,12 @@ def component(demo, elem_id: str):
 
 
 def run_handlers(demo, trigger, event: str, overrides: dict) -> list:
-    """Call every handler bound to ``trigger``'s ``event`` with a dict of its input widgets' values (their
-    current values unless overridden), as Gradio does for handlers that take a set of inputs."""
+    """Call every handler bound to ``trigger``'s ``event`` as Gradio does: its input widgets' values (their
+    current values unless overridden), as a dict for a set of inputs, else in order."""
     results = []
     for fn in demo.fns.values():
         if (trigger._id, event) in fn.targets:
-            results.append(fn.fn({c: overrides.get(c, c.value) for c in fn.inputs}))
+            values = [overrides.get(c, c.value) for c in fn.inputs]  # a widget may be listed twice
+            results.append(fn.fn(dict(zip(fn.inputs, values))) if fn.inputs_as_dict else fn.fn(*values))
     assert results, f"nothing is bound to {event} of {trigger.elem_id}"
     return results
