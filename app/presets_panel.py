@@ -81,7 +81,6 @@ def wire_presets(panel: PresetsPanel, form: SettingsForm, folders: PresetFolders
     save_outputs = [panel.status, panel.preset, panel.pending_replace]
     panel.save.click(save, inputs=save_inputs, outputs=save_outputs)
     panel.save_name.submit(save, inputs=save_inputs, outputs=save_outputs)
-    panel.save_name.input(lambda: None, outputs=panel.pending_replace, show_progress="hidden")  # a new name asks again
 
 
 def status_html(messages: list[str], problems: list[str], warnings: list[str] = ()) -> str:
