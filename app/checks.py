@@ -38,6 +38,13 @@ class CheckResult:
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "error"]
 
+    @property
+    def readiness(self) -> str:
+        """"Ready to train.", or how many images a run would use when some are left out; "" when it cannot start."""
+        if not self.ok:
+            return ""
+        return self.plan.readiness() if self.plan is not None else "Ready to train."
+
 
 def check_form(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) -> CheckResult:
     """Validate the form and run the quick preflight (the trainer runs the full one before loading weights)."""

@@ -29,7 +29,7 @@ def render_check(result: CheckResult) -> str:
         more = "".join(f"<div>{html.escape(line)}</div>" for line in rest)
         parts.append(f'<details class="nk-memory"><summary>Memory: {html.escape(first)}</summary>{more}</details>')
     if result.ok:
-        parts.append('<div class="nk-ready">Ready to train.</div>')
+        parts.append(f'<div class="nk-ready">{html.escape(result.readiness)}</div>')
     parts.append("</div>")
     return "".join(parts)
 

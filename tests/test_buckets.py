@@ -12,6 +12,7 @@ from trainer.data.buckets import (
     parse_resolution,
     resolution_of,
     round_bucket_limits,
+    UnbucketableImage,
 )
 
 # resolution 512, min 256, max 1024, step 64: the 17 buckets listed in the reference.
@@ -110,9 +111,30 @@ def test_no_upscale_ignores_min_max():
     assert choice.bucket == (128, 64)
 
 
-def test_no_upscale_too_small_image_raises():
-    with pytest.raises(ValueError, match="smaller than bucket_reso_steps"):
+def test_no_upscale_too_small_image_raises_and_names_the_fixes():
+    with pytest.raises(UnbucketableImage, match="500x40 is smaller than one bucket step") as caught:
         Bucketer(BucketSettings((512, 512), no_upscale=True)).select(500, 40)
+    # 40 px: any step of 40 or less fits; 40 is the largest multiple of 8 under 64
+    assert caught.value.fix == ("untick Don't upscale bucket resolution, or lower Bucket resolution steps to 40, "
+                                "or use a larger version of the image")
+
+
+def test_no_upscale_large_image_under_a_small_max_area_says_it_is_larger():
+    """The issue's case: 512x768 into a 64x64 area is about 52x78, under one 64 px step on its short side."""
+    settings = BucketSettings((64, 64), no_upscale=True)
+    with pytest.raises(UnbucketableImage) as caught:
+        Bucketer(settings).select(512, 768)
+    message = str(caught.value)
+    assert message.startswith("512x768 is larger than the 64x64 max resolution area")
+    assert "about 52x78" in message and "smaller" not in message
+    # each fix is real: the changed settings give the image a bucket
+    assert caught.value.fix == ("untick Don't upscale bucket resolution and lower Minimum bucket resolution to 64, "
+                                "or raise Max resolution to 128,128, or lower Bucket resolution steps to 48, or remove the image")
+    assert Bucketer(BucketSettings((64, 64), min_reso=64)).select(512, 768).bucket == (64, 64)
+    assert Bucketer(BucketSettings((128, 128), no_upscale=True)).select(512, 768).bucket == (64, 128)
+    assert Bucketer(BucketSettings((64, 64), reso_steps=48, no_upscale=True)).select(512, 768).bucket == (48, 48)
+    with pytest.raises(BucketConfigError):  # unticking alone is not enough with the default minimum of 256
+        Bucketer(BucketSettings((64, 64), min_reso=256))
 
 
 def test_no_bucket_mode_is_one_bucket_resize_to_cover():
@@ -124,10 +146,12 @@ def test_no_bucket_mode_is_one_bucket_resize_to_cover():
 
 
 def test_invalid_min_max_raise_with_the_field_name():
-    with pytest.raises(BucketConfigError, match="min_bucket_reso"):
+    with pytest.raises(BucketConfigError, match="min_bucket_reso") as caught:
         Bucketer(BucketSettings((512, 512), min_reso=640))
-    with pytest.raises(BucketConfigError, match="max_bucket_reso"):
+    assert caught.value.field == "min_bucket_reso" and "lower Minimum bucket resolution to 512" in caught.value.fix
+    with pytest.raises(BucketConfigError, match="max_bucket_reso") as caught:
         Bucketer(BucketSettings((1024, 512), max_reso=768))
+    assert caught.value.field == "max_bucket_reso" and "raise Maximum bucket resolution to 1024" in caught.value.fix
 
 
 def test_crop_offsets_centre_and_random():

@@ -48,7 +48,11 @@ def test_reg_doubles_the_steps(tmp_path):
     assert plan.formula == "3 images × 10 repeats × 2 (reg) × 2 epochs ÷ batch 1 = 120 steps"
     reg_line = plan.per_folder[1]
     assert reg_line.is_reg and reg_line.samples == 30
-    assert "balanced" in reg_line.describe()
+    # 5 images × 6 repeats: balancing gave each of the 5 reg images 5 more repeats than the folder's 1
+    assert reg_line.describe() == (
+        "reg 1_dog: 5 images × 6 repeats = 30 samples (repeats balanced to the train samples; the folder says 1), "
+        "0 caption files"
+    )
 
 
 def test_balance_reg_repeats_sd_scripts_rules():
@@ -71,6 +75,36 @@ def test_reg_overshoot_and_unused_reg_images(tmp_path):
     assert (plan.reg_samples, plan.reg_images, plan.total_steps) == (20, 2, 35)
     assert plan.formula == "(3 images × 5 repeats + 20 reg samples) × 1 epoch ÷ batch 1 = 35 steps"
     assert any("2 reg image(s) are never used" in w for w in plan.warnings)
+    assert plan.per_folder[1].describe() == (
+        "reg 10_y: 2 of 4 images × 10 repeats = 20 samples (2 unused: balancing needs no more), 0 caption files"
+    )
+
+
+def test_uneven_reg_balancing_is_shown_per_repeat_count(tmp_path):
+    _images(tmp_path / "img" / "10_x", [(512, 512)])  # 10 train samples
+    _images(tmp_path / "reg" / "1_y", [(512, 512)] * 3)  # 3 + round robin 7 more: 4 + 3 + 3
+    plan = plan_steps(_settings(tmp_path / "img", tmp_path / "reg"))
+    assert plan.per_folder[1].describe().startswith(
+        "reg 1_y: (1 image × 4 repeats + 2 images × 3 repeats) = 10 samples (repeats balanced"
+    )
+    assert plan.formula == "1 image × 10 repeats × 2 (reg) × 1 epoch ÷ batch 1 = 20 steps"
+
+
+def test_images_no_bucket_fits_are_left_out_of_every_figure(tmp_path):
+    """Issue #22: 12 images, 8 of them 512x768 that no 64x64 bucket fits with bucket_no_upscale: every
+    number in the plan counts the 4 images used, and the plan says 8 are left out."""
+    _images(tmp_path / "img" / "10_sks dog", [(512, 768), (512, 768), (512, 512)] * 4)
+    plan = plan_steps(_settings(tmp_path / "img", max_resolution="64,64", bucket_no_upscale=True,
+                                train_batch_size=2, epoch=3))
+    assert (plan.train_images, plan.train_images_found, plan.train_images_left_out) == (4, 12, 8)
+    assert (plan.train_samples, plan.total_steps) == (40, 60)
+    assert plan.formula == "4 images × 10 repeats × 3 epochs ÷ batch 2 = 60 steps"  # 4 × 10 × 3 ÷ 2 = 60
+    assert plan.per_folder[0].describe() == (
+        "10_sks dog: 4 of 12 images × 10 repeats = 40 samples (8 left out: see the warnings), 0 caption files"
+    )
+    assert plan.readiness() == "Ready to train with 4 of 12 images (8 left out: see the warnings)."
+    assert len(plan.skipped) == 8 and all("is larger than the 64x64 max resolution area" in s.reason for s in plan.skipped)
+    assert "skipped" not in plan.summary() and "warning:" not in plan.summary()  # the report shows the warnings, once
 
 
 def test_batches_are_counted_per_bucket(tmp_path):
@@ -79,7 +113,11 @@ def test_batches_are_counted_per_bucket(tmp_path):
     # bucket 512x512: 6 samples -> 2 batches; bucket 704x320: 9 samples -> 3 batches
     assert plan.buckets == (((512, 512), 6), ((704, 320), 9))
     assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps) == (5, 5, 10)
-    assert plan.formula.startswith("5 images × 3 repeats × 2 epochs ÷ batch 4 = 10 steps (5 batches per epoch in 2 buckets")
+    assert plan.formula == (
+        "5 images × 3 repeats × 2 epochs ÷ batch 4 = 10 steps (not exact: 3.75 steps per epoch, but a batch never "
+        "mixes buckets, so each bucket's last batch is rounded up: 2 buckets of 6 + 9 samples = 2 + 3 = 5 batches, "
+        "× 2 epochs = 10)"
+    )
     assert any("partial batch" in w for w in plan.warnings)
 
 
@@ -157,5 +195,6 @@ def test_plan_from_the_real_settings_model(image_folder):
     # "10_sks dog": 4 images x 10 + "5_cat": 3 x 5 = 55 samples, one 64x64 bucket -> ceil(55 / 2) = 28
     assert plan.ok and (plan.train_samples, plan.batches_per_epoch, plan.total_steps) == (55, 28, 28)
     assert plan.formula.startswith(
-        "(4 images × 10 repeats + 3 images × 5 repeats) × 1 epoch ÷ batch 2 = 28 steps (28 batches per epoch in 1 bucket"
+        "(4 images × 10 repeats + 3 images × 5 repeats) × 1 epoch ÷ batch 2 = 28 steps (not exact: 27.5 steps per epoch"
     )
+    assert plan.formula.endswith("1 bucket of 55 samples = 28 batches, × 1 epoch = 28)")

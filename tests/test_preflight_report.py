@@ -14,10 +14,13 @@ def fixed_device(monkeypatch):
 
 
 def test_problem_line_names_the_key_and_the_label():
-    line = Problem("error", "train_data_dir", "x is missing", fix="choose it", file="/data/x").format()
+    problem = Problem("error", "train_data_dir", "x is missing", fix="choose it", file="/data/x")
+    line = problem.format(severity_column=True)
     assert line.splitlines()[0] == "error    train_data_dir (Image folder): x is missing"
     assert "file: /data/x" in line and "fix: choose it" in line
-    assert Problem("note", None, "general thing").format() == "note     general: general thing"
+    assert Problem("note", None, "general thing").format(severity_column=True) == "note     general: general thing"
+    # a run log gives the severity as its level: the text itself does not start with it again
+    assert problem.format().splitlines() == ["train_data_dir (Image folder): x is missing", "  file: /data/x", "  fix: choose it"]
     with pytest.raises(ValueError):
         Problem("fatal", None, "x")
 

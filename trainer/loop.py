@@ -121,8 +121,7 @@ class _Run:
         self.plan = plan_steps(s)
         if not self.plan.ok:
             raise TrainingError("; ".join(self.plan.errors) or "no training steps", "train_data_dir")
-        for warning in self.plan.warnings:
-            self.log(warning, "warning")
+        # the plan's warnings were logged with the preflight report (its dataset.plan check), once
         NetworkSpec.from_settings(s)  # raises on an unsupported LoRA type
         self.opt_plan = plan_optimizer(s, self.device.type)
         self.sched_plan = plan_scheduler(s, self.plan.total_steps, self.opt_plan.scheduler_override)

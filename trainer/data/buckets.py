@@ -8,16 +8,34 @@ Pure Python on purpose: the GUI's live step plan imports this.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 Size = tuple[int, int]  # (width, height)
+MAX_SUGGESTED_SIDE = 4096  # the largest Max resolution a fix suggests
 
 
 class BucketConfigError(ValueError):
-    """Bucket settings that cannot work together (named field, value, reason)."""
+    """Bucket settings that cannot work together: the setting to change, what is wrong, and the fix."""
+
+    def __init__(self, field: str, message: str, fix: str = "") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.fix = field, message, fix
+
+
+class UnbucketableImage(ValueError):
+    """An image no bucket fits (bucket_no_upscale only). ``str()`` says why; ``fix`` lists settings that would fit it."""
+
+    def __init__(self, message: str, settings: "BucketSettings", size: Size) -> None:
+        super().__init__(message)
+        self.settings, self.size = settings, size
+
+    @property
+    def fix(self) -> str:
+        return fix_for_unbucketable(self.settings, *self.size)
 
 
 def parse_resolution(text: str | int | tuple | list) -> Size:
@@ -34,7 +52,8 @@ def parse_resolution(text: str | int | tuple | list) -> Size:
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise BucketConfigError(f"max_resolution: {text!r} is not 'W,H' or 'S' with positive numbers")
+        raise BucketConfigError("max_resolution", f"{text!r} is not 'W,H' or 'S' with positive numbers",
+                                fix="write width,height, e.g. 512,512")
     return parts[0], parts[1]
 
 
@@ -148,11 +167,21 @@ class Bucketer:
             resized = (width, height)
         bucket = (resized[0] - resized[0] % self.steps, resized[1] - resized[1] % self.steps)
         if min(bucket) == 0:
-            raise ValueError(
-                f"image of {width}x{height} is smaller than bucket_reso_steps ({self.steps}) on one side "
-                "and bucket_no_upscale never enlarges it"
-            )
+            raise UnbucketableImage(self._why_unbucketable(width, height, aspect_ratio), self.settings, (width, height))
         return bucket, resized
+
+    def _why_unbucketable(self, width: int, height: int, aspect_ratio: float) -> str:
+        steps = f"one bucket step (bucket_reso_steps {self.steps} px)"
+        if width * height <= self.max_area:
+            return (f"{width}x{height} is smaller than {steps} on its short side, and "
+                    "Don't upscale bucket resolution never enlarges an image, so no bucket fits it")
+        # sd-scripts divides by zero at this point; we leave the image out and say why
+        max_w, max_h = self.settings.resolution
+        scaled_w = math.sqrt(self.max_area * aspect_ratio)
+        scaled_h = self.max_area / scaled_w
+        return (f"{width}x{height} is larger than the {max_w}x{max_h} max resolution area; scaled down to fit it, "
+                f"it is about {scaled_w:.0f}x{scaled_h:.0f}, less than {steps} on its short side, "
+                "so no bucket fits it (with Don't upscale bucket resolution, buckets come from the scaled-down image)")
 
     def _shrink_to_area(self, aspect_ratio: float) -> Size:
         """Fit max_area keeping the aspect ratio; round whichever side keeps the ratio closer."""
@@ -180,7 +209,40 @@ def _ratio_error(width: int, height: int, aspect_ratio: float) -> float:
 
 def _check_steps(steps: int) -> None:
     if steps < 1:
-        raise BucketConfigError(f"bucket_reso_steps must be at least 1 (got {steps})")
+        raise BucketConfigError("bucket_reso_steps", f"must be at least 1 (got {steps})", fix="set it to 64 (sd-scripts' default)")
+
+
+def _fits(settings: BucketSettings, width: int, height: int) -> bool:
+    try:
+        Bucketer(settings).select(width, height)
+    except ValueError:  # BucketConfigError or UnbucketableImage
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def fix_for_unbucketable(settings: BucketSettings, width: int, height: int) -> str:
+    """The settings changes that would fit this image, each checked by selecting its bucket with it."""
+    fixes = []
+    upscale = replace(settings, no_upscale=False)
+    lower_min = replace(upscale, min_reso=min(settings.resolution))
+    if _fits(upscale, width, height):
+        fixes.append("untick Don't upscale bucket resolution")
+    elif _fits(lower_min, width, height):
+        fixes.append(f"untick Don't upscale bucket resolution and lower Minimum bucket resolution to {lower_min.min_reso}")
+    scaled_down = width * height > settings.resolution[0] * settings.resolution[1]
+    if scaled_down:
+        larger = (s for s in range(settings.reso_steps, MAX_SUGGESTED_SIDE + 1, settings.reso_steps) if s > max(settings.resolution))
+        side = next((s for s in larger if _fits(replace(settings, resolution=(s, s)), width, height)), None)
+        if side is not None:
+            fixes.append(f"raise Max resolution to {side},{side}")
+    # multiples of 8 only: a bucket side must divide into whole latent pixels
+    finer = (s for s in range(settings.reso_steps - 1, 0, -1) if s % 8 == 0)
+    steps = next((s for s in finer if _fits(replace(settings, reso_steps=s), width, height)), None)
+    if steps is not None:
+        fixes.append(f"lower Bucket resolution steps to {steps}")
+    fixes.append("remove the image" if scaled_down else "use a larger version of the image")
+    return ", or ".join(fixes)
 
 
 def _predefined_buckets(settings: BucketSettings) -> list[Size]:
@@ -188,14 +250,20 @@ def _predefined_buckets(settings: BucketSettings) -> list[Size]:
     min_reso, max_reso = round_bucket_limits(settings.min_reso, settings.max_reso, settings.reso_steps)
     width, height = settings.resolution
     if min(width, height) < min_reso:
+        rounded = "" if min_reso == settings.min_reso else f" (rounded down to a multiple of {settings.reso_steps}: {min_reso})"
         raise BucketConfigError(
-            f"min_bucket_reso ({settings.min_reso}, rounded to {min_reso}) must not exceed the smaller "
-            f"side of max_resolution ({width}x{height})"
+            "min_bucket_reso",
+            f"Minimum bucket resolution {settings.min_reso}{rounded} is larger than the smaller side of Max resolution "
+            f"({width}x{height}); sd-scripts refuses this too",
+            fix=f"lower Minimum bucket resolution to {min(width, height)} or less, or raise Max resolution",
         )
     if max(width, height) > max_reso:
+        rounded = "" if max_reso == settings.max_reso else f" (rounded up to a multiple of {settings.reso_steps}: {max_reso})"
         raise BucketConfigError(
-            f"max_bucket_reso ({settings.max_reso}, rounded to {max_reso}) must be at least the larger "
-            f"side of max_resolution ({width}x{height})"
+            "max_bucket_reso",
+            f"Maximum bucket resolution {settings.max_reso}{rounded} is smaller than the larger side of Max resolution "
+            f"({width}x{height}); sd-scripts refuses this too",
+            fix=f"raise Maximum bucket resolution to {max(width, height)} or more, or lower Max resolution",
         )
     return make_bucket_resolutions(settings.resolution, min_reso, max_reso, settings.reso_steps)
 

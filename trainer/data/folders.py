@@ -53,6 +53,7 @@ class Concept:
 class Skipped:
     path: Path
     reason: str
+    fix: str = ""  # what would bring it back in, when a setting can
 
 
 @dataclass(frozen=True)

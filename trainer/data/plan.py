@@ -13,6 +13,7 @@ show the same numbers. The rules are sd-scripts' (``train_network.py``):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -45,21 +46,35 @@ class PlanConfig:
 @dataclass(frozen=True)
 class FolderLine:
     folder: str
-    images: int
-    repeats: int
+    images: int  # found in the folder
+    repeats: int  # the folder's own
     samples: int  # per epoch; for reg folders after balancing
     is_reg: bool
     captions_found: int
-    images_used: int  # reg folders may have images left out by balancing
+    images_used: int  # left out: no bucket fits them, or reg images that balancing does not need
+    repeat_groups: tuple[tuple[int, int], ...] = ()  # (images, repeats) as used; balancing varies reg repeats
 
     def describe(self) -> str:
+        """``10_sks dog: 4 of 12 images × 10 repeats = 40 samples (8 left out), 12 caption files``: it multiplies out."""
         kind = "reg " if self.is_reg else ""
-        text = f"{kind}{self.folder}: {_count(self.images, 'image')} × {_count(self.repeats, 'repeat')}"
-        if self.is_reg and self.samples != self.images * self.repeats:
-            text += f" → {self.samples} samples used ({self.images_used} images, balanced to the train samples)"
-        else:
-            text += f" = {self.samples} samples"
-        return text + f", {self.captions_found} caption files"
+        groups = self.repeat_groups or ((self.images_used, self.repeats),)
+        text = f"{kind}{self.folder}: {_images_times_repeats(groups, self.images)} = {self.samples} samples"
+        notes = []
+        if self.is_reg and any(repeats != self.repeats for _, repeats in groups):
+            notes.append(f"repeats balanced to the train samples; the folder says {self.repeats}")
+        left_out = self.images - self.images_used
+        if left_out:
+            notes.append(f"{left_out} unused: balancing needs no more" if self.is_reg else f"{left_out} left out: see the warnings")
+        return text + "".join(f" ({note})" for note in notes) + f", {self.captions_found} caption files"
+
+
+def _images_times_repeats(groups: Sequence[tuple[int, int]], found: int | None = None) -> str:
+    """``4 of 12 images × 10 repeats``, or ``(1 image × 4 repeats + 2 images × 3 repeats)`` when repeats differ."""
+    if len(groups) == 1:
+        used, repeats = groups[0]
+        images = f"{used} of {found} images" if found is not None and found != used else _count(used, "image")
+        return f"{images} × {_count(repeats, 'repeat')}"
+    return "(" + " + ".join(f"{_count(n, 'image')} × {_count(r, 'repeat')}" for n, r in groups) + ")"
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,7 @@ class StepPlan:
     batches_per_epoch: int
     batch_size: int
     grad_accum: int
-    train_images: int
+    train_images: int  # used: a bucket fits them
     train_samples: int  # per epoch, with repeats
     reg_images: int  # used after balancing
     reg_samples: int  # per epoch, after balancing
@@ -81,6 +96,11 @@ class StepPlan:
     errors: tuple[str, ...] = ()  # the run cannot start
     skipped: tuple[Skipped, ...] = ()
     entries: tuple[Entry, ...] = field(default=(), repr=False, compare=False)
+    train_images_found: int = 0  # in the folders, readable or not
+
+    @property
+    def train_images_left_out(self) -> int:
+        return max(0, self.train_images_found - self.train_images)
 
     @property
     def ok(self) -> bool:
@@ -94,11 +114,19 @@ class StepPlan:
         return epoch_index + 1, step_in_epoch * self.grad_accum
 
     def summary(self) -> str:
+        """The formula, the folders and the buckets (the warnings are the preflight report's to show)."""
         lines = [self.formula, *(line.describe() for line in self.per_folder)]
         if self.buckets:
             lines.append("buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in self.buckets))
-        lines += [f"error: {e}" for e in self.errors] + [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def readiness(self) -> str:
+        """``Ready to train.``, or with how many images when some are left out."""
+        left_out = self.train_images_left_out
+        if not left_out:
+            return "Ready to train."
+        return (f"Ready to train with {self.train_images} of {_count(self.train_images_found, 'image')} "
+                f"({left_out} left out: see the warnings).")
 
 
 def plan_steps(settings: Any) -> StepPlan:
@@ -133,10 +161,10 @@ def plan_from_scans(
     entries: list[Entry] = []
     try:
         if config_error:
-            raise BucketConfigError(config_error)
-        bucketer = Bucketer(bucket_settings)
-        entries, unbucketable = build_entries(train.images, reg.images if reg else [], bucketer)
-        skipped.extend(unbucketable)
+            errors.append(config_error)
+        else:
+            entries, unbucketable = build_entries(train.images, reg.images if reg else [], Bucketer(bucket_settings))
+            skipped.extend(unbucketable)
     except BucketConfigError as exc:
         errors.append(str(exc))
 
@@ -167,8 +195,9 @@ def plan_from_scans(
         errors=tuple(errors),
         skipped=tuple(skipped),
         entries=tuple(entries),
+        train_images_found=len(train.images) + sum(1 for skip in train.skipped if skip.path.is_file()),
     )
-    return replace(plan, formula=_formula(plan, train.concepts, config))
+    return replace(plan, formula=_formula(plan, config))
 
 
 def schedule(batches_per_epoch: int, config: PlanConfig) -> tuple[int, int, int]:
@@ -199,9 +228,16 @@ def _folder_lines(concepts: Sequence[Concept], entries: Sequence[Entry]) -> list
                 is_reg=concept.is_reg,
                 captions_found=concept.captions_found,
                 images_used=len(concept_entries),
+                repeat_groups=_repeat_groups(concept_entries),
             )
         )
     return lines
+
+
+def _repeat_groups(entries: Sequence[Entry]) -> tuple[tuple[int, int], ...]:
+    """(images, repeats) pairs, most repeats first: one pair unless balancing gave some reg images one more."""
+    counts = Counter(entry.repeats for entry in entries)
+    return tuple((counts[repeats], repeats) for repeats in sorted(counts, reverse=True))
 
 
 def _warnings(
@@ -243,33 +279,55 @@ def _warnings(
     return warnings
 
 
-def _formula(plan: StepPlan, train_concepts: Sequence[Concept], config: PlanConfig) -> str:
-    """e.g. ``150 images × 45 repeats × 2 (reg) × 1 epoch ÷ batch 1 = 13500 steps``."""
+def _formula(plan: StepPlan, config: PlanConfig) -> str:
+    """``4 images × 10 repeats × 3 epochs ÷ batch 2 = 60 steps``, from the images actually used.
+
+    When a bucket's last batch is partial the division is not exact; the line then says so and how the
+    batches add up.
+    """
     if not plan.train_samples:
         return "no training images: 0 steps"
-    parts = [f"{_count(len(c.images), 'image')} × {_count(c.repeats, 'repeat')}" for c in train_concepts if c.images]
+    train = [line for line in plan.per_folder if not line.is_reg and line.images_used]
+    parts = [_images_times_repeats(line.repeat_groups) for line in train]
     samples = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
     if plan.reg_samples == plan.train_samples:
         samples += " × 2 (reg)"
     elif plan.reg_samples:
         samples = f"({samples} + {plan.reg_samples} reg samples)"
-    divisors = f" ÷ batch {config.batch_size}"
-    if config.grad_accum > 1:
-        divisors += f" ÷ grad accum {config.grad_accum}"
-    exact = f"{plan.batches_per_epoch} batches per epoch in {_count(len(plan.buckets), 'bucket')}"
-    if config.grad_accum > 1:
-        exact += f", {plan.steps_per_epoch} steps per epoch"
-    if config.max_train_epochs <= 0 and config.max_train_steps > 0:
+    divisors = f" ÷ batch {config.batch_size}" + (f" ÷ grad accum {config.grad_accum}" if config.grad_accum > 1 else "")
+    per_epoch = (plan.train_samples + plan.reg_samples) / config.batch_size / config.grad_accum
+    steps_set = config.max_train_epochs <= 0 and config.max_train_steps > 0
+    rounding = "" if per_epoch == plan.steps_per_epoch else _rounding_note(plan, config, per_epoch, not steps_set)
+    if steps_set:
         return (
             f"max_train_steps = {plan.total_steps} steps (set directly); one epoch = {samples}{divisors} "
-            f"= {plan.steps_per_epoch} steps ({exact}), so {_count(plan.epochs, 'epoch')}"
+            f"= {plan.steps_per_epoch} steps{rounding}, so {_count(plan.epochs, 'epoch')}"
         )
     epoch_note = " (max_train_epochs)" if config.max_train_epochs > 0 else ""
-    formula = f"{samples} × {_count(plan.epochs, 'epoch')}{epoch_note}{divisors} = {plan.total_steps} steps"
-    naive = (plan.train_samples + plan.reg_samples) * plan.epochs / config.batch_size / config.grad_accum
-    if naive != plan.total_steps:
-        formula += f" ({exact}; each bucket's last batch may be partial)"
-    return formula
+    return f"{samples} × {_count(plan.epochs, 'epoch')}{epoch_note}{divisors} = {plan.total_steps} steps{rounding}"
+
+
+def _rounding_note(plan: StepPlan, config: PlanConfig, per_epoch: float, with_epochs: bool) -> str:
+    """Why the steps are more than the plain division: each bucket rounds its last, partial batch up."""
+    sizes = [count for _, count in plan.buckets]
+    batches = [math.ceil(size / config.batch_size) for size in sizes]
+    if len(sizes) == 1:
+        detail = f"1 bucket of {sizes[0]} samples = {batches[0]} batches"
+    elif len(sizes) <= 4:
+        detail = (f"{len(sizes)} buckets of {' + '.join(map(str, sizes))} samples = "
+                  f"{' + '.join(map(str, batches))} = {plan.batches_per_epoch} batches")
+    else:
+        detail = f"{len(sizes)} buckets of {sum(sizes)} samples in all = {plan.batches_per_epoch} batches"
+    if config.grad_accum > 1:
+        detail += f" ÷ grad accum {config.grad_accum} = {plan.steps_per_epoch} steps (rounded up)"
+    if with_epochs:
+        detail += f", × {_count(plan.epochs, 'epoch')} = {plan.total_steps}"
+    return (f" (not exact: {_decimal(per_epoch)} steps per epoch, but a batch never mixes buckets, so each bucket's "
+            f"last batch is rounded up: {detail})")
+
+
+def _decimal(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
 def _count(n: int, noun: str) -> str:

@@ -57,7 +57,7 @@ def build_entries(
         try:
             choice = bucketer.select(item.width, item.height)
         except ValueError as exc:
-            skipped.append(Skipped(item.path, str(exc)))
+            skipped.append(Skipped(item.path, str(exc), getattr(exc, "fix", "")))
             continue
         entries.append(Entry(item, repeats, choice))
     return entries, skipped

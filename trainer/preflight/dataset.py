@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from trainer.data.buckets import BucketConfigError, Bucketer, BucketSettings
 from trainer.data.folders import IMAGE_EXTENSIONS, is_image_file, parse_concept_folder_name
 from trainer.preflight.image_check import verify_images
 from trainer.preflight.registry import CheckContext, preflight_check
@@ -120,24 +121,45 @@ def check_unreadable_images(ctx: CheckContext):
                               fix="re-save the caption file as UTF-8", file=str(s.path))
 
 
+def _bucket_config_error(settings) -> BucketConfigError | None:
+    try:
+        Bucketer(BucketSettings.from_settings(settings))
+    except BucketConfigError as exc:
+        return exc
+    return None
+
+
+@preflight_check("dataset.buckets")
+def check_buckets(ctx: CheckContext):
+    error = _bucket_config_error(ctx.settings)
+    if error is not None:
+        yield Problem("error", error.field, error.message, fix=error.fix)
+
+
 @preflight_check("dataset.small_images")
 def check_small_images(ctx: CheckContext):
     s = ctx.settings
     width, height = s.resolution
-    plan_skipped = {skip.path: skip.reason for skip in ctx.plan.skipped} if ctx.plan else {}
+    plan_skipped = {skip.path: skip for skip in ctx.plan.skipped} if ctx.plan else {}
     entries = {e.item.path: e for e in ctx.plan.entries} if ctx.plan else {}
-    tiny, small = [], []
+    tiny, small, left_out = [], [], []
     for key, scan in _scans(ctx):
         for item in scan.images:
             size = f"{item.width}x{item.height} px"
             if item.path in plan_skipped:
-                small.append((key, item.path, f"left out: {plan_skipped[item.path]}"))
+                left_out.append((key, item.path, plan_skipped[item.path]))
             elif min(item.width, item.height) < MIN_IMAGE_SIDE:
                 tiny.append((key, item.path, f"too small to train ({size}; at least {MIN_IMAGE_SIDE} px a side)"))
             elif item.width * item.height < SMALL_AREA_FRACTION * width * height and item.path in entries:
                 small.append((key, item.path, f"small for {width}x{height} training ({size}); {_fate(entries[item.path], item)}"))
     yield from _named(tiny, "error", lambda reason: reason, "remove it or replace it with a larger version")
     yield from _named(small, "warning", lambda reason: reason, "use a larger version of the image, or remove it")
+    for key, path, skip in left_out[:MAX_NAMED_FILES]:
+        yield Problem("warning", key, f"{path.name}: left out: {skip.reason}", fix=skip.fix, file=str(path))
+    if len(left_out) > MAX_NAMED_FILES:
+        rest = left_out[MAX_NAMED_FILES:]
+        yield Problem("warning", rest[0][0], f"and {_n(len(rest), 'more image')} left out like the ones above",
+                      fix=rest[0][2].fix)
 
 
 def _fate(entry, item) -> str:
@@ -213,7 +235,8 @@ def check_plan(ctx: CheckContext):
         if ctx.plan_error is not None:
             yield Problem("error", None, f"the step plan could not be computed: {ctx.plan_error}")
         return
-    covered = set()
+    bucket_error = _bucket_config_error(ctx.settings)
+    covered = {str(bucket_error)} if bucket_error else set()  # the dataset.buckets check names its field
     for _, scan in _scans(ctx):
         covered |= set(scan.problems) | set(scan.warnings)
     layout_failed = not ctx.train_scan.concepts

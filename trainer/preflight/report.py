@@ -35,15 +35,19 @@ class Problem:
             return f"{self.field} ({_label(self.field)})"
         return self.file or "general"
 
-    def format(self) -> str:
-        lines = [f"{self.severity:<8} {self.subject()}: {self.message}"]
+    def format(self, severity_column: bool = False) -> str:
+        """``subject: message`` with its file, fix and adjustments on indented lines. The CLI report puts the
+        severity in a column before it; a run log says it through the log level (so never "warning: warning")."""
+        head = f"{self.severity:<8} " if severity_column else ""
+        indent = _INDENT if severity_column else "  "
+        lines = [f"{head}{self.subject()}: {self.message}"]
         if self.file and self.field and self.file not in self.message:
-            lines.append(f"{_INDENT}file: {self.file}")
+            lines.append(f"{indent}file: {self.file}")
         if self.fix:
-            lines.append(f"{_INDENT}fix: {self.fix}")
+            lines.append(f"{indent}fix: {self.fix}")
         if self.changes:
             done = ", ".join(f"{key} = {value!r}" for key, value in self.changes)
-            lines.append(f"{_INDENT}adjusted for this run: {done}")
+            lines.append(f"{indent}adjusted for this run: {done}")
         return "\n".join(lines)
 
 
@@ -102,6 +106,9 @@ class PreflightReport:
     def summary(self) -> str:
         counts = ", ".join(_count(len(self.by_severity(s)), s) for s in SEVERITIES)
         verdict = "training can start" if self.ok else "training cannot start"
+        left_out = self.plan.train_images_left_out if self.ok and self.plan is not None else 0
+        if left_out:
+            verdict += f" with {self.plan.train_images} of {self.plan.train_images_found} images ({left_out} left out)"
         return f"Preflight: {counts}; {verdict}"
 
     def format(self) -> str:
@@ -110,24 +117,17 @@ class PreflightReport:
         for severity in SEVERITIES:
             group = self.by_severity(severity)
             if group:
-                parts.append(f"\n{_HEADINGS[severity]}:\n" + "\n".join(p.format() for p in group))
+                parts.append(f"\n{_HEADINGS[severity]}:\n" + "\n".join(p.format(severity_column=True) for p in group))
         if self.unverified_images:
             parts.append(
                 f"\n{_count(self.unverified_images, 'image')} not decoded yet (quick check); "
                 "the full check before Start decodes every image."
             )
         if self.plan is not None:
-            parts.append("\nStep plan:\n" + _indent(_plan_text(self.plan)))
+            parts.append("\nStep plan:\n" + _indent(self.plan.summary()))
         if self.memory is not None:
             parts.append("\nMemory estimate:\n" + _indent(self.memory.describe()))
         return "\n".join(parts) + "\n"
-
-
-def _plan_text(plan) -> str:
-    lines = [plan.formula, *(line.describe() for line in plan.per_folder)]
-    if plan.buckets:
-        lines.append("buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in plan.buckets))
-    return "\n".join(lines)
 
 
 def _indent(text: str) -> str:
