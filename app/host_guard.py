@@ -40,10 +40,11 @@ class HostPolicy:
     def problem(self, host: str | None, origin: str | None) -> str | None:
         """Why the request must be refused, or None."""
         host_name = host_name_of(host or "")
-        if host_name is None or not (self.any_host or host_name in self.names):
-            shown = host_name or host or "(none)"
-            return (f"Nekoya refused this request: Host {shown!r} is not an address of this GUI. "
-                    f"If you reach the GUI by this name, start it with --allowed-hosts {shown}.")
+        if host_name is None:
+            return f"Nekoya refused this request: its Host header {host!r} is not a host name with an optional port."
+        if not (self.any_host or host_name in self.names):
+            return (f"Nekoya refused this request: Host {host_name!r} is not an address of this GUI. "
+                    f"If you reach the GUI by this name, start it with --allowed-hosts {host_name}.")
         if origin is not None and not self._same_site(origin, host or ""):
             return (f"Nekoya refused a request from the web page {origin!r}: only the GUI's own page "
                     "may use it (add its host with --allowed-hosts if it is yours).")

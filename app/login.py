@@ -1,7 +1,7 @@
 """Slow down password guessing on the GUI's login form.
 
-Gradio checks the password (``POST /login``: 200 or 400); this ASGI middleware counts the
-failures of each client address. After ``FREE_FAILURES`` wrong passwords in a row the address
+Gradio checks the password (``POST /login``: 200 when right); this ASGI middleware counts
+the failures of each client address. After ``FREE_FAILURES`` wrong passwords in a row the address
 must wait ``FIRST_WAIT_S`` seconds, doubling with each further failure up to ``MAX_WAIT_S``;
 meanwhile its logins are refused (429) without checking the password, so a guesser gets a
 few tries an hour instead of hundreds a second. A correct password clears the count.
@@ -28,29 +28,33 @@ class _Record:
 
 
 class LoginThrottle:
-    def __init__(self, clock=time.monotonic):
-        self._clock = clock
+    def __init__(self):
         self._records: dict[str, _Record] = {}
         self._lock = threading.Lock()
 
-    def wait_left(self, client: str) -> float:
-        with self._lock:
-            record = self._records.get(client)
-            return max(0.0, record.locked_until - self._clock()) if record else 0.0
+    def begin_attempt(self, client: str) -> float:
+        """Seconds ``client`` must still wait (the attempt is refused), or 0 after counting it as failed.
 
-    def record(self, client: str, succeeded: bool) -> None:
+        Counted before the password is checked, so that many attempts sent at once cannot all
+        slip in before the first answers; a correct password then clears the count.
+        """
         with self._lock:
-            if succeeded:
-                self._records.pop(client, None)
-                return
+            now = time.monotonic()
             record = self._records.pop(client, None) or _Record()
             self._records[client] = record  # re-inserted: most recent last
+            if record.locked_until > now:
+                return record.locked_until - now
             record.failures += 1
             extra = record.failures - FREE_FAILURES
             if extra >= 0:
-                record.locked_until = self._clock() + min(MAX_WAIT_S, FIRST_WAIT_S * 2 ** extra)
+                record.locked_until = now + min(MAX_WAIT_S, FIRST_WAIT_S * 2 ** extra)
             while len(self._records) > MAX_TRACKED:
                 del self._records[next(iter(self._records))]
+            return 0.0
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._records.pop(client, None)
 
     def middleware(self, app):
         """Wrap an ASGI app: login posts pass through this throttle, everything else goes straight on."""
@@ -60,7 +64,7 @@ class LoginThrottle:
                 await app(scope, receive, send)
                 return
             client = (scope.get("client") or ("?",))[0]
-            wait = self.wait_left(client)
+            wait = self.begin_attempt(client)
             if wait > 0:
                 seconds = math.ceil(wait)
                 message = f"Too many wrong passwords from this address: try again in {seconds} s."
@@ -68,12 +72,12 @@ class LoginThrottle:
                 await response(scope, receive, send)
                 return
 
-            async def send_and_count(message):
-                if message["type"] == "http.response.start" and message["status"] in (200, 400):
-                    self.record(client, succeeded=message["status"] == 200)
+            async def send_noting_success(message):
+                if message["type"] == "http.response.start" and message["status"] == 200:
+                    self.succeeded(client)
                 await send(message)
 
-            await app(scope, receive, send_and_count)
+            await app(scope, receive, send_noting_success)
 
         return guarded
 

@@ -22,6 +22,7 @@ import launch  # noqa: E402
 
 FOREIGN = "http://attacker.example"
 STARTUP_TIMEOUT_S = 240
+BROWSER_TIMEOUT_MS = 90_000  # waits, not a speed limit: the test machine may be busy
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -141,10 +142,12 @@ def test_the_gui_page_works_through_the_guard(local_gui):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            page.set_default_timeout(BROWSER_TIMEOUT_MS)
             page.goto(f"http://localhost:{local_gui.port}/")
             pick(page, "preset_choice", "SD15 - 8GB card")
             page.click("#preset_load")
-            sync_api.expect(page.locator("#preset_status")).to_contain_text("Loaded 'SD15 - 8GB card'", timeout=30_000)
+            loaded = sync_api.expect(page.locator("#preset_status"))
+            loaded.to_contain_text("Loaded 'SD15 - 8GB card'", timeout=BROWSER_TIMEOUT_MS)
         finally:
             browser.close()
 
