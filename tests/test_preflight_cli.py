@@ -127,3 +127,54 @@ def test_huge_image_is_named_with_its_size_and_follows_the_bad_image_policy(tmp_
     assert "please report" not in out.stdout and "Decompression" not in out.stdout + out.stderr
     skipping = run_check(tmp_path, {**config, "bad_image_policy": "skip"})
     assert skipping.returncode == 0 and "panorama.png: 30000×30000 pixels" in skipping.stdout
+
+
+def _cut(source: Path, target: Path, keep: float = 0.6) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * keep)])
+    return target
+
+
+def _lora(path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(8, 64), "lora_unet_x.lora_up.weight": torch.ones(64, 8)},
+              str(path))
+    return path
+
+
+def _damaged(case: str, tmp_path: Path, model_file: Path, model_dir: Path) -> tuple[dict, str, Path]:
+    """(settings, field, the file to be named) of one damaged input."""
+    import shutil
+
+    if case == "truncated base model":
+        cut = _cut(model_file, tmp_path / "cut_model.safetensors")
+        return {"pretrained_model_name_or_path": str(cut)}, "pretrained_model_name_or_path", cut
+    if case == "pickle in a diffusers folder":
+        folder = Path(shutil.copytree(model_dir, tmp_path / "pickled_model"))
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        bad = write_hostile_pickle(folder / "unet" / "diffusion_pytorch_model.bin", tmp_path / "pwned")
+        return {"pretrained_model_name_or_path": str(folder)}, "pretrained_model_name_or_path", bad
+    if case == "truncated network_weights":
+        cut = _cut(_lora(tmp_path / "whole.safetensors"), tmp_path / "cut_lora.safetensors", 0.9)
+        return {"network_weights": str(cut), "network_dim": 8}, "network_weights", cut
+    state = tmp_path / "my_lora-state"
+    state.mkdir()
+    (state / "train_state.json").write_text('{"current_step": 1, "current_epoch": 1}')
+    _lora(state / "lora.safetensors")
+    bad = write_hostile_pickle(state / "optimizer.pt", tmp_path / "pwned")
+    return {"resume": str(state)}, "resume", bad
+
+
+@pytest.mark.parametrize("case", ["truncated base model", "pickle in a diffusers folder", "truncated network_weights",
+                                  "pickle in the resume state"])
+def test_damaged_or_pickled_weights_are_named_by_the_check(case, tmp_path, config, tiny_sd1_file, tiny_sd1_dir):
+    overrides, field, bad = _damaged(case, tmp_path, tiny_sd1_file, tiny_sd1_dir)
+    out = run_check(tmp_path, {**config, **overrides})
+    assert out.returncode == 1, out.stdout + out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith(f"error    {field} "))
+    assert f": {bad.name} " in line and ("is truncated" in line or "cannot be loaded safely" in line), line
+    assert f"file: {bad}" in out.stdout
+    assert "weights_only=False" not in out.stdout and "weights_only` set to `False" not in out.stdout
+    assert not (tmp_path / "pwned").exists()

@@ -98,8 +98,8 @@ def load_weights_only(path: Path):
     except pickle.UnpicklingError as exc:  # the weights-only loader refused it
         raise UnsafeCheckpointError(
             f"{path.name} cannot be loaded safely: it is a pickle that needs code to run{_offending_global(exc)}, "
-            "or it is damaged. Nekoya reads pickles only with torch's weights-only loader (running one could do "
-            "anything on your computer): use a .safetensors version of this file, or convert it with a tool you trust."
+            "which Nekoya refuses to run (it could do anything on your computer), or it is damaged. "
+            "Use a .safetensors version of this file, or convert it with a tool you trust."
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, IndexError, KeyError... on damaged files
         raise CheckpointError(f"{path.name} {DAMAGED_PICKLE}") from exc

@@ -10,9 +10,7 @@ every edit does not re-read an unchanged multi-GB file.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from trainer.preflight.families import FAMILIES, FAMILY_FLAGS, FamilyTraits, fam
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+WEIGHTS_FIX = "copy or download the model again (a .safetensors version is safest)"
 SAFETENSORS_FIX = "use a .safetensors version of the model (most models are published as .safetensors)"
 
 
@@ -53,16 +51,22 @@ _detections: dict[tuple[str, int, int], object] = {}
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """(shapes by key, metadata) from a .safetensors header, without torch."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError("the file is too short to be a .safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(MAX_SAFETENSORS_HEADER, os.path.getsize(path) - 8):
-            raise ValueError("the header length is impossible: the file is not .safetensors, or it is truncated")
-        header = json.loads(f.read(length))
+    from trainer.checkpoints.integrity import read_safetensors_header as read_header
+
+    header = read_header(path)
+    header.pop("__header_bytes__")
     metadata = header.pop("__metadata__", None) or {}
     return {key: tuple(entry["shape"]) for key, entry in header.items()}, metadata
+
+
+def weights_problems(path: Path, deep: bool) -> list[tuple[Path, str]]:
+    """(file, problem) for each truncated or unloadable weights file of a model file or diffusers folder;
+    pickles are opened only in a ``deep`` check."""
+    from trainer.checkpoints.integrity import folder_weight_files, weights_file_problem
+
+    files = folder_weight_files(path) if path.is_dir() else [path]
+    found = [(file, weights_file_problem(file, deep=deep)) for file in files]
+    return [(file, problem) for file, problem in found if problem]
 
 
 def detect_model(path: Path):
@@ -145,6 +149,11 @@ def check_model_path(ctx: CheckContext):
         info = detect_model(path)
     except ModelPathProblem as problem:
         yield Problem("error", key, problem.message, fix=problem.fix, file=value)
+        return
+    damaged = weights_problems(path, ctx.deep) if info.format != "ckpt" else []  # detect() loaded a .ckpt already
+    for file, problem in damaged:
+        yield Problem("error", key, f"{file.name} {problem}", fix=WEIGHTS_FIX, file=str(file))
+    if damaged:
         return
     for reason in info.problems:
         yield Problem("error", key, reason, fix="choose a Stable Diffusion 1.x, 2.x or XL base checkpoint", file=str(path))

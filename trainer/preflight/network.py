@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.checkpoints.integrity import safetensors_problem, weights_file_problem
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 
@@ -10,6 +11,7 @@ from trainer.preflight.report import Problem
 # Kept here so the check does not import torch.
 SUPPORTED_LORA_TYPES = ("Standard", "Kohya LoCon", "LyCORIS/LoCon")
 CONV_LORA_TYPES = ("Kohya LoCon", "LyCORIS/LoCon")
+WEIGHTS_FIX = "copy the file again, or choose another LoRA file (or clear the field to start a new LoRA)"
 
 
 @preflight_check("network.type")
@@ -51,6 +53,10 @@ def check_network_weights(ctx: CheckContext):
     if not path.is_file():
         yield Problem("error", "network_weights", f"{path} does not exist or is not a file",
                       fix="choose an existing LoRA .safetensors file, or clear the field to start a new LoRA", file=value)
+        return
+    damaged = safetensors_problem(path) if path.suffix.lower() == ".safetensors" else None
+    if damaged:
+        yield Problem("error", "network_weights", f"{path.name} {damaged}", fix=WEIGHTS_FIX, file=value)
         return
     try:
         ranks = lora_ranks(path, ctx.deep)
@@ -96,3 +102,18 @@ def _pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return source.shapes()
     except CheckpointError as exc:  # includes UnsafeCheckpointError: nothing was executed
         raise ValueError(str(exc)) from exc
+
+
+@preflight_check("network.resume_files")
+def check_resume_files(ctx: CheckContext):
+    """Every weights file of the state folder to resume from is whole and loads weights-only (pickles: deep only)."""
+    value = ctx.settings.resume.strip()
+    folder = Path(value).expanduser()
+    if not value or not folder.is_dir():
+        return  # output.resume reports a missing folder
+    for file in sorted(folder.iterdir()):
+        problem = weights_file_problem(file, deep=ctx.deep) if file.is_file() else None
+        if problem:
+            yield Problem("error", "resume", f"{file.name} in the state folder {problem}",
+                          fix="resume from another state folder (an earlier one, or the LoRA file as Network weights)",
+                          file=str(file))
