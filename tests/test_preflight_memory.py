@@ -1,6 +1,7 @@
 """The memory estimate: sensible figures per family, the effect of each setting, and the warning."""
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -169,3 +170,71 @@ def test_family_figures_are_consistent(family):
     traits = FAMILIES[family]
     assert traits.unet_params > 8e8 and traits.vae_params > 8e7
     assert traits.unet_lora_per_rank > traits.text_encoder_lora_per_rank / 2
+
+
+# ---- the base model's size comes from its file ----------------------------------------------------
+
+def _header_only_safetensors(path: Path, tensors: dict[str, int]) -> Path:
+    """A .safetensors file of fp16 vectors with these element counts, sparse: the header is real, the data zeros."""
+    import json
+    import struct
+
+    header, offset = {}, 0
+    for key, count in tensors.items():
+        header[key] = {"dtype": "F16", "shape": [count], "data_offsets": [offset, offset + 2 * count]}
+        offset += 2 * count
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+SD1_NOMINAL = FAMILIES["sd1"]
+
+
+def test_a_tiny_model_is_estimated_by_its_own_weights(tmp_path, tiny_sd1_file, monkeypatch):
+    from app.checks import check_settings
+    from trainer.preflight.model import read_safetensors_header
+
+    monkeypatch.setattr(device_module, "probe_device", big_cpu)
+    s = settings(tmp_path, tiny_sd1_file, mixed_precision="no", text_encoder_lr=1e-4)
+    shapes, _ = read_safetensors_header(tiny_sd1_file)
+    weights = sum(math.prod(shape) for key, shape in shapes.items()
+                  if key.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")))
+    report = check(s)
+    assert report.memory.parts["base model"] == weights * 4  # fp32 on this CPU
+    nominal = SD1_NOMINAL.unet_params + sum(SD1_NOMINAL.text_encoder_params) + SD1_NOMINAL.vae_params
+    assert weights < nominal / 100
+    assert f"base model: {weights / 1e6:,.1f} M parameters, counted from tiny_sd1.safetensors's header" in report.memory.describe()
+    assert "counted from tiny_sd1.safetensors's header" in check_settings(s).memory  # the GUI's plan panel text
+
+
+def test_a_file_of_the_real_size_gives_the_nominal_estimate(tmp_path):
+    nominal = TrainingSettings(mixed_precision="fp16", pretrained_model_name_or_path=str(tmp_path / "missing.safetensors"))
+    real = _header_only_safetensors(tmp_path / "sd15-pruned-fp16.safetensors", {
+        "model.diffusion_model.w": SD1_NOMINAL.unet_params,
+        "cond_stage_model.transformer.text_model.w": SD1_NOMINAL.text_encoder_params[0],
+        "first_stage_model.w": SD1_NOMINAL.vae_params,
+        "model_ema.w": 10**6,  # EMA copies are not loaded for training, so they do not count
+    })
+    folder = tmp_path / "diffusers"
+    for component, count in (("unet", SD1_NOMINAL.unet_params), ("text_encoder", SD1_NOMINAL.text_encoder_params[0]),
+                             ("vae", SD1_NOMINAL.vae_params)):
+        (folder / component).mkdir(parents=True)
+        _header_only_safetensors(folder / component / "model.safetensors", {"w": count})
+    expected = estimate_memory(nominal, SD1_NOMINAL, gpu(24))
+    assert "nominal size (the model file could not be found)" in expected.describe()
+    for model in (real, folder):
+        estimate = estimate_memory(nominal.model_copy(update={"pretrained_model_name_or_path": str(model)}), SD1_NOMINAL, gpu(24))
+        assert estimate.parts == expected.parts, model
+        assert "1,066.2 M parameters, counted from" in estimate.describe()
+
+
+def test_a_ckpt_keeps_the_nominal_size_and_says_so(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not opened for the estimate")
+    s = TrainingSettings(mixed_precision="fp16", pretrained_model_name_or_path=str(ckpt))
+    estimate = estimate_memory(s, SD1_NOMINAL, gpu(24))
+    assert estimate.parts["base model"] == (SD1_NOMINAL.unet_params + SD1_NOMINAL.text_encoder_params[0] + SD1_NOMINAL.vae_params) * 2
+    assert "base model: Stable Diffusion 1.x's nominal size (.ckpt files are not opened to count their weights" in estimate.describe()

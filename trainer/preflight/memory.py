@@ -4,7 +4,8 @@
            + max(UNet activations, VAE encode, text encoders while caching) x 1.1 (allocator slack)
            + runtime
 
-* Frozen weights: UNet + text encoders + VAE of the family (``families.py``) at
+* Frozen weights: UNet + text encoders + VAE, counted in the model file's header (``model_size.py``;
+  the family's nominal counts in ``families.py`` for a .ckpt or an unreadable file), at
   2 bytes (fp16/bf16 mixed precision on a GPU, bf16 on a CPU with bf16 instructions)
   or 4 bytes (no mixed precision, or a CPU where it runs in fp32). Cached latents move the VAE off the device;
   cached text-encoder outputs move the text encoders off (SDXL's setting, or any
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from trainer.preflight.device import GIB, DeviceInfo
 from trainer.preflight.families import FamilyTraits
 from trainer.preflight.memory_advice import memory_advice
+from trainer.preflight.model_size import model_size
 from trainer.preflight.optimizer_table import optimizer_facts
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
@@ -79,6 +81,8 @@ class MemoryEstimate:
 
 
 def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> MemoryEstimate:
+    size = model_size(settings.pretrained_model_name_or_path, family)
+    family = size.apply_to(family)  # the model file's own parameter counts where its header can be read
     runs, _ = device.mixed_precision(settings.mixed_precision)
     half = runs != "no"
     weight_bytes = 2 if half else 4
@@ -99,7 +103,7 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
         "runtime": int(RUNTIME_GIB[device.kind] * GIB),
     }
     # the precision actually used is in the first line; the preflight's precision check says why it differs
-    notes = ["rough estimate (within about 30 %); the real peak shows in the progress panel once training runs"]
+    notes = [size.note, "rough estimate (within about 30 %); the real peak shows in the progress panel once training runs"]
     return MemoryEstimate(device, parts, runs if half else "fp32", trainable, family.label, tuple(notes))
 
 

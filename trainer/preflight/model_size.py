@@ -1,0 +1,99 @@
+"""The base model's real parameter counts for the memory estimate, read from .safetensors headers.
+
+Only the JSON headers are read (no weights, no torch): a single file's tensors are summed by
+their component prefix (``model.diffusion_model.`` ...), a diffusers folder's by component file.
+The file's dtype does not matter: the trainer casts the frozen weights to the run's precision.
+A ``.ckpt`` is not opened for this (it would mean unpickling it), so it keeps the family's nominal size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS
+from trainer.preflight.families import FamilyTraits
+
+DIFFUSERS_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+_cache: dict[tuple, "ModelSize"] = {}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Parameter counts per component, or None where the nominal family figures apply (``note`` says why)."""
+
+    unet: int | None
+    text_encoders: tuple[int, ...]
+    vae: int | None
+    note: str
+
+    def apply_to(self, family: FamilyTraits) -> FamilyTraits:
+        """The family with its nominal parameter counts replaced by the ones counted in the file."""
+        if self.unet is None:
+            return family
+        return replace(family, unet_params=self.unet, vae_params=self.vae or family.vae_params,
+                       text_encoder_params=self.text_encoders or family.text_encoder_params)
+
+
+def model_size(model_value: str, family: FamilyTraits) -> ModelSize:
+    """The counts of the model ``pretrained_model_name_or_path`` names, cached by (path, mtime, size)."""
+    from trainer.preflight.model import ModelPathProblem, resolve_model_path
+
+    nominal = f"{family.label}'s nominal size"
+    try:
+        path = resolve_model_path(model_value.strip()) if model_value.strip() else None
+    except ModelPathProblem:
+        path = None
+    if path is None:
+        return ModelSize(None, (), None, f"base model: {nominal} (the model file could not be found)")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, family.name)
+    if key not in _cache:
+        _cache[key] = _count(path, family, nominal)
+    return _cache[key]
+
+
+def _count(path: Path, family: FamilyTraits, nominal: str) -> ModelSize:
+    try:
+        if path.is_dir():
+            size = _diffusers_counts(path)
+        elif path.suffix.lower() == ".safetensors":
+            size = _single_file_counts(path, family)
+        else:
+            return ModelSize(None, (), None, f"base model: {nominal} ({path.suffix} files are not opened to count "
+                                             "their weights; a .safetensors file is)")
+    except (OSError, ValueError, KeyError, TypeError):  # the model checks report an unreadable file
+        return ModelSize(None, (), None, f"base model: {nominal} (its file could not be read)")
+    if size is None:
+        return ModelSize(None, (), None, f"base model: {nominal} (no UNet weights found in its .safetensors files)")
+    return size
+
+
+def _single_file_counts(path: Path, family: FamilyTraits) -> ModelSize | None:
+    from trainer.preflight.model import read_safetensors_header
+
+    shapes, _ = read_safetensors_header(path)
+    counts = {component: sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefix))
+              for component, (prefix, _) in SINGLE_FILE_LAYOUTS[family.name].items()}
+    return _size(counts, f"from {path.name}'s header")
+
+
+def _diffusers_counts(folder: Path) -> ModelSize | None:
+    from trainer.preflight.model import read_safetensors_header
+
+    counts = {}
+    for component in ("unet", "vae", *DIFFUSERS_TEXT_ENCODERS):
+        files = sorted((folder / component).glob("*.safetensors")) if (folder / component).is_dir() else []
+        files = [f for f in files if ".fp16." not in f.name] or files  # a variant holds the same weights again
+        counts[component] = sum(math.prod(shape) for f in files for shape in read_safetensors_header(f)[0].values())
+    return _size(counts, f"from the .safetensors headers in {folder.name}")
+
+
+def _size(counts: dict[str, int], source: str) -> ModelSize | None:
+    if not counts.get("unet"):
+        return None
+    encoders = tuple(counts[name] for name in DIFFUSERS_TEXT_ENCODERS if counts.get(name))
+    total = counts["unet"] + sum(encoders) + counts.get("vae", 0)
+    return ModelSize(counts["unet"], encoders, counts.get("vae") or None,
+                     f"base model: {total / 1e6:,.1f} M parameters, counted {source}")
