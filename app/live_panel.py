@@ -1,4 +1,5 @@
-"""Render a ``RunSnapshot`` for the page: progress, speed, loss chart, memory, files, log tail.
+"""Render a ``RunSnapshot`` for the page: the status block (progress, speed, memory, loss chart),
+the run's output (files, log tail) and the message that ends a run.
 
 Pure functions from a snapshot to HTML (inline SVG for the chart: it draws the
 same in every browser, headless ones included). No gradio here.
@@ -6,6 +7,7 @@ same in every browser, headless ones included). No gradio here.
 from __future__ import annotations
 
 import html
+import math
 import time
 from pathlib import Path
 
@@ -19,25 +21,45 @@ STATUS_TEXT = {
 }
 CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 200, 52, 12, 12, 26
 MAX_CHART_POINTS = 400
-LOG_TAIL = 60
+CHART_MARGIN = 0.08  # of the loss range, between the curve and the lowest/highest gridline
+LOG_TAIL = 60  # lines, not log entries: an entry may hold several
 
 
 def render_live(snap: RunSnapshot, now: float | None = None) -> str:
+    """The status block: what a glance during a run needs (progress, loss, speed, memory, the error)."""
     now = now or time.time()
     if snap.status == "idle":
         return '<div class="nk-live nk-idle" id="nk-live" data-status="idle">No training has run yet. Set the folders, check the plan, then press <b>Start training</b>.</div>'
+    active = " nk-live-active" if snap.active else ""  # the column keeps an active run's block in view (style.css)
     parts = [
-        f'<div class="nk-live" id="nk-live" data-status="{snap.status}" data-step="{snap.step}" data-total="{snap.total_steps}">',
+        f'<div class="nk-live{active}" id="nk-live" data-status="{snap.status}" data-step="{snap.step}" data-total="{snap.total_steps}">',
         _header(snap),
         _progress(snap),
         _stats(snap, now),
         _error(snap),
         '<div class="nk-chart-title">Loss</div>' + loss_chart_svg(snap.losses, snap.total_steps),
-        _files(snap),
-        _log_tail(snap),
         "</div>",
     ]
     return "".join(parts)
+
+
+def render_run_output(snap: RunSnapshot) -> str:
+    """What the run wrote: its files and its log tail (below the samples and the plan)."""
+    if snap.status == "idle":
+        return ""
+    return f'<div class="nk-run-output">{_files(snap)}{_log_tail(snap)}</div>'
+
+
+def final_message(snap: RunSnapshot) -> tuple[str, str] | None:
+    """(text, kind) that replaces "Training started." once the run has ended; None while it goes."""
+    if snap.active or snap.status == "idle":
+        return None
+    if snap.status == "error":
+        reason = snap.error.message if snap.error else "see the log"
+        return f"Failed at step {snap.step}: {reason}", "error"
+    saved = f" Saved {Path(snap.saved[-1].path).name}." if snap.saved else ""
+    kind = "ok" if snap.status == "finished" else "info"
+    return f"{STATUS_TEXT.get(snap.status, snap.status)} at step {snap.step} / {snap.total_steps or '?'}.{saved}", kind
 
 
 def _header(snap: RunSnapshot) -> str:
@@ -73,13 +95,15 @@ def _stats(snap: RunSnapshot, now: float) -> str:
         ("ETA", format_duration(step.eta_s) if step and snap.active else ("done" if snap.status == "finished" else "–")),
         ("Elapsed", format_duration(snap.elapsed_s(now))),
         ("Learning rate", _lrs(step) if step else "–"),
-        memory_cell(snap.memory),
     ]
-    items = "".join(
-        f'<div class="nk-stat nk-stat-{k.split()[0].lower()}"><div class="nk-stat-k">{k}</div><div class="nk-stat-v">{html.escape(v)}</div></div>'
-        for k, v in cells
-    )
+    items = "".join(_stat_cell(k, v) for k, v in cells) + _stat_cell(*memory_cell(snap.memory), elem_id="nk-memory-cell")
     return f'<div class="nk-stats">{items}</div>'
+
+
+def _stat_cell(title: str, value: str, elem_id: str = "") -> str:
+    id_attr = f' id="{elem_id}"' if elem_id else ""
+    return (f'<div class="nk-stat nk-stat-{title.split()[0].lower()}"{id_attr}><div class="nk-stat-k">{title}</div>'
+            f'<div class="nk-stat-v">{html.escape(value)}</div></div>')
 
 
 def _lrs(step) -> str:
@@ -115,9 +139,16 @@ def _files(snap: RunSnapshot) -> str:
 
 def _log_tail(snap: RunSnapshot) -> str:
     # Lines in reverse inside a column-reverse box: they read top to bottom and the box
-    # starts scrolled to the newest line, with no script.
-    lines = "".join(f"<div>{html.escape(line)}</div>" for line in reversed(snap.log[-LOG_TAIL:]))
+    # starts scrolled to the newest line, with no script. Each line is one row of text
+    # (no wrapping) and the box is a whole number of rows high, so its top is a line's start.
+    lines = "".join(f"<div>{html.escape(line)}</div>" for line in reversed(log_tail_lines(snap.log)))
     return f'<details class="nk-log" open><summary>Log</summary><div class="nk-logbox" id="nk-log">{lines}</div></details>'
+
+
+def log_tail_lines(log: tuple[str, ...], limit: int = LOG_TAIL) -> list[str]:
+    """The last ``limit`` lines of the log, cut at line breaks (a multi-line entry is several lines)."""
+    lines = [line for entry in log for line in (entry.splitlines() or [""])]
+    return lines[-limit:]
 
 
 def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: int) -> str:
@@ -127,19 +158,20 @@ def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: in
         return f'<svg {box}><text x="{CHART_W / 2}" y="{CHART_H / 2}" text-anchor="middle" class="nk-chart-empty">waiting for the first step…</text></svg>'
     points = _downsample(losses, MAX_CHART_POINTS)
     values = [v for _, loss, avg in points for v in (loss, avg)]
-    low, high = min(values), max(values)
-    if high - low < 1e-12:
-        low, high = low - 0.5, high + 0.5
-    margin = (high - low) * 0.06  # keep the lines off the frame
-    low, high = low - margin, high + margin
+    ticks = y_ticks(min(values), max(values))
+    low, high = ticks[0], ticks[-1]
+    # a gridline right on the curve's minimum reads as a floor the loss hit: leave that one out
+    gridlines = [v for v in ticks if abs(v - min(values)) > (high - low) * 0.02]
     # The x axis spans the steps seen so far (the progress bar shows how far the run is),
     # so an early look at a long run still shows the curve's shape.
     first_x, last_x = points[0][0], max(points[-1][0], points[0][0] + 1)
 
+    def y_of(value: float) -> float:
+        return PAD_T + (CHART_H - PAD_T - PAD_B) * (1 - (value - low) / (high - low))
+
     def xy(step: int, value: float) -> str:
         x = PAD_L + (CHART_W - PAD_L - PAD_R) * ((step - first_x) / (last_x - first_x))
-        y = PAD_T + (CHART_H - PAD_T - PAD_B) * (1 - (value - low) / (high - low))
-        return f"{x:.1f},{y:.1f}"
+        return f"{x:.1f},{y_of(value):.1f}"
 
     raw = " ".join(xy(s, loss) for s, loss, _ in points)
     smooth = " ".join(xy(s, avg) for s, _, avg in points)
@@ -147,7 +179,7 @@ def loss_chart_svg(losses: tuple[tuple[int, float, float], ...], total_steps: in
     grid = "".join(
         f'<line x1="{PAD_L}" x2="{CHART_W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}" class="nk-grid"/>'
         f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end" class="nk-axis">{_fmt_loss(v)}</text>'
-        for y, v in _y_ticks(low, high)
+        for y, v in ((y_of(v), v) for v in gridlines)
     )
     return (
         f"<svg {box}>{grid}"
@@ -177,9 +209,23 @@ def _downsample(points, limit: int):
     return picked + [points[-1]] if picked[-1] != points[-1] else picked
 
 
-def _y_ticks(low: float, high: float, count: int = 4) -> list[tuple[float, float]]:
-    span = CHART_H - PAD_T - PAD_B
-    return [(PAD_T + span * i / (count - 1), high - (high - low) * i / (count - 1)) for i in range(count)]
+def y_ticks(low: float, high: float, count: int = 4) -> list[float]:
+    """Gridline values at round numbers (1, 2, 2.5 or 5 times a power of ten), from below the lowest loss
+    to above the highest, with a margin: no gridline lies on the curve's minimum, none looks like data."""
+    if high - low < 1e-12:
+        low, high = low - abs(low) * 0.1 - 1e-3, high + abs(high) * 0.1 + 1e-3
+    margin = (high - low) * CHART_MARGIN
+    step = _round_step((high - low + 2 * margin) / (count - 1))
+    first = math.floor((low - margin) / step)
+    if low >= 0 and first * step < 0:
+        first = 0  # a loss is not negative: the axis starts at 0 rather than below it
+    last = math.ceil((high + margin) / step)
+    return [round(i * step, 12) for i in range(first, last + 1)]
+
+
+def _round_step(raw: float) -> float:
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
 
 
 def _fmt_loss(value: float) -> str:

@@ -196,8 +196,10 @@ class RunManager:
         return True, "Training started."
 
     def start_refusal(self) -> str:
+        """Why another Start waits: the run that is going, at its real step (before its first event it is starting)."""
         snap = self.snapshot()
-        return f"A training run is already going (step {snap.step}/{snap.total_steps}); stop it first."
+        where = f"at step {snap.step} / {snap.total_steps}" if snap.total_steps else "starting"
+        return f"A training run is already going ({where}): stop it to start another."
 
     def stop(self) -> str:
         with self._lock:

@@ -252,8 +252,11 @@ def test_training_runs_to_the_end_with_chart_and_file(page, tiny_sd1_dir, image_
     type_into(page, "sample_every_n_steps", 4)
     page.click("#start_training")
     expect(page.locator("#run_message")).to_contain_text("Training started")
+    expect(page.locator("#start_training")).to_be_disabled()  # no second run by a second click
     wait_for_status(page, "finished")
     expect(page.locator("#nk-progress-text")).to_contain_text("100% · step 8 / 8")
+    expect(page.locator("#run_message")).to_have_text("Finished at step 8 / 8. Saved gui_full.safetensors.")
+    expect(page.locator("#start_training")).to_be_enabled()
     points = page.locator("#nk-loss-chart polyline.nk-line-avg").get_attribute("points").split()
     assert len(points) >= 8
     files = page.locator("#nk-saved-files code")
@@ -284,8 +287,7 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "gui_running.png"))
 
-    page.click("#start_training")
-    expect(page.locator("#run_message")).to_contain_text("already going")
+    expect(page.locator("#start_training")).to_be_disabled()  # the reopened page cannot start a second run
     page.click("#sample_now")
     expect(page.locator("#samples_gallery img").first).to_be_visible(timeout=TRAINING_TIMEOUT_MS)
     page.click("#save_now")  # saves mid-run, training goes on
@@ -293,6 +295,7 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
     expect(live(page)).to_have_attribute("data-status", "running")
     page.click("#stop_training")
     wait_for_status(page, "stopped")
+    expect(page.locator("#run_message")).to_contain_text("Stopped at step")
     stopped_at = int(live(page).get_attribute("data-step"))
     assert 10 <= stopped_at < 5000
     saved = page.locator("#nk-saved-files code")

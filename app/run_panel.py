@@ -1,0 +1,161 @@
+"""The run column: Start/Stop and the run buttons, the live status, samples, step plan and run output.
+
+Order matters on a small screen: the status block (progress, stats with memory, loss chart) comes
+first, then the samples, the step plan and the run's files and log; the column scrolls on its own.
+The decisions are plain functions (``start_request``, ``refresh``) that the wiring maps onto the
+page, so they are tested without a browser.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import gradio as gr
+
+from .binding import SettingsForm
+from .checks import check_form
+from .live_panel import final_message, render_live, render_run_output, sample_gallery
+from .plan_panel import plan_html, render_check, render_problems
+from .run_manager import RunManager, RunSnapshot
+
+POLL_SECONDS = 1.0
+# (run id, snapshot version, sample count, active) that a page shows; run id -1: nothing shown yet
+Shown = tuple[int, int, int, bool]
+NOTHING_SHOWN: Shown = (-1, -1, -1, False)
+MESSAGE_CSS = {"ok": "nk-run-ok", "info": "nk-run-info", "error": "nk-run-refused"}
+
+
+@dataclass
+class RunColumn:
+    start: gr.Button
+    stop: gr.Button
+    save_now: gr.Button
+    sample_now: gr.Button
+    message: gr.HTML
+    live: gr.HTML
+    gallery: gr.Gallery
+    plan: gr.HTML
+    output: gr.HTML
+    page_run: gr.State  # id of the run this page started: its own second click is ignored quietly
+    shown: gr.State
+    below_buttons: Any  # what ``build_run_column``'s below_buttons built (e.g. Print training command)
+
+
+def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
+                     below_buttons: Callable[[], Any] = lambda: None) -> RunColumn:
+    snap = runs.snapshot()
+    with gr.Column(scale=2, min_width=420, elem_id="nk-run-column"):
+        with gr.Row(equal_height=True):
+            start = gr.Button("Start training", variant="primary", elem_id="start_training", scale=3, interactive=not snap.active)
+            stop = gr.Button("Stop training", variant="stop", elem_id="stop_training", scale=2)
+        with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
+            save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
+            sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
+        extra = below_buttons()
+        message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
+        live = gr.HTML(render_live(snap), elem_id="nk-live-panel")
+        gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False)
+        gr.HTML('<div class="nk-section-title">Step plan and checks</div>', elem_id="nk-plan-title")
+        plan = gr.HTML(plan_html(form_defaults), elem_id="nk-plan")
+        output = gr.HTML(render_run_output(snap), elem_id="nk-run-output")
+        page_run, shown = gr.State(0), gr.State(NOTHING_SHOWN)
+    return RunColumn(start, stop, save_now, sample_now, message, live, gallery, plan, output, page_run, shown, extra)
+
+
+# ---- decisions, as plain Python -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartReply:
+    message: str | None  # HTML; None: the message stays as it is
+    plan: str | None  # the check with its problems when the start is refused; None: unchanged
+    page_run: int
+    start_enabled: bool | None  # None: unchanged
+
+
+def start_request(runs: RunManager, values: Mapping[str, Any], kept: Mapping[str, Any], page_run: int) -> StartReply:
+    """What a press of Start does. While a run goes, this page's own second press (a double click) changes
+    nothing; a press on another page says, neutrally, which run is going."""
+    if runs.busy:  # checked first: another page's form may not even be filled in
+        own = runs.snapshot().run_id == page_run
+        return StartReply(None if own else message_html(runs.start_refusal(), "info"), None, page_run, False)
+    result = check_form(values, kept)
+    if not result.ok:
+        text = '<div class="nk-run-refused"><b>Not started.</b> Fix these first:</div>' + render_problems(result.errors)
+        return StartReply(text, render_check(result), page_run, None)
+    started, text = runs.start(result.settings)
+    if not started:  # another page won the race between the busy check and here
+        return StartReply(message_html(text, "info"), None, page_run, False)
+    return StartReply(message_html(text, "ok"), None, runs.snapshot().run_id, False)
+
+
+@dataclass(frozen=True)
+class PageRefresh:
+    live: str | None  # None: unchanged
+    output: str | None
+    samples_changed: bool
+    start_enabled: bool | None
+    message: str | None  # the run's final state, once, when this page saw it end
+    shown: Shown
+
+
+def refresh(snap: RunSnapshot, last: Shown) -> PageRefresh:
+    """One poll of a page that shows ``last``: what to redraw."""
+    run_id, version, samples, was_active = last
+    new_run = snap.run_id != run_id
+    changed = new_run or snap.version != version
+    first = run_id == NOTHING_SHOWN[0]
+    # A run this page saw going (or one that began and ended between two polls) has ended.
+    ended = not first and not snap.active and snap.run_id > 0 and (was_active or new_run)
+    ending = final_message(snap) if ended else None
+    return PageRefresh(
+        live=render_live(snap) if changed or snap.active else None,  # the elapsed time moves every poll
+        output=render_run_output(snap) if changed else None,
+        samples_changed=new_run or len(snap.samples) != samples,
+        start_enabled=not snap.active if first or snap.active != was_active else None,
+        message=message_html(*ending) if ending else None,
+        shown=(snap.run_id, snap.version, len(snap.samples), snap.active),
+    )
+
+
+def message_html(text: str, kind: str = "ok") -> str:
+    return f'<div class="{MESSAGE_CSS[kind]}">{html.escape(text)}</div>'
+
+
+# ---- wiring ---------------------------------------------------------------------------------------
+
+
+def wire_run_column(demo: gr.Blocks, form: SettingsForm, runs: RunManager, column: RunColumn) -> None:
+    c = column
+
+    def on_start(data):
+        reply = start_request(runs, form.values(data), form.kept_values(data), data[c.page_run])
+        return {c.message: _shown(reply.message), c.plan: _or_skip(reply.plan), c.page_run: reply.page_run,
+                c.start: gr.skip() if reply.start_enabled is None else gr.update(interactive=reply.start_enabled)}
+
+    c.start.click(on_start, inputs=form.inputs(c.page_run), outputs=[c.message, c.plan, c.page_run, c.start],
+                  concurrency_limit=1, concurrency_id="start")
+    c.stop.click(lambda: _shown(message_html(runs.stop())), outputs=c.message, show_progress="hidden")
+    c.save_now.click(lambda: _shown(message_html(runs.request_save())), outputs=c.message, show_progress="hidden")
+    c.sample_now.click(lambda: _shown(message_html(runs.request_sample())), outputs=c.message, show_progress="hidden")
+
+    def tick(last):
+        snap = runs.snapshot()
+        r = refresh(snap, tuple(last))
+        gallery = gr.update(value=sample_gallery(snap), visible=bool(snap.samples)) if r.samples_changed else gr.skip()
+        start = gr.skip() if r.start_enabled is None else gr.update(interactive=r.start_enabled)
+        return _or_skip(r.live), _or_skip(r.output), gallery, start, _shown(r.message), r.shown
+
+    outputs = [c.live, c.output, c.gallery, c.start, c.message, c.shown]
+    timer = gr.Timer(POLL_SECONDS)
+    timer.tick(tick, inputs=c.shown, outputs=outputs, show_progress="hidden", queue=True)
+    demo.load(tick, inputs=c.shown, outputs=outputs, show_progress="hidden")
+
+
+def _or_skip(value):
+    return gr.skip() if value is None else value
+
+
+def _shown(message: str | None):
+    return gr.skip() if message is None else gr.update(value=message, visible=True)
