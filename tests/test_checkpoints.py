@@ -233,6 +233,58 @@ def test_hostile_pickle_is_refused_and_creates_nothing(tmp_path, writer):
     assert marker.exists()
 
 
+def _cut(source, target, keep: float = 0.6):
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * keep)])
+    return target
+
+
+def _pickled_unet_folder(model_dir, tmp_path):
+    """The model folder with its UNet weights replaced by a pickle that weights_only refuses."""
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "pickled")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_CreatesFile(str(tmp_path / "pwned"))))
+    return folder, folder / "unet" / "diffusion_pytorch_model.bin"
+
+
+def test_loading_a_damaged_model_names_the_file_in_our_words(tmp_path, tiny_sd1_file, tiny_sd1_dir):
+    """What a file changed after the check meets at load time: CheckpointError naming the file, no library text."""
+    from trainer.checkpoints import CheckpointError, load_pipeline_components
+    from trainer.checkpoints.load import load_vae
+
+    cut = _cut(tiny_sd1_file, tmp_path / "cut.safetensors")
+    folder, pickled = _pickled_unet_folder(tiny_sd1_dir, tmp_path)
+    cut_vae = _cut(tiny_sd1_dir / "vae" / "diffusion_pytorch_model.safetensors", tmp_path / "vae.safetensors")
+    for load, named in [(lambda: load_pipeline_components(cut), f"{cut} is truncated"),
+                        (lambda: load_pipeline_components(folder), f"{pickled} cannot be loaded safely"),
+                        (lambda: load_vae(cut_vae, tiny_sd1_dir, None), f"{cut_vae} is truncated")]:
+        with pytest.raises(CheckpointError) as raised:
+            load()
+        message = str(raised.value)
+        assert named in message, message
+        assert "weights_only" not in message and "deserializing" not in message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_network_weights_fail_at_load_naming_the_file_and_field(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from trainer.network.network import NetworkConfigError
+    from trainer.network.weights import read_lora_file
+
+    whole = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(4, 32), "lora_unet_x.lora_up.weight": torch.ones(32, 4)},
+              str(whole))
+    cut = _cut(whole, tmp_path / "cut.safetensors", 0.8)
+    with pytest.raises(NetworkConfigError) as raised:
+        read_lora_file(str(cut))
+    assert raised.value.field == "network_weights"
+    assert str(raised.value).startswith(f"Network weights: {cut} is truncated")
+    assert set(read_lora_file(str(whole))) == {"lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight"}
+
+
 # ---- shipped configs -------------------------------------------------------------------------
 
 # Parameter counts of the official models (diffusers/transformers classes).

@@ -15,6 +15,7 @@ from pathlib import Path
 from trainer.checkpoints.reader import PICKLE_SUFFIXES
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+FIX = "copy or download the file again; a .safetensors version is safest"
 NOT_SAFETENSORS = "the header length is impossible: the file is not .safetensors, or it is truncated"
 
 
@@ -80,4 +81,12 @@ def folder_weight_files(folder: Path) -> list[Path]:
     return files
 
 
-FIX = "copy or download the file again; a .safetensors version is safest"
+
+def unreadable_weights(files: list[Path], exc: BaseException) -> str:
+    """The user's message for a library error while loading ``files``: the damaged file and why, in our words."""
+    for file in files:
+        problem = weights_file_problem(Path(file))
+        if problem:
+            return f"{file} {problem}"
+    names = ", ".join(str(f) for f in files)
+    return f"{names} could not be loaded ({type(exc).__name__}); the file may be damaged: {FIX}"

@@ -101,6 +101,8 @@ def _load_diffusers_folder(folder: Path, info: ModelInfo, dtype, v_parameterizat
             models[name] = load_folder_component(folder, name, dtype)
         except (WeightsError, ValueError) as exc:
             raise CheckpointError(f"{folder}: {name}: {exc}") from None
+        except Exception as exc:  # safetensors/torch errors of a damaged file, named in our words
+            raise _unreadable(folder / name, exc) from exc
     components = _assemble(info, folder, models)
     if v_parameterization is not None:
         components.scheduler_config["prediction_type"] = "v_prediction" if v_parameterization else "epsilon"
@@ -156,6 +158,18 @@ def load_vae(path, config_dir: Path, dtype):
             return model
     except (WeightsError, ValueError) as exc:
         raise CheckpointError(f"VAE {path}: {exc}") from None
+    except Exception as exc:  # safetensors/torch errors of a damaged file, named in our words
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """The CheckpointError naming the damaged weights file in ``path`` (a file or a component folder)."""
+    from trainer.checkpoints.integrity import unreadable_weights
+    from trainer.safety import is_out_of_memory
+
+    if is_out_of_memory(exc):  # not the file's fault: the run's out-of-memory advice applies
+        raise exc
+    return CheckpointError(unreadable_weights(sorted(path.iterdir()) if path.is_dir() else [path], exc))
 
 
 def _assemble(info: ModelInfo, config_dir: Path, models: dict) -> Components:

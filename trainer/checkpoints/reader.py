@@ -37,7 +37,9 @@ class TensorSource:
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-            raise CheckpointError(f"{self.path.name} is not a readable .safetensors file: {exc}") from exc
+            from trainer.checkpoints.integrity import unreadable_weights
+
+            raise CheckpointError(unreadable_weights([self.path], exc)) from exc
         self.metadata = self._handle.metadata() or {}
 
     def keys(self) -> list[str]:

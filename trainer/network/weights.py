@@ -7,14 +7,21 @@ import torch
 
 
 def read_lora_file(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a kohya LoRA file (.safetensors, or a torch-saved state dict)."""
+    """Tensors of a kohya LoRA file (.safetensors, or a torch-saved state dict, weights-only).
+
+    A damaged or unsafe file is a NetworkConfigError naming the file and the field, never the library's text."""
+    from trainer.checkpoints.errors import CheckpointError
+    from trainer.checkpoints.reader import TensorSource
+
+    from .network import NetworkConfigError
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"network weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with TensorSource(path) as source:
+            return {key: source.get(key) for key in source.keys()}
+    except CheckpointError as exc:
+        raise NetworkConfigError(f"Network weights: {exc}", "network_weights") from exc
 
 
 def ranks_and_alphas(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
