@@ -39,7 +39,8 @@ def test_disk_full_while_writing_keeps_the_previous_file(tmp_path):
     assert target.read_bytes() == b"previous good file" and leftovers(tmp_path) == []
     assert err.disk_full and err.previous_intact and err.errno == errno.ENOSPC
     text = str(err)
-    assert "previous lora.safetensors is intact" in text and "GiB free" in text and "No space left" in text
+    assert "previous lora.safetensors is intact" in text and "No space left" in text
+    assert f"The disk holding {tmp_path} has " in text and "iB free: free some space" in text
 
 
 def test_disk_full_on_fsync_and_without_a_previous_file(tmp_path, monkeypatch):
@@ -74,6 +75,34 @@ def test_folder_that_cannot_be_created(tmp_path):
     with pytest.raises(SaveError) as caught:
         atomic_write_bytes(blocker / "out.safetensors", b"x")
     assert "no file was written" in str(caught.value)
+
+
+def test_disk_full_without_errno_as_safetensors_reports_it(tmp_path):
+    from safetensors import SafetensorError
+
+    def rust_error(tmp):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    with pytest.raises(SaveError) as caught:
+        atomic_write(tmp_path / "x.safetensors", rust_error)
+    assert caught.value.disk_full and caught.value.errno == errno.ENOSPC
+    assert f"The disk holding {tmp_path} has " in str(caught.value) and " free: free some space" in str(caught.value)
+    assert not safety.is_disk_full(ValueError("tensor is not contiguous"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_files_get_the_mode_open_would_give(tmp_path, umask, mode):
+    from safetensors.torch import save_file
+    import torch
+
+    previous = os.umask(umask)
+    try:  # safetensors' save_file replaces the temp file with its own 0600 one
+        atomic_write(tmp_path / "a.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, tmp))
+        atomic_write_bytes(tmp_path / "b.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert [p.stat().st_mode & 0o777 for p in sorted(tmp_path.iterdir())] == [mode, mode]
 
 
 def test_free_bytes_of_a_missing_path_uses_the_parent(tmp_path):

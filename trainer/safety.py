@@ -2,7 +2,10 @@
 
 * :func:`atomic_write` — every save: temp file in the same folder, fsync, rename.
   On any error (a full disk included) the temp file is removed, the previous file
-  stays as it was, and :class:`SaveError` says so and how much space is free.
+  stays as it was, and :class:`SaveError` says so and how much space is free (a full
+  disk is recognised with or without an errno: :func:`is_disk_full`). Files get the
+  umask's mode, as ``open()`` would give them.
+* :func:`remove_stale_temp_files` — the temp files a killed save left behind.
 * :func:`is_out_of_memory` — recognise an OOM (what to change then:
   :mod:`trainer.preflight.memory_advice`).
 * :class:`NanGuard` — NaN/inf loss: skip the step or stop (``nan_loss_policy``),
@@ -17,8 +20,10 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -55,13 +60,22 @@ def free_bytes(path: str | os.PathLike) -> int | None:
         return None
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
+def file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file now (0666 less the umask); mkstemp and safetensors make 0600."""
+    try:  # Linux: read the umask without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask
 
 
-_FILE_MODE = _default_file_mode()
+# Temp files carry the writer's pid, so a later run can tell a crashed writer's leftovers from a live one's.
+TEMP_TAG = ".nekoya-"
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> None:
@@ -74,10 +88,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}{os.getpid()}-", suffix=".tmp",
+                                   dir=folder)
         os.close(fd)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; saved files get the usual permissions
         write_fn(tmp)
+        os.chmod(tmp, file_mode())  # after writing: a writer that replaces the temp file makes it 0600 again
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,7 +100,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> No
         if tmp is not None:
             _remove_quietly(tmp)
         raise _save_error(path, exc) from exc
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -104,16 +119,47 @@ def _save_error(path: str, exc: Exception) -> SaveError:
     intact = os.path.exists(path)
     kept = f"the previous {os.path.basename(path)} is intact" if intact else "no file was written"
     free = free_bytes(path)
-    code = getattr(exc, "errno", None)
+    full = is_disk_full(exc)
+    code = getattr(exc, "errno", None) or (errno.ENOSPC if full else None)
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
     message = f"could not save {path}: {reason}; {kept}"
-    if code in DISK_FULL_ERRNOS:
-        space = f"{free / GIB:.2f} GiB free" if free is not None else "the drive is full"
-        message += f". The drive is full ({space}): free some space or choose an Output folder on another drive"
+    if full:
+        message += f". {disk_full_advice(path, free, 'choose an Output folder on another drive')}"
     return SaveError(message, path=path, previous_intact=intact, free_bytes=free, cause_errno=code)
 
 
-def _fsync_folder(folder: str) -> None:
+# safetensors (Rust) reports a full disk as text, without errno: "IoError(Os { code: 28, kind: StorageFull, ...
+_DISK_FULL_TEXTS = ("no space left on device", "os error 28", "code: 28,", "storagefull", "disk quota exceeded",
+                    "there is not enough space on the disk")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """A full disk (or quota) anywhere in the exception's chain, with or without an errno."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in DISK_FULL_ERRNOS or getattr(exc, "disk_full", False):
+            return True
+        if any(text in str(exc).lower() for text in _DISK_FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_advice(path: str | os.PathLike, free: int | None, other_place: str) -> str:
+    """``The disk holding /x has 12 MiB free: free some space or <other_place>``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    space = f"has {format_bytes(free)} free" if free is not None else "is full"
+    return f"The disk holding {folder} {space}: free some space or {other_place}"
+
+
+def format_bytes(count: int) -> str:
+    if count >= GIB:
+        return f"{count / GIB:.2f} GiB"
+    return f"{count / 2**20:.0f} MiB" if count >= 2**20 else f"{count / 1024:.0f} KiB"
+
+
+def fsync_folder(folder: str) -> None:
     """Make the rename itself durable where the OS allows it (not on Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -132,6 +178,59 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+# ---- leftovers of crashed saves -------------------------------------------------------------
+
+_OWN_TEMP = re.compile(re.escape(TEMP_TAG) + r"(?P<pid>\d+)-[^/\\]*\.tmp$")
+# Older names: ours without a pid, and the safetensors library's own temp file (its data, renamed on success).
+_LEGACY_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
+LEGACY_TEMP_AGE_S = 600  # a live writer touches its temp file every moment; one this old is a crash's
+
+
+def pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Remove the temp files of saves whose process died (kill -9, power loss) from ``folder``.
+
+    A temp file naming a live process is left alone (another run saving now); one without a pid is
+    removed only when it is an old Nekoya/safetensors temp not written to for ``LEGACY_TEMP_AGE_S``.
+    Returns the removed paths; never raises.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(".") and _is_stale_temp(entry):
+            _remove_quietly(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def _is_stale_temp(entry: os.DirEntry) -> bool:
+    try:
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        own = _OWN_TEMP.search(entry.name)
+        if own:
+            return not pid_alive(int(own["pid"]))
+        if not _LEGACY_TEMP.match(entry.name) or time.time() - entry.stat().st_mtime < LEGACY_TEMP_AGE_S:
+            return False
+        return entry.name.endswith(".tmp") or _starts_like_safetensors(entry.path)
+    except OSError:
+        return False
+
+
+def _starts_like_safetensors(path: str) -> bool:
+    """A safetensors file: 8 bytes of header length, then the JSON header."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
 
 
 # ---- out of memory ---------------------------------------------------------------------------
