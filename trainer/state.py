@@ -1,39 +1,18 @@
-"""What a run knows about itself: position, loss averages, speed, and the resume state.
+"""What a run knows about itself: loss averages, speed, memory, and the RNG states to resume from.
 
-A state folder (``--save_state``) holds the LoRA weights, the optimizer, scheduler
-and grad-scaler state, every RNG the run draws from, and ``train_state.json`` with
-the position (``current_step``, ``current_epoch`` as sd-scripts, plus the batch
-within the epoch). ``train_state.json`` is written last: a folder without it is
-not a usable state.
+State folders (``--save_state``), and the ``Position`` they hold: :mod:`trainer.state_folder`.
 """
 from __future__ import annotations
 
-import io
-import json
-import os
 import random
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from trainer import saving
 from trainer.events import Memory
-
-STATE_FILE = "train_state.json"
-WEIGHTS_FILE = "lora.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
-
-
-@dataclass
-class Position:
-    step: int = 0  # optimizer steps done
-    epoch: int = 1  # 1-based epoch in progress (or just finished)
-    batches_done: int = 0  # batches of ``epoch`` already trained
-    seed: int = 0
+from trainer.state_folder import Position  # noqa: F401  (re-exported)
 
 
 class ProgressMeter:
@@ -121,53 +100,3 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-# -- state folders ------------------------------------------------------------------------------
-def save_state(folder: str, lora_tensors: dict[str, torch.Tensor], stepper_state: dict, rng: dict,
-               position: Position) -> None:
-    """Write a resumable state folder; every file atomically, ``train_state.json`` last."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    saving.atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda tmp: save_file(lora_tensors, tmp))
-    saving.atomic_write_bytes(os.path.join(folder, OPTIMIZER_FILE), _torch_bytes(stepper_state))
-    saving.atomic_write_bytes(os.path.join(folder, RNG_FILE), _torch_bytes(rng))
-    info = {"current_step": position.step, "current_epoch": position.epoch, **asdict(position)}
-    saving.atomic_write_bytes(os.path.join(folder, STATE_FILE), json.dumps(info, indent=2).encode())
-
-
-@dataclass
-class LoadedState:
-    position: Position
-    lora_tensors: dict[str, torch.Tensor]
-    stepper_state: dict
-    rng: dict
-
-
-def load_state(folder: str) -> LoadedState:
-    from safetensors.torch import load_file
-
-    info_path = os.path.join(folder, STATE_FILE)
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"{folder} is not a training state folder (no {STATE_FILE})")
-    with open(info_path, encoding="utf-8") as f:
-        info = json.load(f)
-    position = Position(
-        step=int(info["current_step"]),
-        epoch=int(info.get("epoch", info.get("current_epoch", 1))),
-        batches_done=int(info.get("batches_done", 0)),
-        seed=int(info.get("seed", 0)),
-    )
-    return LoadedState(
-        position=position,
-        lora_tensors=load_file(os.path.join(folder, WEIGHTS_FILE)),
-        stepper_state=torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=True),
-        rng=torch.load(os.path.join(folder, RNG_FILE), map_location="cpu", weights_only=True),
-    )
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()

@@ -149,6 +149,12 @@ def check_resume(ctx: CheckContext):
     if value and not Path(value).expanduser().is_dir():
         yield Problem("error", "resume", f"{value} is not a folder", fix="choose a <name>-state folder written by "
                       "Save training state, or clear the field", file=value)
+    elif value:  # a mix of two saves or a damaged file is refused here, naming the file
+        from trainer.state_folder import check_state_folder
+
+        problem = check_state_folder(Path(value).expanduser(), hashes=ctx.deep)
+        if problem:
+            yield Problem(problem.severity, "resume", problem.message, fix=problem.fix, file=problem.file)
 
 
 @preflight_check("output.samples")
