@@ -56,24 +56,44 @@ def test_safetensors_metadata_and_hashes(tmp_path):
 
 
 def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
-    import safetensors.torch as st
+    from trainer import safety
 
     path = tmp_path / "keep.safetensors"
     saving.save_lora_file(str(path), _tensors(), {"ss_a": "1"})
     before = path.read_bytes()
 
-    def disk_full(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def disk_full(fd):  # the new file's data reaches the disk at fsync: that is where ENOSPC shows
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(st, "save_file", disk_full)
+    monkeypatch.setattr(safety.os, "fsync", disk_full)
     with pytest.raises(saving.SaveError) as err:
         saving.save_lora_file(str(path), _tensors(n=5), {"ss_a": "2"})
     assert err.value.previous_intact and err.value.disk_full
     assert "No space left" in str(err.value) and "intact" in str(err.value)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["keep.safetensors"]  # no temp file left behind
+
+
+def test_saved_files_follow_the_umask_and_leave_no_library_temp(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        saving.save_lora_file(str(tmp_path / "a.safetensors"), _tensors(), {"ss_a": "1"})
+        saving.save_lora_file(str(tmp_path / "a.ckpt"), _tensors(), {})
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"a.safetensors": 0o640, "a.ckpt": 0o640}
+
+
+def test_kept_weights_save_to_a_folder_or_a_file(tmp_path):
+    from safetensors import safe_open
+
+    kept = saving.KeptWeights(_tensors(), {"ss_steps": "7"}, step=7, epoch=1, file_name="x-step00000007.safetensors")
+    folder_path = kept.save_to(tmp_path)
+    assert folder_path == str(tmp_path / "x-step00000007.safetensors") and kept.saved_path == folder_path
+    file_path = kept.save_to(tmp_path / "elsewhere.safetensors")
+    with safe_open(file_path, "pt") as f:
+        assert f.metadata()["ss_steps"] == "7" and "sshs_model_hash" in f.metadata()
+        torch.testing.assert_close(f.get_tensor("lora_unet_m0.lora_down.weight"), kept.tensors["lora_unet_m0.lora_down.weight"])
 
 
 def test_ckpt_is_torch_saved_state_dict(tmp_path):

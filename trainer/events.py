@@ -64,6 +64,17 @@ class Saved:
 
 
 @dataclass(frozen=True)
+class DiskFull:
+    """A save failed for lack of disk space (the run then ends). The LoRA of ``step`` is kept in memory:
+    ``Control.save_kept_to(path)`` (or ``TrainResult.kept.save_to``) writes it elsewhere later."""
+
+    path: str  # the file that could not be written
+    free_bytes: int | None  # free on the disk holding it
+    step: int
+    advice: str  # "The disk holding /x has 12 MiB free: free some space or choose another folder with Save to…"
+
+
+@dataclass(frozen=True)
 class Sample:
     path: str
     prompt: str
@@ -100,7 +111,7 @@ class Stopped:
     files: tuple[str, ...] = field(default_factory=tuple)
 
 
-Event = Union[Started, Step, EpochEnd, Saved, Sample, Log, Error, Finished, Stopped]
+Event = Union[Started, Step, EpochEnd, Saved, DiskFull, Sample, Log, Error, Finished, Stopped]
 EventSink = Callable[[Event], None]
 
 

@@ -20,8 +20,11 @@ import torch
 from trainer import events as ev
 from trainer.control import Control
 from trainer.model_libraries import import_model_libraries
-from trainer.saving import epoch_state_name, final_state_name, step_state_name
+from trainer.safety import is_disk_full
+from trainer.saving import NonFiniteWeights, SaveError, epoch_state_name, final_state_name, step_state_name
 from trainer.state import memory_snapshot
+
+SNAPSHOT_EVERY_STEPS = 10  # a CPU copy of finite weights this often, for a NaN stop to fall back to
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class TrainResult:
     error: str | None = None
     field: str | None = None  # the setting to fix, when one is to blame
     last_loss: float | None = None
+    kept: Any = None  # saving.KeptWeights held in memory when a full disk kept them from being written
 
 
 class TrainingError(Exception):
@@ -52,6 +56,7 @@ def train(settings: Any, sink: ev.EventSink = ev.ignore, control: Control | None
     """
     run = _Run(settings, sink, control or Control(), debug_fixed_noise)
     try:
+        run.clean_up_after_crashes()
         run.setup()
         return run.train()
     except Exception as exc:  # every failure ends as one Error event and a "failed" result
@@ -60,7 +65,7 @@ def train(settings: Any, sink: ev.EventSink = ev.ignore, control: Control | None
             sink(ev.Log("".join(traceback.format_exception(exc)), "warning"))
         run.save_what_exists()
         sink(ev.Error(message, field, hint))
-        return TrainResult("failed", run.step, tuple(run.files), message, field)
+        return TrainResult("failed", run.step, tuple(run.files), message, field, kept=run.control.kept_weights)
     finally:
         run.close()
 
@@ -80,6 +85,14 @@ class _Run:
 
     def log(self, message: str, level: str = "info") -> None:
         self.sink(ev.Log(message, level))
+
+    def clean_up_after_crashes(self) -> None:
+        """Temp files and half-swapped state folders that a killed run left (before preflight reads them)."""
+        from trainer.state_folder import recover_interrupted_saves
+
+        s = self.settings
+        for line in recover_interrupted_saves(s.output_dir or ".", os.path.dirname(s.resume.strip()) if s.resume else ""):
+            self.log(line)
 
     # -- setup: data, model, network, optimizer, inputs ------------------------------------------
     def setup(self) -> None:
@@ -148,7 +161,7 @@ class _Run:
     def _load_resume(self):
         if not self.settings.resume:
             return None
-        from trainer.state import load_state
+        from trainer.state_folder import load_state
 
         try:
             return load_state(self.settings.resume)
@@ -458,6 +471,8 @@ class _Run:
             self.outputs.save("step", self.step, self.epoch)
             if self.settings.save_state:
                 self._save_state(self.outputs.path(step_state_name(self.settings.output_name, self.step)))
+        elif self.step % SNAPSHOT_EVERY_STEPS == 0:
+            self.outputs.snapshot(self.step, self.epoch)
         self.samples.after_step(self.step, self.epoch, requested=self.control.take_sample_request())
 
     def _end_epoch(self, epoch: int) -> None:
@@ -489,16 +504,39 @@ class _Run:
         return TrainResult("stopped", self.step, tuple(self.files))
 
     def save_what_exists(self) -> None:
-        """After a failure mid-run (NaN stop, out of memory...): keep the trained steps. Never raises."""
+        """After a failure mid-run (NaN stop, out of memory...): keep the trained steps, finite weights only;
+        when the disk is full, in memory (``Control.save_kept_to``). Never raises."""
         if self.step == 0 or self.outputs is None:
             return
+        kind, weights = "final" if self.step >= self.plan.total_steps else "stopped", None
         try:
-            self.outputs.save("stopped", self.step, self.epoch)
+            weights = self.outputs.weights_to_keep(self.step, self.epoch, kind)
+            if weights is None or weights.step != self.step:
+                kept = (f"the last finite weights, of step {weights.step}, are kept" if weights else "no finite "
+                        f"weights were kept (they are copied every {SNAPSHOT_EVERY_STEPS} steps and at each save)")
+                self.log(f"the LoRA weights are NaN or infinite at step {self.step}, so they are not saved; {kept}",
+                         "warning")
+            if weights is not None and weights.saved_path is None:
+                self.outputs.write(kind, weights)
         except Exception as exc:  # the failure being reported matters more than this one
-            self.log(f"could not save the LoRA after the failure: {exc}", "warning")
+            if weights is not None and is_disk_full(exc):
+                self._keep_in_memory(weights, exc)
+            else:
+                self.log(f"could not save the LoRA after the failure: {exc}", "warning")
+
+    def _keep_in_memory(self, weights, exc: Exception) -> None:
+        from trainer.safety import disk_full_advice, free_bytes
+
+        path = getattr(exc, "path", None) or self.outputs.path(weights.file_name)
+        free = free_bytes(path)
+        self.control.keep(weights)
+        advice = disk_full_advice(path, free, "choose another folder with Save to…") + (
+            f". The LoRA of step {weights.step} is kept in memory until then")
+        self.sink(ev.DiskFull(path, free, weights.step, advice))
 
     def _save_state(self, folder: str, next_epoch: bool = False) -> None:
-        from trainer.state import Position, rng_state, save_state
+        from trainer.state import rng_state
+        from trainer.state_folder import Position, save_state
 
         epoch, batches = (self.epoch + 1, 0) if next_epoch else (self.epoch, self.batches_done)
         save_state(folder, self.network.lora_state_dict(torch.float32), self.stepper.state_dict(),
@@ -545,10 +583,12 @@ def _model_hashes(path: str) -> dict[str, str]:
 def _describe(exc: Exception, settings: Any) -> tuple[str, str | None, str | None]:
     """(message, field, hint) for an Error event."""
     from trainer.preflight.memory_advice import memory_advice
-    from trainer.safety import is_out_of_memory
+    from trainer.safety import is_out_of_memory, nan_hint
 
     field = getattr(exc, "field", None)
     hint = getattr(exc, "hint", None)
+    if isinstance(exc, NonFiniteWeights):
+        hint = nan_hint(settings)
     if is_out_of_memory(exc):
         return "out of GPU memory", "train_batch_size", memory_advice(settings)
     if isinstance(exc, _EXPECTED_ERRORS):
@@ -562,10 +602,8 @@ def _expected_errors() -> tuple[type, ...]:
     from trainer.data.latent_cache import LatentCacheError
     from trainer.network.network import NetworkConfigError
     from trainer.optim.args import OptimConfigError
-    from trainer.saving import SaveError
-
     return (TrainingError, CheckpointError, DatasetError, LatentCacheError, NetworkConfigError, OptimConfigError,
-            SaveError, FileNotFoundError, NotImplementedError)
+            SaveError, NonFiniteWeights, FileNotFoundError, NotImplementedError)
 
 
 _EXPECTED_ERRORS = _expected_errors()

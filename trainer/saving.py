@@ -2,13 +2,15 @@
 
 Every file is written to a temporary file in the same folder, flushed to disk and
 renamed over the target, so a crash or a full disk never leaves a half-written
-LoRA, and the previous file of that name survives a failed save.
+LoRA, and the previous file of that name survives a failed save. Weights with NaN
+or infinity are never written as a result (:class:`NonFiniteWeights`).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -81,21 +83,52 @@ def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
     """Write a LoRA as .safetensors (with metadata and sshs hashes) or, for .ckpt/.pt,
     as a torch-saved state dict (sd-scripts writes no metadata there)."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         model_hash, legacy_hash = sshs_hashes(tensors, metadata)
-        full = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
-
-        def write(tmp: str) -> None:
-            save_file(tensors, tmp, full)
+        # serialised here, not with save_file: that writes its own temp file, which a crash leaves behind
+        data = save(tensors, {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
     else:
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
+        data = buffer.getvalue()
+    atomic_write_bytes(path, data)
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getvalue())
-    atomic_write(path, write)
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+class NonFiniteWeights(ValueError):
+    """The LoRA weights hold NaN or infinity: such a file is never saved as a result."""
+
+    field = "nan_loss_policy"
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"the LoRA weights are NaN or infinite after step {step}; training stopped")
+        self.step = step
+
+
+@dataclass
+class KeptWeights:
+    """A LoRA (CPU tensors and its metadata) held in memory: the last finite weights of a run, or the
+    weights a full disk kept from being written. ``save_to`` writes them anywhere, later."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    step: int
+    epoch: int
+    file_name: str  # the name the run would give it, e.g. "mylora-step00000500.safetensors"
+    saved_path: str | None = None  # where it was written, if it was
+
+    def save_to(self, path: str | os.PathLike) -> str:
+        """Write to ``path`` (a file, or a folder to hold ``file_name``); returns the file. Raises SaveError."""
+        path = os.fspath(path)
+        if os.path.isdir(path) or not path.endswith(tuple(FILE_EXTENSIONS.values())):
+            path = os.path.join(path, self.file_name)
+        save_lora_file(path, self.tensors, self.metadata)
+        self.saved_path = path
+        return path
 
 
 # -- what a run writes, and when ---------------------------------------------------------------
@@ -119,6 +152,7 @@ class RunOutputs:
         self.last_n_epoch_states = int(getattr(settings, "save_last_n_epochs_state", 0) or self.last_n_epochs)
         self.tensors, self.metadata, self.on_saved = tensors, metadata, on_saved
         self.files: list[str] = []
+        self.last_finite: KeptWeights | None = None  # the newest finite weights saved or snapshot
 
     def path(self, file_name: str) -> str:
         return os.path.join(self.folder, file_name)
@@ -131,19 +165,49 @@ class RunOutputs:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0 and step < total_steps
 
     def save(self, kind: str, step: int, epoch: int) -> str:
-        """kind: "epoch", "step", "stopped" (step-named) or "final"."""
-        names = {
-            "epoch": lambda: epoch_file_name(self.name, epoch, self.ext),
-            "step": lambda: step_file_name(self.name, step, self.ext),
-            "stopped": lambda: step_file_name(self.name, step, self.ext),
-            "final": lambda: final_file_name(self.name, self.ext),
-        }
-        path = self.path(names[kind]())
-        save_lora_file(path, self.tensors(self.dtype), self.metadata(step, epoch))
+        """kind: "epoch", "step", "stopped" (step-named) or "final". Raises NonFiniteWeights, SaveError."""
+        return self.write(kind, self.current(step, epoch, kind))
+
+    def current(self, step: int, epoch: int, kind: str = "stopped") -> KeptWeights:
+        """The weights now, as ``kind``'s file would hold them; NonFiniteWeights if any is NaN/inf."""
+        # copies: on a CPU the state dict shares memory with the weights, which training goes on changing
+        tensors = {key: value.clone() for key, value in self.tensors(self.dtype).items()}
+        if not all_finite(tensors):
+            raise NonFiniteWeights(step)
+        return KeptWeights(tensors, self.metadata(step, epoch), step, epoch, self.file_name(kind, step, epoch))
+
+    def weights_to_keep(self, step: int, epoch: int, kind: str) -> KeptWeights | None:
+        """After a failure: the weights now (already saved, or to save as ``kind``), or the last finite
+        ones when they hold NaN/inf (None when there are none)."""
+        last = self.last_finite
+        if last is not None and last.step == step and last.saved_path and os.path.exists(last.saved_path):
+            return last
+        try:
+            return self.current(step, epoch, kind)
+        except NonFiniteWeights:
+            return last
+
+    def snapshot(self, step: int, epoch: int) -> None:
+        """Keep a CPU copy of the weights if finite: what a NaN stop falls back to."""
+        try:
+            self.last_finite = self.current(step, epoch)
+        except NonFiniteWeights:
+            pass
+
+    def file_name(self, kind: str, step: int, epoch: int) -> str:
+        if kind == "epoch":
+            return epoch_file_name(self.name, epoch, self.ext)
+        if kind == "final":
+            return final_file_name(self.name, self.ext)
+        return step_file_name(self.name, step, self.ext)  # "step", "stopped"
+
+    def write(self, kind: str, weights: KeptWeights) -> str:
+        path = weights.save_to(self.path(self.file_name(kind, weights.step, weights.epoch)))
+        self.last_finite = weights
         if path not in self.files:
             self.files.append(path)
-        self.on_saved(path, kind, step, epoch)
-        self._drop_old(kind, step, epoch)
+        self.on_saved(path, kind, weights.step, weights.epoch)
+        self._drop_old(kind, weights.step, weights.epoch)
         return path
 
     def _drop_old(self, kind: str, step: int, epoch: int) -> None:

@@ -1,14 +1,16 @@
 """``python -m trainer train``: the GUI's training entry point with a terminal progress bar.
 
 Ctrl+C asks for a clean stop (the run saves what it has at the next step
-boundary); a second Ctrl+C aborts at once.
+boundary); a second Ctrl+C aborts at once. When a full disk kept the trained
+LoRA in memory, the command asks where to save it.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
-from typing import TextIO
+from typing import Callable, TextIO
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -53,6 +55,9 @@ class ProgressPrinter:
     def _on_Saved(self, e) -> None:
         self.write(f"saved {e.kind}: {e.path}")
 
+    def _on_DiskFull(self, e) -> None:
+        self.write(f"disk full: {e.advice}", self.err)
+
     def _on_Log(self, e) -> None:
         self.write(("warning: " if e.level == "warning" else "") + e.message, self.err if e.level == "warning" else None)
 
@@ -82,8 +87,10 @@ class ProgressPrinter:
             self.bar = None
 
 
-def run(settings, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Train with a progress bar; 0 when finished, 130 when stopped by Ctrl+C, 1 on failure."""
+def run(settings, out: TextIO | None = None, err: TextIO | None = None, ask: Callable[[str], str] | None = None) -> int:
+    """Train with a progress bar; 0 when finished, 130 when stopped by Ctrl+C, 1 on failure.
+
+    When a full disk kept the LoRA in memory, ``ask`` (``input`` on a terminal) is asked where to save it."""
     from trainer.control import Control
     from trainer.loop import train
 
@@ -92,7 +99,32 @@ def run(settings, out: TextIO | None = None, err: TextIO | None = None) -> int:
     control = Control()
     with _ctrl_c_requests_stop(control, printer):
         result = train(settings, printer, control)
+    if control.kept_weights is not None:
+        _save_kept(control, printer, ask or (input if sys.stdin.isatty() else None))
     return {"finished": EXIT_OK, "stopped": EXIT_STOPPED}.get(result.status, EXIT_FAILED)
+
+
+def _save_kept(control, printer: ProgressPrinter, ask: Callable[[str], str] | None) -> None:
+    """Ask for a folder or file on another disk until the kept LoRA is saved there, or the user gives up."""
+    from trainer.safety import SaveError
+
+    if ask is None:
+        printer.write("the trained LoRA was only in memory and is lost: run in a terminal to be asked where to "
+                      "save it", printer.err)
+        return
+    while True:
+        try:
+            answer = ask("Save the trained LoRA to (a folder or file on another disk; empty to discard): ").strip()
+        except EOFError:
+            answer = ""
+        if not answer:
+            printer.write("the trained LoRA was not saved", printer.err)
+            return
+        try:
+            printer.write(f"saved: {control.save_kept_to(os.path.expanduser(answer))}")
+            return
+        except SaveError as exc:
+            printer.write(f"error: {exc}", printer.err)
 
 
 class _ctrl_c_requests_stop:
