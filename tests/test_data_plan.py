@@ -198,3 +198,14 @@ def test_plan_from_the_real_settings_model(image_folder):
         "(4 images × 10 repeats + 3 images × 5 repeats) × 1 epoch ÷ batch 2 = 28 steps (not exact: 27.5 steps per epoch"
     )
     assert plan.formula.endswith("1 bucket of 55 samples = 28 batches, × 1 epoch = 28)")
+
+
+def test_an_unreadable_image_counts_as_found_and_left_out(tmp_path):
+    from trainer.devtools.synthetic import add_corrupt_image
+
+    _images(tmp_path / "img" / "3_a", [(512, 512)] * 2)
+    add_corrupt_image(tmp_path / "img" / "3_a", "broken.png")
+    plan = plan_steps(_settings(tmp_path / "img"))
+    assert plan.per_folder[0].describe() == "3_a: 2 of 3 images × 3 repeats = 6 samples (1 left out: see the warnings), 0 caption files"
+    assert plan.formula == "2 images × 3 repeats × 1 epoch ÷ batch 1 = 6 steps"
+    assert plan.readiness() == "Ready to train with 2 of 3 images (1 left out: see the warnings)."

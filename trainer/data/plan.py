@@ -171,7 +171,8 @@ def plan_from_scans(
     buckets = group_by_bucket(entries)
     batches = count_batches((len(v) for v in buckets.values()), config.batch_size)
     steps_per_epoch, epochs, total = schedule(batches, config)
-    folders = _folder_lines(train.concepts + (reg.concepts if reg else ()), entries)
+    scan_skipped = train.skipped + (reg.skipped if reg else ())
+    folders = _folder_lines(train.concepts + (reg.concepts if reg else ()), entries, scan_skipped)
     train_samples = sum(e.repeats for e in entries if not e.item.is_reg)
     reg_samples = sum(e.repeats for e in entries if e.item.is_reg)
     warnings += _warnings(config, buckets, entries, reg, reg_samples, skipped)
@@ -212,17 +213,19 @@ def schedule(batches_per_epoch: int, config: PlanConfig) -> tuple[int, int, int]
     return steps_per_epoch, config.epochs, config.epochs * steps_per_epoch
 
 
-def _folder_lines(concepts: Sequence[Concept], entries: Sequence[Entry]) -> list[FolderLine]:
+def _folder_lines(concepts: Sequence[Concept], entries: Sequence[Entry], skipped: Sequence[Skipped]) -> list[FolderLine]:
     used: dict[tuple[str, bool], list[Entry]] = {}
     for entry in entries:
         used.setdefault((str(entry.item.path.parent), entry.item.is_reg), []).append(entry)
+    # files the scan could not use (unreadable image header, caption not UTF-8): one image each
+    unreadable = Counter(str(skip.path.parent) for skip in skipped if skip.path.is_file())
     lines = []
     for concept in concepts:
         concept_entries = used.get((str(concept.folder), concept.is_reg), [])
         lines.append(
             FolderLine(
                 folder=concept.folder.name,
-                images=len(concept.images),
+                images=len(concept.images) + unreadable[str(concept.folder)],
                 repeats=concept.repeats,
                 samples=sum(e.repeats for e in concept_entries),
                 is_reg=concept.is_reg,
