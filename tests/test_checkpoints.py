@@ -60,9 +60,12 @@ def test_single_file_loads_bit_identical(request, family):
     assert len(loaded.text_encoders) == len(loaded.tokenizers) == TEXT_ENCODERS[family]
     for mine, theirs in zip(loaded.text_encoders, ref_encoders):
         _assert_same_weights(mine, theirs)
-    # The inferred architecture (heads, projections, depths) computes exactly what the original does.
+    # The inferred architecture (heads, projections, depths) computes what the original does. The weights
+    # above are bit-identical; the outputs agree to float rounding only, because the lean UNet's 2-D-row
+    # matmuls pick other CPU kernels than diffusers' 3-D ones on some CPUs (1e-6 apart on AVX512 EPYC).
     cross = ref.unet.config.cross_attention_dim
-    assert torch.equal(_unet_output(loaded.unet, family, cross), _unet_output(ref.unet, family, cross))
+    torch.testing.assert_close(_unet_output(loaded.unet, family, cross), _unet_output(ref.unet, family, cross),
+                               atol=1e-5, rtol=1e-5)
     ids = loaded.tokenizer("a photo of sks dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert ids.tolist() == ref.tokenizer("a photo of sks dog", padding="max_length", max_length=77,
                                          return_tensors="pt").input_ids.tolist()
