@@ -91,7 +91,8 @@ class _Run:
         from trainer.state_folder import recover_interrupted_saves
 
         s = self.settings
-        for line in recover_interrupted_saves(s.output_dir or ".", os.path.dirname(s.resume.strip()) if s.resume else ""):
+        resume = os.path.normpath(os.path.expanduser(s.resume.strip())) if s.resume.strip() else ""
+        for line in recover_interrupted_saves(s.output_dir or ".", os.path.dirname(resume)):
             self.log(line)
 
     # -- setup: data, model, network, optimizer, inputs ------------------------------------------
