@@ -1,7 +1,8 @@
 """The run column: Start/Stop and the run buttons, the live status, samples, step plan and run output.
 
-Order matters on a small screen: the status block (progress, stats with memory, loss chart) comes
-first, then the samples, the step plan and the run's files and log; the column scrolls on its own.
+Order matters on a small screen: while a run goes its status block (progress, stats with memory, loss
+chart) comes first, then the samples, the step plan and the run's files and log; between runs the step
+plan comes first (style.css orders them). The column scrolls on its own.
 The decisions are plain functions (``start_request``, ``refresh``) that the wiring maps onto the
 page, so they are tested without a browser.
 """
@@ -55,7 +56,8 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
         extra = below_buttons()
         message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
         live = gr.HTML(render_live(snap), elem_id="nk-live-panel")
-        gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False)
+        gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False,
+                             object_fit="scale-down")  # a 64 px sample stays 64 px (style.css: also when enlarged)
         gr.HTML('<div class="nk-section-title">Step plan and checks</div>', elem_id="nk-plan-title")
         plan = gr.HTML(plan_html(form_defaults), elem_id="nk-plan")
         output = gr.HTML(render_run_output(snap), elem_id="nk-run-output")

@@ -83,7 +83,7 @@ def build_tryit_tab() -> TryItTab:
                                      elem_id="tryit_weight_b", scale=2, min_width=200)
             compare = gr.Button("Compare", elem_id="tryit_compare")
         note = status_box("tryit_note")
-        gallery = gr.Gallery(label="Images", elem_id="tryit_gallery", columns=2, height=420, object_fit="contain",
+        gallery = gr.Gallery(label="Images", elem_id="tryit_gallery", columns=2, height=420, object_fit="scale-down",
                              interactive=False, format="png")
         prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
     fields = NamedFields({

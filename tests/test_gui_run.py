@@ -294,3 +294,11 @@ def test_chart_gridlines_sit_at_round_values_clear_of_the_curve():
     curve_ys = [float(p.split(",")[1]) for p in re.search(r'points="([^"]+)" class="nk-line-raw"', svg).group(1).split()]
     assert max(grid_ys) - max(curve_ys) >= 6  # the lowest gridline lies clearly below the curve's minimum
     assert min(abs(g - max(curve_ys)) for g in grid_ys) >= 3  # and no gridline runs along it
+
+
+def test_galleries_show_small_images_at_their_own_size(tmp_path):
+    """Samples and Try it images: a 64 px image is drawn at 64 px, not stretched to the gallery's width."""
+    from gui_app_support import component, fresh_app
+
+    demo = fresh_app(tmp_path)
+    assert {component(demo, key).object_fit for key in ("samples_gallery", "tryit_gallery")} == {"scale-down"}
