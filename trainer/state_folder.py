@@ -24,7 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trainer.safety import SaveError, atomic_write_bytes, fsync_folder
+from trainer.safety import SaveError, atomic_write_bytes, fsync_folder, pid_alive, remove_stale_temp_files
 
 STATE_FILE = "train_state.json"
 WEIGHTS_FILE = "lora.safetensors"
@@ -84,7 +84,7 @@ def _swap_into_place(staging: str, folder: str) -> None:
         if aside and not os.path.exists(folder):
             _move(aside, folder)
         raise SaveError(f"could not put the training state in place at {folder}: {exc}", path=folder,
-                               previous_intact=True, free_bytes=None, cause_errno=exc.errno) from exc
+                        previous_intact=True, free_bytes=None, cause_errno=exc.errno) from exc
     if aside:
         shutil.rmtree(aside, ignore_errors=True)
     fsync_folder(os.path.dirname(os.path.abspath(folder)))
@@ -100,8 +100,6 @@ def recover_state_folders(parent: str) -> list[str]:
     The new folder wins when it is complete (its manifest checks out), else the old one comes back;
     leftovers beside a folder in place are deleted. A live process's leftovers are not touched.
     """
-    from trainer.safety import pid_alive
-
     done = []
     try:
         names = sorted(os.listdir(parent), key=lambda n: ".old-" in n)  # new ("tmp") before old
@@ -128,8 +126,6 @@ def recover_state_folders(parent: str) -> list[str]:
 def recover_interrupted_saves(*folders: str) -> list[str]:
     """Before a run: in each folder, remove dead processes' temp files and mend interrupted state swaps.
     Returns lines saying what was done; never raises."""
-    from trainer.safety import remove_stale_temp_files
-
     done = []
     for folder in dict.fromkeys(f for f in folders if f and os.path.isdir(f)):
         removed = remove_stale_temp_files(folder)
