@@ -56,7 +56,7 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
         extra = below_buttons()
         message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
         live = gr.HTML(render_live(snap), elem_id="nk-live-panel")
-        gallery = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples_gallery", interactive=False, visible=False,
+        gallery = gr.Gallery(label="Samples", columns=4, height=220, elem_id="samples_gallery", interactive=False, visible=False,
                              object_fit="scale-down")  # a 64 px sample stays 64 px (style.css: also when enlarged)
         gr.HTML('<div class="nk-section-title">Step plan and checks</div>', elem_id="nk-plan-title")
         plan = gr.HTML(plan_html(form_defaults), elem_id="nk-plan")

@@ -52,6 +52,33 @@ def assert_in_window(page, selector: str) -> None:
     assert inside, f"{selector} at {box} lies outside the {size['width']}x{size['height']} window"
 
 
+def scroll_column_to(page, selector: str) -> None:
+    """Scroll as a user does: the page until the run column sticks at the window's top, then the column
+    until ``selector``'s bottom edge comes into view."""
+    page.locator("#nk-run-column").evaluate("""(column, selector) => {
+        window.scrollBy(0, column.getBoundingClientRect().top - 8);
+        document.querySelector(selector).scrollIntoView({block: 'end'});
+    }""", selector)
+
+
+def assert_uncovered(page, selector: str) -> None:
+    """The middle of ``selector`` is what the window shows there (nothing lies over it)."""
+    hit = page.locator(selector).evaluate("""target => {
+        const r = target.getBoundingClientRect();
+        return target.contains(document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2));
+    }""")
+    assert hit, f"{selector} is covered"
+
+
+def assert_drawn_at_own_size_in_view(img, gallery) -> None:
+    """A 64 px sample in a wider cell: drawn at 64 px (scale-down), its middle inside the gallery's visible box."""
+    natural, width, fit = img.evaluate("img => [img.naturalWidth, img.width, getComputedStyle(img).objectFit]")
+    assert natural == 64 and width > 64 and fit == "scale-down", (natural, width, fit)
+    cell, frame = img.bounding_box(), gallery.bounding_box()
+    middle = (cell["x"] + cell["width"] / 2, cell["y"] + cell["height"] / 2)
+    assert frame["x"] < middle[0] < frame["x"] + frame["width"] and frame["y"] < middle[1] < frame["y"] + frame["height"]
+
+
 def shot(page, size: str, what: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"gui_layout_{size}_{what}.png"))
@@ -94,11 +121,10 @@ def test_the_run_column_keeps_the_plan_and_then_the_live_run_in_the_window(size,
     page.click("#sample_now")
     gallery = page.locator("#samples_gallery")
     expect(gallery.locator("img").first).to_be_visible(timeout=120_000)
-    drawn = gallery.locator("img").first.evaluate("img => [img.naturalWidth, img.width, getComputedStyle(img).objectFit]")
-    assert drawn[0] == 64 and drawn[1] > 64 and drawn[2] == "scale-down"  # a 64 px sample in a wider cell: not blown up
-    page.locator("#nk-run-column").evaluate("column => column.scrollTo(0, column.scrollHeight)")
-    gallery.scroll_into_view_if_needed()
+    assert_drawn_at_own_size_in_view(gallery.locator("img").first, gallery)
+    scroll_column_to(page, "#samples_gallery")
     assert_in_window(page, "#samples_gallery")
+    assert_uncovered(page, "#samples_gallery")
     for selector in LIVE_STATUS:  # scrolled down to the samples, the run's status is still in view
         assert_in_window(page, selector)
     shot(page, size, "running")
