@@ -16,7 +16,7 @@ pytest.importorskip("gradio")
 pytest.importorskip("playwright.sync_api")
 
 from test_gui_browser import (ARTIFACTS, CHROMIUM, browser, expect, fill_small_run, free_port,  # noqa: E402,F401
-                              live, needs_trainer, no_handler_errors, open_app, wait_for_status, wait_for_step)
+                              needs_trainer, no_handler_errors, open_app, wait_for_status, wait_for_step)
 
 pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium"),
               needs_trainer]
