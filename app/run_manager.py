@@ -8,6 +8,7 @@ state a page shows.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from trainer.control import Control
-from trainer.events import EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
+from trainer.events import DiskFull, EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class RunSnapshot:
     samples: tuple[Sample, ...] = ()
     log: tuple[str, ...] = ()
     error: Error | None = None
+    disk_full: DiskFull | None = None  # a full disk ended the run; its LoRA waits in memory for "Save to…"
+    kept_saved_to: str = ""  # where "Save to…" wrote that LoRA
     began_at: float | None = None  # time.time()
     ended_at: float | None = None
     output_name: str = ""
@@ -84,7 +87,7 @@ class RunState:
         self._handlers: dict[type, Callable[[Any], dict]] = {
             Started: self._on_started, Step: self._on_step, EpochEnd: self._on_epoch_end, Saved: self._on_saved,
             Sample: self._on_sample, Log: self._on_log, Error: self._on_error, Finished: self._on_finished,
-            Stopped: self._on_stopped, Memory: lambda e: {"memory": e},
+            Stopped: self._on_stopped, Memory: lambda e: {"memory": e}, DiskFull: self._on_disk_full,
         }
 
     def apply(self, event: Any) -> None:
@@ -142,6 +145,15 @@ class RunState:
     def _on_error(self, e: Error) -> dict:
         self._log.append(f"error: {e.message}")
         return {"error": e, "status": "error", "log": tuple(self._log)}
+
+    def _on_disk_full(self, e: DiskFull) -> dict:
+        self._log.append(f"warning: {e.advice}")
+        return {"disk_full": e, "log": tuple(self._log)}
+
+    def kept_saved(self, path: str) -> None:
+        with self._lock:
+            self._log.append(f"Saved the kept LoRA to {path}")
+            self._snap = replace(self._snap, kept_saved_to=path, log=tuple(self._log), version=self._snap.version + 1)
 
     def _on_finished(self, e: Finished) -> dict:
         self._log.append(f"Finished at step {e.step}.")
@@ -214,6 +226,28 @@ class RunManager:
 
     def request_sample(self) -> str:
         return self._request(lambda c: c.request_sample(), "The trainer makes samples (Samples tab prompts) after the current step.")
+
+    def save_kept_to(self, path: str) -> tuple[bool, str]:
+        """After a full disk ended the run: write the LoRA it kept in memory to ``path`` (a folder, or a
+        file name). Never replaces an existing file; a failure leaves the weights kept for another try."""
+        from trainer.safety import SaveError  # torch-free
+
+        with self._lock:
+            kept = self._control.kept_weights if self._control and not self._is_alive() else None
+            state = self._state
+        if kept is None:
+            return False, "No trained LoRA is waiting to be saved."
+        if not path.strip():
+            return False, "Save to…: type a folder (or a .safetensors file name) on a disk with free space."
+        target = kept.target(os.path.expanduser(path.strip()))
+        if os.path.exists(target):
+            return False, f"{target} exists already: choose another folder or file name."
+        try:
+            written = kept.save_to(target)
+        except SaveError as exc:
+            return False, str(exc)
+        state.kept_saved(written)
+        return True, f"Saved the LoRA of step {kept.step} to {written}."
 
     def snapshot(self) -> RunSnapshot:
         state = self._state

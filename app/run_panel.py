@@ -34,6 +34,9 @@ class RunColumn:
     save_now: gr.Button
     sample_now: gr.Button
     message: gr.HTML
+    save_kept_row: gr.Row  # shown when a full disk ended the run and its LoRA waits in memory
+    save_kept_path: gr.Textbox
+    save_kept: gr.Button
     live: gr.HTML
     gallery: gr.Gallery
     plan: gr.HTML
@@ -55,6 +58,10 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
             sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
         extra = below_buttons()
         message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
+        with gr.Row(visible=_kept_waiting(snap), elem_id="nk-save-kept", equal_height=True) as save_kept_row:
+            save_kept_path = gr.Textbox(label="Folder or .safetensors file on a disk with free space", scale=4,
+                                        elem_id="save_kept_path")
+            save_kept = gr.Button("Save to…", elem_id="save_kept", scale=1)
         live = gr.HTML(render_live(snap), elem_id="nk-live-panel")
         gallery = gr.Gallery(label="Samples", columns=4, height=220, elem_id="samples_gallery", interactive=False, visible=False,
                              object_fit="scale-down")  # a 64 px sample stays 64 px (style.css: also when enlarged)
@@ -62,7 +69,8 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
         plan = gr.HTML(plan_html(form_defaults), elem_id="nk-plan")
         output = gr.HTML(render_run_output(snap), elem_id="nk-run-output")
         page_run, shown = gr.State(0), gr.State(NOTHING_SHOWN)
-    return RunColumn(start, stop, save_now, sample_now, message, live, gallery, plan, output, page_run, shown, extra)
+    return RunColumn(start, stop, save_now, sample_now, message, save_kept_row, save_kept_path, save_kept, live, gallery,
+                     plan, output, page_run, shown, extra)
 
 
 # ---- decisions, as plain Python -----------------------------------------------------------------
@@ -99,6 +107,7 @@ class PageRefresh:
     samples_changed: bool
     start_enabled: bool | None
     message: str | None  # the run's final state, once, when this page saw it end
+    save_kept_visible: bool | None  # None: unchanged
     shown: Shown
 
 
@@ -117,8 +126,13 @@ def refresh(snap: RunSnapshot, last: Shown) -> PageRefresh:
         samples_changed=new_run or len(snap.samples) != samples,
         start_enabled=not snap.active if first or snap.active != was_active else None,
         message=message_html(*ending) if ending else None,
+        save_kept_visible=_kept_waiting(snap) if changed else None,
         shown=(snap.run_id, snap.version, len(snap.samples), snap.active),
     )
+
+
+def _kept_waiting(snap: RunSnapshot) -> bool:
+    return snap.disk_full is not None and not snap.kept_saved_to
 
 
 def message_html(text: str, kind: str = "ok") -> str:
@@ -142,14 +156,21 @@ def wire_run_column(demo: gr.Blocks, form: SettingsForm, runs: RunManager, colum
     c.save_now.click(lambda: _shown(message_html(runs.request_save())), outputs=c.message, show_progress="hidden")
     c.sample_now.click(lambda: _shown(message_html(runs.request_sample())), outputs=c.message, show_progress="hidden")
 
+    def on_save_kept(path):
+        saved, text = runs.save_kept_to(path or "")
+        return _shown(message_html(text, "ok" if saved else "error")), gr.update(visible=not saved)
+
+    c.save_kept.click(on_save_kept, inputs=c.save_kept_path, outputs=[c.message, c.save_kept_row], show_progress="hidden")
+
     def tick(last):
         snap = runs.snapshot()
         r = refresh(snap, tuple(last))
         gallery = gr.update(value=sample_gallery(snap), visible=bool(snap.samples)) if r.samples_changed else gr.skip()
         start = gr.skip() if r.start_enabled is None else gr.update(interactive=r.start_enabled)
-        return _or_skip(r.live), _or_skip(r.output), gallery, start, _shown(r.message), r.shown
+        kept = gr.skip() if r.save_kept_visible is None else gr.update(visible=r.save_kept_visible)
+        return _or_skip(r.live), _or_skip(r.output), gallery, start, _shown(r.message), kept, r.shown
 
-    outputs = [c.live, c.output, c.gallery, c.start, c.message, c.shown]
+    outputs = [c.live, c.output, c.gallery, c.start, c.message, c.save_kept_row, c.shown]
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(tick, inputs=c.shown, outputs=outputs, show_progress="hidden", queue=True)
     demo.load(tick, inputs=c.shown, outputs=outputs, show_progress="hidden")

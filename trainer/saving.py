@@ -121,11 +121,16 @@ class KeptWeights:
     file_name: str  # the name the run would give it, e.g. "mylora-step00000500.safetensors"
     saved_path: str | None = None  # where it was written, if it was
 
-    def save_to(self, path: str | os.PathLike) -> str:
-        """Write to ``path`` (a file, or a folder to hold ``file_name``); returns the file. Raises SaveError."""
+    def target(self, path: str | os.PathLike) -> str:
+        """The file ``save_to(path)`` writes: ``path`` itself, or ``file_name`` inside it when it is a folder."""
         path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(tuple(FILE_EXTENSIONS.values())):
             path = os.path.join(path, self.file_name)
+        return path
+
+    def save_to(self, path: str | os.PathLike) -> str:
+        """Write to ``path`` (a file, or a folder to hold ``file_name``); returns the file. Raises SaveError."""
+        path = self.target(path)
         save_lora_file(path, self.tensors, self.metadata)
         self.saved_path = path
         return path
