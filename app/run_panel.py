@@ -124,7 +124,8 @@ def refresh(snap: RunSnapshot, last: Shown) -> PageRefresh:
         live=render_live(snap) if changed or snap.active else None,  # the elapsed time moves every poll
         output=render_run_output(snap) if changed else None,
         samples_changed=new_run or len(snap.samples) != samples,
-        start_enabled=not snap.active if first or snap.active != was_active else None,
+        # a run may begin and end between two polls: Start, greyed by the click, comes back all the same
+        start_enabled=not snap.active if first or new_run or snap.active != was_active else None,
         message=message_html(*ending) if ending else None,
         save_kept_visible=_kept_waiting(snap) if changed else None,
         shown=(snap.run_id, snap.version, len(snap.samples), snap.active),

@@ -247,7 +247,9 @@ def test_a_run_that_ended_between_two_polls_still_replaces_the_message():
     before = refresh(runs.snapshot(), NOTHING_SHOWN)
     runs.start(SETTINGS)
     assert runs.wait(10)
-    assert "Finished at step 2 / 2" in refresh(runs.snapshot(), before.shown).message
+    ended = refresh(runs.snapshot(), before.shown)
+    assert "Finished at step 2 / 2" in ended.message
+    assert ended.start_enabled is True  # greyed by the click, never seen going: Start comes back all the same
     reopened = refresh(runs.snapshot(), NOTHING_SHOWN)  # a page opened after the run: nothing to announce
     assert reopened.message is None and reopened.start_enabled is True
 
