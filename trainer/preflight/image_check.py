@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from typing import Iterable
 
 # path, mtime_ns, size -> None (decodes fine) or the reason it does not
 _verdicts: dict[tuple[str, int, int], str | None] = {}
+# The GUI's checks (two at once) and the training thread's deep check share the table: every access holds it.
+_lock = threading.Lock()
+_UNKNOWN = object()
 _CACHE_LIMIT = 200_000
 _CHUNK = 32  # images decoded between two looks at the clock
 _CACHE_FILE_VERSION = 1
@@ -71,15 +75,16 @@ def verify_images(paths: Iterable[Path], budget_s: float | None = None) -> Verif
     _load_disk_cache()
     bad: dict[Path, str] = {}
     pending: list[tuple[Path, tuple[str, int, int]]] = []
-    for path in paths:
-        key = _cache_key(path)
+    keyed = [(path, _cache_key(path)) for path in paths]
+    with _lock:
+        known = [(path, key, _UNKNOWN if key is None else _verdicts.get(key, _UNKNOWN)) for path, key in keyed]
+    for path, key, verdict in known:
         if key is None:
             bad[path] = "cannot be read (it was moved or deleted?)"
-        elif key in _verdicts:
-            if _verdicts[key] is not None:
-                bad[path] = _verdicts[key]
-        else:
+        elif verdict is _UNKNOWN:
             pending.append((path, key))
+        elif verdict is not None:
+            bad[path] = verdict
     deadline = None if budget_s is None else time.perf_counter() + budget_s
     done = 0
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
@@ -96,16 +101,18 @@ def verify_images(paths: Iterable[Path], budget_s: float | None = None) -> Verif
 
 
 def _remember(key: tuple[str, int, int], verdict: str | None) -> None:
-    if len(_verdicts) >= _CACHE_LIMIT:
-        _verdicts.clear()
-    _verdicts[key] = verdict
+    with _lock:
+        if len(_verdicts) >= _CACHE_LIMIT:
+            _verdicts.clear()
+        _verdicts[key] = verdict
 
 
 def clear_cache(*, disk: bool = False) -> None:
     """Forget the verdicts in memory (and, with ``disk``, the saved ones)."""
     global _disk_loaded
-    _verdicts.clear()
-    _disk_loaded = not disk
+    with _lock:
+        _verdicts.clear()
+        _disk_loaded = not disk
     if disk:
         try:
             _cache_file().unlink()
@@ -121,22 +128,24 @@ def _cache_file() -> Path:
 
 def _load_disk_cache() -> None:
     global _disk_loaded
-    if _disk_loaded:
-        return
-    _disk_loaded = True
-    try:
-        data = json.loads(_cache_file().read_text(encoding="utf-8"))
-        if data.get("version") == _CACHE_FILE_VERSION:
-            for path, mtime_ns, size, verdict in data["verdicts"]:
-                _verdicts.setdefault((path, mtime_ns, size), verdict)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no cache yet, or an unreadable one: decode again
+    with _lock:  # held while reading: a second check waits for the table rather than decoding everything again
+        if _disk_loaded:
+            return
+        _disk_loaded = True
+        try:
+            data = json.loads(_cache_file().read_text(encoding="utf-8"))
+            if data.get("version") == _CACHE_FILE_VERSION:
+                for path, mtime_ns, size, verdict in data["verdicts"]:
+                    _verdicts.setdefault((path, mtime_ns, size), verdict)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no cache yet, or an unreadable one: decode again
 
 
 def _save_disk_cache() -> None:
     from trainer.safety import SaveError, atomic_write_text
 
-    rows = [[*key, verdict] for key, verdict in _verdicts.items()]
+    with _lock:
+        rows = [[*key, verdict] for key, verdict in _verdicts.items()]
     try:
         atomic_write_text(_cache_file(), json.dumps({"version": _CACHE_FILE_VERSION, "verdicts": rows}))
     except SaveError:
