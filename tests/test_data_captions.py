@@ -59,6 +59,7 @@ def test_tag_dropout_never_drops_kept_tokens():
 
 def test_from_settings_reads_kohya_keys():
     settings = SimpleNamespace(
-        shuffle_caption=True, keep_tokens=2, caption_dropout_rate=0.1, caption_dropout_every_n_epochs=0
+        shuffle_caption=True, keep_tokens=2, caption_dropout_rate=0.1, caption_dropout_every_n_epochs=0,
+        caption_tag_dropout_rate=0.25,
     )
-    assert CaptionConfig.from_settings(settings) == CaptionConfig(True, 2, 0.1, 0, 0.0)
+    assert CaptionConfig.from_settings(settings) == CaptionConfig(True, 2, 0.1, 0, 0.25)

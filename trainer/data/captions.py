@@ -31,8 +31,7 @@ class CaptionConfig:
             keep_tokens=max(0, int(settings.keep_tokens or 0)),
             dropout_rate=float(settings.caption_dropout_rate or 0.0),
             dropout_every_n_epochs=max(0, int(settings.caption_dropout_every_n_epochs or 0)),
-            # not a kohya_ss GUI field; read it when a settings model offers it
-            tag_dropout_rate=float(getattr(settings, "caption_tag_dropout_rate", 0.0) or 0.0),
+            tag_dropout_rate=float(settings.caption_tag_dropout_rate or 0.0),
         )
 
     @property

@@ -45,6 +45,7 @@ class AdvancedSettings(BaseModel):
     keep_tokens: int = setting(0, label="Keep n tokens", tab=TAB, section=CAPTION, ge=0, le=32, step=1, widget="slider", help="The first n tags stay in place when shuffling.")
     caption_dropout_rate: float = setting(0, label="Rate of caption dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider")
     caption_dropout_every_n_epochs: int = setting(0, label="Dropout caption every n epochs", tab=TAB, section=CAPTION, ge=0)
+    caption_tag_dropout_rate: float = setting(0, label="Rate of tag dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider", help="Each tag after Keep n tokens is dropped with this probability (sd-scripts' caption_tag_dropout_rate).")
     color_aug: bool = setting(False, label="Color augmentation", tab=TAB, section=CAPTION, help="Random hue/gamma changes. Turns latent caching off.")
     flip_aug: bool = setting(False, label="Flip augmentation", tab=TAB, section=CAPTION, help="Random horizontal flips. Not for asymmetric subjects.")
     bucket_no_upscale: bool = setting(True, label="Don't upscale bucket resolution", tab=TAB, section=CAPTION)
