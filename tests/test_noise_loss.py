@@ -31,6 +31,19 @@ def test_schedule_matches_diffusers_ddpm(schedule):
     torch.testing.assert_close(schedule.snr(t), (a / (1 - a)).float())
 
 
+@pytest.mark.parametrize("v_parameterization", [False, True])
+def test_family_schedule_trains_the_target_its_prediction_type_says(v_parameterization):
+    from trainer.families import create_family
+
+    family = create_family(TrainingSettings(v2=True, v_parameterization=v_parameterization))
+    schedule = family.noise_schedule("cpu")
+    x, n, t = torch.randn(2, 4, 8, 8, generator=gen(1)), torch.randn(2, 4, 8, 8, generator=gen(2)), torch.tensor([10, 900])
+    expected = schedule.velocity(x, n, t) if v_parameterization else n
+    torch.testing.assert_close(schedule.target(x, n, t), expected)
+    torch.testing.assert_close(schedule.alphas_cumprod, NoiseSchedule.scaled_linear().alphas_cumprod)
+    assert torch.equal(family.unscale_latents(family.scale_latents(x)), x * family.latent_scale / family.latent_scale)
+
+
 def test_timesteps_range_and_fixed():
     t = sample_timesteps(1000, 100, 200, gen(), "cpu")
     assert t.min() >= 100 and t.max() < 200 and len(set(t.tolist())) > 50

@@ -182,13 +182,13 @@ class _Run:
     def _load_model(self) -> None:
         from trainer.families import create_family
         from trainer.loss import LossWeighting
-        from trainer.noise import NoiseConfig, NoiseSchedule
+        from trainer.noise import NoiseConfig
 
         s = self.settings
         self.family = create_family(s)
         self.family.load(s, self.precision.base_dtype, self.device, self.log)
         self.family.set_attention(s.xformers, self.log)
-        self.schedule = NoiseSchedule.scaled_linear(device=self.device)
+        self.schedule = self.family.noise_schedule(self.device)
         self.noise_config = NoiseConfig.from_settings(s)
         self.weighting = LossWeighting.from_settings(s, self.family.v_prediction)
         self._fixed_noise: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -403,7 +403,7 @@ class _Run:
             if s.gradient_checkpointing:
                 noisy.requires_grad_(True)  # checkpointed blocks need an input that requires grad
             pred = family.predict(noisy, timesteps, cond, batch)
-        target = schedule.velocity(latents, noise, timesteps) if family.v_prediction else noise
+        target = schedule.target(latents, noise, timesteps)
         snr = schedule.snr(timesteps)
         c = huber_c(s.loss_type, s.huber_schedule, s.huber_c, s.huber_scale, snr, timesteps)
         per_sample = per_sample_loss(pred, target, s.loss_type, c)
@@ -417,7 +417,7 @@ class _Run:
             latents = batch.latents.to(self.device)
         else:
             latents = self.family.encode_images(batch.images, self.generator)
-        return (latents * self.family.latent_scale).to(self.precision.base_dtype)
+        return self.family.scale_latents(latents).to(self.precision.base_dtype)
 
     def _noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from trainer.noise import sample_noise, sample_timesteps

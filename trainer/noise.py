@@ -15,12 +15,13 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class NoiseSchedule:
     alphas_cumprod: torch.Tensor  # (T,) float32, on the training device
+    v_prediction: bool = False  # the model predicts v instead of the noise ε
 
     @classmethod
     def scaled_linear(cls, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                      device: torch.device | str = "cpu") -> "NoiseSchedule":
+                      device: torch.device | str = "cpu", v_prediction: bool = False) -> "NoiseSchedule":
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
-        return cls(torch.cumprod(1.0 - betas, dim=0).to(device=device, dtype=torch.float32))
+        return cls(torch.cumprod(1.0 - betas, dim=0).to(device=device, dtype=torch.float32), v_prediction)
 
     @property
     def num_steps(self) -> int:
@@ -40,7 +41,12 @@ class NoiseSchedule:
         signal, sigma = self._coefficients(timesteps, latents)
         return (signal * noise.float() - sigma * latents.float()).to(latents.dtype)
 
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the model learns to predict: v for v-prediction models, else the noise ε."""
+        return self.velocity(latents, noise, timesteps) if self.v_prediction else noise
+
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t), the input of min-SNR and the other loss weightings."""
         a = self.alphas_cumprod[timesteps]
         return a / (1.0 - a)
 

@@ -11,13 +11,15 @@ import torch
 
 from trainer.network.metadata import VersionInfo
 from trainer.network.targets import LoraTarget
+from trainer.noise import NoiseSchedule
 
 LogFn = Callable[[str, str], None]  # (message, level)
 
 
 class ModelFamily(Protocol):
     key: ClassVar[str]  # registry key: "sd1", "sd2", ...
-    latent_scale: float  # VAE latents are multiplied by this before noising
+    latent_scale: float  # VAE latents are shifted and multiplied by these before noising
+    latent_shift: float
     cache_suffix: str  # latent cache file suffix ("sd", "sdxl")
     v_prediction: bool
 
@@ -32,6 +34,15 @@ class ModelFamily(Protocol):
 
     def version_metadata(self) -> VersionInfo:
         """ss_base_model_version / modelspec.architecture and friends."""
+
+    def noise_schedule(self, device: torch.device | str) -> NoiseSchedule:
+        """The forward diffusion, training target and SNR (loss-weighting input) of this model."""
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents as the denoiser sees them."""
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser latents back to what the VAE decodes."""
 
     def tokenize(self, captions: list[str], max_token_length: int) -> Any:
         """Token ids of the captions (whatever ``encode_prompt`` takes back)."""

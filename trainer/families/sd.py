@@ -11,11 +11,13 @@ from trainer.families.clip_text import encode_chunks, tokenize_chunks
 from trainer.families.registry import register
 from trainer.network.metadata import VersionInfo
 from trainer.network.targets import CLIP_CLASSES, UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoraTarget, Role
+from trainer.noise import NoiseSchedule
 
 
 class StableDiffusionFamily:
     key = "sd"
     latent_scale = 0.18215
+    latent_shift = 0.0
     cache_suffix = "sd"
     v2 = False
 
@@ -74,6 +76,19 @@ class StableDiffusionFamily:
             implementation="diffusers",
             prediction_type="v" if self.v_prediction else "epsilon",
         )
+
+    # -- the diffusion formulation ------------------------------------------------------
+    def noise_schedule(self, device: torch.device | str) -> NoiseSchedule:
+        """DDPM with scaled_linear betas; the target is ε, or v as v_parameterization says."""
+        return NoiseSchedule.scaled_linear(device=device, v_prediction=self.v_prediction)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents as the UNet sees them."""
+        return (latents - self.latent_shift) * self.latent_scale
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents back to what the VAE decodes."""
+        return latents / self.latent_scale + self.latent_shift
 
     # -- text -----------------------------------------------------------------------------
     def tokenize(self, captions: list[str], max_token_length: int) -> torch.Tensor:

@@ -102,11 +102,6 @@ class SDXLFamily(StableDiffusionFamily):
             prediction_type="v" if self.v_prediction else "epsilon",
         )
 
-    def release_text_encoders(self) -> None:
-        """Free the text encoders' device memory once every caption's outputs are cached."""
-        for encoder in self.text_encoders:
-            encoder.to("cpu")
-
     # -- text -----------------------------------------------------------------------------
     def tokenize(self, captions: list[str], max_token_length: int) -> torch.Tensor:
         """(B, 2, n_chunks, 77): the ids of both tokenizers (they pad differently)."""

@@ -129,7 +129,7 @@ class ImageGenerator:
         vae = self.family.vae
         # outside autocast, so the VAE runs in its own dtype (fp32 when asked)
         with torch.autocast(vae.device.type, enabled=False):
-            return vae.decode(latents.to(vae.device, vae.dtype) / self.family.latent_scale).sample
+            return vae.decode(self.family.unscale_latents(latents.to(vae.device, vae.dtype))).sample
 
     @property
     def vae_scale_factor(self) -> int:
