@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from app.loss_history import LossHistory, LossPoints
 from trainer.control import Control
 from trainer.events import DiskFull, EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
 
@@ -37,7 +38,7 @@ class RunSnapshot:
     started: Started | None = None
     last_step: Step | None = None
     memory: Memory | None = None
-    losses: tuple[tuple[int, float, float], ...] = ()  # (step, loss, smoothed loss)
+    losses: LossPoints = LossPoints()  # (step, loss, smoothed loss) per step
     epochs: tuple[EpochEnd, ...] = ()
     saved: tuple[Saved, ...] = ()
     samples: tuple[Sample, ...] = ()
@@ -82,7 +83,7 @@ class RunState:
     def __init__(self, run_id: int, output_name: str = "", log_lines: int = LOG_LINES):
         self._lock = threading.Lock()
         self._snap = RunSnapshot(run_id=run_id, status="starting", began_at=time.time(), output_name=output_name)
-        self._losses: list[tuple[int, float, float]] = []
+        self._losses = LossHistory()
         self._log: deque[str] = deque(maxlen=log_lines)
         self._handlers: dict[type, Callable[[Any], dict]] = {
             Started: self._on_started, Step: self._on_step, EpochEnd: self._on_epoch_end, Saved: self._on_saved,
@@ -125,7 +126,7 @@ class RunState:
 
     def _on_step(self, e: Step) -> dict:
         self._losses.append((e.step, e.loss, e.avg_loss))
-        return {"last_step": e, "memory": e.memory, "losses": tuple(self._losses), "status": self._running_status()}
+        return {"last_step": e, "memory": e.memory, "losses": self._losses.view(), "status": self._running_status()}
 
     def _on_epoch_end(self, e: EpochEnd) -> dict:
         self._log.append(f"Epoch {e.epoch}/{e.total_epochs} done, average loss {e.avg_loss:.4f}")
