@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from trainer.settings import setting_infos
+
 MODELSPEC_VERSION = "1.0.1"
 NETWORK_MODULE = "networks.lora"
 
@@ -98,7 +100,7 @@ def training_metadata(settings: Any, version: VersionInfo, data: DatasetFacts, r
     """The ``ss_*`` keys known when training starts.
 
     ``run`` holds values decided by the loop: session_id, started_at, num_epochs,
-    max_train_steps, lr_warmup_steps, optimizer (``module.Class(k=v,...)``), unet_lr,
+    max_train_steps, lr_warmup_steps, mixed_precision (what ran), optimizer (``module.Class(k=v,...)``), unet_lr,
     text_encoder_lr, plus optional network_args and model hashes.
     """
     s = settings
@@ -106,8 +108,6 @@ def training_metadata(settings: Any, version: VersionInfo, data: DatasetFacts, r
     meta: dict[str, Any] = {
         "ss_session_id": run["session_id"],
         "ss_training_started_at": run["started_at"],
-        "ss_output_name": s.output_name,
-        "ss_learning_rate": s.learning_rate,
         "ss_text_encoder_lr": run["text_encoder_lr"],
         "ss_unet_lr": run["unet_lr"],
         "ss_num_train_images": data.num_train_images,
@@ -115,67 +115,35 @@ def training_metadata(settings: Any, version: VersionInfo, data: DatasetFacts, r
         "ss_num_batches_per_epoch": data.num_batches_per_epoch,
         "ss_num_epochs": run["num_epochs"],
         "ss_max_train_steps": run["max_train_steps"],
-        "ss_gradient_checkpointing": s.gradient_checkpointing,
-        "ss_gradient_accumulation_steps": s.gradient_accumulation_steps,
         "ss_lr_warmup_steps": run["lr_warmup_steps"],
-        "ss_lr_scheduler": s.lr_scheduler,
         "ss_network_module": NETWORK_MODULE,
-        "ss_network_dim": s.network_dim,
-        "ss_network_alpha": s.network_alpha,
-        "ss_network_dropout": s.network_dropout or None,
-        "ss_mixed_precision": s.mixed_precision,
-        "ss_full_fp16": s.full_fp16,
+        "ss_mixed_precision": run.get("mixed_precision", s.mixed_precision),  # what ran (a CPU may run fp32)
         "ss_v2": version.v2,
         "ss_base_model_version": version.base_model_version,
-        "ss_clip_skip": s.clip_skip or None,
-        "ss_max_token_length": s.max_token_length,
         "ss_cache_latents": s.cache_latents or s.cache_latents_to_disk,
-        "ss_seed": s.seed,
         "ss_lowram": False,
-        "ss_noise_offset": s.noise_offset or None,
-        "ss_multires_noise_iterations": s.multires_noise_iterations or None,
-        "ss_multires_noise_discount": s.multires_noise_discount,
-        "ss_adaptive_noise_scale": s.adaptive_noise_scale or None,
         "ss_zero_terminal_snr": False,
-        "ss_training_comment": s.training_comment or None,
         "ss_sd_scripts_commit_hash": "nekoya",
         "ss_optimizer": run["optimizer"],
-        "ss_max_grad_norm": s.max_grad_norm,
-        "ss_caption_dropout_rate": s.caption_dropout_rate,
-        "ss_caption_dropout_every_n_epochs": s.caption_dropout_every_n_epochs,
-        "ss_caption_tag_dropout_rate": 0.0,
         "ss_face_crop_aug_range": None,
-        "ss_prior_loss_weight": s.prior_loss_weight,
-        "ss_min_snr_gamma": s.min_snr_gamma or None,
-        "ss_scale_weight_norms": s.scale_weight_norms or None,
-        "ss_ip_noise_gamma": s.ip_noise_gamma or None,
-        "ss_debiased_estimation": bool(s.debiased_estimation_loss),
-        "ss_noise_offset_random_strength": s.noise_offset_random_strength,
-        "ss_loss_type": s.loss_type,
-        "ss_huber_schedule": s.huber_schedule,
-        "ss_huber_c": s.huber_c,
-        "ss_huber_scale": s.huber_scale,
-        "ss_batch_size_per_device": s.train_batch_size,
         "ss_total_batch_size": s.train_batch_size * s.gradient_accumulation_steps,
         "ss_resolution": f"({width}, {height})",
-        "ss_color_aug": s.color_aug,
-        "ss_flip_aug": s.flip_aug,
-        "ss_random_crop": s.random_crop,
-        "ss_shuffle_caption": s.shuffle_caption,
-        "ss_keep_tokens": s.keep_tokens,
-        "ss_enable_bucket": s.enable_bucket,
-        "ss_bucket_no_upscale": s.bucket_no_upscale,
-        "ss_min_bucket_reso": s.min_bucket_reso,
-        "ss_max_bucket_reso": s.max_bucket_reso,
         "ss_dataset_dirs": json.dumps(data.dataset_dirs),
         "ss_reg_dataset_dirs": json.dumps(data.reg_dataset_dirs),
         "ss_tag_frequency": json.dumps(data.tag_frequency),
         "ss_bucket_info": json.dumps(data.bucket_info) if data.bucket_info else None,
     }
+    meta.update(declared_metadata(s))
     if run.get("network_args"):
         meta["ss_network_args"] = json.dumps(run["network_args"])
     meta.update(run.get("model_hashes") or {})
     return {key: str(value) for key, value in meta.items()}
+
+
+def declared_metadata(settings: Any) -> dict[str, Any]:
+    """The ``ss_*`` keys that record a setting as it is, from the settings declaration (``ss_key=``)."""
+    return {info.ss_key: (getattr(settings, info.key) or None) if info.ss_none_if_off else getattr(settings, info.key)
+            for info in setting_infos() if info.ss_key}
 
 
 def modelspec_metadata(settings: Any, version: VersionInfo, timestamp: float) -> dict[str, str]:

@@ -36,6 +36,8 @@ def setting(
     unit: str = "",
     visible_when: dict[str, Sequence[Any]] | None = None,
     unused: str = "",
+    ss_key: str = "",
+    ss_none_if_off: bool = False,
 ) -> Any:
     """Declare a setting. The field's name is its kohya_ss JSON key.
 
@@ -43,6 +45,8 @@ def setting(
     every named setting has one of the listed values (the value is kept either way).
     ``unused="why"``: a kohya_ss setting Nekoya reads and writes back but does not use; the GUI
     hides its widget and names it, with the reason, in a note on its tab.
+    ``ss_key="ss_seed"``: the LoRA file's metadata records the value under this sd-scripts key;
+    ``ss_none_if_off``: a value of 0 or "" is recorded as None, as sd-scripts does.
     """
     if tab not in TABS:
         raise ValueError(f"unknown tab {tab!r}")
@@ -60,6 +64,8 @@ def setting(
         "unit": unit,
         "visible_when": {k: list(v) for k, v in (visible_when or {}).items()},
         "unused": unused,
+        "ss_key": ss_key,
+        "ss_none_if_off": ss_none_if_off,
     }
     return Field(default, ge=ge, le=le, description=help, json_schema_extra=extra)
 
@@ -85,6 +91,8 @@ class SettingInfo:
     unit: str
     visible_when: tuple[tuple[str, tuple], ...] = ()
     unused: str = ""  # why Nekoya does not use it (kept in the JSON only); empty for a used setting
+    ss_key: str = ""  # the LoRA metadata key recording its value; empty when none does (or one is computed)
+    ss_none_if_off: bool = False  # 0 or "" recorded as None
 
     def is_visible(self, values: dict[str, Any]) -> bool:
         """Whether the GUI shows this setting, given the current values of the others."""
@@ -135,6 +143,8 @@ def info_from_field(name: str, field) -> SettingInfo:
         unit=extra.get("unit", ""),
         visible_when=tuple((k, tuple(v)) for k, v in extra.get("visible_when", {}).items()),
         unused=extra.get("unused", ""),
+        ss_key=extra.get("ss_key", ""),
+        ss_none_if_off=extra.get("ss_none_if_off", False),
     )
 
 

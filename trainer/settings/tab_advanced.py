@@ -22,17 +22,17 @@ HUBER_LOSS = {"loss_type": ("huber", "smooth_l1")}
 
 class AdvancedSettings(BaseModel):
     # --- Training ------------------------------------------------------------
-    gradient_accumulation_steps: int = setting(1, label="Gradient accumulate steps", tab=TAB, section=TRAIN, ge=1, le=120, step=1, widget="slider")
-    gradient_checkpointing: bool = setting(False, label="Gradient checkpointing", tab=TAB, section=TRAIN, help="Saves a lot of VRAM for a modest speed cost.")
+    gradient_accumulation_steps: int = setting(1, label="Gradient accumulate steps", tab=TAB, section=TRAIN, ge=1, le=120, step=1, widget="slider", ss_key="ss_gradient_accumulation_steps")
+    gradient_checkpointing: bool = setting(False, label="Gradient checkpointing", tab=TAB, section=TRAIN, help="Saves a lot of VRAM for a modest speed cost.", ss_key="ss_gradient_checkpointing")
     xformers: str = setting(
         "sdpa", label="CrossAttention", tab=TAB, section=TRAIN, choices=("none", "sdpa", "xformers"),
         help="sdpa is PyTorch's fast attention and needs nothing extra; xformers only on NVIDIA GPUs with xformers installed.",
     )
-    full_fp16: bool = setting(False, label="Full fp16 training (experimental)", tab=TAB, section=TRAIN, help="Also keeps the LoRA weights in fp16. Needs Mixed precision fp16.")
+    full_fp16: bool = setting(False, label="Full fp16 training (experimental)", tab=TAB, section=TRAIN, help="Also keeps the LoRA weights in fp16. Needs Mixed precision fp16.", ss_key="ss_full_fp16")
     full_bf16: bool = setting(False, label="Full bf16 training (experimental)", tab=TAB, section=TRAIN, help="Also keeps the LoRA weights in bf16. Needs Mixed precision bf16.")
-    clip_skip: int = setting(1, label="Clip skip", tab=TAB, section=TRAIN, ge=0, le=12, step=1, widget="slider", help="2 for anime models based on NovelAI.")
-    max_token_length: int = setting(75, label="Max Token Length", tab=TAB, section=TRAIN, choices=(75, 150, 225), help="Longer captions are encoded in chunks of 75 tokens.")
-    prior_loss_weight: float = setting(1.0, label="Prior loss weight", tab=TAB, section=TRAIN, ge=0, help="Loss weight of regularisation images.")
+    clip_skip: int = setting(1, label="Clip skip", tab=TAB, section=TRAIN, ge=0, le=12, step=1, widget="slider", help="2 for anime models based on NovelAI.", ss_key="ss_clip_skip", ss_none_if_off=True)
+    max_token_length: int = setting(75, label="Max Token Length", tab=TAB, section=TRAIN, choices=(75, 150, 225), help="Longer captions are encoded in chunks of 75 tokens.", ss_key="ss_max_token_length")
+    prior_loss_weight: float = setting(1.0, label="Prior loss weight", tab=TAB, section=TRAIN, ge=0, help="Loss weight of regularisation images.", ss_key="ss_prior_loss_weight")
     vae: str = setting("", label="VAE", tab=TAB, section=TRAIN, widget="file", help="Optional. A VAE .safetensors to use instead of the model's own.")
     dynamo_backend: str = setting(
         "no", label="Dynamo backend", tab=TAB, section=TRAIN, choices=("no", "inductor", "eager", "aot_eager", "cudagraphs"),
@@ -41,32 +41,32 @@ class AdvancedSettings(BaseModel):
     min_timestep: int = setting(0, label="Min Timestep", tab=TAB, section=TRAIN, ge=0, le=1000, step=1, widget="slider")
     max_timestep: int = setting(1000, label="Max Timestep", tab=TAB, section=TRAIN, ge=0, le=1000, step=1, widget="slider")
     # --- Captions and augmentation ---------------------------------------------
-    shuffle_caption: bool = setting(False, label="Shuffle caption", tab=TAB, section=CAPTION, help="Shuffle comma-separated tags each step (after Keep n tokens).")
-    keep_tokens: int = setting(0, label="Keep n tokens", tab=TAB, section=CAPTION, ge=0, le=32, step=1, widget="slider", help="The first n tags stay in place when shuffling.")
-    caption_dropout_rate: float = setting(0, label="Rate of caption dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider")
-    caption_dropout_every_n_epochs: int = setting(0, label="Dropout caption every n epochs", tab=TAB, section=CAPTION, ge=0)
-    caption_tag_dropout_rate: float = setting(0, label="Rate of tag dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider", help="Each tag after Keep n tokens is dropped with this probability (sd-scripts' caption_tag_dropout_rate).")
-    color_aug: bool = setting(False, label="Color augmentation", tab=TAB, section=CAPTION, help="Random hue/gamma changes. Turns latent caching off.")
-    flip_aug: bool = setting(False, label="Flip augmentation", tab=TAB, section=CAPTION, help="Random horizontal flips. Not for asymmetric subjects.")
-    bucket_no_upscale: bool = setting(True, label="Don't upscale bucket resolution", tab=TAB, section=CAPTION)
+    shuffle_caption: bool = setting(False, label="Shuffle caption", tab=TAB, section=CAPTION, help="Shuffle comma-separated tags each step (after Keep n tokens).", ss_key="ss_shuffle_caption")
+    keep_tokens: int = setting(0, label="Keep n tokens", tab=TAB, section=CAPTION, ge=0, le=32, step=1, widget="slider", help="The first n tags stay in place when shuffling.", ss_key="ss_keep_tokens")
+    caption_dropout_rate: float = setting(0, label="Rate of caption dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider", ss_key="ss_caption_dropout_rate")
+    caption_dropout_every_n_epochs: int = setting(0, label="Dropout caption every n epochs", tab=TAB, section=CAPTION, ge=0, ss_key="ss_caption_dropout_every_n_epochs")
+    caption_tag_dropout_rate: float = setting(0, label="Rate of tag dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider", help="Each tag after Keep n tokens is dropped with this probability (sd-scripts' caption_tag_dropout_rate).", ss_key="ss_caption_tag_dropout_rate")
+    color_aug: bool = setting(False, label="Color augmentation", tab=TAB, section=CAPTION, help="Random hue/gamma changes. Turns latent caching off.", ss_key="ss_color_aug")
+    flip_aug: bool = setting(False, label="Flip augmentation", tab=TAB, section=CAPTION, help="Random horizontal flips. Not for asymmetric subjects.", ss_key="ss_flip_aug")
+    bucket_no_upscale: bool = setting(True, label="Don't upscale bucket resolution", tab=TAB, section=CAPTION, ss_key="ss_bucket_no_upscale")
     bucket_reso_steps: int = setting(64, label="Bucket resolution steps", tab=TAB, section=CAPTION, ge=1, le=128, step=1, widget="slider")
-    random_crop: bool = setting(False, label="Random crop instead of center crop", tab=TAB, section=CAPTION, help="Turns latent caching off.")
+    random_crop: bool = setting(False, label="Random crop instead of center crop", tab=TAB, section=CAPTION, help="Turns latent caching off.", ss_key="ss_random_crop")
     # --- Noise -------------------------------------------------------------------
     noise_offset_type: str = setting("Original", label="Noise offset type", tab=TAB, section=NOISE, choices=("Original", "Multires"))
-    noise_offset: float = setting(0, label="Noise offset", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", help="0.05 to 0.15 helps very dark or bright images.", visible_when=ORIGINAL_NOISE)
-    noise_offset_random_strength: bool = setting(False, label="Noise offset random strength", tab=TAB, section=NOISE, visible_when=ORIGINAL_NOISE)
-    adaptive_noise_scale: float = setting(0, label="Adaptive noise scale", tab=TAB, section=NOISE, ge=-1, le=1, step=0.001, widget="slider", visible_when=ORIGINAL_NOISE)
-    multires_noise_iterations: int = setting(0, label="Multires noise iterations", tab=TAB, section=NOISE, ge=0, le=64, step=1, widget="slider", help="6 to 10 recommended.", visible_when=MULTIRES_NOISE)
-    multires_noise_discount: float = setting(0.3, label="Multires noise discount", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", visible_when=MULTIRES_NOISE)
-    ip_noise_gamma: float = setting(0, label="IP noise gamma", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider")
+    noise_offset: float = setting(0, label="Noise offset", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", help="0.05 to 0.15 helps very dark or bright images.", visible_when=ORIGINAL_NOISE, ss_key="ss_noise_offset", ss_none_if_off=True)
+    noise_offset_random_strength: bool = setting(False, label="Noise offset random strength", tab=TAB, section=NOISE, visible_when=ORIGINAL_NOISE, ss_key="ss_noise_offset_random_strength")
+    adaptive_noise_scale: float = setting(0, label="Adaptive noise scale", tab=TAB, section=NOISE, ge=-1, le=1, step=0.001, widget="slider", visible_when=ORIGINAL_NOISE, ss_key="ss_adaptive_noise_scale", ss_none_if_off=True)
+    multires_noise_iterations: int = setting(0, label="Multires noise iterations", tab=TAB, section=NOISE, ge=0, le=64, step=1, widget="slider", help="6 to 10 recommended.", visible_when=MULTIRES_NOISE, ss_key="ss_multires_noise_iterations", ss_none_if_off=True)
+    multires_noise_discount: float = setting(0.3, label="Multires noise discount", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", visible_when=MULTIRES_NOISE, ss_key="ss_multires_noise_discount")
+    ip_noise_gamma: float = setting(0, label="IP noise gamma", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", ss_key="ss_ip_noise_gamma", ss_none_if_off=True)
     # --- Loss ---------------------------------------------------------------------
-    min_snr_gamma: float = setting(0, label="Min SNR gamma", tab=TAB, section=LOSS, ge=0, le=20, step=0.1, widget="slider", help="0 = off; 5 recommended.")
-    loss_type: str = setting("l2", label="Loss type", tab=TAB, section=LOSS, choices=("huber", "smooth_l1", "l1", "l2"))
-    huber_schedule: str = setting("snr", label="Huber schedule", tab=TAB, section=LOSS, choices=("constant", "exponential", "snr"), visible_when=HUBER_LOSS)
-    huber_c: float = setting(0.1, label="Huber C", tab=TAB, section=LOSS, ge=0, le=1, visible_when=HUBER_LOSS)
-    huber_scale: float = setting(1.0, label="Huber scale", tab=TAB, section=LOSS, ge=0, le=10, visible_when=HUBER_LOSS)
+    min_snr_gamma: float = setting(0, label="Min SNR gamma", tab=TAB, section=LOSS, ge=0, le=20, step=0.1, widget="slider", help="0 = off; 5 recommended.", ss_key="ss_min_snr_gamma", ss_none_if_off=True)
+    loss_type: str = setting("l2", label="Loss type", tab=TAB, section=LOSS, choices=("huber", "smooth_l1", "l1", "l2"), ss_key="ss_loss_type")
+    huber_schedule: str = setting("snr", label="Huber schedule", tab=TAB, section=LOSS, choices=("constant", "exponential", "snr"), visible_when=HUBER_LOSS, ss_key="ss_huber_schedule")
+    huber_c: float = setting(0.1, label="Huber C", tab=TAB, section=LOSS, ge=0, le=1, visible_when=HUBER_LOSS, ss_key="ss_huber_c")
+    huber_scale: float = setting(1.0, label="Huber scale", tab=TAB, section=LOSS, ge=0, le=10, visible_when=HUBER_LOSS, ss_key="ss_huber_scale")
     scale_v_pred_loss_like_noise_pred: bool = setting(False, label="Scale v prediction loss", tab=TAB, section=LOSS)
-    debiased_estimation_loss: bool = setting(False, label="Debiased Estimation loss", tab=TAB, section=LOSS)
+    debiased_estimation_loss: bool = setting(False, label="Debiased Estimation loss", tab=TAB, section=LOSS, ss_key="ss_debiased_estimation")
     nan_loss_policy: str = setting(
         "stop", label="On NaN or infinite loss", tab=TAB, section=LOSS, choices=("stop", "skip"),
         help="stop: save what exists and stop with a hint. skip: drop that step and go on (stops after 10 in a row).",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from trainer.optim.table import DROPDOWN_NAMES
+
 from .field import setting
 
 TAB = "Parameters"
@@ -15,11 +17,7 @@ LORA_TYPES = (
     "LyCORIS/DyLoRA", "LyCORIS/GLoRA", "LyCORIS/LoHa", "LyCORIS/LoKr", "LyCORIS/Native Fine-Tuning",
     "LyCORIS/iA3", "Flux1", "Flux1 OFT",
 )
-OPTIMIZERS = (
-    "AdamW", "AdamW8bit", "PagedAdamW8bit", "PagedAdamW32bit", "Adafactor", "Lion", "Lion8bit",
-    "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "Prodigy", "DAdaptation", "DAdaptAdam",
-    "DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP", "DAdaptAdamPreprint", "DAdaptLion", "DAdaptSGD",
-)
+OPTIMIZERS = DROPDOWN_NAMES  # the one optimizer table: trainer.optim.table
 LR_SCHEDULERS = (
     "adafactor", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
     "polynomial", "piecewise_constant", "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay",
@@ -45,7 +43,7 @@ class ParameterSettings(BaseModel):
         False, label="DIM from weights", tab=TAB, section=BASIC,
         help="Take the network rank from the Network weights file.",
     )
-    train_batch_size: int = setting(1, label="Train batch size", tab=TAB, section=BASIC, ge=1, le=64, step=1, widget="slider")
+    train_batch_size: int = setting(1, label="Train batch size", tab=TAB, section=BASIC, ge=1, le=64, step=1, widget="slider", ss_key="ss_batch_size_per_device")
     epoch: int = setting(1, label="Epoch", tab=TAB, section=BASIC, ge=1, help="How many times the whole dataset (with repeats) is seen.")
     max_train_epochs: int = setting(
         0, label="Max train epoch", tab=TAB, section=BASIC, ge=0,
@@ -70,7 +68,7 @@ class ParameterSettings(BaseModel):
     num_cpu_threads_per_process: int = setting(
         2, label="Number of CPU threads per core", tab=TAB, section=BASIC, ge=1, le=128, step=1, widget="slider",
     )
-    seed: int = setting(0, label="Seed", tab=TAB, section=BASIC, ge=0, help="0 = random. The same seed and settings repeat a run.")
+    seed: int = setting(0, label="Seed", tab=TAB, section=BASIC, ge=0, help="0 = random. The same seed and settings repeat a run.", ss_key="ss_seed")
     cache_latents: bool = setting(
         True, label="Cache latents", tab=TAB, section=BASIC,
         help="Encode each image once, when training first uses it (in the first epoch), and reuse its latents after that: "
@@ -82,13 +80,13 @@ class ParameterSettings(BaseModel):
         help="Keep the cache next to the images so the next run starts faster.",
     )
     # --- Learning rate and optimizer ---------------------------------------
-    learning_rate: float = setting(0.0001, label="Learning rate", tab=TAB, section=LR, ge=0, le=10)
+    learning_rate: float = setting(0.0001, label="Learning rate", tab=TAB, section=LR, ge=0, le=10, ss_key="ss_learning_rate")
     unet_lr: float = setting(0.0001, label="Unet learning rate", tab=TAB, section=LR, ge=0, le=10, help="0 = do not train the UNet.")
     text_encoder_lr: float = setting(
         0.0001, label="Text Encoder learning rate", tab=TAB, section=LR, ge=0, le=10,
         help="0 = UNet-only LoRA: the text encoder is not trained and has no keys in the file.",
     )
-    lr_scheduler: str = setting("cosine", label="LR Scheduler", tab=TAB, section=LR, choices=LR_SCHEDULERS)
+    lr_scheduler: str = setting("cosine", label="LR Scheduler", tab=TAB, section=LR, choices=LR_SCHEDULERS, ss_key="ss_lr_scheduler")
     lr_scheduler_type: str = setting(
         "", label="LR Scheduler type", tab=TAB, section=LR, choices=("", "CosineAnnealingLR"), allow_custom=True,
         help="Optional. A torch scheduler class name that replaces LR Scheduler.",
@@ -108,17 +106,17 @@ class ParameterSettings(BaseModel):
         "", label="Optimizer extra arguments", tab=TAB, section=LR,
         help="Space-separated key=value pairs, e.g. scale_parameter=False relative_step=False warmup_init=False",
     )
-    max_grad_norm: float = setting(1.0, label="Max grad norm", tab=TAB, section=LR, ge=0, help="0 = no gradient clipping.")
+    max_grad_norm: float = setting(1.0, label="Max grad norm", tab=TAB, section=LR, ge=0, help="0 = no gradient clipping.", ss_key="ss_max_grad_norm")
     # --- Network -----------------------------------------------------------
-    network_dim: int = setting(8, label="Network Rank (Dimension)", tab=TAB, section=NET, ge=1, le=1024, step=1, widget="slider")
+    network_dim: int = setting(8, label="Network Rank (Dimension)", tab=TAB, section=NET, ge=1, le=1024, step=1, widget="slider", ss_key="ss_network_dim")
     network_alpha: float = setting(
         1, label="Network Alpha", tab=TAB, section=NET, ge=0, le=1024, step=0.00001, widget="slider",
-        help="Scales the LoRA by alpha / rank. Usually at most the rank.",
+        help="Scales the LoRA by alpha / rank. Usually at most the rank.", ss_key="ss_network_alpha",
     )
     conv_dim: int = setting(1, label="Convolution Rank (Dimension)", tab=TAB, section=NET, ge=0, le=512, step=1, widget="slider", help="LoCon only.", visible_when=ONLY_LOCON)
     conv_alpha: float = setting(1, label="Convolution Alpha", tab=TAB, section=NET, ge=0, le=512, step=0.1, widget="slider", help="LoCon only.", visible_when=ONLY_LOCON)
-    scale_weight_norms: float = setting(0, label="Scale weight norms", tab=TAB, section=NET, ge=0, le=10, step=0.01, widget="slider", help="0 = off; 1 recommended.")
-    network_dropout: float = setting(0, label="Network dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
+    scale_weight_norms: float = setting(0, label="Scale weight norms", tab=TAB, section=NET, ge=0, le=10, step=0.01, widget="slider", help="0 = off; 1 recommended.", ss_key="ss_scale_weight_norms", ss_none_if_off=True)
+    network_dropout: float = setting(0, label="Network dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider", ss_key="ss_network_dropout", ss_none_if_off=True)
     rank_dropout: float = setting(0, label="Rank dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
     module_dropout: float = setting(0, label="Module dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
     # --- Resolution and buckets --------------------------------------------
@@ -130,9 +128,9 @@ class ParameterSettings(BaseModel):
         help="Not supported for LoRA (as in kohya_ss); kept so configs round-trip.",
         unused="not supported for LoRA training (as in kohya_ss); to train the UNet only, set Text Encoder learning rate to 0",
     )
-    enable_bucket: bool = setting(True, label="Enable buckets", tab=TAB, section=RES, help="Train images of different aspect ratios without cropping them square.")
-    min_bucket_reso: int = setting(256, label="Minimum bucket resolution", tab=TAB, section=RES, ge=64, le=4096, step=64, widget="slider")
-    max_bucket_reso: int = setting(2048, label="Maximum bucket resolution", tab=TAB, section=RES, ge=64, le=4096, step=64, widget="slider")
+    enable_bucket: bool = setting(True, label="Enable buckets", tab=TAB, section=RES, help="Train images of different aspect ratios without cropping them square.", ss_key="ss_enable_bucket")
+    min_bucket_reso: int = setting(256, label="Minimum bucket resolution", tab=TAB, section=RES, ge=64, le=4096, step=64, widget="slider", ss_key="ss_min_bucket_reso")
+    max_bucket_reso: int = setting(2048, label="Maximum bucket resolution", tab=TAB, section=RES, ge=64, le=4096, step=64, widget="slider", ss_key="ss_max_bucket_reso")
     # --- SDXL ----------------------------------------------------------------
     sdxl_cache_text_encoder_outputs: bool = setting(
         False, label="Cache text encoder outputs", tab=TAB, section=SDXL,

@@ -57,10 +57,10 @@ class FolderSettings(BaseModel):
     )
     output_name: str = setting(
         "last", label="Model output name", tab=FOLDERS,
-        help="File name of the LoRA without extension; epochs are saved as <name>-000001.safetensors.",
+        help="File name of the LoRA without extension; epochs are saved as <name>-000001.safetensors.", ss_key="ss_output_name",
     )
     training_comment: str = setting(
-        "", label="Training comment", tab=FOLDERS, help="Stored in the LoRA file's metadata (ss_training_comment).",
+        "", label="Training comment", tab=FOLDERS, help="Stored in the LoRA file's metadata (ss_training_comment).", ss_key="ss_training_comment", ss_none_if_off=True,
     )
 
 
