@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, request_infos
+
 from . import tools_actions as actions
 from .tab_common import LORA_LIST_INFO, REFRESH_LABEL, NamedFields, follow, lora_files, saved_lora_paths, status_box
+from .widgets import build_component, build_options
 
 TAB_NAME = "Tools"
 MODEL_PLACEHOLDER = "model file (.safetensors / .ckpt) or diffusers folder"
@@ -73,57 +76,42 @@ def build_tools_tab() -> ToolsTab:
                 method = gr.Dropdown(list(actions.DYNAMIC_METHODS), value=actions.FIXED_RANK, label="Method",
                                      elem_id="resize_method", min_width=160,
                                      info="Dynamic: each module's rank from its singular values.")
-                rank = gr.Number(8, precision=0, label="New rank (max for dynamic)", elem_id="resize_rank",
-                                 min_width=160)
-                conv = gr.Number(0, precision=0, label="Conv rank (0: same)", elem_id="resize_conv_rank", min_width=140)
-                param = gr.Number(None, label="Dynamic parameter", elem_id="resize_param", min_width=160, visible=False,
-                                  info="sv_ratio e.g. 4; sv_fro / sv_cumulative e.g. 0.9")
+                options = build_options(ResizeRequest, "resize", "rank", "conv_rank", "param")
+                options["param"].visible = False  # shown for a dynamic method
                 precision = gr.Dropdown([actions.KEEP_PRECISION, *actions.SAVE_PRECISIONS],
                                         value=actions.KEEP_PRECISION, label="Save precision",
                                         elem_id="resize_precision", min_width=150)
             out, overwrite = _out("resize", "empty: <file>-r<rank>.safetensors next to the input")
             buttons["resize"] = gr.Button("Resize", variant="primary", elem_id="resize_run")
             outputs["resize"] = list(_results("resize"))
-            resize = NamedFields({"file": file, "method": method, "rank": rank, "conv_rank": conv, "param": param,
-                                  "precision": precision, "out": out, "overwrite": overwrite})
+            resize = NamedFields({"file": file, "method": method, **options, "precision": precision, "out": out,
+                                  "overwrite": overwrite})
         with gr.Tab("Extract", id="tools_extract"):
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
                 tuned = _path("Fine-tuned model", "extract_tuned", MODEL_PLACEHOLDER, scale=1)
                 base = _path("Base model (the original)", "extract_base", MODEL_PLACEHOLDER, scale=1)
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-                rank = gr.Number(4, precision=0, label="Rank", elem_id="extract_rank", min_width=120)
-                conv = gr.Number(0, precision=0, label="Conv rank (0: none)", elem_id="extract_conv_rank",
-                                 min_width=140)
-                clamp = gr.Number(0.99, label="Clamp quantile (1: none)", elem_id="extract_clamp", min_width=160)
-                min_diff = gr.Number(0.01, label="Min. text-encoder difference", elem_id="extract_min_diff",
-                                     min_width=180, info="Below it the text encoder is left out.")
-                precision = gr.Dropdown(list(actions.SAVE_PRECISIONS), value="float", label="Save precision",
-                                        elem_id="extract_precision", min_width=130)
+                options = build_options(ExtractRequest, "extract", *request_infos(ExtractRequest))
             out, overwrite = _out("extract", "LoRA file to write (.safetensors)")
             buttons["extract"] = gr.Button("Extract", variant="primary", elem_id="extract_run")
             outputs["extract"] = list(_results("extract"))
-            extract = NamedFields({"tuned": tuned, "base": base, "rank": rank, "conv_rank": conv,
-                                   "clamp_quantile": clamp, "min_diff": min_diff, "precision": precision, "out": out,
-                                   "overwrite": overwrite})
+            extract = NamedFields({"tuned": tuned, "base": base, **options, "out": out, "overwrite": overwrite})
         with gr.Tab("Merge into checkpoint", id="tools_merge"):
             base = _path("Base model", "merge_base", MODEL_PLACEHOLDER)
-            slots = {}
+            slots, ratio = {}, request_infos(MergeRequest)["ratio"]
             for i in range(1, actions.MERGE_SLOTS + 1):
                 with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
                     slots[f"lora_{i}"] = _path(f"LoRA {i}", f"merge_lora_{i}", LORA_PLACEHOLDER, scale=4)
-                    slots[f"ratio_{i}"] = gr.Number(1.0, step=0.05, label="Ratio", elem_id=f"merge_ratio_{i}",
-                                                    scale=1, min_width=100)
+                    slots[f"ratio_{i}"] = build_component(ratio, ratio.default, f"merge_ratio_{i}")
             with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
                 file_format = gr.Radio(list(actions.CHECKPOINT_FORMATS), value=".safetensors", label="Format",
                                        elem_id="merge_format", min_width=220)
-                half = gr.Checkbox(False, label="Save as fp16 (half the size)", elem_id="merge_half", min_width=200)
-                unmatched = gr.Checkbox(False, label="Skip modules that match no layer", elem_id="merge_unmatched",
-                                        min_width=220)
+                options = build_options(MergeRequest, "merge", "half", "allow_unmatched")
             out, overwrite = _out("merge", "checkpoint to write (the format's suffix is added when missing)")
             buttons["merge"] = gr.Button("Merge", variant="primary", elem_id="merge_run")
             outputs["merge"] = list(_results("merge"))
-            merge = NamedFields({"base": base, **slots, "format": file_format, "half": half,
-                                 "allow_unmatched": unmatched, "out": out, "overwrite": overwrite})
+            merge = NamedFields({"base": base, **slots, "format": file_format, **options, "out": out,
+                                 "overwrite": overwrite})
         prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
     return ToolsTab(tab, inspect, resize, extract, merge, buttons, outputs, prefilled)
 
@@ -178,7 +166,7 @@ def _wire_writers(tab: ToolsTab) -> None:
 
     def extract(data, progress=gr.Progress()):
         v = tab.extract.values(data)
-        return actions.extract(v["tuned"], v["base"], v["out"], v["rank"], v["conv_rank"], v["clamp_quantile"],
+        return actions.extract(v["tuned"], v["base"], v["out"], v["rank"], v["conv_rank"], v["clamp"],
                                v["min_diff"], v["precision"], v["overwrite"], log=_progress_text(progress))
 
     def merge(data, progress=gr.Progress()):

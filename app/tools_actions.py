@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from trainer.tools.requests import DYNAMIC_DEFAULTS, SAVE_PRECISIONS, ExtractRequest
+from trainer.tools.requests import DYNAMIC_METHODS as SVD_METHODS
+
 from .tab_common import USER_ERRORS, done, number, problem, report_html, text
 
 KEEP_PRECISION = "as the input"
 FIXED_RANK = "fixed rank"
-DYNAMIC_METHODS = (FIXED_RANK, "sv_ratio", "sv_fro", "sv_cumulative")
-# a usual parameter for each dynamic method (sv_ratio: a ratio to the largest singular value; others: a fraction)
-DYNAMIC_DEFAULTS = {"sv_ratio": 4.0, "sv_fro": 0.9, "sv_cumulative": 0.9}
-SAVE_PRECISIONS = ("float", "fp16", "bf16")
+DYNAMIC_METHODS = (FIXED_RANK, *SVD_METHODS)
+EXTRACT = ExtractRequest()
 CHECKPOINT_FORMATS = (".safetensors", ".ckpt")
 MERGE_SLOTS = 4
 MODULE_HEADERS = ["module", "part", "kind", "rank", "alpha", "‖ΔW‖"]
@@ -78,8 +79,8 @@ def resize(file: str, out: str, rank, conv_rank=0, method: str = FIXED_RANK, par
     return done(f"Saved {result.out_path}: {result.summary()}."), report_html(result.format(modules=True))
 
 
-def extract(tuned: str, base: str, out: str, rank, conv_rank=0, clamp_quantile=0.99, min_diff=0.01,
-            precision: str = "float", overwrite: bool = False, log: LogFn | None = None) -> tuple[str, str]:
+def extract(tuned: str, base: str, out: str, rank, conv_rank=EXTRACT.conv_rank, clamp_quantile=EXTRACT.clamp,
+            min_diff=EXTRACT.min_diff, precision: str = EXTRACT.precision, overwrite: bool = False, log: LogFn | None = None) -> tuple[str, str]:
     """(status, report) of extracting ``tuned`` minus ``base``. ``conv_rank`` 0: no 3x3 convs;
     ``clamp_quantile`` 1 or more: no clamping."""
     from trainer.tools import extract_lora

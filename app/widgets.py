@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import gradio as gr
 
 from trainer.settings import TABS, SettingInfo, TrainingSettings, setting_infos
+from trainer.tools.requests import request_infos
 
 from .form import form_values
 from .path_picker import PathPicker, build_picker, wire_pickers
@@ -106,13 +107,19 @@ def _row_kind(info: SettingInfo) -> str:
     return "checks" if info.widget == "checkbox" else "fields"
 
 
-def build_component(info: SettingInfo, value: Any) -> gr.components.Component:
-    """One widget for one setting, by its declared widget kind."""
+def build_component(info: SettingInfo, value: Any, dom_id: str = "") -> gr.components.Component:
+    """One widget for one setting (or tool option), by its declared widget kind. ``dom_id``: when not ``elem_id``'s."""
     label = f"{info.label} ({info.unit})" if info.unit else info.label
-    common = dict(label=label, info=info.help or None, elem_id=elem_id(info.key))
+    common = dict(label=label, info=info.help or None, elem_id=dom_id or elem_id(info.key))
     if info.unused:  # kept so its value round-trips through the form and config files
         common["visible"] = False
     return _BUILDERS[info.widget](info, value, common)
+
+
+def build_options(request, tool: str, *names: str) -> dict[str, gr.components.Component]:
+    """Widgets for a tool's options (``trainer.tools.requests``), each from its declaration; DOM ids ``<tool>_<name>``."""
+    infos = request_infos(request)
+    return {name: build_component(infos[name], infos[name].default, f"{tool}_{name}") for name in names}
 
 
 def _checkbox(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:

@@ -11,10 +11,12 @@ import argparse
 import json
 import sys
 
+from trainer.tools.requests import (
+    DYNAMIC_METHODS, SAVE_PRECISIONS, ExtractRequest, MergeRequest, ResizeRequest, cli_flag, request_infos, value_type,
+)
+
 EXIT_OK = 0
 EXIT_FAILED = 1
-PRECISIONS = ("float", "fp16", "bf16")
-DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,6 +36,19 @@ def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
         p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 
 
+def _options(p: argparse.ArgumentParser, request, *names: str) -> None:
+    """argparse options from a request model's declaration: flag, type, default, choices and help."""
+    infos = request_infos(request)
+    for name in names:
+        info = infos[name]
+        if info.type is bool:
+            p.add_argument(cli_flag(info), dest=name, action="store_true", help=info.help)
+            continue
+        shown = f" (default {info.default})" if info.default is not None else ""
+        p.add_argument(cli_flag(info), dest=name, type=value_type(info), default=info.default, choices=info.choices,
+                       help=info.help + shown)
+
+
 def _inspect_parser(tools) -> None:
     p = tools.add_parser("inspect", help="modules, ranks, alphas, norms and training settings of a LoRA file; "
                                          "with --base, check every key against a base model")
@@ -46,13 +61,12 @@ def _inspect_parser(tools) -> None:
 def _resize_parser(tools) -> None:
     p = tools.add_parser("resize", help="lower a LoRA's rank by SVD, keeping its effective scale")
     p.add_argument("file", help="LoRA file to resize")
-    p.add_argument("--rank", type=int, required=True, help="new rank (the maximum with --dynamic)")
-    p.add_argument("--conv-rank", type=int, help="new rank of 3x3 conv modules (default: --rank)")
+    _options(p, ResizeRequest, "rank", "conv_rank")
     p.add_argument("--dynamic", choices=DYNAMIC_METHODS, help="choose each module's rank: sv_ratio (keep singular "
                    "values above max/param), sv_cumulative or sv_fro (keep this fraction of the sum / Frobenius norm)")
-    p.add_argument("--param", type=float, help="the --dynamic parameter (sv_ratio e.g. 4; sv_fro e.g. 0.9)")
+    _options(p, ResizeRequest, "param")
     p.add_argument("-o", "--out", help="output file (default: <file>-r<rank>.safetensors next to it)")
-    p.add_argument("--save-precision", choices=PRECISIONS, help="default: the input's precision")
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, help="default: the input's precision")
     p.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
     p.add_argument("--modules", action="store_true", help="list every module's new rank and error")
     _common(p)
@@ -63,15 +77,10 @@ def _extract_parser(tools) -> None:
     p.add_argument("--base", required=True, help="the original model")
     p.add_argument("--tuned", required=True, help="the fine-tuned model")
     p.add_argument("-o", "--out", required=True, help="LoRA file to write (.safetensors)")
-    p.add_argument("--rank", type=int, default=4, help="rank of Linear and 1x1 conv modules (default 4)")
-    p.add_argument("--conv-rank", type=int, help="also extract 3x3 convs (LoCon) at this rank")
-    p.add_argument("--clamp-quantile", type=float, default=0.99,
-                   help="clamp factor values beyond this quantile of their magnitudes (default 0.99, as sd-scripts)")
+    _options(p, ExtractRequest, "rank", "conv_rank", "clamp")
     p.add_argument("--no-clamp", action="store_true", help="do not clamp (exact SVD factors)")
-    p.add_argument("--min-diff", type=float, default=0.01,
-                   help="leave the text encoders out unless a weight differs by more than this (default 0.01)")
-    p.add_argument("--save-precision", choices=PRECISIONS, help="default: float")
-    p.add_argument("--load-precision", choices=PRECISIONS, default="float",
+    _options(p, ExtractRequest, "min_diff", "precision")
+    p.add_argument("--load-precision", choices=SAVE_PRECISIONS, default="float",
                    help="load both models in this precision (fp16 halves the memory)")
     p.add_argument("--device", help="compute device for the SVDs, e.g. cuda")
     p.add_argument("--modules", action="store_true", help="list every module's error")
@@ -84,23 +93,21 @@ def _merge_parser(tools) -> None:
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
                    help="LoRA to merge, with its ratio (default 1.0); repeat for several")
     p.add_argument("-o", "--out", required=True, help="checkpoint to write: .safetensors (default) or .ckpt")
-    p.add_argument("--half", action="store_true", help="save in fp16 (half the size)")
-    p.add_argument("--allow-unmatched", action="store_true",
-                   help="skip LoRA modules that match no layer of the base (otherwise an error)")
+    _options(p, MergeRequest, "half", "allow_unmatched")
     p.add_argument("--v-parameterization", action="store_true", default=None,
                    help="mark the checkpoint as v-prediction (SD2 768-v); default: what the base says")
     _common(p)
 
 
 def lora_with_ratio(spec: str) -> tuple[str, float]:
-    """``file.safetensors:0.8`` -> (file, 0.8); a bare path (Windows drive letters included) has ratio 1."""
+    """``file.safetensors:0.8`` -> (file, 0.8); a bare path (Windows drive letters included) has the default ratio."""
     path, sep, ratio = spec.rpartition(":")
     if sep:
         try:
             return path, float(ratio)
         except ValueError:
             pass
-    return spec, 1.0
+    return spec, request_infos(MergeRequest)["ratio"].default
 
 
 # ---- running ---------------------------------------------------------------------------------------------
@@ -141,7 +148,7 @@ def _resize(args, out, log) -> int:
     from trainer.tools.resize import default_resized_name
 
     target = args.out or default_resized_name(args.file, args.rank, args.dynamic, args.param)
-    result = resize_lora(args.file, target, args.rank, conv_rank=args.conv_rank, dynamic_method=args.dynamic,
+    result = resize_lora(args.file, target, args.rank, conv_rank=args.conv_rank or None, dynamic_method=args.dynamic,
                          dynamic_param=args.param, save_precision=args.save_precision, device=args.device,
                          overwrite=args.overwrite)
     _report(args, out, result, result.format(modules=args.modules))
@@ -151,9 +158,9 @@ def _resize(args, out, log) -> int:
 def _extract(args, out, log) -> int:
     from trainer.tools import extract_lora
 
-    result = extract_lora(args.base, args.tuned, args.out, args.rank, conv_rank=args.conv_rank,
-                          clamp_quantile=None if args.no_clamp else args.clamp_quantile, min_diff=args.min_diff,
-                          save_precision=args.save_precision, load_precision=args.load_precision,
+    result = extract_lora(args.base, args.tuned, args.out, args.rank, conv_rank=args.conv_rank or None,
+                          clamp_quantile=None if args.no_clamp else args.clamp, min_diff=args.min_diff,
+                          save_precision=args.precision, load_precision=args.load_precision,
                           device=args.device, overwrite=args.overwrite, log=log)
     _report(args, out, result, result.format(modules=args.modules))
     return EXIT_OK

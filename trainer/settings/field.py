@@ -70,6 +70,31 @@ def setting(
     return Field(default, ge=ge, le=le, description=help, json_schema_extra=extra)
 
 
+def option(
+    default: Any,
+    *,
+    label: str,
+    help: str = "",
+    ge: float | None = None,
+    le: float | None = None,
+    step: float | None = None,
+    choices: Sequence[Any] | None = None,
+    widget: str | None = None,
+    cli: str = "",
+) -> Any:
+    """Declare one option of a tool's request model (``trainer/tools/requests.py``), as :func:`setting`
+    declares a setting: the GUI builds its widget and the ``lora`` CLI its argparse option from it.
+    ``cli``: the command-line flag when it is not ``--name-with-dashes``.
+    """
+    if widget is not None and widget not in WIDGETS:
+        raise ValueError(f"unknown widget {widget!r}")
+    extra = {
+        "label": label, "tab": "", "order": next(_order), "choices": list(choices) if choices is not None else None,
+        "widget": widget, "step": step, "cli": cli,
+    }
+    return Field(default, ge=ge, le=le, description=help, json_schema_extra=extra)
+
+
 @dataclass(frozen=True)
 class SettingInfo:
     """Everything about one setting, read from its declaration."""
@@ -93,6 +118,7 @@ class SettingInfo:
     unused: str = ""  # why Nekoya does not use it (kept in the JSON only); empty for a used setting
     ss_key: str = ""  # the LoRA metadata key recording its value; empty when none does (or one is computed)
     ss_none_if_off: bool = False  # 0 or "" recorded as None
+    cli: str = ""  # a tool option's command-line flag when it is not --name-with-dashes
 
     def is_visible(self, values: dict[str, Any]) -> bool:
         """Whether the GUI shows this setting, given the current values of the others."""
@@ -145,6 +171,7 @@ def info_from_field(name: str, field) -> SettingInfo:
         unused=extra.get("unused", ""),
         ss_key=extra.get("ss_key", ""),
         ss_none_if_off=extra.get("ss_none_if_off", False),
+        cli=extra.get("cli", ""),
     )
 
 

@@ -22,8 +22,10 @@ from trainer.network.targets import Role
 from trainer.tools.errors import ToolError, check_output_path
 from trainer.tools.lora_file import LoraWeights, module_tensors
 from trainer.tools.lowrank import top_factors
+from trainer.tools.requests import ExtractRequest
 from trainer.tools.resize import LORA_SUFFIXES, SAVE_PRECISIONS
 
+DEFAULTS = ExtractRequest()
 LOAD_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -75,8 +77,9 @@ class ExtractResult:
         return asdict(self)
 
 
-def extract_lora(base, tuned, out_path, rank: int = 4, *, conv_rank: int | None = None,
-                 clamp_quantile: float | None = 0.99, min_diff: float = 0.01, save_precision: str | None = None,
+def extract_lora(base, tuned, out_path, rank: int = DEFAULTS.rank, *, conv_rank: int | None = None,
+                 clamp_quantile: float | None = DEFAULTS.clamp, min_diff: float = DEFAULTS.min_diff,
+                 save_precision: str | None = None,
                  load_precision: str = "float", device: str | None = None, overwrite: bool = False,
                  log: Callable[[str], None] | None = None) -> ExtractResult:
     """Write the LoRA that turns ``base`` into (approximately) ``tuned``.

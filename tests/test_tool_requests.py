@@ -1,0 +1,66 @@
+"""The LoRA tools' options are declared once (``trainer.tools.requests``): the Tools tab's widgets
+and the ``lora`` CLI's argparse options both come from that declaration."""
+from __future__ import annotations
+
+import argparse
+
+import gradio as gr
+import pytest
+
+from app.tab_tools import build_tools_tab
+from trainer.commands import lora_cmd
+from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, request_infos
+
+REQUIRED = {"extract": ["--base", "b", "--tuned", "t", "-o", "x.safetensors"], "resize": ["in.safetensors"],
+            "merge": ["--base", "b", "--lora", "l.safetensors", "-o", "x.safetensors"]}
+# (tool, request model, option, a default nobody declares)
+OPTIONS = [("extract", ExtractRequest, "rank", 7), ("extract", ExtractRequest, "conv_rank", 3),
+           ("extract", ExtractRequest, "clamp", 0.75), ("extract", ExtractRequest, "min_diff", 0.125),
+           ("extract", ExtractRequest, "precision", "bf16"), ("resize", ResizeRequest, "rank", 5),
+           ("resize", ResizeRequest, "conv_rank", 2), ("resize", ResizeRequest, "param", 0.5)]
+
+
+def cli_args(tool: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    lora_cmd.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["lora", tool, *REQUIRED[tool]])
+
+
+def tools_tab():
+    with gr.Blocks():
+        return build_tools_tab()
+
+
+@pytest.mark.parametrize("tool, request_model, name, new_default", OPTIONS)
+def test_a_default_changed_in_the_request_model_changes_the_widget_and_the_cli(
+        monkeypatch, tool, request_model, name, new_default):
+    declared = request_infos(request_model)[name]
+    assert getattr(cli_args(tool), name) == declared.default == getattr(tools_tab(), tool)[name].value
+    monkeypatch.setattr(request_model.model_fields[name], "default", new_default)
+    assert getattr(cli_args(tool), name) == new_default
+    assert getattr(tools_tab(), tool)[name].value == new_default
+
+
+def lora_subcommand(tool: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    lora_cmd.add_parser(parser.add_subparsers(dest="command"))
+    lora = parser._subparsers._group_actions[0].choices["lora"]
+    return lora._subparsers._group_actions[0].choices[tool]
+
+
+def test_labels_help_and_choices_come_from_the_declaration():
+    tab = tools_tab()
+    options = {action.dest: action for action in lora_subcommand("extract")._actions}
+    for name, info in request_infos(ExtractRequest).items():
+        assert tab.extract[name].label == info.label and tab.extract[name].info == info.help
+        assert options[name].help.startswith(info.help) and options[name].choices == info.choices
+    assert [value for _, value in tab.extract["precision"].choices] == list(options["precision"].choices)
+    half = request_infos(MergeRequest)["half"]
+    assert tab.merge["half"].label == half.label
+    assert {a.dest: a for a in lora_subcommand("merge")._actions}["half"].help == half.help
+
+
+def test_a_merge_lora_without_a_ratio_gets_the_declared_ratio(monkeypatch):
+    monkeypatch.setattr(MergeRequest.model_fields["ratio"], "default", 0.5)
+    assert lora_cmd.lora_with_ratio("a.safetensors") == ("a.safetensors", 0.5)
+    assert tools_tab().merge["ratio_1"].value == 0.5

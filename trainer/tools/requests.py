@@ -1,0 +1,56 @@
+"""The LoRA tools' options, each declared once (label, help, default, range, choices).
+
+The Tools tab builds its widgets and ``python -m trainer lora`` its argparse options from
+these models, so a default or a range is written here and nowhere else. Torch-free: the
+CLI parses its arguments before anything heavy is imported.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from trainer.settings.field import SettingInfo, info_from_field, option
+
+SAVE_PRECISIONS = ("float", "fp16", "bf16")
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+# a usual parameter for each dynamic method (sv_ratio: a ratio to the largest singular value; others: a fraction)
+DYNAMIC_DEFAULTS = {"sv_ratio": 4.0, "sv_fro": 0.9, "sv_cumulative": 0.9}
+
+
+class ResizeRequest(BaseModel):
+    rank: int = option(8, label="New rank (max for dynamic)", ge=1,
+                       help="new rank (the maximum with a dynamic method)")
+    conv_rank: int = option(0, label="Conv rank (0: same)", ge=0, help="new rank of 3x3 conv modules (0: the rank)")
+    param: float | None = option(None, label="Dynamic parameter", widget="number",
+                                 help="the dynamic method's parameter: sv_ratio e.g. 4; sv_fro / sv_cumulative e.g. 0.9")
+
+
+class ExtractRequest(BaseModel):
+    rank: int = option(4, label="Rank", ge=1, help="rank of Linear and 1x1 conv modules")
+    conv_rank: int = option(0, label="Conv rank (0: none)", ge=0, help="also extract 3x3 convs (LoCon) at this rank")
+    clamp: float = option(0.99, label="Clamp quantile (1: none)", ge=0, le=1, cli="--clamp-quantile",
+                          help="clamp factor values beyond this quantile of their magnitudes (as sd-scripts)")
+    min_diff: float = option(0.01, label="Min. text-encoder difference", ge=0,
+                             help="leave the text encoders out unless a weight differs by more than this")
+    precision: str = option("float", label="Save precision", choices=SAVE_PRECISIONS, cli="--save-precision",
+                            help="the precision of the saved LoRA's weights")
+
+
+class MergeRequest(BaseModel):
+    ratio: float = option(1.0, label="Ratio", step=0.05, help="a LoRA's weight in the merge")
+    half: bool = option(False, label="Save as fp16 (half the size)", help="save in fp16 (half the size)")
+    allow_unmatched: bool = option(False, label="Skip modules that match no layer",
+                                   help="skip LoRA modules that match no layer of the base (otherwise an error)")
+
+
+def request_infos(model: type[BaseModel]) -> dict[str, SettingInfo]:
+    """A request model's options by name, in declared order."""
+    return {name: info_from_field(name, field) for name, field in model.model_fields.items()}
+
+
+def cli_flag(info: SettingInfo) -> str:
+    return info.cli or "--" + info.key.replace("_", "-")
+
+
+def value_type(info: SettingInfo) -> type:
+    """The option's value type, without the None an optional one allows."""
+    return next((t for t in getattr(info.type, "__args__", ()) if t is not type(None)), info.type)
