@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from trainer.families import FLAG_KEYS, SPECS, spec_for_flags
 from trainer.settings import CUSTOM, family_flags
 
-FLAG_KEYS = ("v2", "v_parameterization", "sdxl")
-# Families trainer.checkpoints.detect reports, and the flags each implies (v-prediction read separately).
-FAMILY_FLAGS = {"sd1": (False, False, False), "sd2": (True, False, False), "sdxl": (False, False, True)}
 UNKNOWN_NOTE = "Could not tell the model family from the file; check v2 / v_parameterization / SDXL yourself."
-FLAG_NAMES = {(False, False, False): "SD 1.x", (True, False, False): "SD 2.x", (True, True, False): "SD 2.x v-prediction",
-              (False, False, True): "SDXL"}
+
+
+def flags_name(flags: dict[str, bool]) -> str:
+    """What people call the model kohya's checkboxes describe ("SD 2.x v-prediction")."""
+    return spec_for_flags(flags).display_name(bool(flags.get("v_parameterization")))
 
 
 def on_quick_pick(name: str) -> tuple[dict[str, Any], str]:
@@ -24,7 +25,8 @@ def on_quick_pick(name: str) -> tuple[dict[str, Any], str]:
     flags = family_flags(name)
     if flags is None:  # "custom": the path field and the flags are the user's
         return {}, "Custom model: type its path below and check the v2 / v_parameterization / SDXL boxes."
-    return {"pretrained_model_name_or_path": name, **dict(zip(FLAG_KEYS, flags))}, f"{name}: {FLAG_NAMES[flags]}."
+    values = dict(zip(FLAG_KEYS, flags))
+    return {"pretrained_model_name_or_path": name, **values}, f"{name}: {flags_name(values)}."
 
 
 def on_model_path(path: str) -> tuple[dict[str, Any], str]:
@@ -32,7 +34,8 @@ def on_model_path(path: str) -> tuple[dict[str, Any], str]:
     path = (path or "").strip()
     flags = family_flags(path)
     if flags is not None:
-        return {"model_list": path, **dict(zip(FLAG_KEYS, flags))}, f"{path}: {FLAG_NAMES[flags]}."
+        values = dict(zip(FLAG_KEYS, flags))
+        return {"model_list": path, **values}, f"{path}: {flags_name(values)}."
     values: dict[str, Any] = {"model_list": CUSTOM}
     if not path:
         return values, ""
@@ -58,8 +61,7 @@ def detect_flags(path: str) -> tuple[dict[str, bool], str]:
     flags = _flags_of(info)
     if not flags:
         return {}, UNKNOWN_NOTE
-    known = tuple(flags.get(k, False) for k in FLAG_KEYS)
-    name = FLAG_NAMES.get(known, "the family")
+    name = flags_name(flags)
     if "v_parameterization" not in flags:
         name += " (whether it is v-prediction cannot be told: check v_parameterization for 768-px v models)"
     return flags, f"Detected {name} from the model."
@@ -73,11 +75,13 @@ def _flags_of(result: Any) -> dict[str, bool]:
         family, vpred = result, None
     else:
         family, vpred = getattr(result, "family", None), getattr(result, "v_parameterization", None)
-    if not isinstance(family, str) or family.lower() not in FAMILY_FLAGS:
+    spec = SPECS.get(family.lower()) if isinstance(family, str) else None
+    if spec is None:
         return {}
-    flags = dict(zip(FLAG_KEYS, FAMILY_FLAGS[family.lower()]))
-    if vpred is None and family.lower() == "sd2":
-        del flags["v_parameterization"]  # SD2 single files do not say; keep the user's choice
-    elif vpred is not None:
+    flags = dict(spec.flags)
+    if vpred is not None:
         flags["v_parameterization"] = bool(vpred)
+    elif spec.files_tell_prediction:
+        flags["v_parameterization"] = False
+    # else the file cannot say (SD2 single files): keep the user's choice
     return flags

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.optim import precision
     from trainer.preflight import device
     from trainer.preflight.device import GIB, DeviceInfo
-    from trainer.preflight.families import traits_for
+    from trainer.families import spec_for_settings
     from trainer.preflight.memory import estimate_memory
 
     model, images = train_speed.prepare(args)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.status != "finished":
         sys.stderr.write(f"the run did not finish: {result.error}\n")
         return 1
-    estimate = estimate_memory(settings, traits_for(settings), DeviceInfo("cuda", "GPU", 80 * GIB, 80 * GIB, "bench"))
+    estimate = estimate_memory(settings, spec_for_settings(settings), DeviceInfo("cuda", "GPU", 80 * GIB, 80 * GIB, "bench"))
     print(json.dumps({
         "size": args.size, "resolution": args.resolution, "batch": args.batch, "optimizer": args.optimizer,
         "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,

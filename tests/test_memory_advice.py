@@ -7,7 +7,7 @@ import pytest
 
 from test_preflight_support import gpu
 from trainer.preflight.device import GIB, DeviceInfo
-from trainer.preflight.families import traits_for
+from trainer.families import spec_for_settings
 from trainer.preflight.memory import estimate_memory
 from trainer.preflight.memory_advice import RULES, memory_advice, memory_suggestions
 from trainer.settings import TrainingSettings
@@ -42,7 +42,7 @@ def test_only_what_is_not_done_yet_is_suggested_most_saving_first():
 
 def test_each_stated_saving_is_what_the_estimate_says_for_the_change():
     device = gpu(24)
-    family = traits_for(HEAVY)
+    family = spec_for_settings(HEAVY)
     now = estimate_memory(HEAVY, family, device).total_bytes
     for rule in RULES:
         if rule.applies(HEAVY):

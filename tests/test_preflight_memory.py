@@ -12,13 +12,13 @@ from test_preflight_support import big_cpu, gpu, settings
 from trainer.preflight import check
 from trainer.preflight import device as device_module
 from trainer.preflight.device import GIB, probe_device
-from trainer.preflight.families import FAMILIES
+from trainer.families import SPECS
 from trainer.preflight.memory import estimate_memory
 from trainer.settings import TrainingSettings
 
 
 def gib(settings_, family="sd1", device=None):
-    return estimate_memory(settings_, FAMILIES[family], device or gpu(24)).total_bytes / GIB
+    return estimate_memory(settings_, SPECS[family], device or gpu(24)).total_bytes / GIB
 
 
 def test_public_reference_points_are_in_range():
@@ -84,31 +84,31 @@ def test_text_encoders_leave_the_device_when_untrained_and_captions_never_change
     trained = TrainingSettings(max_resolution="512,512", mixed_precision="bf16", unet_lr=1e-4, text_encoder_lr=1e-4)
     frozen = trained.model_copy(update={"text_encoder_lr": 0.0})
     shuffled = frozen.model_copy(update={"shuffle_caption": True})  # captions change: encoded every step
-    te_bytes = FAMILIES["sd1"].text_encoder_params[0] * 2
+    te_bytes = SPECS["sd1"].text_encoder_params[0] * 2
     assert gib(frozen) < gib(shuffled) < gib(trained)
     assert gib(shuffled) - gib(frozen) == pytest.approx(te_bytes / GIB, rel=0.01)
     # SDXL with its cache setting, at 512 px with checkpointing: caching (the encoders on the device) is the peak
     sdxl = TrainingSettings(sdxl=True, max_resolution="512,512", mixed_precision="bf16", gradient_checkpointing=True,
                             sdxl_cache_text_encoder_outputs=True)
-    parts = estimate_memory(sdxl, FAMILIES["sdxl"], gpu(24)).parts
-    assert parts["activations or encoding"] == pytest.approx(sum(FAMILIES["sdxl"].text_encoder_params) * 2 * 1.1, rel=0.01)
+    parts = estimate_memory(sdxl, SPECS["sdxl"], gpu(24)).parts
+    assert parts["activations or encoding"] == pytest.approx(sum(SPECS["sdxl"].text_encoder_params) * 2 * 1.1, rel=0.01)
 
 
 def test_cpu_runs_in_fp32_and_locon_adds_conv_parameters():
     s = TrainingSettings(mixed_precision="fp16")
-    cpu = estimate_memory(s, FAMILIES["sd1"], big_cpu())
-    assert cpu.precision == "fp32" and cpu.total_bytes > estimate_memory(s, FAMILIES["sd1"], gpu(24)).total_bytes
+    cpu = estimate_memory(s, SPECS["sd1"], big_cpu())
+    assert cpu.precision == "fp32" and cpu.total_bytes > estimate_memory(s, SPECS["sd1"], gpu(24)).total_bytes
     locon = s.model_copy(update={"LoRA_type": "Kohya LoCon", "conv_dim": 8})
-    assert estimate_memory(locon, FAMILIES["sd1"], gpu(24)).trainable_params > cpu.trainable_params
+    assert estimate_memory(locon, SPECS["sd1"], gpu(24)).trainable_params > cpu.trainable_params
 
 
 def test_a_cpu_with_bf16_instructions_runs_bf16_and_counts_half_the_weights():
     bf16_cpu = replace(big_cpu(), native_bf16=True)
     s = TrainingSettings(mixed_precision="bf16")
-    native, plain = (estimate_memory(s, FAMILIES["sd1"], cpu) for cpu in (bf16_cpu, big_cpu()))
+    native, plain = (estimate_memory(s, SPECS["sd1"], cpu) for cpu in (bf16_cpu, big_cpu()))
     assert (native.precision, plain.precision) == ("bf16", "fp32")
     assert native.total_bytes < plain.total_bytes
-    assert estimate_memory(TrainingSettings(mixed_precision="fp16"), FAMILIES["sd1"], bf16_cpu).precision == "fp32"
+    assert estimate_memory(TrainingSettings(mixed_precision="fp16"), SPECS["sd1"], bf16_cpu).precision == "fp32"
 
 
 def test_cpu_bf16_detection_without_torch_agrees_with_torch(monkeypatch):
@@ -127,7 +127,7 @@ def test_cpu_bf16_detection_without_torch_agrees_with_torch(monkeypatch):
 
 def test_lora_size_matches_a_real_dim_32_file():
     # A kohya dim-32 SD1.5 LoRA (UNet + text encoder) is about 37.9 MB in fp16.
-    estimate = estimate_memory(TrainingSettings(network_dim=32), FAMILIES["sd1"], gpu(24))
+    estimate = estimate_memory(TrainingSettings(network_dim=32), SPECS["sd1"], gpu(24))
     assert 36e6 < estimate.trainable_params * 2 < 40e6
 
 
@@ -165,9 +165,9 @@ def test_probe_uses_a_cpu_torch_build_without_importing_torch(monkeypatch):
     assert probe_device().kind == "cpu" and "torch" not in sys.modules
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(SPECS))
 def test_family_figures_are_consistent(family):
-    traits = FAMILIES[family]
+    traits = SPECS[family]
     assert traits.unet_params > 8e8 and traits.vae_params > 8e7
     assert traits.unet_lora_per_rank > traits.text_encoder_lora_per_rank / 2
 
@@ -190,7 +190,7 @@ def _header_only_safetensors(path: Path, tensors: dict[str, int]) -> Path:
     return path
 
 
-SD1_NOMINAL = FAMILIES["sd1"]
+SD1_NOMINAL = SPECS["sd1"]
 
 
 def test_a_tiny_model_is_estimated_by_its_own_weights(tmp_path, tiny_sd1_file, monkeypatch):

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from trainer.families import spec_for_settings
+
 GIB = 1024**3
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -299,7 +301,7 @@ def nan_hint(settings) -> str:
         hints.append("use Mixed precision bf16 instead of fp16 (fp16 overflows)")
     if settings.full_fp16:
         hints.append("untick Full fp16 training")
-    if _vae_overflows(settings) and settings.mixed_precision == "fp16" and not settings.sdxl_no_half_vae:
+    if spec_for_settings(settings).fp16_vae_overflows and settings.mixed_precision == "fp16" and not settings.sdxl_no_half_vae:
         hints.append("tick No half VAE (the SDXL VAE gives NaN in fp16)")
     if not hints:
         hints.append("check the images (a corrupt or all-black image can cause it) and try a lower learning rate")
@@ -308,12 +310,6 @@ def nan_hint(settings) -> str:
 
 _ADAPTIVE_NAMES = {"prodigy", "dadaptation", "dadaptadam", "dadaptadampreprint", "dadaptadagrad", "dadaptadan",
                    "dadaptadanip", "dadaptlion", "dadaptsgd"}
-
-
-def _vae_overflows(settings) -> bool:
-    from trainer.preflight.families import traits_for
-
-    return traits_for(settings).fp16_vae_overflows
 
 
 # ---- bad images during training --------------------------------------------------------------

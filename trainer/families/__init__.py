@@ -1,4 +1,7 @@
-"""Model-family adapters (SD1, SD2 now; SDXL later), chosen by ``create_family(settings)``."""
-from .registry import FAMILIES, create_family, family_key, register
+"""Model families: torch-free ``FamilySpec`` records by key, and the adapters they load lazily."""
+from .registry import (FLAG_KEYS, SPECS, create_family, family_key, family_spec, register_spec, spec_for_flags,
+                       spec_for_settings, unregister_spec)
+from .spec import DiffusionSchedule, FamilySpec
 
-__all__ = ["FAMILIES", "create_family", "family_key", "register"]
+__all__ = ["FLAG_KEYS", "SPECS", "DiffusionSchedule", "FamilySpec", "create_family", "family_key", "family_spec",
+           "register_spec", "spec_for_flags", "spec_for_settings", "unregister_spec"]

@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
+from trainer.families.spec import FamilySpec
 from trainer.network.metadata import VersionInfo
 from trainer.network.targets import LoraTarget
 from trainer.noise import NoiseSchedule
@@ -17,7 +18,8 @@ LogFn = Callable[[str, str], None]  # (message, level)
 
 
 class ModelFamily(Protocol):
-    key: ClassVar[str]  # registry key: "sd1", "sd2", ...
+    spec: ClassVar[FamilySpec]  # the family's torch-free record
+    key: str  # its registry key
     latent_scale: float  # VAE latents are shifted and multiplied by these before noising
     latent_shift: float
     cache_suffix: str  # latent cache file suffix ("sd", "sdxl")

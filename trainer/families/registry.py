@@ -1,33 +1,60 @@
-"""Model families by key. The one place that maps the settings' model flags to a family."""
+"""Model families by key: the one place that maps settings and checkpoints to a family.
+
+Registering a ``FamilySpec`` is all a new family needs outside its own modules: the
+check, the GUI's model pick, training, metadata and the tools look it up here.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Mapping
 
-FAMILIES: dict[str, Callable[[Any], Any]] = {}
+from trainer.families.spec import FamilySpec
+from trainer.families.stable_diffusion import STABLE_DIFFUSION_SPECS
+
+SPECS: dict[str, FamilySpec] = {}
+# kohya_ss's model checkboxes, in the order the GUI's model pick sets them
+FLAG_KEYS = ("v2", "v_parameterization", "sdxl")
 
 
-def register(key: str):
-    """Class decorator: make a family adapter available under ``key``."""
+def register_spec(spec: FamilySpec) -> FamilySpec:
+    """Make a family known under ``spec.key`` (a later spec with the same key replaces it)."""
+    SPECS[spec.key] = spec
+    return spec
 
-    def add(cls):
-        cls.key = key
-        FAMILIES[key] = cls
-        return cls
 
-    return add
+def unregister_spec(key: str) -> None:
+    SPECS.pop(key, None)
+
+
+def family_spec(key: str) -> FamilySpec:
+    """The spec registered under ``key``; ValueError naming the known ones otherwise."""
+    try:
+        return SPECS[key]
+    except KeyError:
+        raise ValueError(f"unknown model family {key!r}; known: {', '.join(SPECS)}") from None
+
+
+def spec_for_flags(flags: Mapping[str, Any]) -> FamilySpec:
+    """The first registered family kohya's checkboxes select (SDXL wins over v2, as in kohya_ss)."""
+    for spec in SPECS.values():
+        if spec.selected_by(flags):
+            return spec
+    raise ValueError("no model family matches the v2 / SDXL checkboxes")
+
+
+def spec_for_settings(settings: Any) -> FamilySpec:
+    return spec_for_flags({name: getattr(settings, name) for name in FLAG_KEYS})
 
 
 def family_key(settings: Any) -> str:
-    """"sdxl", "sd2" or "sd1" from kohya's model checkboxes (v_parameterization is a family option)."""
-    if settings.sdxl:
-        return "sdxl"
-    return "sd2" if settings.v2 else "sd1"
+    """The registry key of the family the settings choose."""
+    return spec_for_settings(settings).key
 
 
 def create_family(settings: Any):
-    from trainer.families import sd, sdxl  # noqa: F401  (importing registers the adapters)
+    """The adapter of the settings' family, its class imported only now."""
+    spec = spec_for_settings(settings)
+    return spec.adapter_class()(settings)
 
-    key = family_key(settings)
-    if key not in FAMILIES:
-        raise NotImplementedError(f"{key.upper()} training is not available yet; supported: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[key](settings)
+
+for _spec in STABLE_DIFFUSION_SPECS:
+    register_spec(_spec)

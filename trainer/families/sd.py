@@ -8,14 +8,15 @@ import torch
 
 from trainer.families.base import LogFn
 from trainer.families.clip_text import encode_chunks, tokenize_chunks
-from trainer.families.registry import register
+from trainer.families.spec import FamilySpec
+from trainer.families.stable_diffusion import SD1, SD2
 from trainer.network.metadata import VersionInfo
 from trainer.network.targets import CLIP_CLASSES, UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoraTarget, Role
 from trainer.noise import NoiseSchedule
 
 
 class StableDiffusionFamily:
-    key = "sd"
+    spec: FamilySpec = SD1
     latent_scale = 0.18215
     latent_shift = 0.0
     cache_suffix = "sd"
@@ -26,6 +27,10 @@ class StableDiffusionFamily:
         self.unet = self.vae = self.tokenizer = None
         self.text_encoders: tuple = ()
         self._fingerprint = ""
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
 
     # -- loading ------------------------------------------------------------------------
     def load(self, settings: Any, base_dtype: torch.dtype, device: torch.device, log: LogFn) -> None:
@@ -80,7 +85,9 @@ class StableDiffusionFamily:
     # -- the diffusion formulation ------------------------------------------------------
     def noise_schedule(self, device: torch.device | str) -> NoiseSchedule:
         """DDPM with scaled_linear betas; the target is ε, or v as v_parameterization says."""
-        return NoiseSchedule.scaled_linear(device=device, v_prediction=self.v_prediction)
+        betas = self.spec.schedule
+        return NoiseSchedule.scaled_linear(betas.num_train_timesteps, betas.beta_start, betas.beta_end, device,
+                                           v_prediction=self.v_prediction)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents as the UNet sees them."""
@@ -146,13 +153,13 @@ class StableDiffusionFamily:
             encoder.to("cpu")
 
 
-@register("sd1")
 class SD1Family(StableDiffusionFamily):
+    spec = SD1
     v2 = False
 
 
-@register("sd2")
 class SD2Family(StableDiffusionFamily):
+    spec = SD2
     v2 = True
 
 

@@ -14,8 +14,8 @@ import torch
 
 from trainer.families.base import LogFn
 from trainer.families.clip_text import CHUNK, tokenize_chunks
-from trainer.families.registry import register
 from trainer.families.sd import StableDiffusionFamily, _file_identity, vae_input
+from trainer.families.stable_diffusion import SDXL
 from trainer.network.metadata import VersionInfo
 from trainer.network.sgm_names import SGM_CONV_CLASSES, sgm_unet_view
 from trainer.network.targets import CLIP_CLASSES, UNET_ATTENTION_CLASSES, LoraTarget, Role
@@ -31,8 +31,8 @@ class SDXLConditioning(NamedTuple):
     pooled: torch.Tensor  # (B, projection_dim), 1280 for real SDXL
 
 
-@register("sdxl")
 class SDXLFamily(StableDiffusionFamily):
+    spec = SDXL
     latent_scale = 0.13025
     cache_suffix = "sdxl"
 
@@ -47,7 +47,7 @@ class SDXLFamily(StableDiffusionFamily):
         from trainer.checkpoints import load_pipeline_components
 
         parts = load_pipeline_components(
-            settings.pretrained_model_name_or_path, family_hint="sdxl", dtype=base_dtype,
+            settings.pretrained_model_name_or_path, family_hint=self.key, dtype=base_dtype,
             v_parameterization=self.v_prediction,
         )
         said = parts.info.v_parameterization

@@ -19,7 +19,7 @@ LogFn = Callable[[str, str], None]
 @dataclass
 class BaseModel:
     key: tuple  # identity for the cache: path, file time, v-prediction, device, dtype
-    family_key: str  # "sd1" | "sd2" | "sdxl"
+    family_key: str  # the family's registry key (trainer.families)
     family: Any  # the loaded family adapter (unet, vae, text encoders, tokenizers)
     device: torch.device
     dtype: torch.dtype
@@ -52,7 +52,7 @@ def load_base_model(path: str, v_parameterization: bool | None = None, device: s
     """Load every component of ``path`` for inference. ``v_parameterization`` None: as the model says
     (epsilon when it does not say, e.g. an SD2 single file without metadata)."""
     from trainer.checkpoints import detect, resolve_model_path
-    from trainer.families import create_family
+    from trainer.families import family_spec
     from trainer.settings import TrainingSettings
 
     log = log or (lambda message, level="info": None)
@@ -60,9 +60,9 @@ def load_base_model(path: str, v_parameterization: bool | None = None, device: s
     key = model_key(path, v_parameterization, device, dtype)
     info = detect(resolve_model_path(path)).require_usable()
     v_pred = bool(info.v_parameterization) if v_parameterization is None else bool(v_parameterization)
-    settings = TrainingSettings(pretrained_model_name_or_path=str(path), sdxl=info.family == "sdxl",
-                                v2=info.family == "sd2", v_parameterization=v_pred)
-    family = create_family(settings)
+    spec = family_spec(info.family)
+    settings = TrainingSettings(pretrained_model_name_or_path=str(path), v_parameterization=v_pred, **spec.flags)
+    family = spec.adapter_class()(settings)
     family.load(settings, dtype, device, log)
     family.set_attention("sdpa", log)
     if family.vae.dtype != torch.float32:  # decoding in fp32: half VAEs (SDXL's) overflow to black images

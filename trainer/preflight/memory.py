@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trainer.preflight.device import GIB, DeviceInfo
-from trainer.preflight.families import FamilyTraits
+from trainer.families import FamilySpec
 from trainer.preflight.memory_advice import memory_advice
 from trainer.preflight.model_size import model_size
 from trainer.preflight.optimizer_table import optimizer_facts
@@ -80,7 +80,7 @@ class MemoryEstimate:
         return "\n".join(lines + list(self.notes))
 
 
-def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> MemoryEstimate:
+def estimate_memory(settings, family: FamilySpec, device: DeviceInfo) -> MemoryEstimate:
     size = model_size(settings.pretrained_model_name_or_path, family)
     family = size.apply_to(family)  # the model file's own parameter counts where its header can be read
     runs, _ = device.mixed_precision(settings.mixed_precision)
@@ -107,7 +107,7 @@ def estimate_memory(settings, family: FamilyTraits, device: DeviceInfo) -> Memor
     return MemoryEstimate(device, parts, runs if half else "fp32", trainable, family.label, tuple(notes))
 
 
-def _working_bytes(settings, family: FamilyTraits, half: bool, te_cached: bool) -> float:
+def _working_bytes(settings, family: FamilySpec, half: bool, te_cached: bool) -> float:
     """The largest of what runs on top of the weights: a step's activations, a VAE encode, or the text
     encoders while they cache their outputs before the first step."""
     width, height = settings.resolution
@@ -123,7 +123,7 @@ def _working_bytes(settings, family: FamilyTraits, half: bool, te_cached: bool) 
     return max(activations, vae_encode, encoders)
 
 
-def text_encoder_outputs_cached(settings, family: FamilyTraits) -> bool:
+def text_encoder_outputs_cached(settings, family: FamilySpec) -> bool:
     """As the trainer decides: the family's cache setting, or text encoders that are not trained and captions
     that never change (no shuffling, tag or caption dropout), so each caption is encoded once."""
     from trainer.data.captions import CaptionConfig
@@ -133,7 +133,7 @@ def text_encoder_outputs_cached(settings, family: FamilyTraits) -> bool:
     return settings.train_lrs()[1] <= 0 and CaptionConfig.from_settings(settings).is_static
 
 
-def lora_parameter_count(settings, family: FamilyTraits, te_cached: bool = False) -> int:
+def lora_parameter_count(settings, family: FamilySpec, te_cached: bool = False) -> int:
     unet_lr, te_lr = settings.train_lrs()
     count = 0
     if unet_lr > 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainer.preflight.device import GIB, DeviceInfo
-from trainer.preflight.families import traits_for
+from trainer.families import spec_for_settings
 from trainer.preflight.optimizer_table import optimizer_facts
 
 # the advice after an out-of-memory stop is about the device that ran out: rank for a typical GPU
@@ -33,11 +33,11 @@ def _lower_side(side: int) -> int:
 def _trains_text_encoders(settings) -> bool:
     from trainer.preflight.memory import text_encoder_outputs_cached
 
-    return settings.train_lrs()[1] > 0 and not text_encoder_outputs_cached(settings, traits_for(settings))
+    return settings.train_lrs()[1] > 0 and not text_encoder_outputs_cached(settings, spec_for_settings(settings))
 
 
 def _freeze_text_encoders(settings) -> dict:
-    cache_setting = traits_for(settings).te_output_cache_setting
+    cache_setting = spec_for_settings(settings).te_output_cache_setting
     if cache_setting:
         return {cache_setting: True}
     unet_lr, _ = settings.train_lrs()
@@ -45,7 +45,7 @@ def _freeze_text_encoders(settings) -> dict:
 
 
 def _freeze_advice(settings) -> str:
-    if traits_for(settings).te_output_cache_setting:
+    if spec_for_settings(settings).te_output_cache_setting:
         return "tick Cache text encoder outputs (the text encoders are then not trained)"
     return "set Text Encoder learning rate to 0 (trains the U-Net only and caches the text encoder's outputs)"
 
@@ -74,7 +74,7 @@ RULES: tuple[MemoryRule, ...] = (
     MemoryRule(lambda s: s.mixed_precision == "no",
                lambda s: {"mixed_precision": "bf16"},
                lambda s: "set Mixed precision to bf16 (or fp16 on older GPUs)"),
-    MemoryRule(lambda s: max(s.resolution) > traits_for(s).native_resolution * 3 // 4,
+    MemoryRule(lambda s: max(s.resolution) > spec_for_settings(s).native_resolution * 3 // 4,
                lambda s: {"max_resolution": _resolution(s)},
                lambda s: f"lower Max resolution from {s.max_resolution} to {_resolution(s)}"),
     MemoryRule(_trains_text_encoders, _freeze_text_encoders, _freeze_advice),
@@ -89,7 +89,7 @@ def memory_suggestions(settings, device: DeviceInfo | None = None) -> list[str]:
     from trainer.preflight.memory import estimate_memory
 
     device = device or TYPICAL_GPU
-    family = traits_for(settings)
+    family = spec_for_settings(settings)
     now = estimate_memory(settings, family, device).total_bytes
     ranked = []
     for order, rule in enumerate(RULES):

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.preflight.families import FAMILIES, FAMILY_FLAGS, FamilyTraits, family_from_settings
+from trainer.families import family_spec, spec_for_settings
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 
@@ -32,10 +32,6 @@ class ModelFacts:
     @property
     def family(self) -> str | None:
         return self.info.family
-
-    @property
-    def family_traits(self) -> FamilyTraits | None:
-        return FAMILIES.get(self.info.family) if self.info.family else None
 
 
 class ModelPathProblem(Exception):
@@ -170,16 +166,16 @@ def check_model_family(ctx: CheckContext):
     if facts is None or facts.family is None:
         return
     s = ctx.settings
-    detected, chosen = facts.family, family_from_settings(s)
-    name = FAMILIES[detected].label
-    if detected != chosen:
-        wrong = {k: v for k, v in FAMILY_FLAGS[detected].items() if bool(getattr(s, k)) != v}
+    detected, chosen = family_spec(facts.family), spec_for_settings(s)
+    name = detected.label
+    if detected is not chosen:
+        wrong = {k: v for k, v in detected.flags.items() if bool(getattr(s, k)) != v}
         ticks = " and ".join(("tick " if v else "untick ") + k for k, v in wrong.items())
         for key in wrong:
             yield Problem(
                 "error", key,
-                f"the model is {name} (from its weights) but the settings say {FAMILIES[chosen].label}",
-                fix=f"{ticks} (or choose a {FAMILIES[chosen].label} model)", file=str(facts.path),
+                f"the model is {name} (from its weights) but the settings say {chosen.label}",
+                fix=f"{ticks} (or choose a {chosen.label} model)", file=str(facts.path),
             )
     v_param = facts.info.v_parameterization
     if v_param is not None and v_param != bool(s.v_parameterization):
@@ -191,10 +187,10 @@ def check_model_family(ctx: CheckContext):
             f"the model is {kind} (from its {'scheduler config' if certain else 'metadata or family'})",
             fix=("tick" if v_param else "untick") + " v_parameterization", file=str(facts.path),
         )
-    elif v_param is None and detected == "sd2":
+    elif v_param is None:  # detection says nothing only where a family's single files do not tell
         yield Problem(
             "note", "v_parameterization",
-            f"an SD 2.x single file does not say whether it is v-prediction; v_parameterization is "
+            f"an {detected.short_label} single file does not say whether it is v-prediction; v_parameterization is "
             f"{'ticked' if s.v_parameterization else 'unticked'}",
             fix="tick it for 768 px 'v' models (e.g. v2-1_768), untick it for 512 px 'base' models",
             file=str(facts.path),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS
-from trainer.preflight.families import FamilyTraits
+from trainer.families import FamilySpec
 
 DIFFUSERS_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -28,7 +28,7 @@ class ModelSize:
     vae: int | None
     note: str
 
-    def apply_to(self, family: FamilyTraits) -> FamilyTraits:
+    def apply_to(self, family: FamilySpec) -> FamilySpec:
         """The family with its nominal parameter counts replaced by the ones counted in the file."""
         if self.unet is None:
             return family
@@ -36,7 +36,7 @@ class ModelSize:
                        text_encoder_params=self.text_encoders or family.text_encoder_params)
 
 
-def model_size(model_value: str, family: FamilyTraits) -> ModelSize:
+def model_size(model_value: str, family: FamilySpec) -> ModelSize:
     """The counts of the model ``pretrained_model_name_or_path`` names, cached by (path, mtime, size)."""
     from trainer.preflight.model import ModelPathProblem, resolve_model_path
 
@@ -54,7 +54,7 @@ def model_size(model_value: str, family: FamilyTraits) -> ModelSize:
     return _cache[key]
 
 
-def _count(path: Path, family: FamilyTraits, nominal: str) -> ModelSize:
+def _count(path: Path, family: FamilySpec, nominal: str) -> ModelSize:
     try:
         if path.is_dir():
             size = _diffusers_counts(path)
@@ -70,7 +70,7 @@ def _count(path: Path, family: FamilyTraits, nominal: str) -> ModelSize:
     return size
 
 
-def _single_file_counts(path: Path, family: FamilyTraits) -> ModelSize | None:
+def _single_file_counts(path: Path, family: FamilySpec) -> ModelSize | None:
     from trainer.preflight.model import read_safetensors_header
 
     shapes, _ = read_safetensors_header(path)

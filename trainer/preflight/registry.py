@@ -83,11 +83,11 @@ class CheckContext:
     @cached_property
     def memory(self):
         """The memory estimate (trainer.preflight.memory.MemoryEstimate) for these settings on this device."""
-        from trainer.preflight.families import FAMILIES, family_from_settings
+        from trainer.preflight.families import checked_family
         from trainer.preflight.memory import estimate_memory
 
-        detected = self.model.family if self.model is not None else None
-        return estimate_memory(self.settings, FAMILIES[detected or family_from_settings(self.settings)], self.device)
+        family = checked_family(self.settings, self.model.family if self.model is not None else None)
+        return estimate_memory(self.settings, family, self.device)
 
     @cached_property
     def device(self):

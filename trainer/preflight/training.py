@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from trainer.preflight.families import FAMILIES, family_from_settings
+from trainer.families import SPECS, spec_for_settings
+from trainer.preflight.families import checked_family
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 
@@ -14,8 +15,7 @@ CAPTION_RANDOMNESS = (("shuffle_caption", "Shuffle caption"), ("caption_dropout_
 
 
 def _family(ctx: CheckContext):
-    detected = ctx.model.family if ctx.model is not None else None
-    return FAMILIES[detected or family_from_settings(ctx.settings)]
+    return checked_family(ctx.settings, ctx.model.family if ctx.model is not None else None)
 
 
 @preflight_check("training.precision")
@@ -52,7 +52,7 @@ def check_latent_cache(ctx: CheckContext):
 def check_text_encoder_cache(ctx: CheckContext):
     s = ctx.settings
     family = _family(ctx)
-    cache_keys = {f.te_output_cache_setting for f in FAMILIES.values() if f.te_output_cache_setting}
+    cache_keys = {f.te_output_cache_setting for f in SPECS.values() if f.te_output_cache_setting}
     for key in cache_keys:
         if getattr(s, key) and key != family.te_output_cache_setting:
             yield Problem("note", key, f"only applies to other model families; ignored for {family.label}")
@@ -90,7 +90,8 @@ def check_v_parameterization(ctx: CheckContext):
     s = ctx.settings
     if ctx.model is not None and ctx.model.info.v_parameterization is not None:
         return  # the model's own answer is checked in model.family
-    if s.v_parameterization and family_from_settings(s) == "sd1":
-        yield Problem("warning", "v_parameterization", "Stable Diffusion 1.x models predict noise, not v; "
+    family = spec_for_settings(s)
+    if s.v_parameterization and not family.v_prediction_models:
+        yield Problem("warning", "v_parameterization", f"{family.label} models predict noise, not v; "
                       "v_parameterization is meant for SD 2.x 768 and v-prediction fine-tunes",
                       fix="untick v_parameterization unless your model is a v-prediction fine-tune")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from trainer.families import family_spec
 from trainer.network.targets import (
     UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoraTarget, TargetLayer, find_target_layers,
 )
@@ -43,12 +44,10 @@ class BaseModules:
 
 def family_adapter(family: str, unet: nn.Module, text_encoders: tuple, v_parameterization: bool = False):
     """The family adapter of ``family`` holding these models (not loaded through settings)."""
-    from trainer.families import FAMILIES
-    from trainer.families import sd, sdxl  # noqa: F401  (importing registers the adapters)
     from trainer.settings import TrainingSettings
 
-    adapter = FAMILIES[family](TrainingSettings(v_parameterization=v_parameterization, sdxl=family == "sdxl",
-                                                v2=family == "sd2"))
+    spec = family_spec(family)
+    adapter = spec.adapter_class()(TrainingSettings(v_parameterization=v_parameterization, **spec.flags))
     adapter.unet, adapter.text_encoders = unet, tuple(text_encoders)
     return adapter
 

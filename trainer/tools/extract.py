@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from trainer.families import family_spec
 from trainer.network.targets import Role
 from trainer.tools.errors import ToolError, check_output_path
 from trainer.tools.lora_file import LoraWeights, module_tensors
@@ -147,9 +148,9 @@ def _check_same_family(base, tuned) -> None:
 
     families = [detect(resolve_model_path(p)).require_usable().family for p in (base, tuned)]
     if families[0] != families[1]:
-        names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-        raise ToolError(f"{Path(tuned).name} is an {names[families[1]]} model but {Path(base).name} is "
-                        f"{names[families[0]]}: extract needs a fine-tune and the base it was tuned from")
+        base_name, tuned_name = (family_spec(key).short_label for key in families)
+        raise ToolError(f"{Path(tuned).name} is an {tuned_name} model but {Path(base).name} is "
+                        f"{base_name}: extract needs a fine-tune and the base it was tuned from")
 
 
 def _check_same_layers(layers_o: dict, layers_t: dict) -> None:

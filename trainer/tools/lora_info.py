@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from trainer.families import SPECS, family_spec
 from trainer.tools.lora_file import LoraFile, read_lora, shapes_fit
 
 # ss_base_model_version -> what people call it
@@ -23,9 +24,6 @@ BASE_VERSIONS = {
     "sd_v2_v": "SD 2.x (768, v-prediction)",
     "sdxl_base_v1-0": "SDXL 1.0",
 }
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# text-encoder width / UNet cross-attention width -> family (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024)
-WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 SGM_MARKERS = (
     "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
 )
@@ -108,7 +106,7 @@ class LoraReport:
     def summary(self) -> str:
         roles = Counter(m.role for m in self.modules)
         parts = ", ".join(f"{count} {role}" for role, count in roles.items())
-        family = FAMILY_NAMES.get(self.family_from_keys or "", "unknown family")
+        family = (family_spec(self.family_from_keys).short_label if self.family_from_keys else "unknown family")
         return f"{len(self.modules)} modules ({parts}), {self._rank_text()}; {family} (from keys)"
 
     def _rank_text(self) -> str:
@@ -166,14 +164,16 @@ def inspect_lora(path, lora: LoraFile | None = None) -> LoraReport:
 
 
 def family_from_keys(lora: LoraFile) -> str | None:
-    """SDXL from its key names; SD1 vs SD2 from the text-encoder or cross-attention width."""
+    """SGM-named (SDXL) from its key names, else from the text-encoder or cross-attention width
+    (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024)."""
     names = list(lora.modules)
     if any(name.startswith(SGM_MARKERS) for name in names):
-        return "sdxl"
+        return next((spec.key for spec in SPECS.values() if spec.sgm_lora_names), None)
     for suffix in ("_self_attn_q_proj", "_attn2_to_k"):
         module = next((m for n, m in lora.modules.items() if n.endswith(suffix)), None)
         if module is not None:
-            return WIDTH_FAMILIES.get(int(module.down.shape[1]))
+            width = int(module.down.shape[1])
+            return next((spec.key for spec in SPECS.values() if spec.conditioning_width == width), None)
     return None
 
 
@@ -223,7 +223,7 @@ class MatchReport:
 
     def summary(self) -> str:
         total = self.matched + len(self.unmatched) + len(self.shape_mismatches)
-        text = f"{self.matched} of {total} modules match {FAMILY_NAMES[self.base_family]} model {self.base_path}"
+        text = f"{self.matched} of {total} modules match {family_spec(self.base_family).short_label} model {self.base_path}"
         if self.unmatched:
             text += f"; {len(self.unmatched)} unmatched"
         if self.shape_mismatches:
@@ -236,7 +236,7 @@ class MatchReport:
             lines.append(f"  {self.matched_by_alias} modules use diffusers-style UNet names: sd-scripts, ComfyUI and "
                          "diffusers accept them, A1111 may not")
         if self.lora_family and self.lora_family != self.base_family and not self.ok:
-            lines.append(f"  the keys look like an {FAMILY_NAMES[self.lora_family]} LoRA: "
+            lines.append(f"  the keys look like an {family_spec(self.lora_family).short_label} LoRA: "
                          "choose a base model of that family")
         lines += _listed("unmatched", self.unmatched, limit)
         mismatches = [f"{n}: ΔW {list(a)} vs layer {list(b)}" for n, a, b in self.shape_mismatches]

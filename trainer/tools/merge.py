@@ -16,13 +16,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from trainer.families import family_spec
 from trainer.tools.errors import ToolError, check_output_path
 from trainer.tools.lora_file import LoraFile, fit_to_layer, read_lora, shapes_fit
 
 HALF = torch.float16
 # ModelSpec implementation of an original-layout (LDM/SGM) checkpoint, whatever the family
 ORIGINAL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class MergeResult:
 
     def summary(self) -> str:
         merged = ", ".join(f"{Path(m.path).name} ×{m.ratio:g} ({m.merged} modules)" for m in self.loras)
-        return f"merged {merged} into {FAMILY_NAMES[self.family]} model {Path(self.base).name}"
+        return f"merged {merged} into {family_spec(self.family).short_label} model {Path(self.base).name}"
 
     def format(self) -> str:
         lines = [f"Merged checkpoint {self.out_path}", f"  {self.summary()}",
@@ -135,7 +135,7 @@ def _plan(file: LoraFile, modules, allow_unmatched: bool) -> tuple[dict, list[st
             wrong.append(f"{name} (ΔW {list(module.delta_shape())}, layer {list(layer.module.weight.shape)})")
         else:
             layers[name] = layer
-    family = FAMILY_NAMES[modules.family]
+    family = family_spec(modules.family).short_label
     if wrong:
         raise ToolError(f"{file.path.name} does not fit this {family} model: {len(wrong)} modules have another "
                         f"shape, e.g. {wrong[0]}. Is it a LoRA for another model family?")
