@@ -84,6 +84,7 @@ def test_profile_train_refuses_to_run_without_the_benchmark_model(tmp_path):
         profile_train.bench_paths(args)
 
 
+@pytest.mark.slow
 def test_train_speed_prints_one_json_line_with_the_figures(tmp_path):
     """The benchmark as a user runs it: builds the tiny model and images, trains in a child, one JSON line."""
     import os
@@ -116,6 +117,7 @@ def test_tensor_bytes_counts_live_storages_once_and_keeps_the_peak():
     assert tracker.current == 0 and tracker.peak == 8192
 
 
+@pytest.mark.slow
 def test_memory_peak_runs_the_trainer_and_prints_its_figures(tmp_path, capsys):
     import memory_peak
 

@@ -26,6 +26,8 @@ from trainer.loop import train
 from trainer.optim.stepper import OptimizerStepper
 from trainer.settings import save_settings
 
+pytestmark = pytest.mark.slow  # trains tiny models, some in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -18,6 +18,8 @@ from trainer.loop import train
 from trainer.settings import save_settings
 from trainer.state_folder import check_state_folder
 
+pytestmark = pytest.mark.slow  # trains tiny models, some in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 

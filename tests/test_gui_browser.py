@@ -28,7 +28,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 VIEWPORT = {"width": 1440, "height": 1000}
 TRAINING_TIMEOUT_MS = 120_000
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium")]
 needs_trainer = pytest.mark.skipif(importlib.util.find_spec("trainer.loop") is None, reason="trainer.loop is not in this tree")
 
 # What the tiny CPU runs use besides the typed paths: loaded as a kohya_ss config file, like a user's.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
+import pytest
 from safetensors import safe_open
 
 from app.run_manager import RunManager
@@ -12,6 +13,8 @@ from app.run_panel import NOTHING_SHOWN, refresh
 from test_faults_saving import fill_disk_after_first_save
 from test_train import images, tiny_settings  # noqa: F401  (images: a fixture)
 from trainer import events as ev
+
+pytestmark = pytest.mark.slow  # trains a tiny model
 
 
 def test_a_full_disk_offers_save_to_and_it_writes_the_kept_lora(tiny_sd1_dir, images, tmp_path, monkeypatch):  # noqa: F811

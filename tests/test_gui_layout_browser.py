@@ -18,7 +18,8 @@ pytest.importorskip("playwright.sync_api")
 from test_gui_browser import (ARTIFACTS, CHROMIUM, browser, expect, fill_small_run, free_port,  # noqa: E402,F401
                               needs_trainer, no_handler_errors, open_app, wait_for_status, wait_for_step)
 
-pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium"),
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium"),
               needs_trainer]
 
 SIZES = {"1366x768": {"width": 1366, "height": 768}, "1920x1080": {"width": 1920, "height": 1080}}

@@ -14,7 +14,8 @@ from test_gui_browser import box, browser, expect, gui, no_handler_errors, page,
 
 from app.path_picker import ROOTS_ENV  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")]
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ pytest.importorskip("playwright.sync_api")
 
 from test_gui_browser import box, browser, expect, gui, no_handler_errors, page, pick, show_tab, type_into  # noqa: E402,F401  (fixtures)
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")]
 
 
 def status(page):

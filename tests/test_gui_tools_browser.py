@@ -21,7 +21,8 @@ from test_tools_support import random_lora  # noqa: E402
 
 from trainer.devtools.synthetic import make_image_folder  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium")]
 
 
 @pytest.fixture(scope="module")

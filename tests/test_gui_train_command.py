@@ -47,6 +47,7 @@ def press(app, values: dict, target: str = "") -> str:
     return result
 
 
+@pytest.mark.slow
 def test_the_printed_command_trains_with_the_form_settings(app, tiny_sd1_dir, images, tmp_path):
     out = tmp_path / "out"
     values = form_of(tiny_sd1_dir, images, out)

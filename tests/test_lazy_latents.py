@@ -295,6 +295,7 @@ def _log_index(timeline, text) -> int:
     return index
 
 
+@pytest.mark.slow
 def test_a_run_steps_after_its_first_batch_is_encoded_and_frees_the_vae_after_epoch_1(
         tiny_sd1_dir, three_images, tmp_path, monkeypatch):
     timeline = _run(tiny_sd1_dir, three_images, tmp_path / "out", monkeypatch, epoch=2)
@@ -308,6 +309,7 @@ def test_a_run_steps_after_its_first_batch_is_encoded_and_frees_the_vae_after_ep
     assert timeline.count(("release",)) == 1
 
 
+@pytest.mark.slow
 def test_a_second_run_reads_every_latent_from_disk_and_frees_the_vae_before_step_1(
         tiny_sd1_dir, three_images, tmp_path, monkeypatch):
     images = tmp_path / "copy"
@@ -321,6 +323,7 @@ def test_a_second_run_reads_every_latent_from_disk_and_frees_the_vae_before_step
     assert not [item for item in timeline if item[0] == "log" and "first used" in item[1]]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_encodes_the_skipped_images_after_its_first_epoch_and_matches_a_straight_run(
         tiny_sd1_dir, three_images, tmp_path, monkeypatch):
     from safetensors.torch import load_file
@@ -343,6 +346,7 @@ def test_a_resumed_run_encodes_the_skipped_images_after_its_first_epoch_and_matc
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_speed_and_eta_leave_out_first_use_encoding_and_count_what_is_left(
         tiny_sd1_dir, three_images, tmp_path, monkeypatch):
     """Epoch 1 encodes images as it goes: the it/s shown is the training speed, and the ETA adds the encoding

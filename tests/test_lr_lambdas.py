@@ -71,6 +71,8 @@ def lrs(scheduler, steps: int) -> list[list[float]]:
 def cases():
     for name, option_sets in OPTIONS.items():
         for total, warmup in RUNS:
+            if name == "polynomial" and warmup == total:  # transformers divides by zero decay steps at the last step:
+                continue  # test_polynomial_warmup_fills_the_run covers it
             for options in option_sets:
                 yield pytest.param(name, total, warmup, options, id=f"{name}-{total}-{warmup}-{options}")
 
@@ -81,8 +83,6 @@ def test_every_schedule_is_covered():
 
 @pytest.mark.parametrize("name,total,warmup,options", cases())
 def test_same_lrs_as_transformers(name, total, warmup, options):
-    if name == "polynomial" and warmup == total:  # transformers divides by zero decay steps at the last step
-        pytest.skip("covered by test_polynomial_warmup_fills_the_run")
     got = lrs(ours(name, optimizer(), warmup, total, options), total + 5)
     want = lrs(reference(name, optimizer(), warmup, total, options), total + 5)
     for step, (a, b) in enumerate(zip(got, want)):

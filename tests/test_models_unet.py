@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers  # the reference: a missing diffusers fails these tests (it is pinned in the test extra)
 import pytest
 import torch
 
 from trainer.devtools.tiny_specs import TINY_SPECS
 from trainer.models.unet import UNet2DConditionModel
 
-diffusers = pytest.importorskip("diffusers")
 SHIPPED = Path(__file__).resolve().parent.parent / "trainer" / "checkpoints" / "configs"
 
 

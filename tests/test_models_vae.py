@@ -6,13 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers  # the reference: a missing diffusers fails these tests (it is pinned in the test extra)
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-from trainer.devtools.tiny_specs import TINY_VAE  # noqa: E402
-from trainer.models.vae import AutoencoderKL  # noqa: E402
+from trainer.devtools.tiny_specs import TINY_VAE
+from trainer.models.vae import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "trainer" / "checkpoints" / "configs"

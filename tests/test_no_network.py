@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from test_train_cmd import images, write_config  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.slow  # runs training in a subprocess
+
 GUARD_DIR = Path(__file__).resolve().parent / "no_network"
 REPO = Path(__file__).resolve().parent.parent
 ONLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "GRADIO_ANALYTICS_ENABLED",

@@ -41,6 +41,7 @@ def test_fills_the_folder_up_to_the_count_and_keeps_what_is_there(tiny_sd1_dir, 
     assert generate_reg_images(str(tiny_sd1_dir), folder, "a photo of a dog", 3, tryit=tryit, **reg_args()) == []
 
 
+@pytest.mark.slow
 def test_new_folder_other_size_and_no_name_clash(tiny_sd1_dir, tryit, tmp_path):
     folder = tmp_path / "new" / "1_cat"
     made = generate_reg_images(str(tiny_sd1_dir), folder, "cat", 1, tryit=tryit, **reg_args(size=(72, 64)))

@@ -16,6 +16,8 @@ from trainer.control import Control
 from trainer.inference.keep_state import training_state_kept
 from trainer.loop import train
 
+pytestmark = pytest.mark.slow  # trains and samples tiny models
+
 PROMPTS = ("a photo of sks dog --w 64 --h 64 --s 2 --d 5\n# a comment\n\n"
            "sks dog running --n blurry --w 72 --h 64 --s 2 --ss dpmsolver++")
 STAMP = r"\d{14}"

@@ -18,6 +18,8 @@ from trainer.loop import train
 from trainer.settings import TrainingSettings
 from trainer.settings.kohya_json import settings_from_dict
 
+pytestmark = pytest.mark.slow  # trains the tiny SDXL model end to end
+
 # kohya_ss presets/lora/"SDXL - LoRA AI_characters standard v1.1.json", with the keys and the
 # v21/22-era value forms described in kohya_ss_gui.md §2.2 (string numbers, legacy keys).
 AI_CHARACTERS_V11 = {

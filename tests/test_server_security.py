@@ -99,6 +99,7 @@ def lan_gui(tmp_path_factory):
 # ---- DNS rebinding and cross-site requests ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/config"), ("POST", "/gradio_api/queue/join"),
                                           ("POST", "/gradio_api/upload")])
 def test_a_forged_host_is_refused(local_gui, method, path):
@@ -108,6 +109,7 @@ def test_a_forged_host_is_refused(local_gui, method, path):
     assert "--allowed-hosts" in response.text  # the message says how to allow a name that is really this GUI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("origin", [FOREIGN, f"http://attacker.example:{7860}", "null"])
 def test_a_foreign_origin_is_refused_on_the_real_host(local_gui, origin):
     response = local_gui.request("GET", "/config", origin=origin)
@@ -115,6 +117,7 @@ def test_a_foreign_origin_is_refused_on_the_real_host(local_gui, origin):
     assert "access-control-allow-origin" not in response.headers
 
 
+@pytest.mark.slow
 def test_a_cross_site_preflight_is_refused(local_gui):
     for host in (local_gui.host, "attacker.example"):
         response = local_gui.request("OPTIONS", "/gradio_api/queue/join", host=host, origin=FOREIGN,
@@ -123,6 +126,7 @@ def test_a_cross_site_preflight_is_refused(local_gui):
         assert "access-control-allow-origin" not in response.headers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["127.0.0.1", "localhost", "[::1]", "nekoya.lan"])
 def test_loopback_names_and_allowed_hosts_are_served(local_gui, name):
     host = f"{name}:{local_gui.port}"
@@ -131,6 +135,7 @@ def test_loopback_names_and_allowed_hosts_are_served(local_gui, name):
     assert same_origin.status_code == 200
 
 
+@pytest.mark.browser
 def test_the_gui_page_works_through_the_guard(local_gui):
     """The page's own requests (queue, event stream, uploads) are same-origin: a preset loads in a real browser."""
     if not os.path.exists("/usr/bin/chromium"):
@@ -152,6 +157,7 @@ def test_the_gui_page_works_through_the_guard(local_gui):
             browser.close()
 
 
+@pytest.mark.slow
 def test_every_address_with_a_login_accepts_any_host_but_no_foreign_origin(lan_gui):
     lan_host = f"192.0.2.7:{lan_gui.port}"  # what a user on the network types: the machine's address
     assert lan_gui.request("GET", "/", host=lan_host).status_code == 200
@@ -163,12 +169,14 @@ def test_every_address_with_a_login_accepts_any_host_but_no_foreign_origin(lan_g
 # ---- login --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_password_from_a_file_logs_in(lan_gui):
     assert lan_gui.request("GET", "/config").status_code == 401
     assert lan_gui.login("me", "wrong").status_code == 400
     assert lan_gui.login("me", "from-a-file").status_code == 200
 
 
+@pytest.mark.slow
 def test_wrong_passwords_lock_the_login(lan_gui):
     from app.login import FREE_FAILURES
 
@@ -216,6 +224,7 @@ def test_an_unreadable_password_file_is_named(launched_with, tmp_path, capsys):
 # ---- last: what the servers did on the network during all of the above ---------------------------
 
 
+@pytest.mark.slow
 def test_the_gui_makes_no_network_access(local_gui, lan_gui):
     assert network_attempts(local_gui.socket_log) == ""
     assert network_attempts(lan_gui.socket_log) == ""

@@ -17,6 +17,8 @@ from trainer.control import Control
 from trainer.loop import train
 from trainer.settings import TrainingSettings
 
+pytestmark = pytest.mark.slow  # trains tiny models end to end
+
 
 class Recorder:
     def __init__(self):

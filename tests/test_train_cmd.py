@@ -10,6 +10,8 @@ from trainer import cli
 from trainer.commands import train_cmd
 from trainer.settings import TrainingSettings, save_settings
 
+pytestmark = pytest.mark.slow  # runs the trainer command on a tiny model
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

@@ -83,6 +83,7 @@ def test_random_seed_is_reported_and_repeats(tryit, tiny_sd1_dir):
     assert f"Seed: {first.info['seed']}" in first.info["parameters"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_sd2v_dir", "tiny_sdxl_dir"])
 def test_sd2_v_and_sdxl_loras(fixture, request, tmp_path):
     model = request.getfixturevalue(fixture)
