@@ -97,6 +97,14 @@ def test_every_sampler_builds_with_the_training_betas(name):
     scheduler.set_timesteps(3)  # usable at the few steps the tests use
 
 
+def test_samplers_take_the_betas_of_the_family_spec():
+    from trainer.families import DiffusionSchedule, family_spec
+
+    assert make_scheduler("euler", False, betas=family_spec("sdxl").schedule).config.beta_end == 0.012
+    other = make_scheduler("euler", False, betas=DiffusionSchedule(num_train_timesteps=500, beta_end=0.02)).config
+    assert (other.num_train_timesteps, other.beta_end) == (500, 0.02)
+
+
 def test_ddim_clips_like_sd_scripts_unless_told_not_to():
     assert make_scheduler("ddim", False).config.clip_sample is True
     assert make_scheduler("ddim", False, clip_sample=False).config.clip_sample is False

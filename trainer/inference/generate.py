@@ -87,7 +87,7 @@ class ImageGenerator:
 
     def denoise(self, spec: ImageSpec, cond: Any, guided: bool, progress: ProgressFn | None) -> torch.Tensor:
         family, unet = self.family, self.family.unet
-        scheduler = make_scheduler(spec.sampler, family.v_prediction, self.clip_sample)
+        scheduler = make_scheduler(spec.sampler, family.v_prediction, self.clip_sample, family.spec.schedule)
         scheduler.set_timesteps(spec.steps, device=self.device)
         generator = torch.Generator("cpu").manual_seed(int(spec.seed))
         factor = self.vae_scale_factor

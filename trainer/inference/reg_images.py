@@ -13,7 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from trainer.inference.requests import RegImagesRequest
 from trainer.inference.tryit import MAX_SEED, GenerateRequest, TryIt
+
+FORM = RegImagesRequest()  # the defaults of the regularisation images form
 
 RegProgress = Callable[[int, int], None]  # (images done, images to make)
 
@@ -27,9 +30,10 @@ def existing_images(folder) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
-def generate_reg_images(base_model: str, reg_folder, class_prompt: str, count: int, size: tuple[int, int] = (512, 512),
-                        *, negative_prompt: str = "", steps: int = 30, cfg_scale: float = 7.0,
-                        sampler: str = "euler_a", seed: int = -1, clip_skip: int = 1,
+def generate_reg_images(base_model: str, reg_folder, class_prompt: str, count: int,
+                        size: tuple[int, int] = (FORM.width, FORM.height), *, negative_prompt: str = "",
+                        steps: int = FORM.steps, cfg_scale: float = FORM.cfg_scale, sampler: str = FORM.sampler,
+                        seed: int = -1, clip_skip: int = 1,
                         v_parameterization: bool | None = None, tryit: TryIt | None = None,
                         progress: RegProgress | None = None,
                         should_stop: Callable[[], bool] | None = None) -> list[Path]:

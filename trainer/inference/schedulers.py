@@ -1,7 +1,7 @@
 """Sampler names (kohya's ``sample_sampler`` choices) -> diffusers schedulers.
 
-As sd-scripts' ``get_my_scheduler``: every scheduler gets the SD training betas
-(scaled_linear 0.00085-0.012 over 1000 steps), ``v_prediction`` for v-models and
+As sd-scripts' ``get_my_scheduler``: every scheduler gets the betas the family
+trained with (its spec's ``schedule``), ``v_prediction`` for v-models and
 ``clip_sample`` on where the scheduler has it.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ import functools
 import warnings
 
 import numpy as np
+
+from trainer.families import DiffusionSchedule
 
 # canonical name -> (diffusers class, extra init arguments)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -30,8 +32,6 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
 SAMPLER_NAMES = tuple(SCHEDULERS) + tuple(ALIASES)
 
-TRAINING_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear"}
 
 
 def canonical_sampler(name: str) -> str:
@@ -43,7 +43,8 @@ def canonical_sampler(name: str) -> str:
     return key
 
 
-def make_scheduler(name: str, v_prediction: bool, clip_sample: bool = True):
+def make_scheduler(name: str, v_prediction: bool, clip_sample: bool = True,
+                   betas: DiffusionSchedule = DiffusionSchedule()):
     """A fresh scheduler for one image (schedulers keep per-run state).
 
     ``clip_sample`` (DDIM only) clips the predicted latents to [-1, 1] as sd-scripts'
@@ -51,7 +52,7 @@ def make_scheduler(name: str, v_prediction: bool, clip_sample: bool = True):
     """
     class_name, extra = SCHEDULERS[canonical_sampler(name)]
     cls = _scheduler_class(class_name)
-    args = {**TRAINING_BETAS, **extra, "prediction_type": "v_prediction" if v_prediction else "epsilon"}
+    args = {**betas.scheduler_arguments(), **extra, "prediction_type": "v_prediction" if v_prediction else "epsilon"}
     with warnings.catch_warnings():  # diffusers marks first-order "dpmsolver" deprecated; kohya offers it
         warnings.simplefilter("ignore", FutureWarning)
         scheduler = cls(**args)

@@ -18,8 +18,10 @@ from PIL import Image
 
 from trainer.inference.generate import ImageSpec, ProgressFn
 from trainer.inference.prompts import round_size
+from trainer.inference.requests import TryItRequest
 
-DEFAULT_WEIGHT = 0.8
+FORM = TryItRequest()  # the defaults of the Try it form
+DEFAULT_WEIGHT = FORM.weight
 MAX_SEED = 2**32 - 1
 
 
@@ -40,13 +42,13 @@ class GenerateRequest:
     negative_prompt: str = ""
     lora: str | None = None
     weight: float = DEFAULT_WEIGHT
-    width: int = 512
-    height: int = 512
-    steps: int = 30
-    seed: int = -1  # -1: a random seed (reported in each image's info)
-    cfg_scale: float = 7.0
-    sampler: str = "euler_a"
-    count: int = 1  # images, with seeds seed, seed+1, ...
+    width: int = FORM.width
+    height: int = FORM.height
+    steps: int = FORM.steps
+    seed: int = FORM.seed  # -1: a random seed (reported in each image's info)
+    cfg_scale: float = FORM.cfg_scale
+    sampler: str = FORM.sampler
+    count: int = FORM.count  # images, with seeds seed, seed+1, ...
     clip_skip: int = 1
     v_parameterization: bool | None = None  # None: as the model says
 
