@@ -8,19 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from trainer.settings import SettingsError, TrainingSettings, is_setting
+from trainer.problems import SEVERITIES, Problem
+from trainer.settings import SettingsError, TrainingSettings
 
 from .form import settings_from_form
-
-SEVERITIES = ("error", "warning", "note")
-
-
-@dataclass(frozen=True)
-class Problem:
-    severity: str  # "error", "warning" or "note"
-    message: str
-    field: str | None = None  # the setting to fix, when one is to blame
-    fix: str = ""  # what to do, when the check says
 
 
 @dataclass
@@ -51,7 +42,7 @@ def check_form(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None)
     try:
         settings = settings_from_form(values, kept)
     except SettingsError as err:
-        return CheckResult(None, [Problem("error", text, _field_of(text)) for text in err.problems])
+        return CheckResult(None, list(err.problems))
     return check_settings(settings)
 
 
@@ -62,28 +53,21 @@ def check_settings(settings: TrainingSettings) -> CheckResult:
         report = check(settings, deep=False)  # quick: images decoded within a small time budget, cached
     except Exception as err:  # a bug in a check must not hide the plan or block the page
         result = _plan_only(settings)
-        result.problems.append(Problem("warning", f"The preflight check itself failed ({type(err).__name__}: {err}); only the step plan was checked."))
+        result.problems.append(Problem("warning", None, f"The preflight check itself failed ({type(err).__name__}: {err}); only the step plan was checked."))
         return result
-    problems = [Problem(p.severity, p.message, p.field, p.fix) for p in report.problems]
     memory = report.memory
-    return CheckResult(settings, _sorted(problems), report.plan, memory.describe() if memory else "")
+    return CheckResult(settings, _sorted(report.problems), report.plan, memory.describe() if memory else "")
 
 
 def _plan_only(settings: TrainingSettings) -> CheckResult:
     from trainer.data.plan import plan_steps
 
     plan = plan_steps(settings)
-    problems = [Problem("error", e, "train_data_dir") for e in plan.errors]
-    problems += [Problem("warning", w) for w in plan.warnings]
+    problems = [Problem("error", "train_data_dir", e) for e in plan.errors]
+    problems += [Problem("warning", None, w) for w in plan.warnings]
     return CheckResult(settings, problems, plan)
 
 
 def _sorted(problems: list[Problem]) -> list[Problem]:
     rank = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(problems, key=lambda p: rank.get(p.severity, len(rank)))
-
-
-def _field_of(problem_text: str) -> str | None:
-    """SettingsError lines start with the setting's key: "network_dim (Network Rank, Parameters tab): ..."."""
-    key = problem_text.split(" ", 1)[0].rstrip(":")
-    return key if is_setting(key) else None

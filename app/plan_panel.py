@@ -10,10 +10,11 @@ from typing import Any, Mapping
 
 import gradio as gr
 
+from trainer.problems import Problem
 from trainer.settings import is_setting, setting_info
 
 from .binding import SettingsForm
-from .checks import CheckResult, Problem, check_form
+from .checks import CheckResult, check_form
 
 SEVERITY_LABEL = {"error": "Error", "warning": "Warning", "note": "Note"}
 
@@ -72,25 +73,15 @@ def render_problems(problems: list[Problem], shown_per_severity: int = 4) -> str
 
 def _problem_item(problem: Problem) -> str:
     where = ""
-    message = problem.message
     if problem.field and is_setting(problem.field):
         info = setting_info(problem.field)
         where = f'<span class="nk-field">{html.escape(info.tab)} › {html.escape(info.label)}</span> '
-        message = _strip_key_prefix(message, problem.field)
     badge = SEVERITY_LABEL.get(problem.severity, problem.severity.title())
     fix = f'<div class="nk-fix">Fix: {html.escape(problem.fix)}</div>' if problem.fix else ""
     return (
         f'<li class="nk-{html.escape(problem.severity)}"><span class="nk-badge">{badge}</span> '
-        f"{where}{html.escape(message)}{fix}</li>"
+        f"{where}{html.escape(problem.message)}{fix}</li>"
     )
-
-
-def _strip_key_prefix(message: str, key: str) -> str:
-    """SettingsError lines repeat the key, label and tab ("key (Label, Tab tab): ..."); the locator shows them."""
-    marker = " tab): "
-    if message.startswith(key + " (") and marker in message:
-        return message.split(marker, 1)[1]
-    return message
 
 
 def wire_plan(form: SettingsForm, output: gr.HTML) -> None:

@@ -120,7 +120,7 @@ def load_over_form(path: str | os.PathLike, values: Mapping[str, Any], kept: Map
     try:
         report = read_settings_file(path, base=base)
     except SettingsError as err:
-        return LoadOutcome(ok=False, problems=list(err.problems))
+        return LoadOutcome(ok=False, problems=list(err.lines))
     new_values = form_values(report.settings)
     title = f"Loaded {name or Path(path).stem!r}" + (" again" if again else "")
     changes = describe_changes(values, new_values)
@@ -156,7 +156,7 @@ def save_preset(folders: PresetFolders, name: str, values: Mapping[str, Any], ke
         target = folders.save_target(name)
         settings = settings_from_form(values, kept)
     except ValueError as err:  # SettingsError is a ValueError too
-        return SaveOutcome(False, problems=["Not saved: fix these first.", *getattr(err, "problems", [str(err)])])
+        return SaveOutcome(False, problems=["Not saved: fix these first.", *getattr(err, "lines", [str(err)])])
     refusal = _refusal(target, folders.user)
     if refusal:
         return SaveOutcome(False, problems=[f"Not saved: {refusal}"])

@@ -94,7 +94,7 @@ def result_html(result: TrainCommand) -> str:
 
 
 def refusal_html(err: Exception) -> str:
-    problems = err.problems if isinstance(err, SettingsError) else [str(err)]
+    problems = err.lines if isinstance(err, SettingsError) else [str(err)]
     return status_html([], ["No command printed: " + problems[0], *problems[1:]])
 
 

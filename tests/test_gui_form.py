@@ -187,7 +187,7 @@ def test_save_targets_and_refusals(folders, tmp_path, defaults):
             folders.save_target(bad)
     with pytest.raises(SettingsError) as err:
         save_form(folders.save_target("broken"), {**defaults, "network_dim": 0})
-    assert "network_dim" in err.value.problems[0]
+    assert "network_dim" in err.value.lines[0]
     assert not (folders.user / "broken.json").exists()
 
 

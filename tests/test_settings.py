@@ -143,7 +143,7 @@ def test_every_invalid_value_is_reported_at_once_naming_the_field():
     }
     with pytest.raises(SettingsError) as err:
         settings_from_dict(bad)
-    problems = err.value.problems
+    problems = err.value.lines
     del bad["min_bucket_reso"]  # valid alone; the max below it is the problem
     assert len(problems) == len(bad)
     for key, value in bad.items():

@@ -9,6 +9,8 @@ import queue
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from trainer.problems import Problem
+
 
 @dataclass(frozen=True)
 class Memory:
@@ -90,11 +92,17 @@ class Log:
 
 @dataclass(frozen=True)
 class Error:
-    """Training could not go on. ``field`` names the setting to fix when one is to blame."""
+    """Training could not go on: a ``Problem``'s fields. ``field`` names the setting to fix when one is to
+    blame, ``hint`` what to do, ``file`` the file to blame."""
 
     message: str
     field: str | None = None
     hint: str | None = None
+    file: str | None = None
+
+    @classmethod
+    def of(cls, problem: Problem) -> "Error":
+        return cls(problem.message, problem.field, problem.fix or None, problem.file)
 
 
 @dataclass(frozen=True)

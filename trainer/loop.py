@@ -20,8 +20,9 @@ import torch
 from trainer import events as ev
 from trainer.control import Control
 from trainer.model_libraries import import_model_libraries
+from trainer.problems import NekoyaError, Problem, is_user_error, problem_of
 from trainer.safety import is_disk_full
-from trainer.saving import NonFiniteWeights, SaveError, epoch_state_name, final_state_name, step_state_name
+from trainer.saving import NonFiniteWeights, epoch_state_name, final_state_name, step_state_name
 from trainer.state import memory_snapshot
 
 SNAPSHOT_EVERY_STEPS = 10  # a CPU copy of finite weights this often, for a NaN stop to fall back to
@@ -38,12 +39,12 @@ class TrainResult:
     kept: Any = None  # saving.KeptWeights held in memory when a full disk kept them from being written
 
 
-class TrainingError(Exception):
-    """Training cannot start or go on; the message says why and ``field`` which setting."""
+class TrainingError(NekoyaError):
+    """Training cannot start or go on; the message says why, ``field`` which setting and ``fix`` what to do."""
 
-    def __init__(self, message: str, field: str | None = None, hint: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, fix: str | None = None) -> None:
         super().__init__(message)
-        self.field, self.hint = field, hint
+        self.field, self.fix = field, fix
 
 
 def train(settings: Any, sink: ev.EventSink = ev.ignore, control: Control | None = None, *,
@@ -60,12 +61,13 @@ def train(settings: Any, sink: ev.EventSink = ev.ignore, control: Control | None
         run.setup()
         return run.train()
     except Exception as exc:  # every failure ends as one Error event and a "failed" result
-        message, field, hint = _describe(exc, settings)
-        if not isinstance(exc, _EXPECTED_ERRORS):
+        problem = _describe(exc, settings)
+        if not is_user_error(exc):
             sink(ev.Log("".join(traceback.format_exception(exc)), "warning"))
         run.save_what_exists()
-        sink(ev.Error(message, field, hint))
-        return TrainResult("failed", run.step, tuple(run.files), message, field, kept=run.control.kept_weights)
+        sink(ev.Error.of(problem))
+        return TrainResult("failed", run.step, tuple(run.files), problem.message, problem.field,
+                           kept=run.control.kept_weights)
     finally:
         run.close()
 
@@ -581,30 +583,12 @@ def _model_hashes(path: str) -> dict[str, str]:
         return {}
 
 
-def _describe(exc: Exception, settings: Any) -> tuple[str, str | None, str | None]:
-    """(message, field, hint) for an Error event."""
+def _describe(exc: Exception, settings: Any) -> Problem:
+    """The failure as the Error event tells it; out of memory and NaN weights get advice for these settings."""
     from trainer.preflight.memory_advice import memory_advice
     from trainer.safety import is_out_of_memory, nan_hint
 
-    field = getattr(exc, "field", None)
-    hint = getattr(exc, "hint", None)
-    if isinstance(exc, NonFiniteWeights):
-        hint = nan_hint(settings)
     if is_out_of_memory(exc):
-        return "out of GPU memory", "train_batch_size", memory_advice(settings)
-    if isinstance(exc, _EXPECTED_ERRORS):
-        return str(exc), field, hint
-    return f"{type(exc).__name__}: {exc}", field, hint
-
-
-def _expected_errors() -> tuple[type, ...]:
-    from trainer.checkpoints.errors import CheckpointError
-    from trainer.data.dataset import DatasetError
-    from trainer.data.latent_cache import LatentCacheError
-    from trainer.network.network import NetworkConfigError
-    from trainer.optim.args import OptimConfigError
-    return (TrainingError, CheckpointError, DatasetError, LatentCacheError, NetworkConfigError, OptimConfigError,
-            SaveError, NonFiniteWeights, FileNotFoundError, NotImplementedError)
-
-
-_EXPECTED_ERRORS = _expected_errors()
+        return Problem("error", "train_batch_size", "out of GPU memory", memory_advice(settings))
+    problem = problem_of(exc)
+    return replace(problem, fix=nan_hint(settings)) if isinstance(exc, NonFiniteWeights) else problem

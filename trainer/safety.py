@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from trainer.problems import NekoyaError
+
 from trainer.families import spec_for_settings
 
 GIB = 1024**3
@@ -36,7 +38,7 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # ---- atomic saves ----------------------------------------------------------------------------
 
-class SaveError(OSError):
+class SaveError(NekoyaError, OSError):
     """A file could not be saved; the previous file at that path (if any) is unchanged."""
 
     def __init__(self, message: str, *, path: str, previous_intact: bool, free_bytes: int | None, cause_errno: int | None):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.problems import NekoyaError
 from trainer.safety import SaveError, atomic_write, atomic_write_bytes  # noqa: F401  (re-exported)
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,7 +100,7 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
 
 
-class NonFiniteWeights(ValueError):
+class NonFiniteWeights(NekoyaError, ValueError):
     """The LoRA weights hold NaN or infinity: such a file is never saved as a result."""
 
     field = "nan_loss_policy"

@@ -24,6 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from trainer.problems import NekoyaError
 from trainer.safety import SaveError, atomic_write_bytes, fsync_folder, pid_alive, remove_stale_temp_files
 
 STATE_FILE = "train_state.json"
@@ -44,7 +45,7 @@ class Position:
     seed: int = 0
 
 
-class StateError(ValueError):
+class StateError(NekoyaError, ValueError):
     """A state folder that cannot be resumed from; ``file`` is the file to blame."""
 
     def __init__(self, message: str, file: str, fix: str = _RESUME_FIX) -> None:

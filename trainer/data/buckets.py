@@ -14,11 +14,13 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+from trainer.problems import NekoyaError
+
 Size = tuple[int, int]  # (width, height)
 MAX_SUGGESTED_SIDE = 4096  # the largest Max resolution a fix suggests
 
 
-class BucketConfigError(ValueError):
+class BucketConfigError(NekoyaError, ValueError):
     """Bucket settings that cannot work together: the setting to change, what is wrong, and the fix."""
 
     def __init__(self, field: str, message: str, fix: str = "") -> None:
@@ -26,7 +28,7 @@ class BucketConfigError(ValueError):
         self.field, self.message, self.fix = field, message, fix
 
 
-class UnbucketableImage(ValueError):
+class UnbucketableImage(NekoyaError, ValueError):
     """An image no bucket fits (bucket_no_upscale only). ``str()`` says why; ``fix`` lists settings that would fit it."""
 
     def __init__(self, message: str, settings: "BucketSettings", size: Size) -> None:

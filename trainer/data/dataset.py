@@ -28,11 +28,12 @@ from trainer.data.buckets import Size
 from trainer.data.captions import CaptionConfig, process_caption
 from trainer.data.images import BadImageError, prepare_image, to_tensor
 from trainer.data.samples import Entry, count_batches, group_by_bucket
+from trainer.problems import NekoyaError
 
 PREFETCH_BATCHES_PER_WORKER = 2
 
 
-class DatasetError(ValueError):
+class DatasetError(NekoyaError, ValueError):
     """The dataset cannot be built (no images, bad bucket settings...)."""
 
 

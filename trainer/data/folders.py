@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from trainer.problems import NekoyaError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # EXIF orientations 5..8 rotate by 90/270 degrees: the displayed image has width and height swapped.
@@ -74,7 +76,7 @@ class ScanResult:
         return sum(concept.samples for concept in self.concepts)
 
 
-class CaptionReadError(ValueError):
+class CaptionReadError(NekoyaError, ValueError):
     """A caption file exists but cannot be used (not UTF-8)."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from trainer.data.buckets import BucketChoice, Size, crop_offsets
+from trainer.problems import NekoyaError
 
 COLOR_AUG_PROBABILITY = 0.33
 HUE_SHIFT_LIMIT = 8.0  # on OpenCV's 0..180 hue scale, as sd-scripts
@@ -33,7 +34,7 @@ GAMMA_RANGE = (0.95, 1.05)
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
-class BadImageError(Exception):
+class BadImageError(NekoyaError):
     """An image that cannot be decoded or used; carries the path so it can be reported by name."""
 
     def __init__(self, path: Path | str, reason: str) -> None:

@@ -51,6 +51,7 @@ from trainer.data.buckets import Size
 from trainer.data.dataset import CachedLatents
 from trainer.data.images import BadImageError, prepare_image, to_tensor
 from trainer.data.samples import Entry
+from trainer.problems import NekoyaError
 
 CACHE_FORMAT_VERSION = "nekoya-latents-1"  # bump when the image pipeline changes what gets encoded
 
@@ -60,7 +61,7 @@ Progress = Callable[[int, int], None]  # (images encoded or failed so far, image
 Key = tuple[Path, Size]
 
 
-class LatentCacheError(RuntimeError):
+class LatentCacheError(NekoyaError, RuntimeError):
     """Caching failed (NaN latents, missing flipped latents, ...); the message names the image."""
 
 

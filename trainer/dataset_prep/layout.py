@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from trainer.problems import NekoyaError
+
 IMG, REG, LOG, MODEL = "img", "reg", "log", "model"
 
 # Characters Windows refuses in file names; the prepared folder must also open there.
 _FORBIDDEN_NAME_CHARS = frozenset('<>:"/\\|?*')
 
 
-class DatasetPrepError(ValueError):
+class DatasetPrepError(NekoyaError, ValueError):
     """The request cannot be carried out as given; the message says why and what to change."""
 
 

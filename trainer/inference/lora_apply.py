@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from trainer.network.network import LoRANetwork, NetworkSpec
+from trainer.problems import NekoyaError
 
 
-class LoraMismatchError(ValueError):
+class LoraMismatchError(NekoyaError, ValueError):
     """The LoRA file does not fit the base model (message meant for the user)."""
 
 

@@ -16,11 +16,13 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from trainer.problems import NekoyaError
+
 STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 VARIANTS = ("", ".fp16")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(NekoyaError, RuntimeError):
     """The folder's weights are missing or do not fit the architecture."""
 
 

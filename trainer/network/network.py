@@ -12,6 +12,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from trainer.problems import NekoyaError
+
 from .module import LoRAModule
 from .targets import LayerKind, LoraTarget, Role, TargetLayer, find_target_layers
 
@@ -20,7 +22,7 @@ from .targets import LayerKind, LoraTarget, Role, TargetLayer, find_target_layer
 NETWORK_TYPES = {"Standard": False, "Kohya LoCon": True, "LyCORIS/LoCon": True}
 
 
-class NetworkConfigError(ValueError):
+class NetworkConfigError(NekoyaError, ValueError):
     """A network setting cannot be honoured; ``field`` names the setting."""
 
     def __init__(self, message: str, field: str) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import ast
 from typing import Any
 
+from trainer.problems import NekoyaError
 
-class OptimConfigError(ValueError):
+
+class OptimConfigError(NekoyaError, ValueError):
     """An optimizer or scheduler setting cannot be used; ``field`` names the setting."""
 
     def __init__(self, message: str, field: str) -> None:

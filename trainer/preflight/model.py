@@ -17,6 +17,7 @@ from pathlib import Path
 from trainer.families import family_spec, spec_for_settings
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
+from trainer.problems import NekoyaError
 
 WEIGHTS_FIX = "copy or download the model again (a .safetensors version is safest)"
 SAFETENSORS_FIX = "use a .safetensors version of the model (most models are published as .safetensors)"
@@ -34,7 +35,7 @@ class ModelFacts:
         return self.info.family
 
 
-class ModelPathProblem(Exception):
+class ModelPathProblem(NekoyaError):
     """A model path that cannot be inspected; carries the message and the fix."""
 
     def __init__(self, message: str, fix: str = "") -> None:

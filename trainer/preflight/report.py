@@ -1,60 +1,19 @@
 """What a preflight check found: problems with the field or file they concern, and how to fix them.
 
-A ``Problem`` is an error (training cannot start), a warning (it can, but you
-probably do not want it to) or a note (information, or an automatic adjustment
-that :meth:`PreflightReport.adjusted` applies for the run).
+Each finding is a ``trainer.problems.Problem`` (the one type the settings, the run and the GUI
+use too): an error, a warning or a note, whose ``changes`` :meth:`PreflightReport.adjusted`
+applies for the run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Severity = Literal["error", "warning", "note"]
-SEVERITIES: tuple[Severity, ...] = ("error", "warning", "note")
+from trainer.problems import SEVERITIES, Problem, Severity
+
+__all__ = ["SEVERITIES", "PreflightReport", "Problem", "Severity"]
+
 _HEADINGS = {"error": "Errors", "warning": "Warnings", "note": "Notes"}
-_INDENT = " " * 9
-
-
-@dataclass(frozen=True)
-class Problem:
-    severity: Severity
-    field: str | None
-    message: str
-    fix: str = ""
-    file: str | None = None
-    # Settings this problem changes for the run, as (key, new value) pairs; see PreflightReport.adjusted.
-    changes: tuple[tuple[str, Any], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"severity must be one of {SEVERITIES}, not {self.severity!r}")
-
-    def subject(self) -> str:
-        """``train_data_dir (Image folder)``: the key and its GUI label, or the file, or "general"."""
-        if self.field:
-            return f"{self.field} ({_label(self.field)})"
-        return self.file or "general"
-
-    def format(self, severity_column: bool = False) -> str:
-        """``subject: message`` with its file, fix and adjustments on indented lines. The CLI report puts the
-        severity in a column before it; a run log says it through the log level (so never "warning: warning")."""
-        head = f"{self.severity:<8} " if severity_column else ""
-        indent = _INDENT if severity_column else "  "
-        lines = [f"{head}{self.subject()}: {self.message}"]
-        if self.file and self.field and self.file not in self.message:
-            lines.append(f"{indent}file: {self.file}")
-        if self.fix:
-            lines.append(f"{indent}fix: {self.fix}")
-        if self.changes:
-            done = ", ".join(f"{key} = {value!r}" for key, value in self.changes)
-            lines.append(f"{indent}adjusted for this run: {done}")
-        return "\n".join(lines)
-
-
-def _label(key: str) -> str:
-    from trainer.settings import is_setting, setting_info
-
-    return setting_info(key).label if is_setting(key) else key
 
 
 @dataclass
@@ -64,6 +23,7 @@ class PreflightReport:
     memory: Any = None  # trainer.preflight.memory.MemoryEstimate, or None
     deep: bool = True
     unverified_images: int = 0  # images not decoded yet (quick checks only)
+    run_plan: Any = None  # trainer.run_plan.RunPlan: what a run does, when a full check lets it start
 
     @property
     def ok(self) -> bool:

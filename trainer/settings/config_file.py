@@ -13,13 +13,15 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from trainer.problems import NekoyaError
+
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_NESTING = 32  # kohya_ss configs are flat; a few levels covers any list or table value
 _NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"),
                 (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(NekoyaError, ValueError):
     """A config file that cannot be used; the message names the file and what to do."""
 
 

@@ -16,19 +16,35 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from trainer.problems import NekoyaError, Problem
+
 from .config_file import ConfigFileError, read_config_json
 from .known_models import CUSTOM, QUICK_PICK_CHOICES
 from .kohya_unused import is_kohya_unused
 from .model import TrainingSettings, is_setting, setting_info
 
 
-class SettingsError(ValueError):
-    """Invalid settings: ``problems`` holds one line per bad field."""
+class SettingsError(NekoyaError, ValueError):
+    """Invalid settings: ``problems`` holds one Problem per bad value (its ``field`` the key when a setting
+    is to blame), ``lines`` the same as the text the CLI and the preset panel show."""
 
-    def __init__(self, problems: list[str], source: str = ""):
+    def __init__(self, problems: list[Problem], source: str = ""):
         self.problems = problems
+        self.lines = [settings_line(p) for p in problems]
         where = f" in {source}" if source else ""
-        super().__init__(f"{len(problems)} invalid setting(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{len(problems)} invalid setting(s){where}:\n" + "\n".join(f"  - {p}" for p in self.lines))
+
+
+def settings_line(problem: Problem) -> str:
+    """``network_dim (Network Rank, Parameters tab): 0 is not allowed ...``: the key, label and tab, then the message."""
+    if problem.field and is_setting(problem.field):
+        info = setting_info(problem.field)
+        return f"{problem.field} ({info.label}, {info.tab} tab): {problem.message}"
+    return problem.message
+
+
+def _invalid(message: str, field: str | None = None, file: str | None = None) -> Problem:
+    return Problem("error", field, message, file=file)
 
 
 @dataclass
@@ -124,7 +140,7 @@ MIGRATIONS: tuple[Callable[[dict, list[str]], None], ...] = (
 def settings_from_dict(data: dict[str, Any], base: TrainingSettings | None = None, source: str = "") -> LoadReport:
     """Build settings from a kohya_ss-style dict. Raises SettingsError listing every bad value."""
     if not isinstance(data, dict):
-        raise SettingsError([f"the file must hold a JSON object of settings, not {type(data).__name__}"], source)
+        raise SettingsError([_invalid(f"the file must hold a JSON object of settings, not {type(data).__name__}")], source)
     d = dict(data)
     notes: list[str] = []
     for migrate in MIGRATIONS:
@@ -148,7 +164,7 @@ def read_settings_file(path: str | os.PathLike, base: TrainingSettings | None = 
     try:
         data = read_config_json(path)
     except ConfigFileError as err:
-        raise SettingsError([str(err)]) from None
+        raise SettingsError([_invalid(str(err), file=str(path))]) from None
     return settings_from_dict(data, base=base, source=str(path))
 
 
@@ -165,20 +181,20 @@ def why_not_a_config(path: str | os.PathLike) -> str | None:
     return None
 
 
-def describe_validation_error(err: ValidationError, given: dict[str, Any]) -> list[str]:
+def describe_validation_error(err: ValidationError, given: dict[str, Any]) -> list[Problem]:
     problems = []
     for e in err.errors():
         key = str(e["loc"][0]) if e["loc"] else "?"
         if not is_setting(key):
-            problems.append(f"{key}: {e['msg']}")
+            problems.append(_invalid(f"{key}: {e['msg']}"))
             continue
         info = setting_info(key)
         value = given.get(key, e.get("input"))
-        where = f"{key} ({info.label}, {info.tab} tab): {value!r}"
         if e["type"] == "value_error":  # our own checks say what to do
-            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}.")
+            problems.append(_invalid(f"{value!r}: {e['msg'].removeprefix('Value error, ')}.", key))
         else:
-            problems.append(f"{where} is not allowed ({e['msg'].lower()}); expected {info.describe_allowed()}.")
+            problems.append(_invalid(f"{value!r} is not allowed ({e['msg'].lower()}); expected {info.describe_allowed()}.",
+                                     key))
     return problems
 
 
@@ -190,9 +206,9 @@ def apply_overrides(settings: TrainingSettings, assignments: list[str]) -> Train
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
-            problems.append(f"--set {item!r}: write KEY=VALUE, e.g. --set network_dim=16")
+            problems.append(_invalid(f"--set {item!r}: write KEY=VALUE, e.g. --set network_dim=16"))
         elif not is_setting(key):
-            problems.append(f"--set {key}: no such setting (see `python -m trainer config` for the keys)")
+            problems.append(_invalid(f"--set {key}: no such setting (see `python -m trainer config` for the keys)"))
         else:
             changes[key] = value
     if problems:

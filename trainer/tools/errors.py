@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.problems import NekoyaError
 
-class ToolError(ValueError):
+
+class ToolError(NekoyaError, ValueError):
     """A tool cannot do what was asked (bad input file, wrong base model, output in the way)."""
 
 
