@@ -77,7 +77,7 @@ def generate_reg(models: ImageModels, base_model: str, values: dict, flags: dict
     ``flags``: clip_skip and v_parameterization from the settings form.
     """
     from trainer.dataset_prep import count_reg_images
-    from trainer.inference.reg_images import generate_reg_images
+    from trainer.inference.reg_images import FORM, generate_reg_images
 
     if not text(base_model):
         return problem("Choose the base model in the Source Model tab first: it draws the regularisation images.")
@@ -94,7 +94,7 @@ def generate_reg(models: ImageModels, base_model: str, values: dict, flags: dict
                 text(base_model), count.target_folder, text(values["class_prompt"]), in_target + count.missing,
                 (number(values["width"], "Width"), number(values["height"], "Height")),
                 negative_prompt=text(values.get("negative_prompt")), steps=number(values["steps"], "Steps"),
-                sampler=values.get("sampler") or "euler_a", clip_skip=max(1, int(flags.get("clip_skip") or 1)),
+                sampler=values.get("sampler") or FORM.sampler, clip_skip=max(1, int(flags.get("clip_skip") or 1)),
                 v_parameterization=True if flags.get("v_parameterization") else None, tryit=models.tryit,
                 progress=progress_reporter(progress, "images"), should_stop=models.stop_requested.is_set)
         after = count_reg_images(count.folder, count.requested)

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from trainer.settings import setting_info
+from trainer.dataset_prep.requests import PrepareRequest
+from trainer.inference.requests import RegImagesRequest
 
 from . import captions_actions as captions
 from . import dataset_actions as actions
 from .tab_common import ImageModels, NamedFields, done, follow, status_box
 from .tools_actions import table
+from .widgets import build_options
 
 TAB_NAME = "Dataset Preparation"
 FOLDER_HELP = ("Copies your images into kohya's layout: <code>&lt;destination&gt;/img/&lt;repeats&gt;_&lt;instance&gt; "
@@ -63,15 +65,15 @@ def _build_folder_preparation():
             klass = _box("Class prompt", "prep_class", "e.g. dog", min_width=200)
         with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
             images = _box("Training images", "prep_images", "folder with your training images", scale=4, min_width=320)
-            repeats = gr.Number(40, precision=0, label="Repeats", elem_id="prep_repeats", scale=1, min_width=110)
+            options = build_options(PrepareRequest, "prep", "repeats")
         with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
             reg = _box("Regularisation images (optional)", "prep_reg_images", "folder of class images", scale=4,
                        min_width=320)
-            reg_repeats = gr.Number(1, precision=0, label="Repeats", elem_id="prep_reg_repeats", scale=1, min_width=110)
+            options |= build_options(PrepareRequest, "prep", "reg_repeats")
         with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
             dest = _box("Destination training directory", "prep_destination", "a new or empty folder", scale=4,
                         min_width=320)
-            merge = gr.Checkbox(False, label="Add to existing folders", elem_id="prep_merge", scale=1, min_width=180)
+            options |= build_options(PrepareRequest, "prep", "merge")
         with gr.Row(equal_height=True):
             buttons = {
                 "prepare": gr.Button("Prepare training data", variant="primary", elem_id="prep_run", scale=2),
@@ -79,8 +81,8 @@ def _build_folder_preparation():
                 "copy": gr.Button("Copy info to Folders tab", elem_id="prep_copy", scale=2),
             }
         status, report = status_box("prep_status"), status_box("prep_report")
-    fields = NamedFields({"instance_prompt": instance, "class_prompt": klass, "images_dir": images, "repeats": repeats,
-                          "reg_images_dir": reg, "reg_repeats": reg_repeats, "destination": dest, "merge": merge})
+    fields = NamedFields({"instance_prompt": instance, "class_prompt": klass, "images_dir": images,
+                          "reg_images_dir": reg, "destination": dest, **options})
     return fields, buttons, status, report
 
 
@@ -90,12 +92,7 @@ def _build_reg_images():
             folder = _box("Regularisation folder", "reg_folder", "e.g. <destination>/reg/1_dog", scale=3, min_width=320)
             prompt = _box("Class prompt", "reg_class_prompt", "e.g. photo of a dog", scale=2, min_width=200)
         with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-            total = gr.Number(200, precision=0, label="Total number wanted", elem_id="reg_total", min_width=140)
-            width = gr.Number(512, precision=0, step=64, label="Width", elem_id="reg_width", min_width=100)
-            height = gr.Number(512, precision=0, step=64, label="Height", elem_id="reg_height", min_width=100)
-            steps = gr.Number(30, precision=0, label="Steps", elem_id="reg_steps", min_width=100)
-            sampler = gr.Dropdown(list(setting_info("sample_sampler").choices), value="euler_a", label="Sampler",
-                                  elem_id="reg_sampler", min_width=150)
+            options = build_options(RegImagesRequest, "reg", "total", "width", "height", "steps", "sampler")
         with gr.Row(equal_height=True):
             buttons = {
                 "count": gr.Button("Count", elem_id="reg_count", scale=1),
@@ -104,8 +101,7 @@ def _build_reg_images():
                 "stop": gr.Button("Stop", variant="stop", elem_id="reg_stop", scale=1),
             }
         status = status_box("reg_status")
-    fields = NamedFields({"folder": folder, "class_prompt": prompt, "total": total, "width": width, "height": height,
-                          "steps": steps, "sampler": sampler})
+    fields = NamedFields({"folder": folder, "class_prompt": prompt, **options})
     return fields, buttons, status
 
 

@@ -9,18 +9,19 @@ CPU or GPU with the run (slower, and on a small GPU it may run out of memory).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import gradio as gr
 
-from trainer.settings import setting_info
+from trainer.inference.requests import TryItRequest
+from trainer.settings.field import request_infos
 
 from .tab_common import (LORA_LIST_INFO, REFRESH_LABEL, USER_ERRORS, ImageModels, NamedFields, done, follow,
                          lora_files, number, problem, progress_reporter, saved_lora_paths, status_box, text)
+from .widgets import build_component, build_options
 
 TAB_NAME = "Try it"
-DEFAULT_WEIGHT = 0.8
 COMPARE_FILES, COMPARE_WEIGHTS, COMPARE_BASE = ("another LoRA file", "the same LoRA at another weight",
                                                 "the base model alone")
 TRAINING_NOTE = ("A training run is going: generating shares the CPU/GPU with it, so both are slower, "
@@ -55,21 +56,13 @@ def build_tryit_tab() -> TryItTab:
             lora = gr.Dropdown(label="LoRA file", elem_id="tryit_lora", scale=3, allow_custom_value=True,
                                choices=[], value=None, info=LORA_LIST_INFO + " Empty: the base model alone.")
             refresh = gr.Button(REFRESH_LABEL, elem_id="tryit_refresh_loras", size="sm", scale=0, min_width=44)
-            weight = gr.Slider(-1.0, 2.0, value=DEFAULT_WEIGHT, step=0.05, label="LoRA weight", elem_id="tryit_weight",
-                               scale=2, min_width=200)
+            options = build_options(TryItRequest, "tryit", "weight")
         prompt = gr.Textbox(label="Prompt", elem_id="tryit_prompt", lines=2, max_lines=6,
                             placeholder="e.g. photo of sks dog on a beach")
         negative = gr.Textbox(label="Negative prompt", elem_id="tryit_negative", lines=1, max_lines=4)
         with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-            width = gr.Number(512, precision=0, step=64, label="Width", elem_id="tryit_width", min_width=100)
-            height = gr.Number(512, precision=0, step=64, label="Height", elem_id="tryit_height", min_width=100)
-            steps = gr.Number(20, precision=0, label="Steps", elem_id="tryit_steps", min_width=100)
-            cfg = gr.Number(7.0, step=0.5, label="CFG scale", elem_id="tryit_cfg", min_width=100)
-            seed = gr.Number(-1, precision=0, label="Seed (-1 random)", elem_id="tryit_seed", min_width=120)
-            count = gr.Number(1, precision=0, minimum=1, maximum=16, label="Images", elem_id="tryit_count",
-                              min_width=100)
-            sampler = gr.Dropdown(list(setting_info("sample_sampler").choices), value="euler_a", label="Sampler",
-                                  elem_id="tryit_sampler", min_width=150)
+            options |= build_options(TryItRequest, "tryit", "width", "height", "steps", "cfg_scale", "seed", "count",
+                                     "sampler")
         with gr.Row(equal_height=True):
             generate = gr.Button("Generate", variant="primary", elem_id="tryit_generate", scale=3)
             unload = gr.Button("Free the model's memory", size="sm", elem_id="tryit_unload", scale=1)
@@ -79,18 +72,15 @@ def build_tryit_tab() -> TryItTab:
                                 label="Compare the LoRA above with", elem_id="tryit_compare_mode", scale=3)
                 lora_b = gr.Dropdown(label="Second LoRA file", elem_id="tryit_lora_b", scale=3, allow_custom_value=True,
                                      choices=[], value=None, info="e.g. an earlier epoch")
-                weight_b = gr.Slider(-1.0, 2.0, value=DEFAULT_WEIGHT, step=0.05, label="Second weight",
-                                     elem_id="tryit_weight_b", scale=2, min_width=200)
+                weight = request_infos(TryItRequest)["weight"]
+                weight_b = build_component(replace(weight, label="Second weight"), weight.default, "tryit_weight_b")
             compare = gr.Button("Compare", elem_id="tryit_compare")
         note = status_box("tryit_note")
         gallery = gr.Gallery(label="Images", elem_id="tryit_gallery", columns=2, height=420, object_fit="scale-down",
                              interactive=False, format="png")
         prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
-    fields = NamedFields({
-        "base_model": base, "lora": lora, "weight": weight, "prompt": prompt, "negative_prompt": negative,
-        "width": width, "height": height, "steps": steps, "cfg_scale": cfg, "seed": seed, "count": count,
-        "sampler": sampler, "compare_with": mode, "lora_b": lora_b, "weight_b": weight_b,
-    })
+    fields = NamedFields({"base_model": base, "lora": lora, "prompt": prompt, "negative_prompt": negative, **options,
+                          "compare_with": mode, "lora_b": lora_b, "weight_b": weight_b})
     return TryItTab(tab, fields, generate, compare, refresh, unload, note, gallery, prefilled)
 
 
@@ -147,10 +137,16 @@ def _request(values: dict, flags: dict):
         negative_prompt=text(values["negative_prompt"]), width=number(values["width"], "Width"),
         height=number(values["height"], "Height"), steps=number(values["steps"], "Steps"),
         seed=number(values["seed"], "Seed"), cfg_scale=number(values["cfg_scale"], "CFG scale", float),
-        sampler=values["sampler"], count=max(1, number(values["count"], "Images")),
+        sampler=values["sampler"], count=_in_range(number(values["count"], "Images"), "count"),
         clip_skip=max(1, int(flags.get("clip_skip") or 1)),
         v_parameterization=True if flags.get("v_parameterization") else None,
     )
+
+
+def _in_range(value, name: str):
+    """The value within the option's declared range (a number box does not stop a typed value)."""
+    info = request_infos(TryItRequest)[name]
+    return min(max(value, info.ge), info.le)
 
 
 def _refusal(values: dict, compare: bool) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import gradio as gr
 
 from trainer.settings import TABS, SettingInfo, TrainingSettings, setting_infos
-from trainer.tools.requests import request_infos
+from trainer.settings.field import request_infos
 
 from .form import form_values
 from .path_picker import PathPicker, build_picker, wire_pickers

@@ -16,13 +16,18 @@ from pathlib import Path
 
 from trainer.data.folders import normalise_caption_extension, parse_concept_folder_name
 from trainer.safety import GIB, free_bytes
+from trainer.settings.field import request_infos
 
 from .dest_lock import destination_lock
 from .layout import (IMG, LOG, MODEL, REG, DatasetPrepError, check_distinct_sources, check_no_overlap, check_prompt,
                      check_repeats, check_source_dir, concept_folder_name, folder_settings, instance_includes_class,
                      reg_folder_name)
+from .requests import PrepareRequest
 from .staging import (FolderDiff, SourceImages, StagedCopy, collect_source, compare_with_destination,
                       remove_stale_staging)
+
+FORM = PrepareRequest()  # the defaults of the folder preparation form
+OPTIONS = request_infos(PrepareRequest)
 
 TRAIN_LABEL, REG_LABEL = "training images", "regularisation images"
 
@@ -107,12 +112,12 @@ def prepare_training_folders(
     destination: str | os.PathLike,
     instance_prompt: str,
     class_prompt: str,
-    repeats: int = 40,
+    repeats: int = FORM.repeats,
     reg_images_dir: str | os.PathLike | None = None,
-    reg_repeats: int = 1,
+    reg_repeats: int = FORM.reg_repeats,
     caption_extension: str = ".txt",
     *,
-    merge: bool = False,
+    merge: bool = FORM.merge,
     dry_run: bool = False,
 ) -> PrepareResult:
     """Copy the images into kohya's layout under ``destination``.
@@ -121,8 +126,8 @@ def prepare_training_folders(
     """
     instance = check_prompt("Instance prompt", instance_prompt)
     klass = check_prompt("Class prompt", class_prompt)
-    repeats = check_repeats("Repeats", repeats, 1)
-    reg_repeats = check_repeats("Regularisation repeats", reg_repeats, 0)
+    repeats = check_repeats("Repeats", repeats, OPTIONS["repeats"].ge)
+    reg_repeats = check_repeats("Regularisation repeats", reg_repeats, OPTIONS["reg_repeats"].ge)
     extension = normalise_caption_extension(caption_extension)
     if not destination or not str(destination).strip():
         raise DatasetPrepError("Destination training directory is not set")

@@ -95,6 +95,11 @@ def option(
     return Field(default, ge=ge, le=le, description=help, json_schema_extra=extra)
 
 
+def request_infos(model) -> dict[str, "SettingInfo"]:
+    """The options of a request model declared with :func:`option`, by name, in declared order."""
+    return {name: info_from_field(name, field) for name, field in model.model_fields.items()}
+
+
 @dataclass(frozen=True)
 class SettingInfo:
     """Everything about one setting, read from its declaration."""

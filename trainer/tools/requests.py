@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from trainer.settings.field import SettingInfo, info_from_field, option
+from trainer.settings.field import SettingInfo, option, request_infos
 
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -40,11 +40,6 @@ class MergeRequest(BaseModel):
     half: bool = option(False, label="Save as fp16 (half the size)", help="save in fp16 (half the size)")
     allow_unmatched: bool = option(False, label="Skip modules that match no layer",
                                    help="skip LoRA modules that match no layer of the base (otherwise an error)")
-
-
-def request_infos(model: type[BaseModel]) -> dict[str, SettingInfo]:
-    """A request model's options by name, in declared order."""
-    return {name: info_from_field(name, field) for name, field in model.model_fields.items()}
 
 
 def cli_flag(info: SettingInfo) -> str:
