@@ -12,11 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from trainer.problems import NekoyaError
+
 from .presets_panel import status_html
 
 # Errors the backends raise with a message meant for the user (ToolError, DatasetPrepError,
-# CheckpointError and LoraMismatchError are ValueErrors; SaveError is an OSError).
-USER_ERRORS = (ValueError, OSError)
+# CheckpointError and LoraMismatchError are ValueErrors; SaveError is an OSError; DeviceBusy a NekoyaError).
+USER_ERRORS = (ValueError, OSError, NekoyaError)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 REFRESH_LABEL = "🔄"
 LORA_LIST_INFO = "Every LoRA in the Output folder and the run's files, newest first (🔄 reads the folder again); or type a path."

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from trainer.device_lease import REG_IMAGES
 from trainer.inference.requests import RegImagesRequest
 from trainer.inference.tryit import MAX_SEED, GenerateRequest, TryIt
 
@@ -40,7 +41,8 @@ def generate_reg_images(base_model: str, reg_folder, class_prompt: str, count: i
     """Fill ``reg_folder`` up to ``count`` images; returns the new files (empty when enough exist).
 
     ``size`` is (width, height). Pass the GUI's ``TryIt`` to reuse an already loaded model.
-    ``should_stop`` is polled between images; what was made so far is kept.
+    ``should_stop`` is polled between images; what was made so far is kept. Raises DeviceBusy while a
+    training run holds the device; the batch holds it from the first image to the last.
     """
     folder = Path(reg_folder)
     missing = max(0, int(count) - len(existing_images(folder)))
@@ -57,14 +59,15 @@ def generate_reg_images(base_model: str, reg_folder, class_prompt: str, count: i
     made: list[Path] = []
     if progress is not None:
         progress(0, missing)
-    for index in range(missing):
-        if should_stop is not None and should_stop():
-            break
-        image_seed = (first_seed + index) % (MAX_SEED + 1)
-        image = tryit.generate(replace(request, seed=image_seed))[0]
-        made.append(_save(image, folder, class_prompt, image_seed))
-        if progress is not None:
-            progress(index + 1, missing)
+    with tryit.hold_device(REG_IMAGES):
+        for index in range(missing):
+            if should_stop is not None and should_stop():
+                break
+            image_seed = (first_seed + index) % (MAX_SEED + 1)
+            image = tryit.generate(replace(request, seed=image_seed))[0]
+            made.append(_save(image, folder, class_prompt, image_seed))
+            if progress is not None:
+                progress(index + 1, missing)
     return made
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from trainer import device_lease
 from trainer.inference.generate import ImageSpec, ProgressFn
 from trainer.inference.prompts import round_size
 from trainer.inference.requests import TryItRequest
@@ -74,7 +75,7 @@ class TryIt:
         """One image list per choice (LoRA file and weight, or none), all with the same seeds."""
         seed = request.seed if request.seed >= 0 else random.SystemRandom().randint(0, MAX_SEED)
         specs = [self._spec(request, seed + i) for i in range(max(1, request.count))]
-        with self._lock:
+        with self.hold_device(), self._lock:
             model = self._load(request.base_model, request.v_parameterization)
             steps = _Progress(progress, len(choices) * len(specs))
             return [self._with_lora(model, request, choice, specs, steps) for choice in choices]
@@ -83,6 +84,13 @@ class TryIt:
         """The loaded base model (``BaseModel``), loading it unless it is the one in the cache."""
         with self._lock:
             return self._load(base_model, v_parameterization)
+
+    def hold_device(self, holder: str = device_lease.TRY_IT) -> device_lease.Lease:
+        """This job's lease on the device; DeviceBusy while a training run holds it (both would not fit)."""
+        from trainer.inference.base_model import inference_device_and_dtype
+
+        device, _ = inference_device_and_dtype(self.device)
+        return device_lease.take(device, holder)
 
     def unload(self) -> None:
         """Free the cached model and LoRAs (e.g. before training starts on the same GPU)."""
