@@ -4,7 +4,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from test_preflight_support import problems, settings
 from trainer.data.captions import CaptionConfig
+from trainer.preflight import check
 from trainer.settings import TrainingSettings, settings_from_dict
 
 TRAINER = Path(__file__).resolve().parent.parent / "trainer"
@@ -52,3 +54,10 @@ def test_caption_tag_dropout_rate_from_a_config_is_known_and_used():
     assert report.unknown_keys == [] and "caption_tag_dropout_rate" not in report.settings.kept_kohya_values()
     assert report.settings.caption_tag_dropout_rate == 0.3
     assert CaptionConfig.from_settings(report.settings).tag_dropout_rate == 0.3
+
+
+def test_the_check_says_tag_dropout_has_no_effect_on_cached_text_encoder_outputs(tmp_path, tiny_sdxl_file):
+    report = check(settings(tmp_path, tiny_sdxl_file, sdxl=True, sdxl_cache_text_encoder_outputs=True,
+                            caption_tag_dropout_rate=0.2))
+    [warning] = problems(report, "warning", "caption_tag_dropout_rate")
+    assert warning.message.startswith("Rate of tag dropout has no effect")

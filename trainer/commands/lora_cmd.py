@@ -44,9 +44,10 @@ def _options(p: argparse.ArgumentParser, request, *names: str) -> None:
         if info.type is bool:
             p.add_argument(cli_flag(info), dest=name, action="store_true", help=info.help)
             continue
-        shown = f" (default {info.default})" if info.default is not None else ""
-        p.add_argument(cli_flag(info), dest=name, type=value_type(info), default=info.default, choices=info.choices,
-                       help=info.help + shown)
+        flag, shown = cli_flag(info), f" (default {info.default})" if info.default is not None else ""
+        metavar = None if info.choices else flag.lstrip("-").replace("-", "_").upper()
+        p.add_argument(flag, dest=name, type=value_type(info), default=info.default, choices=info.choices,
+                       metavar=metavar, help=info.help + shown)
 
 
 def _inspect_parser(tools) -> None:

@@ -9,9 +9,10 @@ from trainer.families import SPECS, spec_for_settings
 from trainer.preflight.families import checked_family
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
+from trainer.settings import setting_info
 
-CAPTION_RANDOMNESS = (("shuffle_caption", "Shuffle caption"), ("caption_dropout_rate", "Rate of caption dropout"),
-                      ("caption_dropout_every_n_epochs", "Dropout caption every n epochs"))
+CAPTION_RANDOMNESS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                      "caption_tag_dropout_rate")
 
 
 def _family(ctx: CheckContext):
@@ -68,7 +69,8 @@ def check_text_encoder_cache(ctx: CheckContext):
     elif te_lr > 0:
         yield Problem("error", key, "only the text encoders would be trained (Unet learning rate is 0), but their "
                       "outputs are cached, so nothing would learn", fix="set a Unet learning rate, or untick it")
-    for field, label in CAPTION_RANDOMNESS:
+    for field in CAPTION_RANDOMNESS:
+        label = setting_info(field).label
         if getattr(s, field):
             yield Problem("warning", field, f"{label} has no effect: captions are encoded once when text-encoder "
                           "outputs are cached", fix=f"untick Cache text encoder outputs, or turn {label} off")
