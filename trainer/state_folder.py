@@ -24,7 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trainer.problems import NekoyaError
+from trainer.problems import NekoyaError, Problem
 from trainer.safety import SaveError, atomic_write_bytes, fsync_folder, pid_alive, remove_stale_temp_files
 
 STATE_FILE = "train_state.json"
@@ -136,29 +136,21 @@ def recover_interrupted_saves(*folders: str) -> list[str]:
     return done
 
 
-@dataclass(frozen=True)
-class StateProblem:
-    severity: str  # "error" or "warning"
-    message: str
-    fix: str
-    file: str
-
-
-def check_state_folder(folder: str | os.PathLike, *, hashes: bool = True) -> StateProblem | None:
+def check_state_folder(folder: str | os.PathLike, *, hashes: bool = True) -> Problem | None:
     """None when ``folder`` can be resumed from; else the problem, naming the file. ``hashes=False``
     checks sizes only (fast: the GUI's check on every edit)."""
     folder = os.fspath(folder)
     try:
         manifest = _read_manifest(folder)
         if manifest is None:
-            return StateProblem("warning", f"{folder} has no {MANIFEST_FILE} (saved by an older Nekoya), so it "
-                                "cannot be checked for files from different saves", "", folder)
+            return Problem("warning", None, f"{folder} has no {MANIFEST_FILE} (saved by an older Nekoya), so it "
+                           "cannot be checked for files from different saves", file=folder)
         for name in manifest["files"]:
             _check_file(folder, name, manifest, None)
             if hashes:
                 _check_file(folder, name, manifest, _read(os.path.join(folder, name)))
     except StateError as exc:
-        return StateProblem("error", exc.message, exc.fix, exc.file)
+        return Problem("error", None, exc.message, exc.fix, exc.file)
     return None
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from trainer.preflight.registry import CheckContext, preflight_check
@@ -154,7 +155,7 @@ def check_resume(ctx: CheckContext):
 
         problem = check_state_folder(Path(value).expanduser(), hashes=ctx.deep)
         if problem:
-            yield Problem(problem.severity, "resume", problem.message, fix=problem.fix, file=problem.file)
+            yield replace(problem, field="resume")
 
 
 @preflight_check("output.samples")
