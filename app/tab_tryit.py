@@ -3,8 +3,8 @@ LoRA files (or one at two weights) side by side with the same seed.
 
 Generation is ``trainer.inference.TryIt`` (one model cached for the GUI process, see
 ``ImageModels``). Handlers run in Gradio's queue, one at a time, with step progress.
-While a training run is going generation is allowed with a note: it shares the
-CPU or GPU with the run (slower, and on a small GPU it may run out of memory).
+While a training run holds the device (``trainer.device_lease``) generation is refused with a
+message saying so: a second model beside the run's would run out of memory or slow both to a crawl.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ from .widgets import build_component, build_options
 TAB_NAME = "Try it"
 COMPARE_FILES, COMPARE_WEIGHTS, COMPARE_BASE = ("another LoRA file", "the same LoRA at another weight",
                                                 "the base model alone")
-TRAINING_NOTE = ("A training run is going: generating shares the CPU/GPU with it, so both are slower, "
-                 "and on a GPU with little memory one of them may run out of memory.")
 # what the second picture of a comparison is, from the form values
 COMPARE_CHOICES: dict[str, Callable[[dict], tuple[str | None, float]]] = {
     COMPARE_FILES: lambda v: (text(v["lora_b"]) or None, number(v["weight_b"], "Second weight", float)),
@@ -99,7 +97,7 @@ def prefill(prefilled: dict, source_model: str, saved: list[str], output_dir: st
     return base_value, lora_value, choices, {"base_model": base_value, "lora": lora_value}
 
 
-def generate_images(models: ImageModels, values: dict, flags: dict, training: bool, progress=None,
+def generate_images(models: ImageModels, values: dict, flags: dict, progress=None,
                     compare: bool = False) -> tuple[list, str, int]:
     """Images with captions for the gallery, a note for the page, and the gallery's column count."""
     from trainer.inference.tryit import LoraChoice
@@ -124,8 +122,7 @@ def generate_images(models: ImageModels, values: dict, flags: dict, training: bo
     what = " vs ".join(c.label for c in choices)
     message = (f"{len(items)} image(s) in {time.perf_counter() - started:.1f} s: {what}; "
                f"seed {', '.join(str(s) for s in seeds)}")
-    warnings = ([TRAINING_NOTE] if training else []) + notes
-    return items, done(message, warnings), len(choices) if compare else min(len(items), 4)
+    return items, done(message, notes), len(choices) if compare else min(len(items), 4)
 
 
 def _request(values: dict, flags: dict):
@@ -184,7 +181,7 @@ def wire_tryit(tab: TryItTab, form_components: dict, runs, models: ImageModels) 
         def handler(data, progress=gr.Progress()):
             values = fields.values(data)
             flag_values = {name: data[c] for name, c in flags.items()}
-            items, note, columns = generate_images(models, values, flag_values, runs.busy, progress, compare)
+            items, note, columns = generate_images(models, values, flag_values, progress, compare)
             return {tab.gallery: gr.update(value=items, columns=columns), tab.note: note}
         return handler
 

@@ -108,12 +108,12 @@ def tryit_values(model) -> dict:
 def test_try_it_is_refused_while_a_run_holds_the_device_and_works_after(running, tiny_sd1_dir):
     runs, finish = running
     models = ImageModels(device="cpu")
-    items, note, _ = tab_tryit.generate_images(models, tryit_values(tiny_sd1_dir), {}, runs.busy)
+    items, note, _ = tab_tryit.generate_images(models, tryit_values(tiny_sd1_dir), {})
     assert items == [] and "Not generated" in note and BUSY in note and "nk-error" in note
     assert not models.loaded  # refused before loading a model next to the run's
     finish.set()
     assert runs.wait(10) and device_lease.holder("cpu") is None
-    items, note, _ = tab_tryit.generate_images(models, tryit_values(tiny_sd1_dir), {}, runs.busy)
+    items, note, _ = tab_tryit.generate_images(models, tryit_values(tiny_sd1_dir), {})
     assert len(items) == 1 and "1 image(s)" in note
 
 

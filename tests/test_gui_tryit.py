@@ -70,35 +70,30 @@ def test_the_newest_saved_lora_is_offered_first_then_the_output_folder(tmp_path)
 def test_generate_gives_the_seeded_images_with_a_note(models, tiny_sd1_dir, loras):
     progress = []
     items, note, columns = tryit.generate_images(models, values(tiny_sd1_dir, lora=str(loras[0]), count=2), {},
-                                                 False, lambda *a, **k: progress.append(a[0]))
+                                                 lambda *a, **k: progress.append(a[0]))
     assert len(items) == 2 and columns == 2
     assert [caption for _, caption in items] == ["epoch6 @ 0.8 · seed 11", "epoch6 @ 0.8 · seed 12"]
     assert items[0][0].size == (64, 64)
     assert "2 image(s)" in note and "seed 11, 12" in note and "nk-ok" in note
     assert (4, 4) in progress  # 2 images x 2 steps, as (done, total)
-    again, _, _ = tryit.generate_images(models, values(tiny_sd1_dir, lora=str(loras[0])), {}, False)
+    again, _, _ = tryit.generate_images(models, values(tiny_sd1_dir, lora=str(loras[0])), {})
     assert np.array_equal(pixels(again[0][0]), pixels(items[0][0]))
 
 
 def test_compare_two_files_two_weights_and_the_base_with_one_seed(models, tiny_sd1_dir, loras):
     a, b = str(loras[0]), str(loras[1])
-    files, _, columns = tryit.generate_images(models, values(tiny_sd1_dir, lora=a, lora_b=b), {}, False, compare=True)
+    files, _, columns = tryit.generate_images(models, values(tiny_sd1_dir, lora=a, lora_b=b), {}, compare=True)
     assert columns == 2 and [c for _, c in files] == ["epoch6 @ 0.8 · seed 11", "epoch10 @ 0.8 · seed 11"]
     assert not np.array_equal(pixels(files[0][0]), pixels(files[1][0]))
 
     weights, _, _ = tryit.generate_images(models, values(tiny_sd1_dir, lora=a, compare_with=tryit.COMPARE_WEIGHTS,
-                                                         weight_b=0.0), {}, False, compare=True)
+                                                         weight_b=0.0), {}, compare=True)
     base, _, _ = tryit.generate_images(models, values(tiny_sd1_dir, lora=a, compare_with=tryit.COMPARE_BASE), {},
-                                       False, compare=True)
+                                       compare=True)
     assert [c for _, c in weights] == ["epoch6 @ 0.8 · seed 11", "epoch6 @ 0 · seed 11"]
     assert np.array_equal(pixels(weights[0][0]), pixels(files[0][0]))
     assert np.array_equal(pixels(weights[1][0]), pixels(base[1][0]))  # weight 0 is the base model
     assert base[1][1] == "base model · seed 11"
-
-
-def test_a_training_run_adds_a_note_but_does_not_refuse(models, tiny_sd1_dir):
-    items, note, _ = tryit.generate_images(models, values(tiny_sd1_dir, steps=1), {"clip_skip": 2}, True)
-    assert len(items) == 1 and "A training run is going" in note and "nk-warning" in note
 
 
 @pytest.mark.parametrize("overrides, compare, message", [
@@ -111,7 +106,7 @@ def test_a_training_run_adds_a_note_but_does_not_refuse(models, tiny_sd1_dir):
     ({"steps": None}, False, "Steps is empty"),
 ])
 def test_refusals_are_notes(models, tiny_sd1_dir, overrides, compare, message):
-    items, note, _ = tryit.generate_images(models, values(tiny_sd1_dir, **overrides), {}, False, compare=compare)
+    items, note, _ = tryit.generate_images(models, values(tiny_sd1_dir, **overrides), {}, compare=compare)
     assert items == [] and message in note and "nk-error" in note
 
 
