@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, request_infos
+from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, WritesFile, request_infos
 
 from . import tools_actions as actions
 from .tab_common import LORA_LIST_INFO, REFRESH_LABEL, NamedFields, follow, lora_files, saved_lora_paths, status_box
@@ -41,8 +41,7 @@ def _path(label: str, elem_id: str, placeholder: str, **extra) -> gr.Textbox:
 def _out(tool: str, placeholder: str) -> tuple[gr.Textbox, gr.Checkbox]:
     with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
         out = _path("Output file", f"{tool}_out", placeholder, scale=4)
-        overwrite = gr.Checkbox(False, label="Overwrite if it exists", elem_id=f"{tool}_overwrite", scale=1,
-                                min_width=180)
+        overwrite = build_options(WritesFile, tool, "overwrite")["overwrite"]
     return out, overwrite
 
 
@@ -91,7 +90,7 @@ def build_tools_tab() -> ToolsTab:
                 tuned = _path("Fine-tuned model", "extract_tuned", MODEL_PLACEHOLDER, scale=1)
                 base = _path("Base model (the original)", "extract_base", MODEL_PLACEHOLDER, scale=1)
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-                options = build_options(ExtractRequest, "extract", *request_infos(ExtractRequest))
+                options = build_options(ExtractRequest, "extract", "rank", "conv_rank", "clamp", "min_diff", "precision")
             out, overwrite = _out("extract", "LoRA file to write (.safetensors)")
             buttons["extract"] = gr.Button("Extract", variant="primary", elem_id="extract_run")
             outputs["extract"] = list(_results("extract"))

@@ -9,7 +9,7 @@ import pytest
 
 from app.tab_tools import build_tools_tab
 from trainer.commands import lora_cmd
-from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, request_infos
+from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, WritesFile, request_infos
 
 REQUIRED = {"extract": ["--base", "b", "--tuned", "t", "-o", "x.safetensors"], "resize": ["in.safetensors"],
             "merge": ["--base", "b", "--lora", "l.safetensors", "-o", "x.safetensors"]}
@@ -17,7 +17,8 @@ REQUIRED = {"extract": ["--base", "b", "--tuned", "t", "-o", "x.safetensors"], "
 OPTIONS = [("extract", ExtractRequest, "rank", 7), ("extract", ExtractRequest, "conv_rank", 3),
            ("extract", ExtractRequest, "clamp", 0.75), ("extract", ExtractRequest, "min_diff", 0.125),
            ("extract", ExtractRequest, "precision", "bf16"), ("resize", ResizeRequest, "rank", 5),
-           ("resize", ResizeRequest, "conv_rank", 2), ("resize", ResizeRequest, "param", 0.5)]
+           ("resize", ResizeRequest, "conv_rank", 2), ("resize", ResizeRequest, "param", 0.5),
+           ("merge", MergeRequest, "half", True), ("merge", WritesFile, "overwrite", True)]
 
 
 def cli_args(tool: str) -> argparse.Namespace:

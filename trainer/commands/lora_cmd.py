@@ -12,7 +12,8 @@ import json
 import sys
 
 from trainer.tools.requests import (
-    DYNAMIC_METHODS, SAVE_PRECISIONS, ExtractRequest, MergeRequest, ResizeRequest, cli_flag, request_infos, value_type,
+    DYNAMIC_METHODS, SAVE_PRECISIONS, ExtractRequest, MergeRequest, ResizeRequest, WritesFile, cli_flag, request_infos,
+    value_type,
 )
 
 EXIT_OK = 0
@@ -33,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     if output:
-        p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+        _options(p, WritesFile, "overwrite")
 
 
 def _options(p: argparse.ArgumentParser, request, *names: str) -> None:
@@ -41,8 +42,9 @@ def _options(p: argparse.ArgumentParser, request, *names: str) -> None:
     infos = request_infos(request)
     for name in names:
         info = infos[name]
-        if info.type is bool:
-            p.add_argument(cli_flag(info), dest=name, action="store_true", help=info.help)
+        if info.type is bool:  # a flag; one that is on by default also gets its --no- form
+            action = argparse.BooleanOptionalAction if info.default else "store_true"
+            p.add_argument(cli_flag(info), dest=name, action=action, default=info.default, help=info.help)
             continue
         flag, shown = cli_flag(info), f" (default {info.default})" if info.default is not None else ""
         metavar = None if info.choices else flag.lstrip("-").replace("-", "_").upper()

@@ -16,7 +16,11 @@ DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 DYNAMIC_DEFAULTS = {"sv_ratio": 4.0, "sv_fro": 0.9, "sv_cumulative": 0.9}
 
 
-class ResizeRequest(BaseModel):
+class WritesFile(BaseModel):
+    overwrite: bool = option(False, label="Overwrite if it exists", help="replace the output file if it exists")
+
+
+class ResizeRequest(WritesFile):
     rank: int = option(8, label="New rank (max for dynamic)", ge=1,
                        help="new rank (the maximum with a dynamic method)")
     conv_rank: int = option(0, label="Conv rank (0: same)", ge=0, help="new rank of 3x3 conv modules (0: the rank)")
@@ -24,7 +28,7 @@ class ResizeRequest(BaseModel):
                                  help="the dynamic method's parameter: sv_ratio e.g. 4; sv_fro / sv_cumulative e.g. 0.9")
 
 
-class ExtractRequest(BaseModel):
+class ExtractRequest(WritesFile):
     rank: int = option(4, label="Rank", ge=1, help="rank of Linear and 1x1 conv modules")
     conv_rank: int = option(0, label="Conv rank (0: none)", ge=0, help="also extract 3x3 convs (LoCon) at this rank")
     clamp: float = option(0.99, label="Clamp quantile (1: none)", ge=0, le=1, cli="--clamp-quantile",
@@ -35,7 +39,7 @@ class ExtractRequest(BaseModel):
                             help="the precision of the saved LoRA's weights")
 
 
-class MergeRequest(BaseModel):
+class MergeRequest(WritesFile):
     ratio: float = option(1.0, label="Ratio", step=0.05, help="a LoRA's weight in the merge")
     half: bool = option(False, label="Save as fp16 (half the size)", help="save in fp16 (half the size)")
     allow_unmatched: bool = option(False, label="Skip modules that match no layer",
