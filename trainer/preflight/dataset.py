@@ -236,25 +236,19 @@ def check_plan(ctx: CheckContext):
             yield Problem("error", None, f"the step plan could not be computed: {ctx.plan_error}")
         return
     bucket_error = _bucket_config_error(ctx.settings)
-    covered = {str(bucket_error)} if bucket_error else set()  # the dataset.buckets check names its field
+    # What is left names no setting: a bucket setting's error is the dataset.buckets check's, with its field.
+    covered = {str(bucket_error)} if bucket_error else set()
     for _, scan in _scans(ctx):
         covered |= set(scan.problems) | set(scan.warnings)
     layout_failed = not ctx.train_scan.concepts
     for error in plan.errors:
         if error in covered or (layout_failed and "0 steps" in error):
             continue
-        yield Problem("error", _field_of(error), error)
+        yield Problem("error", None, error)
     for warning in plan.warnings:
         if warning in covered or "skipped:" in warning or "are enlarged" in warning:
             continue  # named file by file above
-        yield Problem("warning", _field_of(warning), warning)
-
-
-def _field_of(message: str) -> str | None:
-    from trainer.settings import is_setting
-
-    head = message.split(":", 1)[0].strip()
-    return head if is_setting(head) else None
+        yield Problem("warning", None, warning)
 
 
 def _n(n: int, noun: str) -> str:
