@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.families import FLAG_KEYS, SPECS, spec_for_flags
+from trainer.families import FLAG_KEYS, spec_for_checkpoint, spec_for_flags
 from trainer.settings import CUSTOM, family_flags
 
 UNKNOWN_NOTE = "Could not tell the model family from the file; check v2 / v_parameterization / SDXL yourself."
@@ -75,8 +75,11 @@ def _flags_of(result: Any) -> dict[str, bool]:
         family, vpred = result, None
     else:
         family, vpred = getattr(result, "family", None), getattr(result, "v_parameterization", None)
-    spec = SPECS.get(family.lower()) if isinstance(family, str) else None
-    if spec is None:
+    if not isinstance(family, str):
+        return {}
+    try:
+        spec = spec_for_checkpoint(family.lower())
+    except ValueError:
         return {}
     flags = dict(spec.flags)
     if vpred is not None:

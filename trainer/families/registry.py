@@ -1,7 +1,9 @@
 """Model families by key: the one place that maps settings and checkpoints to a family.
 
 Registering a ``FamilySpec`` is all a new family needs outside its own modules: the
-check, the GUI's model pick, training, metadata and the tools look it up here.
+check, the GUI's model pick, training, metadata and the tools look it up here. Where
+two families share kohya's checkboxes or a checkpoint layout, the one registered
+last wins, so a family can take over from a built-in one (an SD1 variant).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ FLAG_KEYS = ("v2", "v_parameterization", "sdxl")
 
 def register_spec(spec: FamilySpec) -> FamilySpec:
     """Make a family known under ``spec.key`` (a later spec with the same key replaces it)."""
+    SPECS.pop(spec.key, None)  # re-registering moves it last, so it wins lookups again
     SPECS[spec.key] = spec
     return spec
 
@@ -34,11 +37,27 @@ def family_spec(key: str) -> FamilySpec:
 
 
 def spec_for_flags(flags: Mapping[str, Any]) -> FamilySpec:
-    """The first registered family kohya's checkboxes select (SDXL wins over v2, as in kohya_ss)."""
-    for spec in SPECS.values():
+    """The family kohya's checkboxes select (SDXL wins over v2, as in kohya_ss)."""
+    for spec in reversed(SPECS.values()):
         if spec.selected_by(flags):
             return spec
     raise ValueError("no model family matches the v2 / SDXL checkboxes")
+
+
+def spec_for_checkpoint(layout: str) -> FamilySpec:
+    """The family that loads checkpoints of ``layout`` (the family ``trainer.checkpoints.detect`` reports)."""
+    for spec in reversed(SPECS.values()):
+        if spec.layout == layout:
+            return spec
+    raise ValueError(f"no model family loads {layout!r} checkpoints; known: {', '.join(SPECS)}")
+
+
+def spec_for_lora(sgm_names: bool, conditioning_width: int | None = None) -> FamilySpec | None:
+    """The family a LoRA file was trained for: from SGM key names, else from its conditioning width."""
+    for spec in reversed(SPECS.values()):
+        if (spec.sgm_lora_names if sgm_names else spec.conditioning_width == conditioning_width):
+            return spec
+    return None
 
 
 def spec_for_settings(settings: Any) -> FamilySpec:

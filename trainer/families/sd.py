@@ -37,7 +37,7 @@ class StableDiffusionFamily:
         from trainer.checkpoints import load_pipeline_components
 
         parts = load_pipeline_components(
-            settings.pretrained_model_name_or_path, family_hint=self.key, dtype=base_dtype,
+            settings.pretrained_model_name_or_path, family_hint=self.spec.layout, dtype=base_dtype,
             v_parameterization=self.v_prediction,
         )
         said = parts.info.v_parameterization

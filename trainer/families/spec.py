@@ -52,10 +52,16 @@ class FamilySpec:
     te_output_cache_setting: str | None = None  # the setting that caches text-encoder outputs, if any
     fp16_vae_overflows: bool = False  # the VAE gives NaN in fp16 (needs the no-half-VAE setting)
     schedule: DiffusionSchedule = field(default_factory=DiffusionSchedule)
+    # the checkpoint layout it loads, as trainer.checkpoints.detect reports it; None: its own key
+    checkpoint_layout: str | None = None
 
     @property
     def name(self) -> str:
         return self.key
+
+    @property
+    def layout(self) -> str:
+        return self.checkpoint_layout or self.key
 
     def display_name(self, v_prediction: bool = False) -> str:
         return self.short_label + (" v-prediction" if v_prediction else "")

@@ -52,7 +52,7 @@ def load_base_model(path: str, v_parameterization: bool | None = None, device: s
     """Load every component of ``path`` for inference. ``v_parameterization`` None: as the model says
     (epsilon when it does not say, e.g. an SD2 single file without metadata)."""
     from trainer.checkpoints import detect, resolve_model_path
-    from trainer.families import family_spec
+    from trainer.families import spec_for_checkpoint
     from trainer.settings import TrainingSettings
 
     log = log or (lambda message, level="info": None)
@@ -60,14 +60,14 @@ def load_base_model(path: str, v_parameterization: bool | None = None, device: s
     key = model_key(path, v_parameterization, device, dtype)
     info = detect(resolve_model_path(path)).require_usable()
     v_pred = bool(info.v_parameterization) if v_parameterization is None else bool(v_parameterization)
-    spec = family_spec(info.family)
+    spec = spec_for_checkpoint(info.family)
     settings = TrainingSettings(pretrained_model_name_or_path=str(path), v_parameterization=v_pred, **spec.flags)
     family = spec.adapter_class()(settings)
     family.load(settings, dtype, device, log)
     family.set_attention("sdpa", log)
     if family.vae.dtype != torch.float32:  # decoding in fp32: half VAEs (SDXL's) overflow to black images
         family.vae.to(dtype=torch.float32)
-    return BaseModel(key, info.family, family, device, dtype)
+    return BaseModel(key, spec.key, family, device, dtype)
 
 
 def _mtime(path) -> int:

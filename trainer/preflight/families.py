@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.families import FamilySpec, family_spec, spec_for_settings
+from trainer.families import FamilySpec, spec_for_checkpoint, spec_for_settings
 
 
 def checked_family(settings: Any, detected: str | None) -> FamilySpec:
-    """``detected`` (the checkpoint's family key) wins: the weights say what will be trained."""
-    return family_spec(detected) if detected else spec_for_settings(settings)
+    """The family loading ``detected`` checkpoints (the model's layout) wins: the weights say what is trained."""
+    return spec_for_checkpoint(detected) if detected else spec_for_settings(settings)

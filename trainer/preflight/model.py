@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.families import family_spec, spec_for_settings
+from trainer.families import spec_for_checkpoint, spec_for_settings
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 from trainer.problems import NekoyaError
@@ -167,9 +167,9 @@ def check_model_family(ctx: CheckContext):
     if facts is None or facts.family is None:
         return
     s = ctx.settings
-    detected, chosen = family_spec(facts.family), spec_for_settings(s)
+    detected, chosen = spec_for_checkpoint(facts.family), spec_for_settings(s)
     name = detected.label
-    if detected is not chosen:
+    if detected.layout != chosen.layout:
         wrong = {k: v for k, v in detected.flags.items() if bool(getattr(s, k)) != v}
         ticks = " and ".join(("tick " if v else "untick ") + k for k, v in wrong.items())
         for key in wrong:

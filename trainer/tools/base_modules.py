@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from trainer.families import family_spec
+from trainer.families import family_spec, spec_for_checkpoint
 from trainer.network.targets import (
     UNET_ATTENTION_CLASSES, UNET_CONV_CLASSES, LoraTarget, TargetLayer, find_target_layers,
 )
@@ -80,7 +80,7 @@ def empty_models(path) -> tuple[str, nn.Module, tuple]:
     path = resolve_model_path(path)
     info = detect(path).require_usable()
     config_dir = path if info.format == "diffusers" else infer_config_dir(path)
-    return (info.family, *empty_models_from_configs(config_dir))
+    return (spec_for_checkpoint(info.family).key, *empty_models_from_configs(config_dir))
 
 
 def empty_models_from_configs(config_dir) -> tuple[nn.Module, tuple]:

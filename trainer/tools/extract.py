@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from trainer.families import family_spec
+from trainer.families import spec_for_checkpoint
 from trainer.network.targets import Role
 from trainer.tools.errors import ToolError, check_output_path
 from trainer.tools.lora_file import LoraWeights, module_tensors
@@ -148,7 +148,7 @@ def _check_same_family(base, tuned) -> None:
 
     families = [detect(resolve_model_path(p)).require_usable().family for p in (base, tuned)]
     if families[0] != families[1]:
-        base_name, tuned_name = (family_spec(key).short_label for key in families)
+        base_name, tuned_name = (spec_for_checkpoint(key).short_label for key in families)
         raise ToolError(f"{Path(tuned).name} is an {tuned_name} model but {Path(base).name} is "
                         f"{base_name}: extract needs a fine-tune and the base it was tuned from")
 

@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from trainer.families import SPECS, family_spec
+from trainer.families import family_spec, spec_for_lora
 from trainer.tools.lora_file import LoraFile, read_lora, shapes_fit
 
 # ss_base_model_version -> what people call it
@@ -166,14 +166,14 @@ def inspect_lora(path, lora: LoraFile | None = None) -> LoraReport:
 def family_from_keys(lora: LoraFile) -> str | None:
     """SGM-named (SDXL) from its key names, else from the text-encoder or cross-attention width
     (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024)."""
-    names = list(lora.modules)
-    if any(name.startswith(SGM_MARKERS) for name in names):
-        return next((spec.key for spec in SPECS.values() if spec.sgm_lora_names), None)
+    if any(name.startswith(SGM_MARKERS) for name in lora.modules):
+        spec = spec_for_lora(sgm_names=True)
+        return spec.key if spec else None
     for suffix in ("_self_attn_q_proj", "_attn2_to_k"):
         module = next((m for n, m in lora.modules.items() if n.endswith(suffix)), None)
         if module is not None:
-            width = int(module.down.shape[1])
-            return next((spec.key for spec in SPECS.values() if spec.conditioning_width == width), None)
+            spec = spec_for_lora(sgm_names=False, conditioning_width=int(module.down.shape[1]))
+            return spec.key if spec else None
     return None
 
 

@@ -1,0 +1,105 @@
+"""A model family added from outside Nekoya's package: a spec and an adapter defined in this file only.
+
+The toy family is an SD1 clone under another key. Registered, it takes over SD1 checkpoints
+and kohya's SD1 checkboxes: the check, the GUI's model pick, training, the saved metadata and
+the tools name it; unregistered, everything says SD 1.x again.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from safetensors import safe_open
+
+from app.model_pick import on_model_path
+from trainer.families import (SPECS, create_family, family_spec, register_spec, spec_for_checkpoint, spec_for_flags,
+                              spec_for_settings, unregister_spec)
+from trainer.families.sd import SD1Family
+from trainer.families.stable_diffusion import SD1
+from trainer.loop import train
+from trainer.preflight import check
+from trainer.settings import TrainingSettings
+from trainer.tools import verify_lora
+
+TOY = replace(SD1, key="toy1", label="Toy Diffusion 1", short_label="Toy 1", adapter=f"{__name__}:ToyFamily",
+              checkpoint_layout="sd1")
+
+
+class ToyFamily(SD1Family):
+    spec = TOY
+
+    def version_metadata(self):
+        return replace(super().version_metadata(), base_model_version="toy_v1", architecture="toy-diffusion-v1")
+
+
+@pytest.fixture
+def toy():
+    register_spec(TOY)
+    yield TOY
+    unregister_spec(TOY.key)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from trainer.devtools.synthetic import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("toy_images") / "img", {"1_toy": 2}, sizes=[(64, 64)], seed=3)
+
+
+def settings_for(model, images, out, **overrides) -> TrainingSettings:
+    values = dict(
+        pretrained_model_name_or_path=str(model), train_data_dir=str(images), output_dir=str(out), output_name="toy",
+        max_resolution="64,64", enable_bucket=False, train_batch_size=1, epoch=1, learning_rate=1e-3,
+        optimizer="AdamW", lr_scheduler="constant", lr_warmup=0, network_dim=2, network_alpha=2, seed=1,
+        mixed_precision="no", save_precision="float", cache_latents=True,
+    )
+    return TrainingSettings(**{**values, **overrides})
+
+
+def test_registering_and_unregistering_changes_every_lookup(toy):
+    sd1_flags = {"v2": False, "sdxl": False}
+    assert spec_for_flags(sd1_flags) is toy and spec_for_checkpoint("sd1") is toy and family_spec("toy1") is toy
+    assert spec_for_flags({"v2": True, "sdxl": False}).key == "sd2"  # the others are untouched
+    unregister_spec(toy.key)
+    assert "toy1" not in SPECS and spec_for_flags(sd1_flags) is SD1 and spec_for_checkpoint("sd1") is SD1
+    with pytest.raises(ValueError, match="unknown model family 'toy1'"):
+        family_spec("toy1")
+    register_spec(toy)
+
+
+def test_adapter_class_is_loaded_from_the_spec(toy):
+    family = create_family(TrainingSettings())
+    assert type(family) is ToyFamily and family.key == "toy1"
+    assert family.noise_schedule("cpu").num_steps == toy.schedule.num_train_timesteps
+
+
+def test_check_names_the_toy_family(toy, tiny_sd1_dir, images, tmp_path):
+    good = check(settings_for(tiny_sd1_dir, images, tmp_path / "out"), deep=False)
+    assert not [p for p in good.errors if p.field in ("v2", "sdxl")]
+    assert good.memory is not None and good.memory.total_bytes > 0
+    wrong = check(settings_for(tiny_sd1_dir, images, tmp_path / "out", v2=True), deep=False)
+    messages = [p.message for p in wrong.errors if p.field == "v2"]
+    assert messages and "the model is Toy Diffusion 1 (from its weights)" in messages[0]
+
+
+def test_model_pick_detects_the_toy_family(toy, tiny_sd1_dir):
+    values, note = on_model_path(str(tiny_sd1_dir))
+    assert note == "Detected Toy 1 from the model."
+    assert (values["v2"], values["sdxl"], values["v_parameterization"]) == (False, False, False)
+    assert spec_for_settings(TrainingSettings(**{k: values[k] for k in ("v2", "sdxl")})) is toy
+
+
+@pytest.mark.slow  # trains a tiny model
+def test_training_metadata_and_tools_use_the_toy_family(toy, tiny_sd1_dir, images, tmp_path):
+    result = train(settings_for(tiny_sd1_dir, images, tmp_path / "out"))
+    assert result.status == "finished", result.error
+    saved = tmp_path / "out" / "toy.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_base_model_version"] == "toy_v1"
+    assert metadata["modelspec.architecture"].startswith("toy-diffusion-v1")
+    report = verify_lora(saved, tiny_sd1_dir)
+    assert report.ok and "match Toy 1 model" in report.format()
+    unregister_spec(toy.key)
+    assert "match SD 1.x model" in verify_lora(saved, tiny_sd1_dir).format()
+    register_spec(toy)
