@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from trainer.families import FLAG_KEYS
 from trainer.settings import TrainingSettings
 
 from .binding import SettingsForm
@@ -86,7 +87,7 @@ def _header_html(headless: bool) -> str:
 
 def _wire_model_pick(form: SettingsForm, note: gr.HTML) -> None:
     pick, path = form.components["model_list"], form.components["pretrained_model_name_or_path"]
-    outputs = [*(form.components[k] for k in ("pretrained_model_name_or_path", "model_list", "v2", "v_parameterization", "sdxl")), note]
+    outputs = [*(form.components[k] for k in ("pretrained_model_name_or_path", "model_list", *FLAG_KEYS)), note]
 
     def picked(name):
         values, message = on_quick_pick(name)

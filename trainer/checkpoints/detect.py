@@ -11,17 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.checkpoints.errors import CheckpointError
+from trainer.checkpoints.layouts import LAYOUTS, SD1, SD2, SDXL
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES
 from trainer.checkpoints.reader import TensorSource
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = LAYOUTS
 UNET_PROBE = LDM_PREFIXES["unet"] + "input_blocks.0.0.weight"
 
 # Text-encoder prefix in a single file -> family. Checked in order.
 TEXT_ENCODER_FAMILIES = (
-    (LDM_PREFIXES["sdxl_openclip"], "sdxl"),
-    (LDM_PREFIXES["openclip"], "sd2"),
-    (LDM_PREFIXES["clip"], "sd1"),
+    (LDM_PREFIXES["sdxl_openclip"], SDXL),
+    (LDM_PREFIXES["openclip"], SD2),
+    (LDM_PREFIXES["clip"], SD1),
 )
 # Markers of files that are not base models: (substring in some key, kind, why it cannot be used).
 NOT_A_BASE_MODEL = (
@@ -44,7 +45,7 @@ MODELSPEC_PREDICTION = {"v": True, "v_prediction": True, "epsilon": False, "eps"
 class ModelInfo:
     path: Path
     format: str  # "diffusers" | "safetensors" | "ckpt"
-    family: str | None  # "sd1" | "sd2" | "sdxl"; None when the file is not a usable SD model
+    family: str | None  # a layout of trainer.checkpoints.layouts; None when the file is not a usable SD model
     v_parameterization: bool | None  # None: the file does not say (SD2 single files)
     kind: str = "checkpoint"  # "checkpoint" | "lora" | "embedding" | "vae" | "unet" | "unknown"
     problems: tuple[str, ...] = ()  # why the model cannot be used as-is; empty when fine
@@ -104,9 +105,9 @@ def _single_file_family(keys: list[str], shapes: dict) -> tuple[str | None, list
 def _family_from_unet(keys: list[str], shapes: dict) -> str:
     unet = LDM_PREFIXES["unet"]
     if unet + "label_emb.0.0.weight" in shapes:
-        return "sdxl"
+        return SDXL
     proj_in = next((k for k in keys if k.startswith(unet) and k.endswith(".proj_in.weight")), None)
-    return "sd2" if proj_in and len(shapes[proj_in]) == 2 else "sd1"
+    return SD2 if proj_in and len(shapes[proj_in]) == 2 else SD1
 
 
 def _missing_parts(keys: list[str], shapes: dict) -> list[str]:
@@ -127,7 +128,7 @@ def _v_parameterization(keys: list[str], metadata: dict, family: str | None) -> 
     if declared is not None:
         return declared
     # SD2 512-base (epsilon) and 768-v (v-prediction) have identical tensors.
-    return None if family == "sd2" else False
+    return None if family == SD2 else False
 
 
 # ---- diffusers folders -------------------------------------------------------------------
@@ -153,12 +154,12 @@ def detect_diffusers_folder(folder: Path) -> ModelInfo:
 def _folder_family(folder: Path, index: dict) -> str | None:
     cls = index.get("_class_name", "")
     if cls == "StableDiffusionXLPipeline":
-        return "sdxl"
+        return SDXL
     if cls != "StableDiffusionPipeline":
         return None
     unet = _read_json(folder / "unet" / "config.json")
     text = _read_json(folder / "text_encoder" / "config.json")
-    return "sd2" if text.get("hidden_act") == "gelu" or unet.get("use_linear_projection") else "sd1"
+    return SD2 if text.get("hidden_act") == "gelu" or unet.get("use_linear_projection") else SD1
 
 
 def _components(index: dict) -> list[str]:

@@ -24,16 +24,17 @@ from trainer.checkpoints import shapes as arch
 from trainer.checkpoints.clip_vocab import REAL_VOCAB_SIZE
 from trainer.checkpoints.detect import detect
 from trainer.checkpoints.errors import CheckpointError
+from trainer.checkpoints.layouts import SD1, SD2, SDXL
 from trainer.checkpoints.reader import TensorSource
 from trainer.checkpoints.shipped import (
     build_config_folder, cache_root, read_component_config, shipped_config_dir, shipped_config_source,
 )
 
-# family -> v_parameterization -> shipped config that is the starting point
+# layout -> v_parameterization -> shipped config that is the starting point
 BASE_CONFIGS = {
-    "sd1": {False: "sd15", True: "sd15"},
-    "sd2": {False: "sd21_base", True: "sd21"},
-    "sdxl": {False: "sdxl_base", True: "sdxl_base"},
+    SD1: {False: "sd15", True: "sd15"},
+    SD2: {False: "sd21_base", True: "sd21"},
+    SDXL: {False: "sdxl_base", True: "sdxl_base"},
 }
 PREDICTION_TYPES = {False: "epsilon", True: "v_prediction"}
 SIDECAR_SUFFIX = ".tokenizers"

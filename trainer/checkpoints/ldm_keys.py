@@ -13,6 +13,8 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+from trainer.checkpoints.layouts import SD1, SD2, SDXL
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -259,19 +261,19 @@ def from_ldm(entry: Entry, tensor) -> list:
     return [tensor]
 
 
-# family -> diffusers component -> (single-file prefix, plan builder)
+# layout -> diffusers component -> (single-file prefix, plan builder)
 SINGLE_FILE_LAYOUTS = {
-    "sd1": {
+    SD1: {
         "unet": (LDM_PREFIXES["unet"], unet_plan),
         "vae": (LDM_PREFIXES["vae"], vae_plan),
         "text_encoder": (LDM_PREFIXES["clip"], clip_plan),
     },
-    "sd2": {
+    SD2: {
         "unet": (LDM_PREFIXES["unet"], unet_plan),
         "vae": (LDM_PREFIXES["vae"], vae_plan),
         "text_encoder": (LDM_PREFIXES["openclip"], openclip_plan),
     },
-    "sdxl": {
+    SDXL: {
         "unet": (LDM_PREFIXES["unet"], unet_plan),
         "vae": (LDM_PREFIXES["vae"], vae_plan),
         "text_encoder": (LDM_PREFIXES["sdxl_clip"], clip_plan),

@@ -28,7 +28,7 @@ TOKENIZER_FOR = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 @dataclass
 class Components:
-    family: str  # "sd1" | "sd2" | "sdxl"
+    family: str  # the checkpoint layout detect() reports (a family's FamilySpec.layout)
     unet: object
     vae: object
     text_encoders: tuple  # 1 (SD1/SD2) or 2 (SDXL) transformers CLIP models
@@ -54,7 +54,7 @@ def load_pipeline_components(path, family_hint=None, dtype=None, tokenizer_dir=N
                              v_parameterization: bool | None = None) -> Components:
     """Load every component of the model at ``path`` (folder, single file or cached hub id).
 
-    ``family_hint`` ("sd1" | "sd2" | "sdxl", e.g. from the settings' v2/sdxl flags)
+    ``family_hint`` (a layout of ``trainer.checkpoints.layouts``: the family's ``FamilySpec.layout``)
     is checked against what the file says; a mismatch is an error rather than a
     silent reinterpretation. ``dtype`` defaults to float32.
     """

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 
 from trainer.checkpoints.errors import CheckpointError
+from trainer.checkpoints.layouts import SD1, SD2
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES, SINGLE_FILE_LAYOUTS
 
 # Text encoders whose single-file layout stores one more layer than diffusers uses (SD2 takes the penultimate).
-DROPPED_FINAL_LAYER = {("sd2", "text_encoder"): 1}
+DROPPED_FINAL_LAYER = {(SD2, "text_encoder"): 1}
 SD1_UNET_HEADS = 8
 
 
@@ -47,7 +48,7 @@ def _indices(keys, pattern: str) -> list[int]:
 
 
 def unet_heads(family: str, channels: list[int]):
-    if family == "sd1":
+    if family == SD1:
         return SD1_UNET_HEADS
     return [max(1, c // 64) for c in channels]
 

@@ -94,7 +94,7 @@ class CacheSpec:
     to_disk: bool = False
     flip: bool = False  # also cache mirrored latents (flip_aug)
     batch_size: int = 1  # vae_batch_size
-    suffix: str = "sd"  # file name suffix per model family: "sd", "sdxl"
+    suffix: str = "sd"  # file name suffix per model family (its adapter's cache_suffix)
     fingerprint: str = ""  # encoder identity (VAE file, dtype...): a change re-encodes
     downscale: int = 8  # pixels per latent cell
     keep_in_memory: bool = True  # False with to_disk: read the file at every use

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from trainer.checkpoints.clip_vocab import REAL_VOCAB_SIZE
 from trainer.checkpoints.infer import SIDECAR_SUFFIX
+from trainer.checkpoints.layouts import SD1, SD2, SDXL
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES, SINGLE_FILE_LAYOUTS, to_ldm
 
 # OpenCLIP's activation; OpenAI CLIP (SD1, SDXL's first encoder) uses quick_gelu.
@@ -44,12 +45,12 @@ def single_file_state_dict(weights: dict[str, dict], family: str) -> dict:
 
 
 def pipeline_layout(pipeline_dir: Path) -> str:
-    """"sd1", "sd2" or "sdxl": which single-file layout this diffusers folder maps to."""
+    """Which single-file layout (trainer.checkpoints.layouts) this diffusers folder maps to."""
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     if "text_encoder_2" in index:
-        return "sdxl"
+        return SDXL
     te_config = json.loads((pipeline_dir / "text_encoder" / "config.json").read_text())
-    return "sd2" if te_config.get("hidden_act") == OPENCLIP_ACTIVATION else "sd1"
+    return SD2 if te_config.get("hidden_act") == OPENCLIP_ACTIVATION else SD1
 
 
 def read_component_weights(folder: Path) -> dict:
@@ -85,8 +86,8 @@ def _sd2_dropped_tensors(state_dict: dict, prefix: str = LDM_PREFIXES["openclip"
     return extra
 
 
-# family -> functions adding tensors that real files of that family carry beyond what diffusers uses
-EXTRA_TENSORS = {"sd2": (_sd2_dropped_tensors,)}
+# layout -> functions adding tensors that real files of that layout carry beyond what diffusers uses
+EXTRA_TENSORS = {SD2: (_sd2_dropped_tensors,)}
 
 
 def _write_tokenizer_sidecar(pipeline_dir: Path, out_path: Path) -> None:

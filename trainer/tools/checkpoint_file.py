@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoints.layouts import SD2
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES, SINGLE_FILE_LAYOUTS, key_candidates, to_ldm
 from trainer.safety import atomic_write
 
@@ -74,7 +75,7 @@ def sd2_made_up_tensors(state_dict: dict, prefix: str = LDM_PREFIXES["openclip"]
 
 
 # family -> tensors to make up when the base is not a single file of that family
-MADE_UP_TENSORS = {"sd2": sd2_made_up_tensors}
+MADE_UP_TENSORS = {SD2: sd2_made_up_tensors}
 
 
 def complete_state_dict(state_dict: dict, family: str, base_path) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ class LoraReport:
     modules: list[ModuleInfo]
     problems: list[str]
     metadata: dict[str, str]
-    family_from_keys: str | None  # "sd1" | "sd2" | "sdxl" | None (cannot tell)
+    family_from_keys: str | None  # a family key (trainer.families); None: cannot tell
     settings: list[tuple[str, str]] = field(default_factory=list)  # (label, value) from the metadata
     top_tags: list[tuple[str, int]] = field(default_factory=list)
 
