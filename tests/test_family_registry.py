@@ -12,6 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from app.model_pick import on_model_path
+from test_train import tiny_settings
 from trainer.families import (SPECS, create_family, family_spec, register_spec, spec_for_checkpoint, spec_for_flags,
                               spec_for_settings, unregister_spec)
 from trainer.families.sd import SD1Family
@@ -46,16 +47,6 @@ def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("toy_images") / "img", {"1_toy": 2}, sizes=[(64, 64)], seed=3)
 
 
-def settings_for(model, images, out, **overrides) -> TrainingSettings:
-    values = dict(
-        pretrained_model_name_or_path=str(model), train_data_dir=str(images), output_dir=str(out), output_name="toy",
-        max_resolution="64,64", enable_bucket=False, train_batch_size=1, epoch=1, learning_rate=1e-3,
-        optimizer="AdamW", lr_scheduler="constant", lr_warmup=0, network_dim=2, network_alpha=2, seed=1,
-        mixed_precision="no", save_precision="float", cache_latents=True,
-    )
-    return TrainingSettings(**{**values, **overrides})
-
-
 def test_registering_and_unregistering_changes_every_lookup(toy):
     sd1_flags = {"v2": False, "sdxl": False}
     assert spec_for_flags(sd1_flags) is toy and spec_for_checkpoint("sd1") is toy and family_spec("toy1") is toy
@@ -74,10 +65,10 @@ def test_adapter_class_is_loaded_from_the_spec(toy):
 
 
 def test_check_names_the_toy_family(toy, tiny_sd1_dir, images, tmp_path):
-    good = check(settings_for(tiny_sd1_dir, images, tmp_path / "out"), deep=False)
+    good = check(tiny_settings(tiny_sd1_dir, images, tmp_path / "out"), deep=False)
     assert not [p for p in good.errors if p.field in ("v2", "sdxl")]
     assert good.memory is not None and good.memory.total_bytes > 0
-    wrong = check(settings_for(tiny_sd1_dir, images, tmp_path / "out", v2=True), deep=False)
+    wrong = check(tiny_settings(tiny_sd1_dir, images, tmp_path / "out", v2=True), deep=False)
     messages = [p.message for p in wrong.errors if p.field == "v2"]
     assert messages and "the model is Toy Diffusion 1 (from its weights)" in messages[0]
 
@@ -91,9 +82,9 @@ def test_model_pick_detects_the_toy_family(toy, tiny_sd1_dir):
 
 @pytest.mark.slow  # trains a tiny model
 def test_training_metadata_and_tools_use_the_toy_family(toy, tiny_sd1_dir, images, tmp_path):
-    result = train(settings_for(tiny_sd1_dir, images, tmp_path / "out"))
+    result = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "out"))
     assert result.status == "finished", result.error
-    saved = tmp_path / "out" / "toy.safetensors"
+    saved = tmp_path / "out" / "tiny.safetensors"
     with safe_open(str(saved), "pt") as f:
         metadata = f.metadata()
     assert metadata["ss_base_model_version"] == "toy_v1"
