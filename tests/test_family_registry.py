@@ -6,6 +6,8 @@ the tools name it; unregistered, everything says SD 1.x again.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -94,3 +96,10 @@ def test_training_metadata_and_tools_use_the_toy_family(toy, tiny_sd1_dir, image
     unregister_spec(toy.key)
     assert "match SD 1.x model" in verify_lora(saved, tiny_sd1_dir).format()
     register_spec(toy)
+
+
+def test_family_records_load_without_torch():
+    code = ("import sys, trainer.families, trainer.preflight.families, app.model_pick; "
+            "print(sorted(trainer.families.SPECS), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['sd1', 'sd2', 'sdxl'] False"
