@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from trainer.events import Started
     from trainer.loop import train
-    from trainer.optim import precision
     from trainer.preflight import device
     from trainer.preflight.device import GIB, DeviceInfo
     from trainer.families import spec_for_settings
@@ -175,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         # run the GPU's dtypes on any CPU
-        for module in (precision, device):
-            stack.enter_context(mock.patch.object(module, "cpu_has_native_bf16", lambda: True))
+        stack.enter_context(mock.patch.object(device, "cpu_has_native_bf16", lambda: True))
         count_offloads(stack, tracker)
         count_encodes_apart(stack, tracker)
         if not args.cpu_norms:

@@ -97,8 +97,8 @@ def _median_gap(stamps: list[float]) -> float | None:
     return round(statistics.median(gaps), 4) if gaps else None
 
 
-SETUP_PHASES = ("_check_settings", "_load_model", "_build_network", "_build_optimizer", "_prepare_inputs",
-                "_prepare_outputs")
+# the setup steps trainer.loop calls by these names (trainer.run_setup's functions, the outputs method)
+SETUP_PHASES = ("plan_run", "load_model", "build_lora", "build_stepper", "prepare_inputs", "_prepare_outputs")
 
 
 def run_startup(args: argparse.Namespace) -> dict:
@@ -111,9 +111,10 @@ def run_startup(args: argparse.Namespace) -> dict:
 
     phases: dict[str, float] = {"imports": round(time.time() - started, 2)}
     for name in SETUP_PHASES:  # private names: a diagnostic, so skip any that no longer exist
-        original = getattr(loop._Run, name, None)
+        owner = loop._Run if name.startswith("_") else loop
+        original = getattr(owner, name, None)
         if original is not None:
-            setattr(loop._Run, name, _timed(original, name, phases))
+            setattr(owner, name, _timed(original, name, phases))
     model, images, resolution = bench_paths(args)
     control = Control()
     first: list[float] = []
@@ -134,11 +135,11 @@ def run_startup(args: argparse.Namespace) -> dict:
             "time_to_first_step_s": round(first[0] - started, 2) if first else None}
 
 
-def _timed(method, name: str, phases: dict):
-    def wrapper(self, *a, **kw):
+def _timed(function, name: str, phases: dict):
+    def wrapper(*a, **kw):
         t = time.time()
         try:
-            return method(self, *a, **kw)
+            return function(*a, **kw)
         finally:
             phases[name.strip("_")] = round(time.time() - t, 2)
 

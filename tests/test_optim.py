@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from trainer.optim import OPTIMIZERS, SCHEDULERS, OptimConfigError, create_scheduler, parse_literal_args, plan_optimizer, plan_scheduler
-from trainer.optim import precision as precision_module
-from trainer.optim.precision import resolve_precision
+from trainer.optim.precision import Precision
+from trainer.optim.rules import decide_precision
 from trainer.optim.stepper import OptimizerStepper
 from trainer.settings import TrainingSettings
 
@@ -81,7 +81,7 @@ def test_adafactor_relative_step_with_warmup_is_handled():
     s = settings(optimizer="Adafactor", optimizer_args="", lr_scheduler="cosine", lr_warmup=10, learning_rate=1e-3)
     plan = plan_optimizer(s, "cpu")
     assert plan.kwargs["relative_step"] is True and plan.lr is None and plan.scheduler_override == "adafactor"
-    assert any("relative_step" in note for note in plan.notes)
+    assert not plan.notes  # the preflight check says it (trainer.preflight.optimizer), once
     param_groups = groups()
     optimizer = plan.create(param_groups)
     assert all("lr" not in g or g["lr"] is None for g in optimizer.param_groups)
@@ -96,7 +96,7 @@ def test_adafactor_relative_step_with_warmup_is_handled():
 
 def test_adafactor_warmup_init_forces_relative_step_and_fixed_lr_mode():
     plan = plan_optimizer(settings(optimizer="Adafactor", optimizer_args="relative_step=False warmup_init=True"), "cpu")
-    assert plan.kwargs["relative_step"] is True and plan.notes
+    assert plan.kwargs["relative_step"] is True
     fixed = settings(optimizer="Adafactor", lr_scheduler="adafactor",
                      optimizer_args="scale_parameter=False relative_step=False warmup_init=False")
     plan = plan_optimizer(fixed, "cpu")
@@ -120,30 +120,41 @@ def test_sgd_nesterov_gets_momentum_and_unknown_names_fail():
     assert plan.kwargs == {"nesterov": True, "momentum": 0.9}
     assert plan_optimizer(settings(optimizer="torch.optim.RMSprop"), "cpu").cls is torch.optim.RMSprop
     with pytest.raises(OptimConfigError) as err:
-        plan_optimizer(settings(optimizer="NoSuchOptimizer"), "cpu")
+        plan_optimizer(settings(optimizer="NoSuchOptimizer"), "cpu").cls  # imported when the run creates it
     assert err.value.field == "optimizer"
 
 
-def test_precision_on_cpu_degrades_with_a_note(monkeypatch):
-    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
-    p = resolve_precision(settings(mixed_precision="bf16", full_bf16=True), torch.device("cpu"))
+def resolve_precision(s, device: str, native_bf16: bool = False, gpu_bf16: bool = True) -> tuple[Precision, tuple]:
+    choice = decide_precision(s, device, native_bf16, gpu_bf16)
+    return Precision.of(choice, torch.device("cpu")), tuple(note.message for note in choice.notes)
+
+
+def test_precision_on_cpu_degrades_with_a_note():
+    p, notes = resolve_precision(settings(mixed_precision="bf16", full_bf16=True), "cpu")
     assert p.mode == "no" and p.network_dtype == torch.float32 and p.make_scaler() is None
-    assert any("without bf16 instructions" in n for n in p.notes)
-    p = resolve_precision(settings(mixed_precision="fp16"), torch.device("cpu"))
-    assert p.mode == "no" and p.base_dtype == torch.float32 and any("needs a GPU" in n for n in p.notes)
-    assert resolve_precision(settings(mixed_precision="no"), torch.device("cpu")).notes == ()
+    assert any("without bf16 instructions" in n for n in notes)
+    p, notes = resolve_precision(settings(mixed_precision="fp16"), "cpu")
+    assert p.mode == "no" and p.base_dtype == torch.float32 and any("needs a GPU" in n for n in notes)
+    assert resolve_precision(settings(mixed_precision="no"), "cpu")[1] == ()
 
 
-def test_bf16_runs_on_a_cpu_with_bf16_instructions(monkeypatch):
+def test_bf16_runs_on_a_cpu_with_bf16_instructions():
     # what sd-scripts does through accelerate: bf16 weights and bf16 autocast; fp16 stays a GPU thing
-    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
-    p = resolve_precision(settings(mixed_precision="bf16", full_bf16=True), torch.device("cpu"))
-    assert (p.mode, p.base_dtype, p.network_dtype, p.notes) == ("bf16", torch.bfloat16, torch.bfloat16, ())
+    p, notes = resolve_precision(settings(mixed_precision="bf16", full_bf16=True), "cpu", native_bf16=True)
+    assert (p.mode, p.base_dtype, p.network_dtype, notes) == ("bf16", torch.bfloat16, torch.bfloat16, ())
     assert p.make_scaler() is None
     with p.autocast():
         assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
-    fp16 = resolve_precision(settings(mixed_precision="fp16"), torch.device("cpu"))
-    assert fp16.mode == "no" and any("bf16 would be faster" in n for n in fp16.notes)
+    fp16, notes = resolve_precision(settings(mixed_precision="fp16"), "cpu", native_bf16=True)
+    assert fp16.mode == "no" and any("bf16 would be faster" in n for n in notes)
+
+
+def test_a_gpu_without_bf16_runs_fp16_and_full_precision_notes_name_their_field():
+    choice = decide_precision(settings(mixed_precision="bf16"), "cuda", gpu_bf16=False)
+    assert (choice.mode, choice.grad_scaler) == ("fp16", True) and choice.notes[0].field == "mixed_precision"
+    choice = decide_precision(settings(mixed_precision="bf16", full_fp16=True), "cuda")
+    assert choice.mode == "bf16" and not choice.full and [n.field for n in choice.notes] == ["full_fp16"]
+    assert decide_precision(settings(mixed_precision="fp16", full_fp16=True), "cuda").full
 
 
 def test_stepper_accumulates_and_clips():

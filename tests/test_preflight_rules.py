@@ -149,14 +149,20 @@ def test_missing_optimizer_package(run, monkeypatch):
     assert "pip install prodigyopt" in error.fix
 
 
-def test_preflight_tables_cover_the_trainer_tables():
-    from trainer.network.network import NETWORK_TYPES
-    from trainer.optim import OPTIMIZERS
+def test_one_optimizer_table_feeds_the_dropdown_the_check_and_the_nan_hint():
+    from trainer.network_spec import NETWORK_TYPES
+    from trainer.optim.table import DROPDOWN_NAMES, OPTIMIZERS, optimizer_facts
     from trainer.preflight.network import SUPPORTED_LORA_TYPES
-    from trainer.preflight.optimizer_table import OPTIMIZER_FACTS
+    from trainer.safety import nan_hint
+    from trainer.settings import TrainingSettings, setting_info
 
-    assert set(OPTIMIZERS) == set(OPTIMIZER_FACTS)
-    assert all((OPTIMIZER_FACTS[name].style == "adaptive") == kind.adaptive_lr for name, kind in OPTIMIZERS.items())
+    assert tuple(setting_info("optimizer").choices) == DROPDOWN_NAMES
+    assert set(DROPDOWN_NAMES) == {kind.name for kind in OPTIMIZERS.values() if kind.listed}
+    assert optimizer_facts("pagedadamw") is OPTIMIZERS["pagedadamw"]  # accepted though kohya_ss does not list it
+    high_lr = dict(learning_rate=1.0, unet_lr=1.0, text_encoder_lr=1.0)
+    for kind in OPTIMIZERS.values():
+        hint = nan_hint(TrainingSettings(optimizer=kind.name, **high_lr))
+        assert ("lower the learning rate" in hint) != kind.adaptive_lr, kind.name
     assert set(SUPPORTED_LORA_TYPES) == set(NETWORK_TYPES)
 
 

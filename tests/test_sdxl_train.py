@@ -197,9 +197,9 @@ def test_bf16_half_weights_train_sample_and_resume(tiny_sdxl_dir, images, tmp_pa
     state), on a CPU: the trainer picks bf16 where the CPU has bf16 instructions (forced here)."""
     from PIL import Image
 
-    from trainer.optim import precision
+    from trainer.preflight import device
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     common = dict(mixed_precision="bf16", full_bf16=True, max_train_steps=0, epoch=2, save_every_n_epochs=1,
                   save_state=True, sample_every_n_epochs=1, sample_prompts="sks dog --w 64 --h 64 --s 2")
     whole = sdxl_settings(tiny_sdxl_dir, images, tmp_path / "whole", **common)

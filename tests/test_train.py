@@ -15,6 +15,7 @@ from test_network import expected_te_names, expected_unet_names, module_names
 from trainer import events as ev
 from trainer.control import Control
 from trainer.loop import train
+from trainer.noise_sampling import FixedNoise
 from trainer.settings import TrainingSettings
 
 pytestmark = pytest.mark.slow  # trains tiny models end to end
@@ -67,7 +68,7 @@ def sd1_run(tiny_sd1_dir, images, tmp_path_factory):
         save_precision="fp16", mixed_precision="fp16", logging_dir=str(out / "logs"),
     )
     recorder = Recorder()
-    result = train(settings, recorder, debug_fixed_noise=True)
+    result = train(settings, recorder, noise=FixedNoise)
     return settings, recorder, result, out
 
 
@@ -315,9 +316,9 @@ def test_bad_settings_fail_with_an_error_event(tiny_sd1_dir, images, tmp_path, o
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_non_finite_loss_policy(tiny_sd1_dir, images, tmp_path, monkeypatch, policy):
-    import trainer.loss
+    import trainer.loop
 
-    real = trainer.loss.training_loss
+    real = trainer.loop.training_loss
     calls = {"n": 0}
 
     def nan_on_third(*args, **kwargs):
@@ -325,7 +326,7 @@ def test_non_finite_loss_policy(tiny_sd1_dir, images, tmp_path, monkeypatch, pol
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(trainer.loss, "training_loss", nan_on_third)
+    monkeypatch.setattr(trainer.loop, "training_loss", nan_on_third)
     rec = Recorder()
     result = train(tiny_settings(tiny_sd1_dir, images, tmp_path, epoch=2, nan_loss_policy=policy), rec)
     if policy == "skip":
@@ -338,9 +339,9 @@ def test_non_finite_loss_policy(tiny_sd1_dir, images, tmp_path, monkeypatch, pol
 
 
 def test_out_of_memory_mid_run_saves_what_exists_and_says_what_to_change(tiny_sd1_dir, images, tmp_path, monkeypatch):
-    import trainer.loss
+    import trainer.loop
 
-    real = trainer.loss.training_loss
+    real = trainer.loop.training_loss
     calls = {"n": 0}
 
     def oom_on_third(*args, **kwargs):
@@ -349,7 +350,7 @@ def test_out_of_memory_mid_run_saves_what_exists_and_says_what_to_change(tiny_sd
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer.loss, "training_loss", oom_on_third)
+    monkeypatch.setattr(trainer.loop, "training_loss", oom_on_third)
     rec = Recorder()
     settings = tiny_settings(tiny_sd1_dir, images, tmp_path, epoch=2, gradient_checkpointing=False)
     result = train(settings, rec)
@@ -373,9 +374,9 @@ def test_dynamo_backend_compiles_the_unet(tiny_sd1_dir, images, tmp_path):
 
 def test_bf16_trains_on_a_cpu_with_bf16_instructions(tiny_sd1_dir, images, tmp_path, monkeypatch):
     # bf16 autocast runs on any CPU; the trainer only chooses it where the CPU has bf16 instructions
-    from trainer.optim import precision
+    from trainer.preflight import device
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     rec = Recorder()
     settings = tiny_settings(tiny_sd1_dir, images, tmp_path, mixed_precision="bf16", full_bf16=True,
                              save_precision="bf16", epoch=3)

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainer.problems import NekoyaError
-
 from trainer.families import spec_for_settings
+from trainer.optim.table import is_adaptive
+from trainer.problems import NekoyaError
 
 GIB = 1024**3
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -295,7 +295,7 @@ def nan_hint(settings) -> str:
         return "Try a lower learning rate, alpha at most the rank, or bf16 instead of fp16."
     hints = []
     unet_lr, te_lr = settings.train_lrs()
-    if max(unet_lr, te_lr) > 5e-4 and (settings.optimizer or "").lower() not in _ADAPTIVE_NAMES:
+    if max(unet_lr, te_lr) > 5e-4 and not is_adaptive(settings.optimizer):
         hints.append(f"lower the learning rate (now {max(unet_lr, te_lr):g}; try 1e-4)")
     if settings.network_alpha > settings.network_dim:
         hints.append(f"set Network Alpha ({settings.network_alpha:g}) to at most the rank ({settings.network_dim})")
@@ -308,10 +308,6 @@ def nan_hint(settings) -> str:
     if not hints:
         hints.append("check the images (a corrupt or all-black image can cause it) and try a lower learning rate")
     return "To fix: " + "; ".join(hints) + "."
-
-
-_ADAPTIVE_NAMES = {"prodigy", "dadaptation", "dadaptadam", "dadaptadampreprint", "dadaptadagrad", "dadaptadan",
-                   "dadaptadanip", "dadaptlion", "dadaptsgd"}
 
 
 # ---- bad images during training --------------------------------------------------------------

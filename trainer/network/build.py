@@ -16,8 +16,8 @@ def learning_rates(settings: Any) -> dict[Role, float]:
     return {Role.UNET: float(unet_lr or 0.0), Role.TEXT_ENCODER: float(te_lr or 0.0)}
 
 
-def build_network(settings: Any, family: Any, lrs: dict[Role, float], log) -> LoRANetwork:
-    spec = NetworkSpec.from_settings(settings)
+def build_network(spec: NetworkSpec, settings: Any, family: Any, lrs: dict[Role, float], log) -> LoRANetwork:
+    """The run's LoRA, from its plan's spec (ranks from the weights file instead with dim_from_weights)."""
     weights = None
     if settings.network_weights:
         weights = read_lora_file(settings.network_weights)

@@ -6,67 +6,15 @@ and ``.alpha``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from trainer.problems import NekoyaError
+from trainer.network_spec import NETWORK_TYPES, NetworkConfigError, NetworkSpec  # noqa: F401 (their home before)
 
 from .module import LoRAModule
-from .targets import LayerKind, LoraTarget, Role, TargetLayer, find_target_layers
-
-# LoRA types of kohya_ss that this network trains, and whether they add conv LoRA.
-# LyCORIS/LoCon writes the same lora_down/lora_up/alpha keys as Kohya LoCon.
-NETWORK_TYPES = {"Standard": False, "Kohya LoCon": True, "LyCORIS/LoCon": True}
-
-
-class NetworkConfigError(NekoyaError, ValueError):
-    """A network setting cannot be honoured; ``field`` names the setting."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    rank: int = 4
-    alpha: float = 1.0
-    conv_rank: int = 0  # 0: no LoRA on 3x3 convs
-    conv_alpha: float = 1.0
-    dropout: float = 0.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    # When set (dim_from_weights), exactly these modules are built, with these ranks.
-    module_ranks: dict[str, int] | None = field(default=None, compare=False)
-    module_alphas: dict[str, float] | None = field(default=None, compare=False)
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> "NetworkSpec":
-        if settings.LoRA_type not in NETWORK_TYPES:
-            supported = ", ".join(NETWORK_TYPES)
-            raise NetworkConfigError(f"LoRA type {settings.LoRA_type!r} is not supported yet; choose {supported}", "LoRA_type")
-        with_conv = NETWORK_TYPES[settings.LoRA_type] and int(settings.conv_dim) > 0
-        return cls(
-            rank=int(settings.network_dim),
-            alpha=float(settings.network_alpha),
-            conv_rank=int(settings.conv_dim) if with_conv else 0,
-            conv_alpha=float(settings.conv_alpha),
-            dropout=float(settings.network_dropout or 0),
-            rank_dropout=float(settings.rank_dropout or 0),
-            module_dropout=float(settings.module_dropout or 0),
-        )
-
-    def rank_for(self, layer: TargetLayer) -> tuple[int, float]:
-        """(rank, alpha) for a layer; rank 0 means "no LoRA here"."""
-        if self.module_ranks is not None:
-            rank = self.module_ranks.get(layer.lora_name, 0)
-            return rank, (self.module_alphas or {}).get(layer.lora_name, rank)
-        if layer.kind is LayerKind.LINEAR:
-            return self.rank, self.alpha
-        return self.conv_rank, self.conv_alpha
+from .targets import LoraTarget, Role, TargetLayer, find_target_layers
 
 
 class LoRANetwork(nn.Module):

@@ -1,59 +1,27 @@
-"""Optimizers by kohya name: one table, resolved before any model is loaded.
+"""Optimizers by kohya name (the table: ``trainer.optim.table``), planned before any model is loaded.
 
-``plan_optimizer(settings, device_type)`` checks the name and arguments and applies
-sd-scripts' rules (SGDNesterov momentum, Adafactor ``relative_step``); the returned
-plan creates the optimizer once the LoRA parameters exist.
+``plan_optimizer(settings, device_type)`` reads the name and arguments and applies
+sd-scripts' rules (SGDNesterov momentum, Adafactor ``relative_step``: ``trainer.optim.rules``,
+whose notes the preflight check reports); the returned plan imports the class and
+creates the optimizer once the LoRA parameters exist.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import cached_property
+from typing import Any
 
 from .args import OptimConfigError, parse_literal_args
-
-
-def _attr(module: str, name: str) -> Callable[[], type]:
-    return lambda: getattr(importlib.import_module(module), name)
-
-
-@dataclass(frozen=True)
-class OptimizerKind:
-    load: Callable[[], type]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    adaptive_lr: bool = False  # D-Adaptation / Prodigy: they find the step size; lr should be ~1.0
-    package: str = ""  # pip name, for the "not installed" message
-
-
-_BNB = "bitsandbytes"
-OPTIMIZERS: dict[str, OptimizerKind] = {
-    "adamw": OptimizerKind(_attr("torch.optim", "AdamW")),
-    "adamw8bit": OptimizerKind(_attr("bitsandbytes.optim", "AdamW8bit"), package=_BNB),
-    "pagedadamw": OptimizerKind(_attr("bitsandbytes.optim", "PagedAdamW"), package=_BNB),
-    "pagedadamw8bit": OptimizerKind(_attr("bitsandbytes.optim", "PagedAdamW8bit"), package=_BNB),
-    "pagedadamw32bit": OptimizerKind(_attr("bitsandbytes.optim", "PagedAdamW32bit"), package=_BNB),
-    "lion": OptimizerKind(_attr("lion_pytorch", "Lion"), package="lion-pytorch"),
-    "lion8bit": OptimizerKind(_attr("bitsandbytes.optim", "Lion8bit"), package=_BNB),
-    "pagedlion8bit": OptimizerKind(_attr("bitsandbytes.optim", "PagedLion8bit"), package=_BNB),
-    "sgdnesterov": OptimizerKind(_attr("torch.optim", "SGD"), {"nesterov": True, "momentum": 0.9}),
-    "sgdnesterov8bit": OptimizerKind(_attr("bitsandbytes.optim", "SGD8bit"), {"nesterov": True, "momentum": 0.9}, package=_BNB),
-    "adafactor": OptimizerKind(_attr("transformers.optimization", "Adafactor"), {"relative_step": True}),
-    "prodigy": OptimizerKind(_attr("prodigyopt", "Prodigy"), adaptive_lr=True, package="prodigyopt"),
-    "dadaptation": OptimizerKind(_attr("dadaptation.experimental", "DAdaptAdamPreprint"), adaptive_lr=True, package="dadaptation"),
-    "dadaptadampreprint": OptimizerKind(_attr("dadaptation.experimental", "DAdaptAdamPreprint"), adaptive_lr=True, package="dadaptation"),
-    "dadaptadam": OptimizerKind(_attr("dadaptation", "DAdaptAdam"), adaptive_lr=True, package="dadaptation"),
-    "dadaptadagrad": OptimizerKind(_attr("dadaptation", "DAdaptAdaGrad"), adaptive_lr=True, package="dadaptation"),
-    "dadaptadan": OptimizerKind(_attr("dadaptation", "DAdaptAdan"), adaptive_lr=True, package="dadaptation"),
-    "dadaptadanip": OptimizerKind(_attr("dadaptation.experimental", "DAdaptAdanIP"), adaptive_lr=True, package="dadaptation"),
-    "dadaptlion": OptimizerKind(_attr("dadaptation", "DAdaptLion"), adaptive_lr=True, package="dadaptation"),
-    "dadaptsgd": OptimizerKind(_attr("dadaptation", "DAdaptSGD"), adaptive_lr=True, package="dadaptation"),
-}
+from .rules import adafactor_relative_step
+from .table import OPTIMIZERS, OptimizerKind, optimizer_kind
 
 
 @dataclass
 class OptimizerPlan:
     name: str
-    cls: type
+    kind: OptimizerKind | None  # None: a "module.Class" path or a torch.optim class name
     kwargs: dict[str, Any]
     lr: float | None  # default lr passed to the constructor
     notes: list[str] = field(default_factory=list)  # shown to the user as Log events
@@ -62,15 +30,20 @@ class OptimizerPlan:
 
     same_group_lr: bool = False  # D-Adaptation / Prodigy refuse groups with different lrs
 
+    @cached_property
+    def cls(self) -> type:
+        """The optimizer class, imported on first use (the plan itself is made without torch)."""
+        return _load_class(self.name, self.kind)
+
     def create(self, param_groups: list[dict]):
+        from .eager_step import eager_step, skip_compile_guards  # imports torch
+
         groups = [dict(g) for g in param_groups]
         if not self.keep_group_lrs:
             for g in groups:
                 g.pop("lr", None)
         elif self.same_group_lr:
             self._equalize_lrs(groups)
-        from .eager_step import eager_step, skip_compile_guards
-
         skip_compile_guards(self.cls)
         optimizer = self.cls(groups, lr=self.lr, **self.kwargs)
         eager_step(optimizer)
@@ -97,10 +70,9 @@ class OptimizerPlan:
 
 def plan_optimizer(settings: Any, device_type: str) -> OptimizerPlan:
     name = (settings.optimizer or "AdamW").strip()
-    kind = OPTIMIZERS.get(name.lower())
-    cls = _load_class(name, kind)
+    kind = optimizer_kind(name)
     kwargs = {**(kind.defaults if kind else {}), **parse_literal_args(settings.optimizer_args, "optimizer_args")}
-    plan = OptimizerPlan(name, cls, kwargs, lr=float(settings.learning_rate))
+    plan = OptimizerPlan(name, kind, kwargs, lr=float(settings.learning_rate))
     _apply_rules(plan, kind, settings, device_type)
     return plan
 
@@ -136,8 +108,6 @@ def _apply_rules(plan: OptimizerPlan, kind: OptimizerKind | None, settings: Any,
 
 
 def _constructor_args(cls: type) -> set[str]:
-    import inspect
-
     try:
         return set(inspect.signature(cls.__init__).parameters)
     except (TypeError, ValueError):
@@ -145,22 +115,13 @@ def _constructor_args(cls: type) -> set[str]:
 
 
 def _adafactor_rules(plan: OptimizerPlan, settings: Any) -> None:
-    """sd-scripts' Adafactor rules, with the cases that crash there turned into notes."""
-    kw = plan.kwargs
-    if kw.get("warmup_init") and not kw.get("relative_step"):
-        kw["relative_step"] = True
-        plan.notes.append("Adafactor: warmup_init=True needs relative_step=True; relative_step turned on")
-    if kw["relative_step"]:
+    """sd-scripts' Adafactor rules, with the cases that crash there decided instead (the preflight
+    check's notes say what changed: trainer.preflight.optimizer)."""
+    if adafactor_relative_step(plan.kwargs):
         # Adafactor computes its own step size: no lr, no per-group lrs, its own schedule.
+        plan.kwargs["relative_step"] = True
         plan.keep_group_lrs = False
         plan.scheduler_override = "adafactor"
-        plan.notes.append(
-            f"Adafactor with relative_step=True sets its own learning rate: the {settings.lr_scheduler} scheduler, "
-            f"warmup and the UNet/TE learning rates are replaced by the adafactor schedule "
-            f"(initial lr {plan.lr}). Add relative_step=False scale_parameter=False warmup_init=False to "
-            "optimizer_args to use them."
-        )
         plan.lr = None
     elif settings.lr_scheduler == "adafactor":
-        plan.notes.append("the adafactor scheduler needs Adafactor relative_step=True; using constant instead")
         plan.scheduler_override = "constant"

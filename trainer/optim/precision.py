@@ -1,18 +1,19 @@
-"""Device and precision: which dtypes the base model, the LoRA and autocast use.
+"""Device and precision: the torch dtypes of the precision a run's plan chose.
 
 Plain ``torch.autocast`` plus a ``GradScaler`` for fp16, no accelerate: several
 trainers can run in one process (tests, GUI) without a process-wide state.
-On a CPU, bf16 runs where the CPU has bf16 instructions (AVX512-BF16, AMX); otherwise, and
-for fp16, training runs in fp32 with a note (half precision is slower there, not faster).
+The rule that picks the precision (and says why it differs from the settings) is
+``trainer.optim.rules.decide_precision``; this module only turns its choice into dtypes.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from trainer.preflight.device import cpu_has_native_bf16, cpu_mixed_precision
+from trainer.optim.rules import PrecisionChoice
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -24,8 +25,13 @@ class Precision:
     autocast_dtype: torch.dtype | None
     network_dtype: torch.dtype  # LoRA weights (fp32 unless full_fp16 / full_bf16)
     grad_scaler: bool
-    notes: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, choice: PrecisionChoice, device: torch.device) -> "Precision":
+        if choice.mode == "no":
+            return cls(device, torch.float32, None, torch.float32, False)
+        half = HALF_DTYPES[choice.mode]
+        return cls(device, half, half, half if choice.full else torch.float32, choice.grad_scaler)
     @property
     def mode(self) -> str:
         """"no", "fp16" or "bf16": what actually runs."""
@@ -60,21 +66,15 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_precision(settings, device: torch.device) -> Precision:
-    notes: list[str] = []
-    mixed = settings.mixed_precision if settings.mixed_precision in HALF_DTYPES else "no"
-    if mixed != "no" and device.type != "cuda":
-        mixed, note = cpu_mixed_precision(mixed, cpu_has_native_bf16())
-        notes += [note] if note else []
-    if mixed == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        notes.append("this GPU has no bf16; using fp16 mixed precision instead")
-        mixed = "fp16"
-    full = {"fp16": settings.full_fp16, "bf16": settings.full_bf16}
-    for name, wanted in full.items():
-        if wanted and mixed != name:
-            notes.append(f"full_{name} needs mixed precision {name}; LoRA weights stay fp32")
-    if mixed == "no":
-        return Precision(device, torch.float32, None, torch.float32, False, tuple(notes))
-    half = HALF_DTYPES[mixed]
-    network_dtype = half if full[mixed] else torch.float32
-    return Precision(device, half, half, network_dtype, mixed == "fp16", tuple(notes))
+def configure_device(device: torch.device, cpu_threads: int) -> Callable[[], None]:
+    """TF32 matmuls on an NVIDIA GPU (free speed on Ampere+, no visible quality loss); on a CPU the run's
+    thread count (what accelerate's --num_cpu_threads_per_process does). Returns what undoes the thread
+    count when the run ends."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if device.type != "cpu" or not cpu_threads:
+        return lambda: None
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(cpu_threads))
+    return lambda: torch.set_num_threads(before)

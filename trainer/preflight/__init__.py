@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from trainer.preflight.registry import CHECKS, CheckContext, run_checks
 from trainer.preflight.report import Problem, PreflightReport
+from trainer.network_spec import NetworkConfigError
+from trainer.optim import OptimConfigError
+from trainer.run_plan import make_run_plan
 
 # Importing a concern module registers its checks, in this order.
 from trainer.preflight import dataset, model, network, optimizer, training, output, memory  # noqa: E402,F401
@@ -32,7 +35,23 @@ def check(settings, *, deep: bool = True, checks=None, image_budget_s: float | N
     report = PreflightReport(problems=problems, deep=deep, unverified_images=ctx.unverified_images)
     report.plan = _safe(lambda: ctx.plan)
     report.memory = _safe(lambda: ctx.memory)
+    if deep and report.ok and checks is None:
+        _plan_run(ctx, report)
     return report
+
+
+def _plan_run(ctx: CheckContext, report: PreflightReport) -> None:
+    """The run plan from the check's own decisions; a decision that cannot be made becomes an error."""
+    steps = ctx.plan
+    if steps is None or not steps.ok:
+        errors = "; ".join(steps.errors) if steps is not None else str(ctx.plan_error or "")
+        report.problems.append(Problem("error", "train_data_dir", errors or "no training steps"))
+        return
+    try:
+        report.run_plan = make_run_plan(report.adjusted(ctx.settings), steps, ctx.precision, report.memory,
+                                        tuple(report.warnings + report.notes))
+    except (OptimConfigError, NetworkConfigError) as exc:
+        report.problems.append(Problem("error", exc.field, str(exc)))
 
 
 def _safe(compute):

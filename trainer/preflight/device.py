@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from trainer.optim.rules import PrecisionChoice, decide_precision
+
 GIB = 1024**3
 
 
@@ -25,40 +27,25 @@ class DeviceInfo:
     available_bytes: int | None  # free now (RAM that is not in use; VRAM not used by other processes)
     source: str  # how we found out: "torch", "nvidia-smi", "psutil"
     native_bf16: bool = False  # a CPU with AVX512-BF16 or AMX instructions (see cpu_has_native_bf16)
+    gpu_bf16: bool = True  # an NVIDIA GPU with bf16 (Ampere and later); assumed when torch is not imported
 
     @property
     def is_gpu(self) -> bool:
         return self.kind != "cpu"
 
-    def mixed_precision(self, wanted: str) -> tuple[str, str | None]:
-        """The mixed precision ("no", "fp16", "bf16") a run that asks for ``wanted`` gets on this device,
-        and a note when that differs. GPUs get what they ask for (bf16 support: trainer.optim.precision)."""
-        if wanted not in ("fp16", "bf16"):
-            return "no", None
-        if self.is_gpu:
-            return wanted, None
-        return cpu_mixed_precision(wanted, self.native_bf16)
+    @property
+    def trainer_device(self) -> str:
+        """Where the trainer runs: an NVIDIA GPU, else the CPU (MPS is not used for training)."""
+        return "cuda" if self.kind == "cuda" else "cpu"
+
+    def precision(self, settings) -> PrecisionChoice:
+        """The mixed precision a run with ``settings`` gets here (the one rule: trainer.optim.rules)."""
+        return decide_precision(settings, self.trainer_device, self.native_bf16, self.gpu_bf16)
 
     def describe(self) -> str:
         total = f"{self.total_bytes / GIB:.1f} GiB" if self.total_bytes else "unknown size"
         memory = "VRAM" if self.kind == "cuda" else "RAM"
         return f"{self.name} ({total} {memory})"
-
-
-def cpu_mixed_precision(wanted: str, native_bf16: bool) -> tuple[str, str | None]:
-    """What a CPU run does with Mixed precision ``wanted``. bf16 runs where the CPU has bf16
-    instructions (there it is ~1.6x faster than fp32 and halves the weights' memory; sd-scripts,
-    through accelerate, also trains in bf16 on a CPU); elsewhere it would be slower than fp32."""
-    if wanted == "bf16" and native_bf16:
-        return "bf16", None
-    if wanted == "bf16":
-        return "no", ("mixed precision bf16 is slower than fp32 on a CPU without bf16 instructions (AVX512-BF16 "
-                      "or AMX); on this computer training runs in fp32 (same result, more memory)")
-    if wanted == "fp16":
-        tip = "; this CPU has bf16 instructions, so Mixed precision bf16 would be faster" if native_bf16 else ""
-        return "no", ("mixed precision fp16 needs a GPU; on this computer training runs in fp32 (slower and uses "
-                      f"more memory, but the same result){tip}")
-    return "no", None
 
 
 @lru_cache(maxsize=1)
@@ -92,7 +79,8 @@ def _from_torch(torch) -> DeviceInfo:
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             free, total = torch.cuda.mem_get_info(0)
-            return DeviceInfo("cuda", props.name, int(total), int(free), "torch")
+            return DeviceInfo("cuda", props.name, int(total), int(free), "torch",
+                              gpu_bf16=bool(torch.cuda.is_bf16_supported()))
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             cpu = _cpu()  # unified memory: the GPU shares system RAM

@@ -38,7 +38,7 @@ from trainer.preflight.device import GIB, DeviceInfo
 from trainer.families import FamilySpec
 from trainer.preflight.memory_advice import memory_advice
 from trainer.preflight.model_size import model_size
-from trainer.preflight.optimizer_table import optimizer_facts
+from trainer.optim.table import optimizer_facts
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 from trainer.settings.tab_parameters import LOCON_TYPES
@@ -83,7 +83,7 @@ class MemoryEstimate:
 def estimate_memory(settings, family: FamilySpec, device: DeviceInfo) -> MemoryEstimate:
     size = model_size(settings.pretrained_model_name_or_path, family)
     family = size.apply_to(family)  # the model file's own parameter counts where its header can be read
-    runs, _ = device.mixed_precision(settings.mixed_precision)
+    runs = device.precision(settings).mode
     half = runs != "no"
     weight_bytes = 2 if half else 4
     te_cached = text_encoder_outputs_cached(settings, family)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from trainer.preflight.device import GIB, DeviceInfo
 from trainer.families import spec_for_settings
-from trainer.preflight.optimizer_table import optimizer_facts
+from trainer.optim.table import optimizer_facts
 
 # the advice after an out-of-memory stop is about the device that ran out: rank for a typical GPU
 TYPICAL_GPU = DeviceInfo("cuda", "GPU", None, None, "assumed")

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from trainer.optim import OPTIMIZERS, SCHEDULERS, OptimConfigError, parse_literal_args
+from trainer.optim import SCHEDULERS, OptimConfigError, parse_literal_args
+from trainer.optim import rules
 from trainer.optim import warmup_steps as trainer_warmup_steps
-from trainer.preflight.optimizer_table import optimizer_facts
+from trainer.optim.table import optimizer_facts, optimizer_kind
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 
@@ -52,23 +53,16 @@ def _kwargs(settings) -> dict:
 
 
 def is_adafactor(settings) -> bool:
-    return _optimizer_name(settings).lower() == "adafactor"
+    return rules.is_adafactor(settings.optimizer)
 
 
 def adafactor_relative_step(settings) -> bool:
-    """Whether Adafactor runs with relative_step=True: its default, and forced by warmup_init=True."""
-    kwargs = {**OPTIMIZERS["adafactor"].defaults, **_kwargs(settings)}
-    return bool(kwargs.get("relative_step")) or bool(kwargs.get("warmup_init"))
+    return rules.adafactor_relative_step(_kwargs(settings))
 
 
 def effective_scheduler(settings) -> str:
-    """The schedule the trainer will run (trainer.optim's Adafactor overrides applied)."""
-    if is_adafactor(settings):
-        if adafactor_relative_step(settings):
-            return "adafactor"
-        if settings.lr_scheduler == "adafactor":
-            return "constant"
-    return settings.lr_scheduler
+    """The schedule the trainer will run (the Adafactor rules of trainer.optim.rules applied)."""
+    return rules.effective_scheduler(settings.optimizer, _kwargs(settings), settings.lr_scheduler)
 
 
 def with_optimizer_arg(text: str, key: str, value: str) -> str:
@@ -124,7 +118,7 @@ def check_scheduler_args(ctx: CheckContext):
 @preflight_check("optimizer.package")
 def check_optimizer_package(ctx: CheckContext):
     name = _optimizer_name(ctx.settings)
-    kind = OPTIMIZERS.get(name.lower())
+    kind = optimizer_kind(name)
     if kind is not None:
         module = kind.package.replace("-", "_")
         if module and _find_module(module) is None:
@@ -236,8 +230,7 @@ def check_learning_rates(ctx: CheckContext):
                       "learns a subject or style", fix="set Unet learning rate (e.g. 1e-4)")
     if is_adafactor(s) and adafactor_relative_step(s):
         return  # a starting value for Adafactor's own schedule; any size is normal
-    kind = OPTIMIZERS.get(_optimizer_name(s).lower())
-    if kind is not None and kind.adaptive_lr:
+    if optimizer_facts(s.optimizer).adaptive_lr:
         yield from _adaptive_rates(_optimizer_name(s), rates)
     else:
         yield from _usual_rates(_optimizer_name(s), rates, optimizer_facts(s.optimizer).lr_range)

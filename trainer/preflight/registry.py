@@ -90,6 +90,11 @@ class CheckContext:
         return estimate_memory(self.settings, family, self.device)
 
     @cached_property
+    def precision(self):
+        """What mixed precision runs on this device (trainer.optim.rules.PrecisionChoice)."""
+        return self.device.precision(self.settings)
+
+    @cached_property
     def device(self):
         from trainer.preflight.device import probe_device
 

@@ -1,6 +1,6 @@
 """Precision, caching and attention checks: settings that conflict, or that mean
 something else on this device or model family. Each reports what the trainer
-(``trainer.optim.precision``, the dataset) will actually do."""
+(``trainer.optim.rules``, the dataset) will actually do."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,15 +22,11 @@ def _family(ctx: CheckContext):
 @preflight_check("training.precision")
 def check_precision(ctx: CheckContext):
     s = ctx.settings
-    runs, note = ctx.device.mixed_precision(s.mixed_precision)
-    if note:
-        yield Problem("note", "mixed_precision", note)
-    if runs != s.mixed_precision:
+    choice = ctx.precision
+    for note in choice.notes:
+        yield Problem("note", note.field, note.message, fix=note.fix)
+    if choice.mode != s.mixed_precision:
         return
-    for key, wanted in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
-        if getattr(s, key) and s.mixed_precision != wanted:
-            yield Problem("note", key, f"needs Mixed precision {wanted} (it is {s.mixed_precision}); the LoRA weights stay fp32",
-                          fix=f"set Mixed precision to {wanted}, or untick it")
     family = _family(ctx)
     if family.fp16_vae_overflows and s.mixed_precision == "fp16" and not s.sdxl_no_half_vae:
         yield Problem("warning", "sdxl_no_half_vae", f"the {family.label} VAE overflows in fp16 and produces NaN latents "
