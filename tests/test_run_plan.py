@@ -89,3 +89,17 @@ def test_metadata_records_the_precision_that_ran(cli_run):
         meta = f.metadata()
     assert settings.mixed_precision == "fp16" and meta["ss_mixed_precision"] == "no"
     assert meta["ss_lr_scheduler"] == "adafactor"
+
+
+def test_a_run_given_the_checks_plan_follows_it_without_checking_again(tiny_sd1_dir, images, tmp_path, monkeypatch):
+    import trainer.loop
+
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path, optimizer="Adafactor", lr_scheduler="cosine")
+    plan = check(settings, deep=True).run_plan
+
+    def no_second_check(*args):
+        raise AssertionError("the run checked again")
+
+    monkeypatch.setattr(trainer.loop, "plan_run", no_second_check)
+    result = trainer.loop.train(settings, plan=plan)
+    assert result.status == "finished" and result.step == plan.steps.total_steps

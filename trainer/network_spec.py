@@ -12,6 +12,7 @@ from trainer.problems import NekoyaError
 # LoRA types of kohya_ss that this network trains, and whether they add conv LoRA.
 # LyCORIS/LoCon writes the same lora_down/lora_up/alpha keys as Kohya LoCon.
 NETWORK_TYPES = {"Standard": False, "Kohya LoCon": True, "LyCORIS/LoCon": True}
+CONV_LORA_TYPES = tuple(name for name, with_conv in NETWORK_TYPES.items() if with_conv)
 
 
 class NetworkConfigError(NekoyaError, ValueError):
@@ -40,7 +41,7 @@ class NetworkSpec:
         if settings.LoRA_type not in NETWORK_TYPES:
             supported = ", ".join(NETWORK_TYPES)
             raise NetworkConfigError(f"LoRA type {settings.LoRA_type!r} is not supported yet; choose {supported}", "LoRA_type")
-        with_conv = NETWORK_TYPES[settings.LoRA_type] and int(settings.conv_dim) > 0
+        with_conv = settings.LoRA_type in CONV_LORA_TYPES and int(settings.conv_dim) > 0
         return cls(
             rank=int(settings.network_dim),
             alpha=float(settings.network_alpha),

@@ -14,7 +14,7 @@
 * LoRA: rank x (sum of in + out over its targets) parameters for the parts that
   are trained (UNet lr > 0, text encoder lr > 0), plus conv_dim x the conv sum for
   LoCon; each parameter costs weight + gradient (4 + 4 bytes, 2 + 2 with full
-  fp16/bf16) + the optimizer's state (``optimizer_table.py``).
+  fp16/bf16) + the optimizer's state (``trainer/optim/table.py``).
 * Activations: the family's GiB per 512x512 sample (its figure with gradient
   checkpointing when that is on), times (width x height) / 512², times batch
   size, x1.6 in fp32. Attention is memory-efficient with every CrossAttention

@@ -4,13 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.checkpoints.integrity import safetensors_problem, weights_file_problem
+from trainer.network_spec import CONV_LORA_TYPES, NETWORK_TYPES
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 
-# The types trainer.network builds (trainer.network.network.NETWORK_TYPES; a test keeps them equal).
-# Kept here so the check does not import torch.
-SUPPORTED_LORA_TYPES = ("Standard", "Kohya LoCon", "LyCORIS/LoCon")
-CONV_LORA_TYPES = ("Kohya LoCon", "LyCORIS/LoCon")
+# The types trainer.network builds, from the one torch-free table of them
+SUPPORTED_LORA_TYPES = tuple(NETWORK_TYPES)
 WEIGHTS_FIX = "copy the file again, or choose another LoRA file (or clear the field to start a new LoRA)"
 
 

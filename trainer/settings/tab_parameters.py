@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from trainer.network_spec import CONV_LORA_TYPES
 from trainer.optim.table import DROPDOWN_NAMES
 
 from .field import setting
@@ -24,7 +25,7 @@ LR_SCHEDULERS = (
 )
 
 
-LOCON_TYPES = ("Kohya LoCon", "LyCORIS/LoCon")
+LOCON_TYPES = CONV_LORA_TYPES  # the types that train conv LoRA: trainer.network_spec
 ONLY_LOCON = {"LoRA_type": LOCON_TYPES}
 ONLY_SDXL = {"sdxl": (True,)}
 
