@@ -35,6 +35,7 @@ class StableDiffusionFamily:
     # -- loading ------------------------------------------------------------------------
     def load(self, settings: Any, base_dtype: torch.dtype, device: torch.device, log: LogFn) -> None:
         from trainer.checkpoints import load_pipeline_components
+        from trainer.checkpoints.load import load_vae
 
         parts = load_pipeline_components(
             settings.pretrained_model_name_or_path, family_hint=self.spec.layout, dtype=base_dtype,
@@ -42,20 +43,36 @@ class StableDiffusionFamily:
         )
         said = parts.info.v_parameterization
         if said is not None and said != self.v_prediction:
-            wanted, found = ("v-prediction", "epsilon") if self.v_prediction else ("epsilon", "v-prediction")
-            log(f"v_parameterization says {wanted} but the model's scheduler says {found}; training {wanted} "
-                "as the settings say (tick or untick v_parameterization if that is wrong)", "warning")
-        self.unet, self.vae, self.tokenizer = parts.unet, parts.vae, parts.tokenizer
-        self.text_encoders = (parts.text_encoder,)
+            log(self._prediction_mismatch(), "warning")
+        self._take_components(parts)
+        vae_dtype = self._vae_dtype(base_dtype)
         if settings.vae:
-            from trainer.checkpoints.load import load_vae
-
-            self.vae = load_vae(settings.vae, parts.config_dir, base_dtype)
+            self.vae = load_vae(settings.vae, parts.config_dir, vae_dtype)
+        if self.vae.dtype != vae_dtype:  # fp32 VAE from half weights: the overflow is in activations, not weights
+            self.vae.to(dtype=vae_dtype)
         for model in (self.unet, self.vae, *self.text_encoders):
             model.requires_grad_(False)
             model.eval()
             model.to(device)
-        self._fingerprint = f"{_file_identity(settings.vae or settings.pretrained_model_name_or_path)}|{base_dtype}"
+        self._fingerprint = f"{_file_identity(settings.vae or settings.pretrained_model_name_or_path)}|{vae_dtype}"
+        for message in self._setting_notes(settings):
+            log(message, "warning")
+
+    def _take_components(self, parts: Any) -> None:
+        self.unet, self.vae, self.tokenizer = parts.unet, parts.vae, parts.tokenizer
+        self.text_encoders = (parts.text_encoder,)
+
+    def _vae_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
+        return base_dtype
+
+    def _prediction_mismatch(self) -> str:
+        wanted, found = ("v-prediction", "epsilon") if self.v_prediction else ("epsilon", "v-prediction")
+        return (f"v_parameterization says {wanted} but the model's scheduler says {found}; training {wanted} "
+                "as the settings say (tick or untick v_parameterization if that is wrong)")
+
+    def _setting_notes(self, settings: Any) -> list[str]:
+        """Warnings about settings this family reads differently."""
+        return []
 
     def fingerprint(self) -> str:
         return self._fingerprint

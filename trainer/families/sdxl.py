@@ -12,9 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from trainer.families.base import LogFn
 from trainer.families.clip_text import CHUNK, tokenize_chunks
-from trainer.families.sd import StableDiffusionFamily, _file_identity, vae_input
+from trainer.families.sd import StableDiffusionFamily, vae_input
 from trainer.families.stable_diffusion import SDXL
 from trainer.network.metadata import VersionInfo
 from trainer.network.sgm_names import SGM_CONV_CLASSES, sgm_unet_view
@@ -43,34 +42,17 @@ class SDXLFamily(StableDiffusionFamily):
         self.tokenizers: tuple = ()
 
     # -- loading ------------------------------------------------------------------------
-    def load(self, settings: Any, base_dtype: torch.dtype, device: torch.device, log: LogFn) -> None:
-        from trainer.checkpoints import load_pipeline_components
-
-        parts = load_pipeline_components(
-            settings.pretrained_model_name_or_path, family_hint=self.spec.layout, dtype=base_dtype,
-            v_parameterization=self.v_prediction,
-        )
-        said = parts.info.v_parameterization
-        if said is not None and said != self.v_prediction:
-            log(f"the model's scheduler says {'v-prediction' if said else 'epsilon'}; training "
-                f"{'v-prediction' if self.v_prediction else 'epsilon'} as v_parameterization says", "warning")
+    def _take_components(self, parts: Any) -> None:
         self.unet, self.vae = parts.unet, parts.vae
         self.text_encoders, self.tokenizers = tuple(parts.text_encoders), tuple(parts.tokenizers)
         self.tokenizer = self.tokenizers[0]
-        vae_dtype = torch.float32 if self.no_half_vae else base_dtype
-        if settings.vae:
-            from trainer.checkpoints.load import load_vae
 
-            self.vae = load_vae(settings.vae, parts.config_dir, vae_dtype)
-        if self.vae.dtype != vae_dtype:  # fp32 VAE from half weights: the overflow is in activations, not weights
-            self.vae.to(dtype=vae_dtype)
-        for model in (self.unet, self.vae, *self.text_encoders):
-            model.requires_grad_(False)
-            model.eval()
-            model.to(device)
-        self._fingerprint = f"{_file_identity(settings.vae or settings.pretrained_model_name_or_path)}|{vae_dtype}"
-        for message in self._setting_notes(settings):
-            log(message, "warning")
+    def _vae_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if self.no_half_vae else base_dtype
+
+    def _prediction_mismatch(self) -> str:
+        said, wanted = ("epsilon", "v-prediction") if self.v_prediction else ("v-prediction", "epsilon")
+        return f"the model's scheduler says {said}; training {wanted} as v_parameterization says"
 
     def _setting_notes(self, settings: Any) -> list[str]:
         notes = []
