@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tab_common import USER_ERRORS, ImageModels, done, number, problem, progress_reporter, report_html, text
+from .tab_common import (USER_ERRORS, ImageModels, done, model_flags, number, problem, progress_reporter, report_html,
+                         text)
 
 FOLDER_KEYS = ("train_data_dir", "reg_data_dir", "output_dir", "logging_dir")
 
@@ -94,8 +95,7 @@ def generate_reg(models: ImageModels, base_model: str, values: dict, flags: dict
                 text(base_model), count.target_folder, text(values["class_prompt"]), in_target + count.missing,
                 (number(values["width"], "Width"), number(values["height"], "Height")),
                 negative_prompt=text(values.get("negative_prompt")), steps=number(values["steps"], "Steps"),
-                sampler=values.get("sampler") or FORM.sampler, clip_skip=max(1, int(flags.get("clip_skip") or 1)),
-                v_parameterization=True if flags.get("v_parameterization") else None, tryit=models.tryit,
+                sampler=values.get("sampler") or FORM.sampler, **model_flags(flags), tryit=models.tryit,
                 progress=progress_reporter(progress, "images"), should_stop=models.stop_requested.is_set)
         after = count_reg_images(count.folder, count.requested)
     except USER_ERRORS as err:

@@ -177,3 +177,9 @@ def number(value: Any, label: str, cast: Callable[[Any], Any] = int):
         return cast(float(value)) if cast is int else cast(value)
     except (TypeError, ValueError):
         raise ValueError(f"{label} must be a number, not {value!r}") from None
+
+
+def model_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """clip_skip and v_parameterization of image generation, from the settings form's values."""
+    return {"clip_skip": max(1, int(flags.get("clip_skip") or 1)),
+            "v_parameterization": True if flags.get("v_parameterization") else None}

@@ -18,7 +18,8 @@ from trainer.inference.requests import TryItRequest
 from trainer.settings.field import request_infos
 
 from .tab_common import (LORA_LIST_INFO, REFRESH_LABEL, USER_ERRORS, ImageModels, NamedFields, done, follow,
-                         lora_files, number, problem, progress_reporter, saved_lora_paths, status_box, text)
+                         lora_files, model_flags, number, problem, progress_reporter, saved_lora_paths, status_box,
+                         text)
 from .widgets import build_component, build_options
 
 TAB_NAME = "Try it"
@@ -134,9 +135,7 @@ def _request(values: dict, flags: dict):
         negative_prompt=text(values["negative_prompt"]), width=number(values["width"], "Width"),
         height=number(values["height"], "Height"), steps=number(values["steps"], "Steps"),
         seed=number(values["seed"], "Seed"), cfg_scale=number(values["cfg_scale"], "CFG scale", float),
-        sampler=values["sampler"], count=_in_range(number(values["count"], "Images"), "count"),
-        clip_skip=max(1, int(flags.get("clip_skip") or 1)),
-        v_parameterization=True if flags.get("v_parameterization") else None,
+        sampler=values["sampler"], count=_in_range(number(values["count"], "Images"), "count"), **model_flags(flags),
     )
 
 
