@@ -35,7 +35,9 @@ VARIED = {
 
 
 def _metadata(values: dict) -> dict[str, str]:
-    return training_metadata(settings_from_dict(values).settings, VERSION, DATA, RUN)
+    settings = settings_from_dict(values).settings
+    # the precision that ran is the one asked for, as on a GPU (a CPU may run fp32: test_run_plan)
+    return training_metadata(settings, VERSION, DATA, {**RUN, "mixed_precision": settings.mixed_precision})
 
 
 def test_metadata_keys_and_values_are_those_the_hand_written_map_wrote():
