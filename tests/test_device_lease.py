@@ -14,12 +14,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 from app import dataset_actions  # noqa: E402
 from app import tab_tryit  # noqa: E402
+from test_train import images  # noqa: E402,F401  (fixture)
 from app.run_manager import RunManager  # noqa: E402
 from app.tab_common import ImageModels  # noqa: E402
 from trainer import device_lease  # noqa: E402
 from trainer.device_lease import TRAINING, TRY_IT, DeviceBusy, DeviceLeases  # noqa: E402
-from trainer.events import Finished, Started, Step  # noqa: E402
-from trainer.events import Memory  # noqa: E402
+from trainer.events import Finished, Memory, Started, Step  # noqa: E402
 
 BUSY = "a training run is using the CPU; wait for it or stop it"
 
@@ -123,3 +123,31 @@ def test_reg_images_are_refused_while_a_run_holds_the_device(running, tiny_sd1_d
     status = dataset_actions.generate_reg(ImageModels(device="cpu"), str(tiny_sd1_dir), values, {})
     assert "Not generated" in status and BUSY in status
     assert not list((tmp_path / "reg").rglob("*.png"))
+
+
+# -- the real trainer --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_run_waits_for_try_it_then_holds_the_device_to_its_end(tiny_sd1_dir, images, tmp_path):
+    from test_train import tiny_settings
+    from trainer.events import Log
+    from trainer.loop import train
+
+    seen: list[tuple[str, str | None]] = []
+    waiting = threading.Event()
+
+    def sink(event) -> None:
+        if isinstance(event, Log) and event.message.startswith("waiting for"):
+            waiting.set()
+        seen.append((type(event).__name__, device_lease.holder("cpu")))
+
+    job = device_lease.take("cpu", TRY_IT)
+    result: list = []
+    run = threading.Thread(target=lambda: result.append(
+        train(tiny_settings(tiny_sd1_dir, images, tmp_path, num_cpu_threads_per_process=1), sink)))
+    run.start()
+    assert waiting.wait(60)  # the run waits for Try it's image to finish ...
+    job.release()
+    run.join(120)
+    assert result and result[0].status == "finished", result
+    assert ("Started", TRAINING) in seen and ("Finished", TRAINING) in seen  # ... then owns the CPU to its end
+    assert device_lease.holder("cpu") is None

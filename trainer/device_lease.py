@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainer.problems import NekoyaError
+from trainer.process_setup import apply_process_settings
 
 TRAINING = "a training run"
 TRY_IT = "Try it"
@@ -89,6 +90,7 @@ class DeviceLeases:
         """Lease ``device`` to ``holder``. Without ``wait_log``, raise DeviceBusy when another thread holds it;
         with it, say once through ``wait_log`` who holds it and wait. ``cpu_threads``: torch's thread count
         while the CPU is held (0: leave it)."""
+        apply_process_settings()  # the first lease in the process, before anything runs on a device
         name = device_name(device)
         me = threading.get_ident()
         with self._changed:

@@ -17,13 +17,14 @@ import torch
 
 from trainer import events as ev
 from trainer.control import Control
+from trainer.device_lease import TRAINING, take as take_device
 from trainer.loss import LossWeighting, huber_c, per_sample_loss, training_loss
 from trainer.model_libraries import import_model_libraries
 from trainer.network.build import learning_rates
 from trainer.network.run_metadata import RunMetadata
 from trainer.noise import NoiseConfig, noisy_latents
 from trainer.noise_sampling import NoiseSamplerFactory, RandomNoise
-from trainer.optim.precision import Precision, configure_device, pick_device
+from trainer.optim.precision import Precision, pick_device
 from trainer.problems import is_user_error
 from trainer.run_errors import TrainingError, failure_problem
 from trainer.run_plan import RunPlan
@@ -81,7 +82,7 @@ class _Run:
         self.start_epoch, self.start_batch = 1, 0  # where the step loop begins (later when resuming)
         self.files: list[str] = []
         self.device = pick_device()
-        self._restore_device = lambda: None
+        self._release_device = lambda: None  # the device's lease, taken in setup()
         # made by setup(), in this order (the parts: trainer.run_setup)
         self.plan: RunPlan | None = None
         self.precision: Precision | None = None
@@ -99,7 +100,8 @@ class _Run:
         self.plan = plan = plan or plan_run(self.settings, self.log)
         self.settings = s = plan.settings
         tell_plan(plan, self.log)
-        self._restore_device = configure_device(self.device, s.num_cpu_threads_per_process)
+        self._release_device = take_device(self.device, TRAINING, wait_log=self.log,
+                                           cpu_threads=s.num_cpu_threads_per_process).release
         self.precision = Precision.of(plan.precision, self.device)
         self.log(self.precision.describe())
         self.metadata = RunMetadata(plan)
@@ -286,7 +288,7 @@ class _Run:
     def close(self) -> None:
         if self.log_writer is not None:
             self.log_writer.close()
-        self._restore_device()
+        self._release_device()
         if self.metadata is not None:
             self.metadata.close()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -64,17 +63,3 @@ def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def configure_device(device: torch.device, cpu_threads: int) -> Callable[[], None]:
-    """TF32 matmuls on an NVIDIA GPU (free speed on Ampere+, no visible quality loss); on a CPU the run's
-    thread count (what accelerate's --num_cpu_threads_per_process does). Returns what undoes the thread
-    count when the run ends."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if device.type != "cpu" or not cpu_threads:
-        return lambda: None
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(cpu_threads))
-    return lambda: torch.set_num_threads(before)
