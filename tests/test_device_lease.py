@@ -151,3 +151,19 @@ def test_a_run_waits_for_try_it_then_holds_the_device_to_its_end(tiny_sd1_dir, i
     assert result and result[0].status == "finished", result
     assert ("Started", TRAINING) in seen and ("Finished", TRAINING) in seen  # ... then owns the CPU to its end
     assert device_lease.holder("cpu") is None
+
+
+def test_the_first_lease_switches_tf32_on_for_the_process_once(monkeypatch):
+    from trainer import process_setup
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(process_setup, "_applied", False)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        DeviceLeases().take("cpu", TRY_IT).release()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # what a script chose afterwards stays: runs never reset it
+        DeviceLeases().take("cuda", TRAINING).release()
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
