@@ -1,7 +1,7 @@
 """Optimizer, scheduler and learning-rate rules, reported before training instead of crashing in it.
 
-The trainer's own decisions live in ``trainer.optim`` (``plan_optimizer`` /
-``plan_scheduler``); preflight reports the same decisions without importing torch,
+The rules live once in ``trainer.optim.rules`` and the names in ``trainer.optim.table``;
+preflight reports their decisions (the run plan then follows them, saying nothing again)
 and adds the ones that would fail later. Rules with one obvious meaning are
 applied for the user: a note says what changed and ``PreflightReport.adjusted``
 applies it. Rules where the intent is unclear are refused, naming the field.
