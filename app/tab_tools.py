@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, WritesFile, request_infos
+from trainer.tools.requests import ExtractRequest, InspectRequest, MergeRequest, ResizeRequest, WritesFile, request_infos
 
 from . import tools_actions as actions
 from .tab_common import LORA_LIST_INFO, REFRESH_LABEL, NamedFields, follow, lora_files, saved_lora_paths, status_box
 from .widgets import build_component, build_options
 
 TAB_NAME = "Tools"
-MODEL_PLACEHOLDER = "model file (.safetensors / .ckpt) or diffusers folder"
 LORA_PLACEHOLDER = "LoRA file (.safetensors)"
 QUEUE = dict(concurrency_limit=1, concurrency_id="lora_tools")
 
@@ -38,11 +37,9 @@ def _path(label: str, elem_id: str, placeholder: str, **extra) -> gr.Textbox:
     return gr.Textbox(label=label, elem_id=elem_id, max_lines=1, placeholder=placeholder, min_width=320, **extra)
 
 
-def _out(tool: str, placeholder: str) -> tuple[gr.Textbox, gr.Checkbox]:
+def _out(request, tool: str) -> dict[str, gr.components.Component]:
     with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
-        out = _path("Output file", f"{tool}_out", placeholder, scale=4)
-        overwrite = build_options(WritesFile, tool, "overwrite")["overwrite"]
-    return out, overwrite
+        return {**build_options(request, tool, "out"), **build_options(WritesFile, tool, "overwrite")}
 
 
 def _results(tool: str) -> tuple[gr.HTML, gr.HTML]:
@@ -54,12 +51,11 @@ def build_tools_tab() -> ToolsTab:
     with gr.Tab(TAB_NAME, id="tools", elem_id="tab_tools") as tab:
         with gr.Tab("Inspect / Verify", id="tools_inspect"):
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-                file = gr.Dropdown(label="LoRA file", elem_id="inspect_file", allow_custom_value=True, choices=[],
+                file = gr.Dropdown(label=request_infos(InspectRequest)["file"].label, elem_id="inspect_file", allow_custom_value=True, choices=[],
                                    value=None, scale=1, min_width=320, info=LORA_LIST_INFO)
                 buttons["refresh_loras"] = gr.Button(REFRESH_LABEL, elem_id="inspect_refresh_loras", size="sm", scale=0,
                                                      min_width=44)
-                base = _path("Base model (optional)", "inspect_base", MODEL_PLACEHOLDER, scale=1,
-                             info="Checks every key against this model's layers. Empty: no check.")
+                base = build_options(InspectRequest, "inspect", "base")
             buttons["inspect"] = gr.Button("Inspect", variant="primary", elem_id="inspect_run")
             status, report = _results("inspect")
             settings = gr.Dataframe(actions.table(actions.SETTING_HEADERS, []), elem_id="inspect_settings",
@@ -68,9 +64,9 @@ def build_tools_tab() -> ToolsTab:
             modules = gr.Dataframe(actions.table(actions.MODULE_HEADERS, []), elem_id="inspect_modules",
                                    interactive=False, max_height=360, label="Modules", visible=False)
             outputs["inspect"] = [status, report, settings, modules]
-            inspect = NamedFields({"file": file, "base": base})
+            inspect = NamedFields({"file": file, **base})
         with gr.Tab("Resize", id="tools_resize"):
-            file = _path("LoRA file", "resize_file", LORA_PLACEHOLDER)
+            file = build_options(ResizeRequest, "resize", "file")
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
                 method = gr.Dropdown(list(actions.DYNAMIC_METHODS), value=actions.FIXED_RANK, label="Method",
                                      elem_id="resize_method", min_width=160,
@@ -80,23 +76,21 @@ def build_tools_tab() -> ToolsTab:
                 precision = gr.Dropdown([actions.KEEP_PRECISION, *actions.SAVE_PRECISIONS],
                                         value=actions.KEEP_PRECISION, label="Save precision",
                                         elem_id="resize_precision", min_width=150)
-            out, overwrite = _out("resize", "empty: <file>-r<rank>.safetensors next to the input")
+            out = _out(ResizeRequest, "resize")
             buttons["resize"] = gr.Button("Resize", variant="primary", elem_id="resize_run")
             outputs["resize"] = list(_results("resize"))
-            resize = NamedFields({"file": file, "method": method, **options, "precision": precision, "out": out,
-                                  "overwrite": overwrite})
+            resize = NamedFields({**file, "method": method, **options, "precision": precision, **out})
         with gr.Tab("Extract", id="tools_extract"):
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-                tuned = _path("Fine-tuned model", "extract_tuned", MODEL_PLACEHOLDER, scale=1)
-                base = _path("Base model (the original)", "extract_base", MODEL_PLACEHOLDER, scale=1)
+                models = build_options(ExtractRequest, "extract", "tuned", "base")
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
                 options = build_options(ExtractRequest, "extract", "rank", "conv_rank", "clamp", "min_diff", "precision")
-            out, overwrite = _out("extract", "LoRA file to write (.safetensors)")
+            out = _out(ExtractRequest, "extract")
             buttons["extract"] = gr.Button("Extract", variant="primary", elem_id="extract_run")
             outputs["extract"] = list(_results("extract"))
-            extract = NamedFields({"tuned": tuned, "base": base, **options, "out": out, "overwrite": overwrite})
+            extract = NamedFields({**models, **options, **out})
         with gr.Tab("Merge into checkpoint", id="tools_merge"):
-            base = _path("Base model", "merge_base", MODEL_PLACEHOLDER)
+            base = build_options(MergeRequest, "merge", "base")
             slots, ratio = {}, request_infos(MergeRequest)["ratio"]
             for i in range(1, actions.MERGE_SLOTS + 1):
                 with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
@@ -106,11 +100,10 @@ def build_tools_tab() -> ToolsTab:
                 file_format = gr.Radio(list(actions.CHECKPOINT_FORMATS), value=".safetensors", label="Format",
                                        elem_id="merge_format", min_width=220)
                 options = build_options(MergeRequest, "merge", "half", "allow_unmatched")
-            out, overwrite = _out("merge", "checkpoint to write (the format's suffix is added when missing)")
+            out = _out(MergeRequest, "merge")
             buttons["merge"] = gr.Button("Merge", variant="primary", elem_id="merge_run")
             outputs["merge"] = list(_results("merge"))
-            merge = NamedFields({"base": base, **slots, "format": file_format, **options, "out": out,
-                                 "overwrite": overwrite})
+            merge = NamedFields({**base, **slots, "format": file_format, **options, **out})
         prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
     return ToolsTab(tab, inspect, resize, extract, merge, buttons, outputs, prefilled)
 

@@ -17,7 +17,7 @@ from .tab_common import USER_ERRORS, done, number, problem, report_html, text
 KEEP_PRECISION = "as the input"
 FIXED_RANK = "fixed rank"
 DYNAMIC_METHODS = (FIXED_RANK, *SVD_METHODS)
-EXTRACT = ExtractRequest()
+EXTRACT = ExtractRequest.model_construct()  # the declared defaults (the paths have none)
 CHECKPOINT_FORMATS = (".safetensors", ".ckpt")
 MERGE_SLOTS = 4
 MODULE_HEADERS = ["module", "part", "kind", "rank", "alpha", "‖ΔW‖"]

@@ -119,7 +119,8 @@ def build_component(info: SettingInfo, value: Any, dom_id: str = "") -> gr.compo
 def build_options(request, tool: str, *names: str) -> dict[str, gr.components.Component]:
     """Widgets for a tool's options (``trainer.tools.requests``), each from its declaration; DOM ids ``<tool>_<name>``."""
     infos = request_infos(request)
-    return {name: build_component(infos[name], infos[name].default, f"{tool}_{name}") for name in names}
+    return {name: build_component(infos[name], "" if infos[name].required else infos[name].default, f"{tool}_{name}")
+            for name in names}
 
 
 def _checkbox(info: SettingInfo, value: Any, common: dict) -> gr.components.Component:

@@ -9,22 +9,27 @@ import pytest
 
 from app.tab_tools import build_tools_tab
 from trainer.commands import lora_cmd
-from trainer.tools.requests import ExtractRequest, MergeRequest, ResizeRequest, WritesFile, request_infos
+from trainer.tools.requests import (ExtractRequest, InspectRequest, MergeRequest, ResizeRequest, WritesFile,
+                                    request_infos)
 
-REQUIRED = {"extract": ["--base", "b", "--tuned", "t", "-o", "x.safetensors"], "resize": ["in.safetensors"],
+REQUIRED = {"inspect": ["in.safetensors"], "extract": ["--base", "b", "--tuned", "t", "-o", "x.safetensors"], "resize": ["in.safetensors"],
             "merge": ["--base", "b", "--lora", "l.safetensors", "-o", "x.safetensors"]}
 # (tool, request model, option, a default nobody declares)
 OPTIONS = [("extract", ExtractRequest, "rank", 7), ("extract", ExtractRequest, "conv_rank", 3),
            ("extract", ExtractRequest, "clamp", 0.75), ("extract", ExtractRequest, "min_diff", 0.125),
            ("extract", ExtractRequest, "precision", "bf16"), ("resize", ResizeRequest, "rank", 5),
            ("resize", ResizeRequest, "conv_rank", 2), ("resize", ResizeRequest, "param", 0.5),
-           ("merge", MergeRequest, "half", True), ("merge", WritesFile, "overwrite", True)]
+           ("merge", MergeRequest, "half", True), ("merge", WritesFile, "overwrite", True),
+           ("resize", ResizeRequest, "out", "small.safetensors")]
 
 
-def cli_args(tool: str) -> argparse.Namespace:
+def cli_args(tool: str, without: str = "") -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     lora_cmd.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["lora", tool, *REQUIRED[tool]])
+    args = REQUIRED[tool]
+    if without:
+        args = args[:args.index(without)] + args[args.index(without) + 2:]
+    return parser.parse_args(["lora", tool, *args])
 
 
 def tools_tab():
@@ -49,16 +54,28 @@ def lora_subcommand(tool: str) -> argparse.ArgumentParser:
     return lora._subparsers._group_actions[0].choices[tool]
 
 
-def test_labels_help_and_choices_come_from_the_declaration():
-    tab = tools_tab()
-    options = {action.dest: action for action in lora_subcommand("extract")._actions}
-    for name, info in request_infos(ExtractRequest).items():
-        assert tab.extract[name].label == info.label and tab.extract[name].info == info.help
+@pytest.mark.parametrize("tool, request_model", [("inspect", InspectRequest), ("resize", ResizeRequest),
+                                                 ("extract", ExtractRequest), ("merge", MergeRequest)])
+def test_labels_help_choices_and_required_paths_come_from_the_declaration(tool, request_model):
+    widgets, options = getattr(tools_tab(), tool), {a.dest: a for a in lora_subcommand(tool)._actions}
+    for name, info in request_infos(request_model).items():
+        if name not in options:  # GUI-only (merge's ratio: the CLI writes FILE:RATIO)
+            assert name == "ratio"
+            continue
+        assert widgets[name].label == info.label
+        assert name == "file" or widgets[name].info == info.help  # inspect's file list has its own note
         assert options[name].help.startswith(info.help) and options[name].choices == info.choices
-    assert [value for _, value in tab.extract["precision"].choices] == list(options["precision"].choices)
-    half = request_infos(MergeRequest)["half"]
-    assert tab.merge["half"].label == half.label
-    assert {a.dest: a for a in lora_subcommand("merge")._actions}["half"].help == half.help
+        assert options[name].required == info.required
+        if info.required:
+            assert widgets[name].value in ("", None)  # empty until chosen
+    if "precision" in request_infos(request_model):
+        assert [value for _, value in widgets["precision"].choices][-3:] == list(options["precision"].choices)
+
+
+def test_a_path_declared_without_a_default_is_required_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        cli_args("extract", without="--tuned")
+    assert "the following arguments are required: --tuned" in capsys.readouterr().err
 
 
 def test_a_merge_lora_without_a_ratio_gets_the_declared_ratio(monkeypatch):

@@ -12,8 +12,8 @@ import json
 import sys
 
 from trainer.tools.requests import (
-    DYNAMIC_METHODS, SAVE_PRECISIONS, ExtractRequest, MergeRequest, ResizeRequest, WritesFile, cli_flag, request_infos,
-    value_type,
+    DYNAMIC_METHODS, SAVE_PRECISIONS, ExtractRequest, InspectRequest, MergeRequest, ResizeRequest, WritesFile, cli_flags,
+    request_infos, value_type,
 )
 
 EXIT_OK = 0
@@ -41,34 +41,35 @@ def _options(p: argparse.ArgumentParser, request, *names: str) -> None:
     """argparse options from a request model's declaration: flag, type, default, choices and help."""
     infos = request_infos(request)
     for name in names:
-        info = infos[name]
-        if info.type is bool:  # a flag; one that is on by default also gets its --no- form
+        info, flags = infos[name], cli_flags(infos[name])
+        if not flags[0].startswith("-"):
+            p.add_argument(name, help=info.help)
+        elif info.type is bool:  # a flag; one that is on by default also gets its --no- form
             action = argparse.BooleanOptionalAction if info.default else "store_true"
-            p.add_argument(cli_flag(info), dest=name, action=action, default=info.default, help=info.help)
-            continue
-        flag, shown = cli_flag(info), f" (default {info.default})" if info.default is not None else ""
-        metavar = None if info.choices else flag.lstrip("-").replace("-", "_").upper()
-        p.add_argument(flag, dest=name, type=value_type(info), default=info.default, choices=info.choices,
-                       metavar=metavar, help=info.help + shown)
+            p.add_argument(*flags, dest=name, action=action, default=info.default, help=info.help)
+        elif info.required:
+            p.add_argument(*flags, dest=name, type=value_type(info), required=True, help=info.help)
+        else:
+            shown = f" (default {info.default})" if info.default not in (None, "") else ""
+            metavar = None if info.choices else flags[-1].lstrip("-").replace("-", "_").upper()
+            p.add_argument(*flags, dest=name, type=value_type(info), default=info.default, choices=info.choices,
+                           metavar=metavar, help=info.help + shown)
 
 
 def _inspect_parser(tools) -> None:
     p = tools.add_parser("inspect", help="modules, ranks, alphas, norms and training settings of a LoRA file; "
                                          "with --base, check every key against a base model")
-    p.add_argument("file", help="LoRA file (.safetensors or .ckpt)")
-    p.add_argument("--base", help="base model (diffusers folder or .safetensors/.ckpt) to verify the keys against")
+    _options(p, InspectRequest, "file", "base")
     p.add_argument("--modules", action="store_true", help="list every module")
     _common(p, output=False)
 
 
 def _resize_parser(tools) -> None:
     p = tools.add_parser("resize", help="lower a LoRA's rank by SVD, keeping its effective scale")
-    p.add_argument("file", help="LoRA file to resize")
-    _options(p, ResizeRequest, "rank", "conv_rank")
+    _options(p, ResizeRequest, "file", "rank", "conv_rank")
     p.add_argument("--dynamic", choices=DYNAMIC_METHODS, help="choose each module's rank: sv_ratio (keep singular "
                    "values above max/param), sv_cumulative or sv_fro (keep this fraction of the sum / Frobenius norm)")
-    _options(p, ResizeRequest, "param")
-    p.add_argument("-o", "--out", help="output file (default: <file>-r<rank>.safetensors next to it)")
+    _options(p, ResizeRequest, "param", "out")
     p.add_argument("--save-precision", choices=SAVE_PRECISIONS, help="default: the input's precision")
     p.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
     p.add_argument("--modules", action="store_true", help="list every module's new rank and error")
@@ -77,10 +78,7 @@ def _resize_parser(tools) -> None:
 
 def _extract_parser(tools) -> None:
     p = tools.add_parser("extract", help="extract a LoRA from a fine-tuned model minus its base model")
-    p.add_argument("--base", required=True, help="the original model")
-    p.add_argument("--tuned", required=True, help="the fine-tuned model")
-    p.add_argument("-o", "--out", required=True, help="LoRA file to write (.safetensors)")
-    _options(p, ExtractRequest, "rank", "conv_rank", "clamp")
+    _options(p, ExtractRequest, "base", "tuned", "out", "rank", "conv_rank", "clamp")
     p.add_argument("--no-clamp", action="store_true", help="do not clamp (exact SVD factors)")
     _options(p, ExtractRequest, "min_diff", "precision")
     p.add_argument("--load-precision", choices=SAVE_PRECISIONS, default="float",
@@ -92,11 +90,10 @@ def _extract_parser(tools) -> None:
 
 def _merge_parser(tools) -> None:
     p = tools.add_parser("merge", help="merge LoRAs into a base model and save a single-file checkpoint")
-    p.add_argument("--base", required=True, help="base model (diffusers folder or single file)")
+    _options(p, MergeRequest, "base")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
                    help="LoRA to merge, with its ratio (default 1.0); repeat for several")
-    p.add_argument("-o", "--out", required=True, help="checkpoint to write: .safetensors (default) or .ckpt")
-    _options(p, MergeRequest, "half", "allow_unmatched")
+    _options(p, MergeRequest, "out", "half", "allow_unmatched")
     p.add_argument("--v-parameterization", action="store_true", default=None,
                    help="mark the checkpoint as v-prediction (SD2 768-v); default: what the base says")
     _common(p)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pydantic import Field
+from pydantic_core import PydanticUndefined
 
 TABS = ("Source Model", "Folders", "Parameters", "Advanced", "Samples", "Metadata")
 
@@ -84,7 +85,8 @@ def option(
 ) -> Any:
     """Declare one option of a tool's request model (``trainer/tools/requests.py``), as :func:`setting`
     declares a setting: the GUI builds its widget and the ``lora`` CLI its argparse option from it.
-    ``cli``: the command-line flag when it is not ``--name-with-dashes``.
+    ``cli``: the command-line flags when not ``--name-with-dashes`` (``"-o --out"``); without a dash,
+    a positional argument. ``default=...``: no default, the command line requires it.
     """
     if widget is not None and widget not in WIDGETS:
         raise ValueError(f"unknown widget {widget!r}")
@@ -124,6 +126,11 @@ class SettingInfo:
     ss_key: str = ""  # the LoRA metadata key recording its value; empty when none does (or one is computed)
     ss_none_if_off: bool = False  # 0 or "" recorded as None
     cli: str = ""  # a tool option's command-line flag when it is not --name-with-dashes
+
+    @property
+    def required(self) -> bool:
+        """A tool option declared without a default (a path the command line must be given)."""
+        return self.default is PydanticUndefined
 
     def is_visible(self, values: dict[str, Any]) -> bool:
         """Whether the GUI shows this setting, given the current values of the others."""

@@ -26,7 +26,7 @@ from trainer.tools.lowrank import top_factors
 from trainer.tools.requests import ExtractRequest
 from trainer.tools.resize import LORA_SUFFIXES, SAVE_PRECISIONS
 
-DEFAULTS = ExtractRequest()
+DEFAULTS = ExtractRequest.model_construct()  # the declared defaults (the paths have none)
 LOAD_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -20,7 +20,16 @@ class WritesFile(BaseModel):
     overwrite: bool = option(False, label="Overwrite if it exists", help="replace the output file if it exists")
 
 
+class InspectRequest(BaseModel):
+    file: str = option(..., label="LoRA file", cli="file", help="the LoRA file (.safetensors or .ckpt)")
+    base: str = option("", label="Base model (optional)", widget="path",
+                       help="a base model (diffusers folder or .safetensors/.ckpt) to check every key against")
+
+
 class ResizeRequest(WritesFile):
+    file: str = option(..., label="LoRA file", widget="file", cli="file", help="the LoRA file to resize")
+    out: str = option("", label="Output file", widget="file", cli="-o --out",
+                      help="empty: <file>-r<rank>.safetensors next to the input")
     rank: int = option(8, label="New rank (max for dynamic)", ge=1,
                        help="new rank (the maximum with a dynamic method)")
     conv_rank: int = option(0, label="Conv rank (0: same)", ge=0, help="new rank of 3x3 conv modules (0: the rank)")
@@ -29,6 +38,9 @@ class ResizeRequest(WritesFile):
 
 
 class ExtractRequest(WritesFile):
+    tuned: str = option(..., label="Fine-tuned model", widget="path", help="the fine-tuned model")
+    base: str = option(..., label="Base model (the original)", widget="path", help="the model it was tuned from")
+    out: str = option(..., label="Output file", widget="file", cli="-o --out", help="the LoRA file to write (.safetensors)")
     rank: int = option(4, label="Rank", ge=1, help="rank of Linear and 1x1 conv modules")
     conv_rank: int = option(0, label="Conv rank (0: none)", ge=0, help="also extract 3x3 convs (LoCon) at this rank")
     clamp: float = option(0.99, label="Clamp quantile (1: none)", ge=0, le=1, cli="--clamp-quantile",
@@ -40,14 +52,18 @@ class ExtractRequest(WritesFile):
 
 
 class MergeRequest(WritesFile):
+    base: str = option(..., label="Base model", widget="path", help="the base model (diffusers folder or single file)")
+    out: str = option(..., label="Output file", widget="file", cli="-o --out",
+                      help="the checkpoint to write: .safetensors or .ckpt")
     ratio: float = option(1.0, label="Ratio", step=0.05, help="a LoRA's weight in the merge")
     half: bool = option(False, label="Save as fp16 (half the size)", help="save in fp16 (half the size)")
     allow_unmatched: bool = option(False, label="Skip modules that match no layer",
                                    help="skip LoRA modules that match no layer of the base (otherwise an error)")
 
 
-def cli_flag(info: SettingInfo) -> str:
-    return info.cli or "--" + info.key.replace("_", "-")
+def cli_flags(info: SettingInfo) -> list[str]:
+    """The option's command-line flags, or its name alone for a positional argument."""
+    return (info.cli or "--" + info.key.replace("_", "-")).split()
 
 
 def value_type(info: SettingInfo) -> type:
