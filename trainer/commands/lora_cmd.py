@@ -92,7 +92,7 @@ def _merge_parser(tools) -> None:
     p = tools.add_parser("merge", help="merge LoRAs into a base model and save a single-file checkpoint")
     _options(p, MergeRequest, "base")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
-                   help="LoRA to merge, with its ratio (default 1.0); repeat for several")
+                   help=f"LoRA to merge, with its ratio (default {_default_ratio()}); repeat for several")
     _options(p, MergeRequest, "out", "half", "allow_unmatched")
     p.add_argument("--v-parameterization", action="store_true", default=None,
                    help="mark the checkpoint as v-prediction (SD2 768-v); default: what the base says")
@@ -107,7 +107,11 @@ def lora_with_ratio(spec: str) -> tuple[str, float]:
             return path, float(ratio)
         except ValueError:
             pass
-    return spec, request_infos(MergeRequest)["ratio"].default
+    return spec, _default_ratio()
+
+
+def _default_ratio() -> float:
+    return request_infos(MergeRequest)["ratio"].default
 
 
 # ---- running ---------------------------------------------------------------------------------------------
