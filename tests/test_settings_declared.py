@@ -16,14 +16,19 @@ SETTINGS_NAMES = ("s", "settings")
 OTHER_OBJECT_ATTRIBUTES = {"min_reso", "max_reso", "reso_steps", "no_upscale", "path", "reason", "items"}
 
 
+def _is_settings(node: ast.AST | None) -> bool:
+    """``settings`` / ``s``, or ``<anything>.settings`` (``ctx.settings``, ``self.settings``)."""
+    return (isinstance(node, ast.Name) and node.id in SETTINGS_NAMES) or (
+        isinstance(node, ast.Attribute) and node.attr == "settings")
+
+
 def _read_name(node: ast.AST) -> str | None:
-    """``settings.x`` / ``s.x`` (a load) or ``getattr(settings, "x"...)``: the name read, else None."""
-    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-        if isinstance(node.value, ast.Name) and node.value.id in SETTINGS_NAMES:
-            return node.attr
+    """``settings.x`` (a load) or ``getattr(settings, "x"...)``: the name read, else None."""
+    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and _is_settings(node.value):
+        return node.attr
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
         target, name = (node.args + [None, None])[:2]
-        if isinstance(target, ast.Name) and target.id in SETTINGS_NAMES and isinstance(name, ast.Constant):
+        if _is_settings(target) and isinstance(name, ast.Constant):
             return name.value
     return None
 
