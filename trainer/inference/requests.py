@@ -10,14 +10,14 @@ from pydantic import BaseModel
 from trainer.settings import setting_info
 from trainer.settings.field import option
 
-SAMPLERS = setting_info("sample_sampler").choices
+SAMPLE_SAMPLER = setting_info("sample_sampler")  # the training samples' sampler: same choices and default
 
 
 class ImageOptions(BaseModel):
     width: int = option(512, label="Width", ge=64, step=64)
     height: int = option(512, label="Height", ge=64, step=64)
     cfg_scale: float = option(7.0, label="CFG scale", step=0.5)
-    sampler: str = option("euler_a", label="Sampler", choices=SAMPLERS)
+    sampler: str = option(SAMPLE_SAMPLER.default, label="Sampler", choices=SAMPLE_SAMPLER.choices)
 
 
 class TryItRequest(ImageOptions):
