@@ -38,7 +38,8 @@ def _settings(root: Path, **overrides):
         gradient_accumulation_steps=1, epoch=1, max_train_epochs=0, max_train_steps=0, max_resolution="64",
         enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, bucket_no_upscale=False,
         seed=1, prior_loss_weight=1.0, flip_aug=True, color_aug=False, random_crop=False, shuffle_caption=False,
-        keep_tokens=0, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0, max_data_loader_n_workers=0,
+        keep_tokens=0, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0,
+        max_data_loader_n_workers=0,
     )
     values.update(overrides)
     return SimpleNamespace(**values)
