@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from trainer.tools.requests import ExtractRequest, InspectRequest, MergeRequest, ResizeRequest, WritesFile, request_infos
+from trainer.tools.requests import (DYNAMIC_DEFAULTS, ExtractRequest, InspectRequest, MergeRequest, ResizeRequest,
+                                    WritesFile, request_infos)
 
 from . import tools_actions as actions
 from .tab_common import LORA_LIST_INFO, REFRESH_LABEL, NamedFields, follow, lora_files, saved_lora_paths, status_box
@@ -169,7 +170,7 @@ def _wire_writers(tab: ToolsTab) -> None:
 
     def method_default(method, param):
         """The parameter box shows only for a dynamic method, with that method's usual value."""
-        return gr.update(value=actions.DYNAMIC_DEFAULTS.get(method, param), visible=method in actions.DYNAMIC_DEFAULTS)
+        return gr.update(value=DYNAMIC_DEFAULTS.get(method, param), visible=method in DYNAMIC_DEFAULTS)
 
     tab.resize["method"].input(method_default, inputs=[tab.resize["method"], tab.resize["param"]],
                                outputs=tab.resize["param"], show_progress="hidden")
