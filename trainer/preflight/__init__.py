@@ -42,10 +42,9 @@ def check(settings, *, deep: bool = True, checks=None, image_budget_s: float | N
 
 def _plan_run(ctx: CheckContext, report: PreflightReport) -> None:
     """The run plan from the check's own decisions; a decision that cannot be made becomes an error."""
-    steps = ctx.plan
-    if steps is None or not steps.ok:
-        errors = "; ".join(steps.errors) if steps is not None else str(ctx.plan_error or "")
-        report.problems.append(Problem("error", "train_data_dir", errors or "no training steps"))
+    steps = ctx.plan  # the dataset checks have judged its findings: the ones they let pass do not stop a run
+    if steps is None or steps.total_steps <= 0:
+        report.problems.append(Problem("error", "train_data_dir", "the plan has 0 steps: no usable training images"))
         return
     try:
         report.run_plan = make_run_plan(report.adjusted(ctx.settings), steps, ctx.precision, report.memory,
