@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,12 @@ def test_a_run_given_the_checks_plan_follows_it_without_checking_again(tiny_sd1_
     monkeypatch.setattr(trainer.loop, "plan_run", no_second_check)
     result = trainer.loop.train(settings, plan=plan)
     assert result.status == "finished" and result.step == plan.steps.total_steps
+
+
+def test_a_warning_of_the_dataset_checks_does_not_stop_the_plan(tiny_sd1_dir, images, tmp_path):
+    root = tmp_path / "img"
+    shutil.copytree(images, root)
+    shutil.copy(next(Path(images).glob("*/*.png")), root / "loose.png")  # beside the concept folder: not used
+    report = check(tiny_settings(tiny_sd1_dir, root, tmp_path / "out"), deep=True)
+    assert any("lie directly" in p.message for p in report.warnings) and report.ok
+    assert report.run_plan is not None and report.run_plan.steps.total_steps == 2
