@@ -68,12 +68,14 @@ def cli_run(tiny_sd1_dir, images, tmp_path_factory):
     return settings, code, out.getvalue() + err.getvalue(), counts
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_one_run_makes_one_step_plan_and_one_network_spec(cli_run):
     _, code, log, counts = cli_run
     assert code == train_cmd.EXIT_OK, log
     assert counts == {"plan_steps": 1, "network_spec": 1}
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_each_rule_says_its_note_once_in_the_run_log(cli_run):
     settings, _, log, _ = cli_run
     adafactor = [line for line in log.splitlines() if "relative_step=True" in line]
@@ -84,6 +86,7 @@ def test_each_rule_says_its_note_once_in_the_run_log(cli_run):
     assert "training in fp32 on cpu" in log
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_metadata_records_the_precision_that_ran(cli_run):
     settings, _, _, _ = cli_run
     with safe_open(str(Path(settings.output_dir) / "tiny.safetensors"), "pt") as f:
@@ -92,6 +95,7 @@ def test_metadata_records_the_precision_that_ran(cli_run):
     assert meta["ss_lr_scheduler"] == "adafactor"
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_a_run_given_the_checks_plan_follows_it_without_checking_again(tiny_sd1_dir, images, tmp_path, monkeypatch):
     import trainer.loop
 
