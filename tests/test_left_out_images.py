@@ -75,6 +75,7 @@ def test_gui_plan_panel_says_how_many_images_it_trains(config, tmp_path):
     assert "Fix: untick Don&#x27;t upscale bucket resolution and lower Minimum bucket resolution to 64" in page
 
 
+@pytest.mark.slow
 def test_training_log_names_each_left_out_image_once_with_one_warning_prefix(tmp_path, tiny_sd1_dir):
     images = issue_images(tmp_path / "img", folder="1_sks dog")
     settings = TrainingSettings(

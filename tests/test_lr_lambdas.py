@@ -176,6 +176,7 @@ def test_last_epoch_and_options_listed():
     assert scheduler.last_epoch == 5 and lr_lambda("linear", 0, 10, LR)(5) == 0.5
 
 
+@pytest.mark.slow
 def test_starting_a_run_imports_neither_transformers_nor_diffusers():
     names = sorted(n for n in SCHEDULERS if n != "adafactor")
     code = textwrap.dedent(f"""

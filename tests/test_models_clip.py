@@ -252,6 +252,7 @@ def test_unsupported_configs_are_refused(key, value):
         CLIPTextModel.from_config({**_spec("sd1"), key: value})
 
 
+@pytest.mark.slow
 def test_modules_import_no_model_library():
     code = ("import sys, trainer.models.clip_text, trainer.models.clip_tokenizer; "
             "bad = {'diffusers', 'transformers', 'peft', 'accelerate', 'huggingface_hub'} & "

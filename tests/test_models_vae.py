@@ -163,6 +163,7 @@ def test_half_weights_match_diffusers_half():
         _close(ours.decode(sa).sample.float(), ref.decode(sa).sample.float(), rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_module_imports_no_model_library():
     code = ("import sys, trainer.models.vae; "
             "bad = [m for m in ('diffusers', 'transformers', 'peft', 'accelerate', 'huggingface_hub') "

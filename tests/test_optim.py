@@ -171,6 +171,7 @@ def test_stepper_accumulates_and_clips():
     assert stepper.group_lrs() == {"unet": 1.0}
 
 
+@pytest.mark.slow
 def test_adamw_steps_without_importing_dynamo_and_matches_torch(tmp_path):
     """The trainer's AdamW (plan_optimizer -> create) runs its steps, zero_grad, state_dict and a scheduler
     without importing torch._dynamo, and its updates are bit-identical to a stock torch.optim.AdamW's."""

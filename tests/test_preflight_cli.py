@@ -13,6 +13,8 @@ import pytest
 from test_preflight_support import valid_config, write_hostile_pickle, write_huge_png
 from trainer.devtools.synthetic import add_corrupt_image, make_image_folder
 
+pytestmark = pytest.mark.slow  # every check runs `python -m trainer check` in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

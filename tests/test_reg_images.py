@@ -18,6 +18,7 @@ def reg_args(**overrides):
     return args
 
 
+@pytest.mark.slow
 def test_fills_the_folder_up_to_the_count_and_keeps_what_is_there(tiny_sd1_dir, tryit, tmp_path):
     folder = tmp_path / "reg" / "1_dog"
     folder.mkdir(parents=True)

@@ -12,6 +12,7 @@ def _load(folder):
     return DiffusionPipeline.from_pretrained(folder, local_files_only=True)
 
 
+@pytest.mark.slow
 def test_tiny_sd1_folder_loads_and_generates(tiny_sd1_dir):
     import torch
 
