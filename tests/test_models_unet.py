@@ -110,6 +110,7 @@ def test_sdxl_without_size_conditioning_says_what_is_missing():
         ours(sample, 10, context)
 
 
+@pytest.mark.slow
 def test_attention_backend_is_swappable_and_xformers_falls_back_with_a_message():
     from trainer.families.sd import SD1Family
     from trainer.models.attention import load_xformers, sdpa_attention

@@ -74,6 +74,7 @@ def test_unsupported_config_raises(bad):
         AutoencoderKL.from_config({**TINY_VAE, **bad})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,size", [(TINY_VAE, 32), (MID_VAE, 64), (LEAN_VAE, 32)], ids=["tiny", "mid", "lean"])
 def test_encode_decode_match_diffusers(config, size):
     ours, ref = _pair(config)

@@ -40,6 +40,7 @@ def size_batch(rows):
 
 
 # -- loading --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_single_file_loads_the_same_model_as_the_folder(family, tiny_sdxl_file):
     from_file, _ = load_family(tiny_sdxl_file)
     assert len(from_file.text_encoders) == 2 and len(from_file.tokenizers) == 2

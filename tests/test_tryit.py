@@ -45,6 +45,7 @@ def sd1_loras(tryit, tiny_sd1_dir, tmp_path_factory):
     return make_lora(family, folder / "a.safetensors", 1, conv=True), make_lora(family, folder / "b.safetensors", 2)
 
 
+@pytest.mark.slow
 def test_weight_zero_is_the_base_model_and_weights_change_the_image(tryit, tiny_sd1_dir, sd1_loras):
     lora_a, _ = sd1_loras
     base, zero, low, full, base_again = tryit.compare(gen_request(tiny_sd1_dir), [
