@@ -30,6 +30,7 @@ import importlib.util
 
 from trainer.optim import SCHEDULERS, OptimConfigError, parse_literal_args
 from trainer.optim import rules
+from trainer.optim.lr_lambdas import IGNORES_OPTIONS, SCHEDULES, schedule_options
 from trainer.optim import warmup_steps as trainer_warmup_steps
 from trainer.optim.table import optimizer_facts, optimizer_kind
 from trainer.preflight.registry import CheckContext, preflight_check
@@ -99,8 +100,6 @@ def check_extra_args(ctx: CheckContext):
 @preflight_check("optimizer.scheduler_args")
 def check_scheduler_args(ctx: CheckContext):
     """Options the chosen schedule does not take fail before any loading, not when the scheduler is built."""
-    from trainer.optim.lr_lambdas import IGNORES_OPTIONS, SCHEDULES, schedule_options
-
     name = ctx.settings.lr_scheduler
     if name not in SCHEDULES or name in IGNORES_OPTIONS or (ctx.settings.lr_scheduler_type or "").strip():
         return
