@@ -21,6 +21,7 @@ def _settings(root: Path, **overrides):
         max_resolution="64", enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
         bucket_no_upscale=False, seed=42, prior_loss_weight=0.5, flip_aug=True, color_aug=False, random_crop=False,
         shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+        caption_tag_dropout_rate=0.0,
         max_data_loader_n_workers=0,
     )
     values.update(overrides)
