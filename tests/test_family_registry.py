@@ -6,6 +6,7 @@ the tools name it; unregistered, everything says SD 1.x again.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,8 +25,10 @@ from trainer.preflight import check
 from trainer.settings import TrainingSettings
 from trainer.tools import verify_lora
 
+# its tiny test model: SD1's, narrower, so a folder built from it can only have come from this spec
+TOY_TINY = replace(SD1.tiny, unet={**SD1.tiny.unet, "block_out_channels": [32, 32]})
 TOY = replace(SD1, key="toy1", label="Toy Diffusion 1", short_label="Toy 1", adapter=f"{__name__}:ToyFamily",
-              checkpoint_layout="sd1")
+              checkpoint_layout="sd1", tiny=TOY_TINY)
 
 
 class ToyFamily(SD1Family):
@@ -95,6 +98,19 @@ def test_training_metadata_and_tools_use_the_toy_family(toy, tiny_sd1_dir, image
     assert report.ok and "match Toy 1 model" in report.format()
     unregister_spec(toy.key)
     assert "match SD 1.x model" in verify_lora(saved, tiny_sd1_dir).format()
+    register_spec(toy)
+
+
+def test_devtools_build_the_toy_tiny_model_from_its_spec(toy, tmp_path):
+    from trainer.checkpoints import detect
+    from trainer.devtools.synthetic import build_tiny_pipeline
+
+    folder = build_tiny_pipeline(tmp_path / "toy", family="toy1")
+    assert json.loads((folder / "unet" / "config.json").read_text())["block_out_channels"] == [32, 32]
+    assert spec_for_checkpoint(detect(folder).family) is toy
+    unregister_spec(toy.key)
+    with pytest.raises(ValueError, match="unknown family 'toy1'"):
+        build_tiny_pipeline(tmp_path / "gone", family="toy1")
     register_spec(toy)
 
 

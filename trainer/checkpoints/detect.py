@@ -14,6 +14,7 @@ from trainer.checkpoints.errors import CheckpointError
 from trainer.checkpoints.layouts import LAYOUTS, SD1, SD2, SDXL
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES
 from trainer.checkpoints.reader import TensorSource
+from trainer.families.registry import spec_for_checkpoint
 
 FAMILIES = LAYOUTS
 UNET_PROBE = LDM_PREFIXES["unet"] + "input_blocks.0.0.weight"
@@ -127,8 +128,8 @@ def _v_parameterization(keys: list[str], metadata: dict, family: str | None) -> 
     declared = MODELSPEC_PREDICTION.get(str(metadata.get("modelspec.prediction_type", "")).lower())
     if declared is not None:
         return declared
-    # SD2 512-base (epsilon) and 768-v (v-prediction) have identical tensors.
-    return None if family == SD2 else False
+    # Some families' files do not tell (SD2 512-base and 768-v have identical tensors): their spec says so.
+    return None if family is not None and not spec_for_checkpoint(family).files_tell_prediction else False
 
 
 # ---- diffusers folders -------------------------------------------------------------------

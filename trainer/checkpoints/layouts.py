@@ -1,7 +1,9 @@
-"""The checkpoint layouts detection tells apart, by name. A family's ``FamilySpec.layout`` names the one it loads."""
+"""The checkpoint layouts detection tells apart, named by the family specs that load them (``FamilySpec.layout``)."""
 from __future__ import annotations
 
-SD1 = "sd1"  # CLIP-L text encoder, SD 1.x UNet
-SD2 = "sd2"  # OpenCLIP-H text encoder, linear projections in the UNet
-SDXL = "sdxl"  # two text encoders (CLIP-L, OpenCLIP-bigG), SGM UNet with label embedding
+from trainer.families import stable_diffusion
+
+SD1 = stable_diffusion.SD1.layout  # CLIP-L text encoder, SD 1.x UNet
+SD2 = stable_diffusion.SD2.layout  # OpenCLIP-H text encoder, linear projections in the UNet
+SDXL = stable_diffusion.SDXL.layout  # two text encoders (CLIP-L, OpenCLIP-bigG), SGM UNet with label embedding
 LAYOUTS = (SD1, SD2, SDXL)

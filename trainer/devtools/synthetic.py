@@ -1,11 +1,11 @@
 """Random Stable-Diffusion-shaped models and datasets for tests and benchmarks.
 
-Nothing here downloads anything: architectures come from :mod:`tiny_specs` or
-the shipped config folders, weights are random (seeded), tokenizers are written
-from local vocabulary files.
+Nothing here downloads anything: architectures come from the family specs
+(:mod:`trainer.devtools.tiny_specs`) or the shipped config folders, weights are
+random (seeded), tokenizers are written from local vocabulary files.
 
 * :func:`build_tiny_pipeline` -> a diffusers folder (``size="tiny"`` for tests,
-  ``size="sd15"`` / ``"sdxl"`` for the real SD 1.5 / SDXL base architectures, benchmarks only).
+  a tiny model's ``full_sizes`` for the real SD 1.5 / 2.1 / SDXL base architectures, benchmarks only).
 * :func:`save_single_file` -> the original LDM/SGM single-file layout.
 * :func:`make_image_folder` -> a kohya-style image folder with captions.
 """
@@ -19,41 +19,34 @@ from trainer.checkpoints.clip_vocab import write_tokenizer
 from trainer.checkpoints.shipped import read_component_config, shipped_config_dir, shipped_config_source
 from trainer.devtools.images import add_corrupt_image, add_tiny_image, make_image_folder
 from trainer.devtools.single_file import save_single_file
-from trainer.devtools.tiny_specs import TINY_SPECS
+from trainer.devtools.tiny_specs import TinySpec, tiny_spec
+from trainer.families.stable_diffusion import SD1
 
-__all__ = [
-    "FAMILIES", "build_tiny_pipeline", "save_single_file",
-    "make_image_folder", "add_corrupt_image", "add_tiny_image",
-]
-
-FAMILIES = tuple(TINY_SPECS)
-# size -> family -> shipped config whose full architecture is built with random weights
-FULL_SIZE_CONFIGS = {"sd15": {"sd1": "sd15"}, "sd21": {"sd2v": "sd21"}, "sdxl": {"sdxl": "sdxl_base"}}
+__all__ = ["build_tiny_pipeline", "save_single_file", "make_image_folder", "add_corrupt_image", "add_tiny_image"]
 
 
-def build_tiny_pipeline(out_dir, family: str = "sd1", seed: int = 0, size: str = "tiny") -> Path:
-    """Save a random pipeline of ``family`` ("sd1", "sd2", "sd2v", "sdxl") as a diffusers folder (``size``:
-    "tiny", or a real architecture: "sd15" for sd1, "sd21" for sd2v (768 px v-prediction), "sdxl" for sdxl)."""
-    if family not in TINY_SPECS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+def build_tiny_pipeline(out_dir, family: str = SD1.key, seed: int = 0, size: str = "tiny") -> Path:
+    """Save a random pipeline as a diffusers folder: ``family`` names a tiny model a registered family
+    declares (its key, or a variant such as SD2's 768-v); ``size`` is "tiny", or a real architecture that
+    tiny model lists in ``full_sizes`` (benchmarks only)."""
+    spec = tiny_spec(family)
     out_dir = Path(out_dir)
     if size == "tiny":
-        pipe = _tiny_pipeline(family, seed)
-    elif family in FULL_SIZE_CONFIGS.get(size, {}):
-        pipe = _full_pipeline(FULL_SIZE_CONFIGS[size][family], seed)
+        pipe = _tiny_pipeline(spec, seed)
+    elif size in spec.full_sizes:
+        pipe = _full_pipeline(spec.full_sizes[size], seed)
     else:
         raise ValueError(f"size {size!r} is not available for family {family!r}")
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
-def _tiny_pipeline(family: str, seed: int):
+def _tiny_pipeline(spec: TinySpec, seed: int):
     import diffusers
     import torch
     import transformers
     from transformers import CLIPTokenizer
 
-    spec = TINY_SPECS[family]
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(**spec.unet)
     vae = diffusers.AutoencoderKL(**spec.vae)

@@ -10,6 +10,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from trainer.families.tiny_models import TinySpec
+
 
 @dataclass(frozen=True)
 class DiffusionSchedule:
@@ -54,6 +56,10 @@ class FamilySpec:
     schedule: DiffusionSchedule = field(default_factory=DiffusionSchedule)
     # the checkpoint layout it loads, as trainer.checkpoints.detect reports it; None: its own key
     checkpoint_layout: str | None = None
+    # the tiny random model trainer.devtools builds for tests under this key (None: none), and other
+    # models of the family it builds under their own names (an SD2 v-prediction variant)
+    tiny: TinySpec | None = None
+    tiny_variants: Mapping[str, TinySpec] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -24,31 +24,34 @@ without it, sd-scripts #756).
 """
 from __future__ import annotations
 
-from trainer.checkpoints import layouts
 from trainer.families.spec import FamilySpec
+from trainer.families.tiny_models import TINY_SD1, TINY_SD2, TINY_SD2V, TINY_SDXL
 
-# the built-in families are keyed by the checkpoint layout each loads
+# the built-in families are keyed by the checkpoint layout each loads (trainer.checkpoints.layouts reads it here)
 SD1 = FamilySpec(
-    layouts.SD1, "Stable Diffusion 1.x", "SD 1.x", "trainer.families.sd:SD1Family",
+    "sd1", "Stable Diffusion 1.x", "SD 1.x", "trainer.families.sd:SD1Family",
     flags={"v2": False, "sdxl": False}, selecting_flags=("v2", "sdxl"),
     unet_params=859_520_964, text_encoder_params=(123_060_480,), vae_params=83_653_863,
     unet_lora_per_rank=423_936, unet_conv_per_rank=544_000, text_encoder_lora_per_rank=165_888,
     activations_gib=1.2, checkpointed_activations_gib=0.2, native_resolution=512,
-    conditioning_width=768,    v_prediction_models=False,
+    conditioning_width=768, v_prediction_models=False, tiny=TINY_SD1,
 )
 SD2 = FamilySpec(
-    layouts.SD2, "Stable Diffusion 2.x", "SD 2.x", "trainer.families.sd:SD2Family",
+    "sd2", "Stable Diffusion 2.x", "SD 2.x", "trainer.families.sd:SD2Family",
     flags={"v2": True, "sdxl": False}, selecting_flags=("v2", "sdxl"),
     unet_params=865_910_724, text_encoder_params=(340_387_840,), vae_params=83_653_863,
     unet_lora_per_rank=432_128, unet_conv_per_rank=544_000, text_encoder_lora_per_rank=423_936,
     activations_gib=1.2, checkpointed_activations_gib=0.2, native_resolution=768,
-    conditioning_width=1024, files_tell_prediction=False,)
+    conditioning_width=1024, files_tell_prediction=False,
+    tiny=TINY_SD2, tiny_variants={"sd2v": TINY_SD2V},
+)
 SDXL = FamilySpec(
-    layouts.SDXL, "Stable Diffusion XL", "SDXL", "trainer.families.sdxl:SDXLFamily",
+    "sdxl", "Stable Diffusion XL", "SDXL", "trainer.families.sdxl:SDXLFamily",
     flags={"v2": False, "sdxl": True}, selecting_flags=("sdxl",),
     unet_params=2_567_463_684, text_encoder_params=(123_060_480, 694_659_840), vae_params=83_653_863,
     unet_lora_per_rank=2_659_840, unet_conv_per_rank=355_840, text_encoder_lora_per_rank=903_168,
     activations_gib=1.95, checkpointed_activations_gib=0.26, native_resolution=1024,
-    conditioning_width=2048, sgm_lora_names=True,    te_output_cache_setting="sdxl_cache_text_encoder_outputs", fp16_vae_overflows=True,
+    conditioning_width=2048, sgm_lora_names=True, te_output_cache_setting="sdxl_cache_text_encoder_outputs",
+    fp16_vae_overflows=True, tiny=TINY_SDXL,
 )
 STABLE_DIFFUSION_SPECS = (SD1, SD2, SDXL)

@@ -27,7 +27,7 @@ LR_SCHEDULERS = (
 
 LOCON_TYPES = CONV_LORA_TYPES  # the types that train conv LoRA: trainer.network_spec
 ONLY_LOCON = {"LoRA_type": LOCON_TYPES}
-ONLY_SDXL = {"sdxl": (True,)}
+ONLY_SDXL = {"sdxl": (True,)}  # shown when kohya's SDXL checkbox (the setting field `sdxl`) is ticked
 
 
 class ParameterSettings(BaseModel):
