@@ -19,7 +19,7 @@ from test_train import tiny_settings
 from trainer.families import (SPECS, create_family, family_spec, register_spec, spec_for_checkpoint, spec_for_flags,
                               spec_for_settings, unregister_spec)
 from trainer.families.sd import SD1Family
-from trainer.families.stable_diffusion import SD1
+from trainer.families.stable_diffusion import SD1, SD2
 from trainer.loop import train
 from trainer.preflight import check
 from trainer.settings import TrainingSettings
@@ -112,6 +112,17 @@ def test_devtools_build_the_toy_tiny_model_from_its_spec(toy, tmp_path):
     with pytest.raises(ValueError, match="unknown family 'toy1'"):
         build_tiny_pipeline(tmp_path / "gone", family="toy1")
     register_spec(toy)
+
+
+def test_detection_asks_the_family_whether_its_files_tell_the_prediction(tiny_sd2_file):
+    from trainer.checkpoints import detect
+
+    assert detect(tiny_sd2_file).v_parameterization is None  # SD2's files do not say
+    telling = register_spec(replace(SD2, key="toy2", checkpoint_layout="sd2", files_tell_prediction=True))
+    try:
+        assert detect(tiny_sd2_file).v_parameterization is False
+    finally:
+        unregister_spec(telling.key)
 
 
 def test_family_records_load_without_torch():
