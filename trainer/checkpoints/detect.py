@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.checkpoints.errors import CheckpointError
-from trainer.checkpoints.layouts import LAYOUTS, SD1, SD2, SDXL
+from trainer.checkpoints.layouts import SD1, SD2, SDXL
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES
 from trainer.checkpoints.reader import TensorSource
 from trainer.families.registry import spec_for_checkpoint
 
-FAMILIES = LAYOUTS
 UNET_PROBE = LDM_PREFIXES["unet"] + "input_blocks.0.0.weight"
 
 # Text-encoder prefix in a single file -> family. Checked in order.

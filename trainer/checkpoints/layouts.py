@@ -6,4 +6,3 @@ from trainer.families import stable_diffusion
 SD1 = stable_diffusion.SD1.layout  # CLIP-L text encoder, SD 1.x UNet
 SD2 = stable_diffusion.SD2.layout  # OpenCLIP-H text encoder, linear projections in the UNet
 SDXL = stable_diffusion.SDXL.layout  # two text encoders (CLIP-L, OpenCLIP-bigG), SGM UNet with label embedding
-LAYOUTS = (SD1, SD2, SDXL)

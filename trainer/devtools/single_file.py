@@ -11,18 +11,18 @@ import json
 from pathlib import Path
 
 from trainer.checkpoints.clip_vocab import REAL_VOCAB_SIZE
+from trainer.checkpoints.detect import detect_diffusers_folder
 from trainer.checkpoints.infer import SIDECAR_SUFFIX
-from trainer.checkpoints.layouts import SD1, SD2, SDXL
+from trainer.checkpoints.layouts import SD2
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES, SINGLE_FILE_LAYOUTS, to_ldm
-
-# OpenCLIP's activation; OpenAI CLIP (SD1, SDXL's first encoder) uses quick_gelu.
-OPENCLIP_ACTIVATION = "gelu"
 
 
 def save_single_file(pipeline_dir, out_path, dtype=None) -> Path:
     """Write the pipeline in ``pipeline_dir`` as one LDM/SGM-layout checkpoint file."""
     pipeline_dir, out_path = Path(pipeline_dir), Path(out_path)
-    family = pipeline_layout(pipeline_dir)
+    family = detect_diffusers_folder(pipeline_dir).family  # the single-file layout it maps to
+    if family is None:
+        raise ValueError(f"{pipeline_dir} is not a Stable Diffusion pipeline folder")
     weights = {name: read_component_weights(pipeline_dir / name) for name in SINGLE_FILE_LAYOUTS[family]}
     state_dict = single_file_state_dict(weights, family)
     if dtype is not None:
@@ -42,15 +42,6 @@ def single_file_state_dict(weights: dict[str, dict], family: str) -> dict:
     for add_tensors in EXTRA_TENSORS.get(family, ()):
         state_dict.update(add_tensors(state_dict))
     return state_dict
-
-
-def pipeline_layout(pipeline_dir: Path) -> str:
-    """Which single-file layout (trainer.checkpoints.layouts) this diffusers folder maps to."""
-    index = json.loads((pipeline_dir / "model_index.json").read_text())
-    if "text_encoder_2" in index:
-        return SDXL
-    te_config = json.loads((pipeline_dir / "text_encoder" / "config.json").read_text())
-    return SD2 if te_config.get("hidden_act") == OPENCLIP_ACTIVATION else SD1
 
 
 def read_component_weights(folder: Path) -> dict:
