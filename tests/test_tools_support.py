@@ -42,10 +42,11 @@ def adapter(parts):
 
 def random_lora(folder, model_dir, name, *, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, seed=0, std=0.05,
                 roles=("unet", "textencoder"), metadata=None):
-    """Save a LoRA with random non-zero up weights for the model in ``model_dir``; built once per session."""
+    """Save a LoRA with random non-zero up weights for the model in ``model_dir``; built once per session and
+    folder (a test that writes next to its input must get a file in its own folder)."""
     from trainer.saving import save_lora_file
 
-    key = ("lora", str(model_dir), name, rank, alpha, conv_rank, conv_alpha, seed, std, roles,
+    key = ("lora", str(folder), str(model_dir), name, rank, alpha, conv_rank, conv_alpha, seed, std, roles,
            tuple(sorted((metadata or {}).items())))
     if key in _CACHE:
         return _CACHE[key]
