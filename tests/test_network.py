@@ -258,3 +258,33 @@ def test_rows_fast_path_adds_the_scaled_update():
         x @ module.lora_down.weight.T @ module.lora_up.weight.T) * (0.7 * 1 / 4)
     torch.testing.assert_close(root.block.linear(x), expected)
     torch.testing.assert_close(root.block.linear(x.reshape(2, 5, 8)), expected.reshape(2, 5, 6))
+
+
+def test_init_and_dropouts_draw_from_the_given_generators_not_the_global_rng():
+    """A run's network: its initial weights and every dropout (network, rank, module) come from its own
+    generators, so draws on another thread cannot change them, and the global RNG is left as it was."""
+    def run(scramble: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        root = block_root(linear=torch.nn.Linear(8, 8))  # the same base layer each time
+        torch.manual_seed(scramble)
+        before = torch.get_rng_state()
+        spec = NetworkSpec(rank=4, dropout=0.3, rank_dropout=0.3, module_dropout=0.3)
+        net = LoRANetwork.build([LoraTarget("lora_x", root, ("Block",), Role.UNET)], spec,
+                                torch.Generator().manual_seed(5))
+        net.set_dropout_generator(torch.Generator().manual_seed(6))
+        net.apply_to()
+        torch.nn.init.constant_(net.lora_modules()[0].lora_up.weight, 0.5)
+        net.train()
+        outputs = []
+        for _ in range(8):
+            net.next_dropout_draws()
+            outputs.append(root.block.linear(torch.ones(2, 8)))
+            # gradient checkpointing runs the block again in backward: the same batch, the same masks
+            assert torch.equal(root.block.linear(torch.ones(2, 8)), outputs[-1])
+        assert torch.equal(torch.get_rng_state(), before)
+        return net.lora_modules()[0].lora_down.weight.detach().clone(), torch.stack(outputs)
+
+    down_a, out_a = run(scramble=1)
+    down_b, out_b = run(scramble=2)
+    assert torch.equal(down_a, down_b) and torch.equal(out_a, out_b)
+    assert len({tuple(o.flatten().tolist()) for o in out_a}) > 1  # the dropouts do draw

@@ -115,7 +115,7 @@ class _Run:
         self.noise_config = NoiseConfig.from_settings(s)
         self.noise = self.noise_factory(self.noise_config, self.generator, self.seed)
         self.lrs = learning_rates(s)
-        self.network, self.train_te = build_lora(plan, self.family, self.lrs, self.precision, self.log)
+        self.network, self.train_te = build_lora(plan, self.family, self.lrs, self.precision, self.seed, self.log)
         self.stepper = build_stepper(plan, self.network, self.lrs, self.precision, self.log)
         self.image_policy, self.nan_guard = BadImagePolicy(s.bad_image_policy), NanGuard(s.nan_loss_policy, settings=s)
         self.latents, self.dataset, self.prompts = prepare_inputs(plan, self.family, self.train_te, self.precision,
@@ -182,6 +182,7 @@ class _Run:
     def _train_step(self, batch) -> float:
         s, family, schedule = self.settings, self.family, self.schedule
         self.network.set_batch_size(len(batch))  # rank dropout masks per sample
+        self.network.next_dropout_draws()
         with self.precision.autocast():
             latents = self._latents(batch)
             cond = self.prompts(batch.captions, self.train_te)
@@ -276,7 +277,7 @@ class _Run:
     def _save_state(self, folder: str, next_epoch: bool = False) -> None:
         epoch, batches = (self.epoch + 1, 0) if next_epoch else (self.epoch, self.batches_done)
         save_state(folder, self.network.lora_state_dict(torch.float32), self.stepper.state_dict(),
-                   rng_state(self.generator), Position(self.step, epoch, batches, self.seed))
+                   rng_state(self.generator, self.network.dropout_generator), Position(self.step, epoch, batches, self.seed))
         self._saved(folder, "state", self.step, self.epoch)
 
     def _saved(self, path: str, kind: str, step: int, epoch: int) -> None:

@@ -21,7 +21,7 @@ from trainer.optim.stepper import OptimizerStepper
 from trainer.preflight import check
 from trainer.run_errors import TrainingError
 from trainer.run_plan import RunPlan
-from trainer.state import restore_rng
+from trainer.state import network_generator, restore_rng
 from trainer.state_folder import load_state, recover_interrupted_saves
 
 Log = Callable[..., None]
@@ -61,13 +61,12 @@ def load_resume(resume: str) -> Any:
 
 
 def pick_seed(settings: Any, resume: Any, log: Log) -> int:
-    """The resumed run's seed, else the settings' one; 0 means a random one (said in the log)."""
+    """The resumed run's seed, else the settings' one; 0 means a random one (said in the log). Nothing global
+    is seeded: the run's generators are seeded from it."""
     seed = (resume.position.seed if resume else 0) or int(settings.seed or 0)
     if not seed:
         seed = random.SystemRandom().randint(1, 2**31 - 1)
         log(f"seed 0 means random: this run uses seed {seed}")
-    random.seed(seed)
-    torch.manual_seed(seed)
     return seed
 
 
@@ -76,8 +75,10 @@ def resume_from(state: Any, network: Any, stepper: OptimizerStepper, generator: 
     """Load a saved state into the run; returns where it goes on: (step, epoch, batches done in that epoch)."""
     network.load_lora_state_dict(state.lora_tensors)
     stepper.load_state_dict(state.stepper_state)
-    restore_rng(state.rng, generator)
     position = state.position
+    note = restore_rng(state.rng, generator, network.dropout_generator, position.seed, position.step)
+    if note:
+        log(note, "warning")
     log(f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batches_done})")
     return position.step, position.epoch, position.batches_done
 
@@ -89,12 +90,15 @@ def load_model(settings: Any, precision: Precision, log: Log) -> Any:
     return family
 
 
-def build_lora(plan: RunPlan, family: Any, lrs: dict[Role, float], precision: Precision, log: Log) -> tuple[Any, bool]:
-    """The LoRA network hooked into the model, ready to train; and whether it trains the text encoder."""
+def build_lora(plan: RunPlan, family: Any, lrs: dict[Role, float], precision: Precision, seed: int,
+               log: Log) -> tuple[Any, bool]:
+    """The LoRA network hooked into the model, ready to train; and whether it trains the text encoder. Its
+    initial weights and its dropouts draw from generators seeded from ``seed`` (no global RNG)."""
     s = plan.settings
-    network = build_network(plan.network, s, family, lrs, log)
+    network = build_network(plan.network, s, family, lrs, log, torch.Generator().manual_seed(seed))
     train_te = bool(network.lora_modules(Role.TEXT_ENCODER))
     network.to(precision.device, dtype=precision.network_dtype)
+    network.set_dropout_generator(network_generator(seed))
     network.apply_to()
     network.train()
     if s.gradient_checkpointing:

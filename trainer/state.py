@@ -4,7 +4,6 @@ State folders (``--save_state``), and the ``Position`` they hold: :mod:`trainer.
 """
 from __future__ import annotations
 
-import random
 import time
 from collections import deque
 from typing import Any
@@ -78,25 +77,31 @@ def memory_snapshot(device: torch.device) -> Memory:
 
 
 # -- RNG ---------------------------------------------------------------------------------------
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "generator": generator.get_state(),
-        "generator_device": str(generator.device),
+# A run draws only from its own generators (never the process-wide RNGs another thread may use): the data
+# and noise generator, and the network's dropout generator. The state folder keeps both states.
+NETWORK_SEED_OFFSET = 1  # the dropout generator's seed is the run's seed + this (not the noise stream again)
+
+
+def network_generator(seed: int) -> torch.Generator:
+    """The run's dropout generator (CPU: it draws one seed per batch; the masks are made on the device)."""
+    return torch.Generator().manual_seed(seed + NETWORK_SEED_OFFSET)
+
+
+def rng_state(generator: torch.Generator, dropout_generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "generator": generator.get_state(), "generator_device": str(generator.device),
+        "network_generator": dropout_generator.get_state(), "network_generator_device": str(dropout_generator.device),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
-def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
+def restore_rng(state: dict[str, Any], generator: torch.Generator, dropout_generator: torch.Generator,
+                seed: int, step: int) -> str | None:
+    """Put the saved generator states back; returns a note when the folder is older than the dropout
+    generator (it held the global RNG states): that generator is then seeded from the seed and step."""
     generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+    if "network_generator" in state:
+        dropout_generator.set_state(state["network_generator"])
+        return None
+    dropout_generator.manual_seed(seed + NETWORK_SEED_OFFSET + step)
+    return ("this state folder was saved by an older Nekoya (global random states): the resumed run goes on "
+            "with the same data and noise, but its dropout randomness is not restored bit-exactly")

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from .network import LoRANetwork, NetworkConfigError, NetworkSpec
 from .targets import Role
 from .weights import ranks_and_alphas, read_lora_file
@@ -16,8 +18,10 @@ def learning_rates(settings: Any) -> dict[Role, float]:
     return {Role.UNET: float(unet_lr or 0.0), Role.TEXT_ENCODER: float(te_lr or 0.0)}
 
 
-def build_network(spec: NetworkSpec, settings: Any, family: Any, lrs: dict[Role, float], log) -> LoRANetwork:
-    """The run's LoRA, from its plan's spec (ranks from the weights file instead with dim_from_weights)."""
+def build_network(spec: NetworkSpec, settings: Any, family: Any, lrs: dict[Role, float], log,
+                  init_generator: torch.Generator | None = None) -> LoRANetwork:
+    """The run's LoRA, from its plan's spec (ranks from the weights file instead with dim_from_weights);
+    ``init_generator`` draws its initial weights."""
     weights = None
     if settings.network_weights:
         weights = read_lora_file(settings.network_weights)
@@ -27,7 +31,7 @@ def build_network(spec: NetworkSpec, settings: Any, family: Any, lrs: dict[Role,
     targets = [t for t in family.lora_targets() if lrs.get(t.role, 0.0) > 0]
     if not targets:
         raise NetworkConfigError("every learning rate is 0: nothing to train", "learning_rate")
-    network = LoRANetwork.build(targets, spec)
+    network = LoRANetwork.build(targets, spec, init_generator)
     if not network.lora_modules():
         raise NetworkConfigError(f"{settings.network_weights} has no module for this model", "network_weights")
     if weights is not None:

@@ -6,10 +6,33 @@ the base model's module tree (and its state dict) stays exactly as it was.
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
+
+
+class DropoutDraws:
+    """A run's dropout randomness. Each batch takes one seed from the run's (CPU) generator, and a module's
+    draws in that batch are a function of that seed and the module's key: a block that gradient
+    checkpointing runs again in backward draws the same masks (checkpointing restores only the global RNG)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.batch_seed = 0
+
+    def next_batch(self) -> None:
+        self.batch_seed = int(torch.randint(2**62, (1,), generator=self.generator).item())
+
+    def seed_for(self, key: int) -> int:
+        return (self.batch_seed + key * 0x9E3779B97F4A7C15) % 2**63
+
+
+def _module_draw(seed: int | None) -> float:
+    """The module-dropout draw: a CPU number (no device sync), from the batch's seed when there is one."""
+    return random.Random(seed).random() if seed is not None else torch.rand(1).item()
 
 
 class LoRAModule(nn.Module):
@@ -24,23 +47,26 @@ class LoRAModule(nn.Module):
         dropout: float = 0.0,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
+        init_generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.lora_name = lora_name
         self.rank = int(rank)
+        # skip_init: the layers' default init would draw from the global RNG; both are initialised below
         if isinstance(org_module, nn.Conv2d):
-            self.lora_down = nn.Conv2d(
-                org_module.in_channels, self.rank, org_module.kernel_size, org_module.stride, org_module.padding, bias=False
+            self.lora_down = skip_init(
+                nn.Conv2d, org_module.in_channels, self.rank, org_module.kernel_size, org_module.stride,
+                org_module.padding, bias=False,
             )
-            self.lora_up = nn.Conv2d(self.rank, org_module.out_channels, (1, 1), (1, 1), bias=False)
+            self.lora_up = skip_init(nn.Conv2d, self.rank, org_module.out_channels, (1, 1), (1, 1), bias=False)
         else:
-            self.lora_down = nn.Linear(org_module.in_features, self.rank, bias=False)
-            self.lora_up = nn.Linear(self.rank, org_module.out_features, bias=False)
+            self.lora_down = skip_init(nn.Linear, org_module.in_features, self.rank, bias=False)
+            self.lora_up = skip_init(nn.Linear, self.rank, org_module.out_features, bias=False)
         # alpha 0 / None means "no scaling", i.e. alpha = rank (sd-scripts' rule).
         alpha = float(alpha) if alpha else float(self.rank)
         self.scale = alpha / self.rank
         self.register_buffer("alpha", torch.tensor(alpha))  # 0-d, saved as <name>.alpha
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=init_generator)
         nn.init.zeros_(self.lora_up.weight)
         self.multiplier = 1.0
         self.dropout = dropout
@@ -53,6 +79,11 @@ class LoRAModule(nn.Module):
         # samples in the current batch, shared by the network's modules (LoRANetwork.set_batch_size): the lean
         # models feed their Linears tokens as rows (batch * tokens, features), and rank dropout masks per sample
         self.batch_size_ref = [1]
+        # the run's dropout draws and this module's key in them (LoRANetwork.set_dropout_generator); None: the
+        # global RNG (networks built outside a run). A run never draws from the process-wide RNG.
+        self.draws: DropoutDraws | None = None
+        self.draw_key = 0
+        self._mask_generator: torch.Generator | None = None
 
     @property
     def org_module(self) -> nn.Module:
@@ -80,21 +111,24 @@ class LoRAModule(nn.Module):
         return torch.add(out, self.lora_up(self.lora_down(x)), alpha=self.multiplier * self.scale)
 
     def _forward_with_dropouts(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.module_dropout and torch.rand(1).item() < self.module_dropout:
+        seed = self.draws.seed_for(self.draw_key) if self.draws is not None else None
+        if self.module_dropout and _module_draw(seed) < self.module_dropout:
             return out
+        generator = self._generator_for(x.device, seed)
         lx = self.lora_down(x)
         scale = self.scale
-        if self.dropout:
-            lx = F.dropout(lx, p=self.dropout)
+        if self.dropout:  # F.dropout cannot take a generator: the same rule, written with one
+            keep = torch.rand(lx.shape, generator=generator, device=lx.device) >= self.dropout
+            lx = lx * keep.to(lx.dtype) / (1.0 - self.dropout)
         if self.rank_dropout:
-            lx = lx * self._rank_mask(lx)
+            lx = lx * self._rank_mask(lx, generator)
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
         return torch.add(out, self.lora_up(lx), alpha=self.multiplier * scale)
 
-    def _rank_mask(self, lx: torch.Tensor) -> torch.Tensor:
+    def _rank_mask(self, lx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Per-sample, per-rank keep mask shaped to broadcast over tokens or pixels (sd-scripts' rule)."""
         samples = self.batch_size_ref[0] if lx.dim() == 2 and lx.size(0) % self.batch_size_ref[0] == 0 else lx.size(0)
-        mask = torch.rand((samples, self.rank), device=lx.device) > self.rank_dropout
+        mask = torch.rand((samples, self.rank), generator=generator, device=lx.device) > self.rank_dropout
         if lx.dim() == 2 and samples != lx.size(0):  # tokens as rows: each sample's rows share its mask
             mask = mask.repeat_interleave(lx.size(0) // samples, dim=0)
         elif lx.dim() == 3:  # (batch, tokens, rank)
@@ -102,6 +136,14 @@ class LoRAModule(nn.Module):
         elif lx.dim() == 4:  # (batch, rank, h, w)
             mask = mask[:, :, None, None]
         return mask.to(lx.dtype)
+
+    def _generator_for(self, device: torch.device, seed: int | None) -> torch.Generator | None:
+        """This module's mask generator on ``device``, seeded for this batch (None: the global RNG)."""
+        if seed is None:
+            return None
+        if self._mask_generator is None or self._mask_generator.device != device:
+            self._mask_generator = torch.Generator(device=device)
+        return self._mask_generator.manual_seed(seed)
 
     def delta_weight(self) -> torch.Tensor:
         """The weight change this module adds to its base layer (for tests and merges)."""

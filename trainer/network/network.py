@@ -13,12 +13,13 @@ from torch import nn
 
 from trainer.network_spec import NETWORK_TYPES, NetworkConfigError, NetworkSpec  # noqa: F401 (their home before)
 
-from .module import LoRAModule
+from .module import DropoutDraws, LoRAModule
 from .targets import LoraTarget, Role, TargetLayer, find_target_layers
 
 
 class LoRANetwork(nn.Module):
-    def __init__(self, layers: Iterable[TargetLayer], spec: NetworkSpec) -> None:
+    def __init__(self, layers: Iterable[TargetLayer], spec: NetworkSpec,
+                 init_generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.roles: dict[str, Role] = {}
         for layer in layers:
@@ -26,19 +27,23 @@ class LoRANetwork(nn.Module):
             if rank <= 0:
                 continue
             module = LoRAModule(
-                layer.lora_name, layer.module, rank, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout
+                layer.lora_name, layer.module, rank, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout,
+                init_generator,
             )
             self.add_module(layer.lora_name, module)
             self.roles[layer.lora_name] = layer.role
+        self.dropout_draws: DropoutDraws | None = None
         self._batch_size = [1]  # one list shared by every module (see LoRAModule.batch_size_ref)
         for module in self.lora_modules():
             module.batch_size_ref = self._batch_size
 
     @classmethod
-    def build(cls, targets: Iterable[LoraTarget], spec: NetworkSpec) -> "LoRANetwork":
+    def build(cls, targets: Iterable[LoraTarget], spec: NetworkSpec,
+              init_generator: torch.Generator | None = None) -> "LoRANetwork":
+        """``init_generator`` draws the initial down weights (the global RNG when None)."""
         with_conv = spec.conv_rank > 0 or spec.module_ranks is not None
         layers = [layer for target in targets for layer in find_target_layers(target, with_conv)]
-        return cls(layers, spec)
+        return cls(layers, spec, init_generator)
 
     # -- wiring ---------------------------------------------------------------
     def lora_modules(self, role: Role | None = None) -> list[LoRAModule]:
@@ -56,6 +61,22 @@ class LoRANetwork(nn.Module):
         """Samples in the batch about to run: rank dropout draws one mask per sample even where the lean
         models pass tokens as rows (batch * tokens, features)."""
         self._batch_size[0] = max(1, int(samples))
+
+    def set_dropout_generator(self, generator: torch.Generator) -> None:
+        """The (CPU) generator the dropouts draw from, instead of the global RNG; draws change with each
+        ``next_dropout_draws``."""
+        self.dropout_draws = DropoutDraws(generator)
+        for key, module in enumerate(self.lora_modules()):
+            module.draws, module.draw_key = self.dropout_draws, key
+
+    @property
+    def dropout_generator(self) -> torch.Generator | None:
+        return self.dropout_draws.generator if self.dropout_draws is not None else None
+
+    def next_dropout_draws(self) -> None:
+        """A new batch: new dropout masks (the same ones again when a checkpointed block recomputes)."""
+        if self.dropout_draws is not None:
+            self.dropout_draws.next_batch()
 
     def set_multiplier(self, multiplier: float) -> None:
         for module in self.lora_modules():
