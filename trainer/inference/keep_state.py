@@ -1,18 +1,17 @@
 """Generate images in the middle of training and leave the training exactly as it was.
 
-Everything sampling could disturb is put back afterwards: the global RNGs (torch
-CPU and CUDA, Python, NumPy: data order, dropout and noise draws must continue
-the same sequence), every module's train/eval mode, and where the VAE and text
-encoders live (the trainer moves them to the CPU once latents or text-encoder
-outputs are cached; sampling needs them on the device for a moment).
+Everything sampling could disturb is put back afterwards: every module's train/eval
+mode, and where the VAE and text encoders live (the trainer moves them to the CPU
+once latents or text-encoder outputs are cached; sampling needs them on the device
+for a moment). The global RNGs are not touched: a run draws only from its own
+generators, and sampling from its seed's, so there is nothing of the run's there to
+put back (and winding them back would undo other threads' draws).
 """
 from __future__ import annotations
 
 import contextlib
-import random
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +20,6 @@ from torch import nn
 def training_state_kept(eval_roots: Sequence[nn.Module], needed: Sequence[nn.Module],
                         device: torch.device) -> Iterator[None]:
     """Inside: ``eval_roots`` in eval mode, ``needed`` on ``device``, no autograd. After: all as before."""
-    rng = _capture_rng()
     modes = [(module, module.training) for root in eval_roots for module in root.modules()]
     moved: list[tuple[nn.Module, torch.device]] = []
     try:
@@ -41,22 +39,6 @@ def training_state_kept(eval_roots: Sequence[nn.Module], needed: Sequence[nn.Mod
             module.training = training
         if moved and device.type == "cuda":
             torch.cuda.empty_cache()  # give the freed memory back to training
-        _restore_rng(rng)
-
-
-def _capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
