@@ -73,6 +73,7 @@ def assert_uncovered(page, selector: str) -> None:
 
 def assert_drawn_at_own_size_in_view(img, gallery) -> None:
     """A 64 px sample in a wider cell: drawn at 64 px (scale-down), its middle inside the gallery's visible box."""
+    img.page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle())  # decoded
     natural, width, fit = img.evaluate("img => [img.naturalWidth, img.width, getComputedStyle(img).objectFit]")
     assert natural == 64 and width > 64 and fit == "scale-down", (natural, width, fit)
     cell, frame = img.bounding_box(), gallery.bounding_box()
@@ -95,9 +96,23 @@ def log_rows(page) -> dict:
     }""")
 
 
+@pytest.fixture
+def idle_app(app):
+    """The shared app with no run going, before and after the test (a failed test must not leave its run to the next)."""
+    _stop_any_run(app[1])
+    yield app
+    _stop_any_run(app[1])
+
+
+def _stop_any_run(runs) -> None:
+    if runs.busy:
+        runs.stop()
+        assert runs.wait(120)
+
+
 @pytest.mark.parametrize("size", SIZES)
-def test_the_run_column_keeps_the_plan_and_then_the_live_run_in_the_window(size, app, browser, tiny_sd1_dir, image_folder, tmp_path):
-    url, runs = app
+def test_the_run_column_keeps_the_plan_and_then_the_live_run_in_the_window(size, idle_app, browser, tiny_sd1_dir, image_folder, tmp_path):
+    url, runs = idle_app
     page = browser.new_page(viewport=SIZES[size])
     page.set_default_timeout(20_000)
     open_app(page, url)
