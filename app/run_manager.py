@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 TrainFn = Callable[[Any, Callable[[Any], None], Control], Any]
 LOG_LINES = 300
 ACTIVE = ("starting", "running", "stopping")
+STOPPING_MESSAGE = "Stopping after the current step; the LoRA trained so far is saved."
 # Loggers that do not propagate to the root logger (the libraries set propagate=False once imported).
 LIBRARY_LOGGERS = ("", "diffusers", "transformers")
 
@@ -220,7 +221,7 @@ class RunManager:
                 return "No training is running."
             self._control.request_stop()
             self._state.set_status("stopping", "Stop requested: the trainer saves what it has after this step.")
-        return "Stopping after the current step; the LoRA trained so far is saved."
+        return STOPPING_MESSAGE
 
     def request_save(self) -> str:
         return self._request(lambda c: c.request_save(), "The trainer saves the LoRA after the current step.")

@@ -18,7 +18,7 @@ from .binding import SettingsForm
 from .checks import check_form
 from .live_panel import final_message, render_live, render_run_output, sample_gallery
 from .plan_panel import plan_html, render_check, render_problems
-from .run_manager import RunManager, RunSnapshot
+from .run_manager import STOPPING_MESSAGE, RunManager, RunSnapshot
 
 POLL_SECONDS = 1.0
 # (run id, snapshot version, sample count, active) that a page shows; run id -1: nothing shown yet
@@ -111,15 +111,17 @@ class PageRefresh:
     shown: Shown
 
 
-def refresh(snap: RunSnapshot, last: Shown) -> PageRefresh:
-    """One poll of a page that shows ``last``: what to redraw."""
+def refresh(snap: RunSnapshot, last: Shown, page_message: str | None = None) -> PageRefresh:
+    """One poll of a page that shows ``last`` (and ``page_message`` above the run): what to redraw."""
     run_id, version, samples, was_active = last
     new_run = snap.run_id != run_id
     changed = new_run or snap.version != version
     first = run_id == NOTHING_SHOWN[0]
     # A run this page saw going (or one that began and ended between two polls) has ended.
     ended = not first and not snap.active and snap.run_id > 0 and (was_active or new_run)
-    ending = final_message(snap) if ended else None
+    # Stop's reply can reach the page after the poll that announced the end and cover it: announce it again
+    covered = bool(page_message) and STOPPING_MESSAGE in page_message and not snap.active and snap.run_id > 0
+    ending = final_message(snap) if ended or covered else None
     return PageRefresh(
         live=render_live(snap) if changed or snap.active else None,  # the elapsed time moves every poll
         output=render_run_output(snap) if changed else None,
@@ -163,9 +165,9 @@ def wire_run_column(demo: gr.Blocks, form: SettingsForm, runs: RunManager, colum
 
     c.save_kept.click(on_save_kept, inputs=c.save_kept_path, outputs=[c.message, c.save_kept_row], show_progress="hidden")
 
-    def tick(last):
+    def tick(last, page_message):
         snap = runs.snapshot()
-        r = refresh(snap, tuple(last))
+        r = refresh(snap, tuple(last), page_message)
         gallery = gr.update(value=sample_gallery(snap), visible=bool(snap.samples)) if r.samples_changed else gr.skip()
         start = gr.skip() if r.start_enabled is None else gr.update(interactive=r.start_enabled)
         kept = gr.skip() if r.save_kept_visible is None else gr.update(visible=r.save_kept_visible)
@@ -173,8 +175,8 @@ def wire_run_column(demo: gr.Blocks, form: SettingsForm, runs: RunManager, colum
 
     outputs = [c.live, c.output, c.gallery, c.start, c.message, c.save_kept_row, c.shown]
     timer = gr.Timer(POLL_SECONDS)
-    timer.tick(tick, inputs=c.shown, outputs=outputs, show_progress="hidden", queue=True)
-    demo.load(tick, inputs=c.shown, outputs=outputs, show_progress="hidden")
+    timer.tick(tick, inputs=[c.shown, c.message], outputs=outputs, show_progress="hidden", queue=True)
+    demo.load(tick, inputs=[c.shown, c.message], outputs=outputs, show_progress="hidden")
 
 
 def _or_skip(value):

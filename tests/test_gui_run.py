@@ -13,7 +13,7 @@ import pytest
 from app.live_panel import (LOG_TAIL, format_duration, loss_chart_svg, memory_cell, render_live, render_run_output,
                             sample_gallery)
 from app.run_manager import RunManager, RunSnapshot
-from app.run_panel import NOTHING_SHOWN, refresh, start_request
+from app.run_panel import NOTHING_SHOWN, message_html, refresh, start_request
 from trainer.events import EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
 
 SETTINGS = SimpleNamespace(output_name="unit")
@@ -252,6 +252,23 @@ def test_a_run_that_ended_between_two_polls_still_replaces_the_message():
     assert ended.start_enabled is True  # greyed by the click, never seen going: Start comes back all the same
     reopened = refresh(runs.snapshot(), NOTHING_SHOWN)  # a page opened after the run: nothing to announce
     assert reopened.message is None and reopened.start_enabled is True
+
+
+def test_a_stop_reply_that_lands_after_the_end_is_replaced_by_how_the_run_ended():
+    gate = threading.Event()
+    runs = RunManager(scripted_trainer(total=50, gate=gate))
+    runs.start(SETTINGS)
+    wait_until(lambda: runs.snapshot().status == "running")
+    going = refresh(runs.snapshot(), NOTHING_SHOWN)
+    stop_reply = message_html(runs.stop())
+    gate.set()
+    assert runs.wait(10)
+    announced = refresh(runs.snapshot(), going.shown)
+    assert "Stopped at step" in announced.message
+    # the page then applied Stop's reply over it: the next poll announces the end again, once
+    again = refresh(runs.snapshot(), announced.shown, stop_reply)
+    assert "Stopped at step" in again.message
+    assert refresh(runs.snapshot(), again.shown, again.message).message is None
 
 
 def test_stopped_and_failed_runs_end_with_their_own_message():
