@@ -254,7 +254,8 @@ def test_a_run_that_ended_between_two_polls_still_replaces_the_message():
     assert reopened.message is None and reopened.start_enabled is True
 
 
-def test_a_stop_reply_that_lands_after_the_end_is_replaced_by_how_the_run_ended():
+def stopped_run():
+    """A run a page saw going, then stopped: (the manager, what the page showed, Stop's reply)."""
     gate = threading.Event()
     runs = RunManager(scripted_trainer(total=50, gate=gate))
     runs.start(SETTINGS)
@@ -263,6 +264,11 @@ def test_a_stop_reply_that_lands_after_the_end_is_replaced_by_how_the_run_ended(
     stop_reply = message_html(runs.stop())
     gate.set()
     assert runs.wait(10)
+    return runs, going, stop_reply
+
+
+def test_a_stop_reply_that_lands_after_the_end_is_replaced_by_how_the_run_ended():
+    runs, going, stop_reply = stopped_run()
     announced = refresh(runs.snapshot(), going.shown)
     assert "Stopped at step" in announced.message
     # the page then applied Stop's reply over it: the next poll announces the end again, once
@@ -272,14 +278,7 @@ def test_a_stop_reply_that_lands_after_the_end_is_replaced_by_how_the_run_ended(
 
 
 def test_stopped_and_failed_runs_end_with_their_own_message():
-    gate = threading.Event()
-    runs = RunManager(scripted_trainer(total=50, gate=gate))
-    runs.start(SETTINGS)
-    wait_until(lambda: runs.snapshot().status == "running")
-    going = refresh(runs.snapshot(), NOTHING_SHOWN)
-    runs.stop()
-    gate.set()
-    assert runs.wait(10)
+    runs, going, _ = stopped_run()
     stopped = refresh(runs.snapshot(), going.shown).message
     assert re.search(r"Stopped at step \d+ / 50\. Saved unit-step\d+\.safetensors\.", stopped) and "nk-run-info" in stopped
 
