@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from test_preflight_support import big_cpu, gpu, problems, settings
 from trainer.preflight import check
 from trainer.preflight import device as device_module
-from trainer.preflight import output as output_module
+from trainer import safety
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +227,7 @@ def test_existing_output_would_be_overwritten(run, tmp_path):
 
 def test_not_enough_disk_space(run, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(output_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
     [error] = problems(run()[1], "error", "output_dir")
     assert "free" in error.message
 

@@ -11,6 +11,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainer.safety import pid_alive
+
 from .layout import DatasetPrepError
 
 LOCK_NAME = ".nekoya-prepare.lock"
@@ -69,13 +71,11 @@ def _busy(lock: Path, pid: int) -> str:
 
 def _holder(lock: Path) -> int | None:
     """The live process holding ``lock``, or None when the lock is stale (its process is gone)."""
-    import psutil
-
     try:
         pid = int(lock.read_text().strip())
     except (OSError, ValueError):
         return None  # unreadable or half-written by a process that died at once
-    return pid if pid != os.getpid() and psutil.pid_exists(pid) else None  # this process's threads: _held_here
+    return pid if pid != os.getpid() and pid_alive(pid) else None  # this process's threads: _held_here
 
 
 def _release(lock: Path) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
+from trainer.safety import free_bytes
 
 FILE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
 # Refused by Windows, macOS or Linux in a file name (plus control characters).
@@ -121,12 +121,9 @@ def check_disk_space(ctx: CheckContext):
     folder = Path(s.output_dir.strip()).expanduser() if s.output_dir.strip() else None
     if folder is None or writable_problem(folder):
         return
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
     need = expected_output_bytes(s, ctx.memory.trainable_params, ctx.plan.epochs if ctx.plan else s.epoch)
-    free = shutil.disk_usage(existing).free
-    if need > free:
+    free = free_bytes(folder)
+    if free is not None and need > free:
         yield Problem("error", "output_dir", f"the saves need about {need / GIB:.2f} GiB but only {free / GIB:.2f} GiB "
                       f"is free on the drive of {folder}", fix="free some space, save less often, or save to another drive",
                       file=str(folder))
