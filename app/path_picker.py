@@ -173,7 +173,7 @@ def _wire_picker(p: PathPicker, typed: list[gr.Textbox]) -> None:
 
     def show(listing: Listing, roots: Sequence[Path]):
         return [gr.update(visible=True), gr.update(value=listing.folder, choices=[str(r) for r in roots]),
-                gr.update(choices=listing.entries, value=""), _note(listing.message)]
+                gr.update(choices=listing.entries, value=""), note_html(listing.message)]
 
     def opened(value, *typed_values):
         roots = browse_roots(typed_values)
@@ -188,7 +188,7 @@ def _wire_picker(p: PathPicker, typed: list[gr.Textbox]) -> None:
         real = allowed(selected, roots) if selected else None
         if real is not None and real.is_dir():
             return show(list_folder(str(real), p.kind, roots), roots)
-        return [gr.skip(), gr.skip(), gr.skip(), _note(f"Selected {Path(selected).name}: press Choose" if real else "")]
+        return [gr.skip(), gr.skip(), gr.skip(), note_html(f"Selected {Path(selected).name}: press Choose" if real else "")]
 
     def went_up(folder, *typed_values):
         roots = browse_roots(typed_values)
@@ -197,7 +197,7 @@ def _wire_picker(p: PathPicker, typed: list[gr.Textbox]) -> None:
     def chosen(folder, selected, *typed_values):
         value, message = choose(folder, selected, p.kind, browse_roots(typed_values))
         if value is None:
-            return [gr.skip(), gr.skip(), _note(message)]
+            return [gr.skip(), gr.skip(), note_html(message)]
         return [value, gr.update(visible=False), ""]
 
     quiet = dict(show_progress="hidden")
@@ -209,5 +209,6 @@ def _wire_picker(p: PathPicker, typed: list[gr.Textbox]) -> None:
     p.close.click(lambda: gr.update(visible=False), outputs=p.panel, **quiet)
 
 
-def _note(message: str) -> str:
+def note_html(message: str) -> str:
+    """A short note under a control (empty: nothing to say)."""
     return f'<div class="nk-note">{html.escape(message)}</div>' if message else ""

@@ -18,6 +18,7 @@ from .binding import SettingsForm
 from .extra_tabs import build_extra_tabs, wire_extra_tabs
 from .form import form_values
 from .model_pick import on_model_path, on_quick_pick
+from .path_picker import note_html
 from .plan_panel import wire_plan
 from .presets import PRESETS_DIR, PresetFolders, default_user_presets_dir
 from .presets_panel import build_presets_panel, wire_presets
@@ -91,20 +92,16 @@ def _wire_model_pick(form: SettingsForm, note: gr.HTML) -> None:
 
     def picked(name):
         values, message = on_quick_pick(name)
-        return {**form.updates(values), note: _note(message)}
+        return {**form.updates(values), note: note_html(message)}
 
     def typed(value):
         values, message = on_model_path(value)
-        return {**form.updates(values), note: _note(message)}
+        return {**form.updates(values), note: note_html(message)}
 
     pick.input(picked, inputs=pick, outputs=outputs, show_progress="hidden")
     # change, not input: a pasted path, a loaded config or a quick pick all re-derive the flags
     # (the quick pick is bound to input only, so the two never trigger each other in a loop).
     path.change(typed, inputs=path, outputs=outputs, show_progress="hidden", trigger_mode="always_last")
-
-
-def _note(message: str) -> str:
-    return f'<div class="nk-note">{html.escape(message)}</div>' if message else ""
 
 
 def _running_form(form: SettingsForm, runs: RunManager):
