@@ -176,8 +176,8 @@ class RunOutputs:
 
     def current(self, step: int, epoch: int, kind: str = "stopped") -> KeptWeights:
         """The weights now, as ``kind``'s file would hold them; NonFiniteWeights if any is NaN/inf."""
-        # copies: on a CPU the state dict shares memory with the weights, which training goes on changing
-        tensors = {key: value.clone() for key, value in self.tensors(self.dtype).items()}
+        # a copy: on a CPU the state dict would share memory with the weights, which training goes on changing
+        tensors = self.tensors(self.dtype, copy=True)
         if not all_finite(tensors):
             raise NonFiniteWeights(step)
         return KeptWeights(tensors, self.metadata(step, epoch), step, epoch, self.file_name(kind, step, epoch))

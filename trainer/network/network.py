@@ -114,10 +114,11 @@ class LoRANetwork(nn.Module):
         return scaled, sum(norms) / len(norms), max(norms)
 
     # -- file keys -----------------------------------------------------------------
-    def lora_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of the LoRA file: kohya keys, contiguous CPU tensors, alpha included."""
+    def lora_state_dict(self, dtype: torch.dtype | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors of the LoRA file: kohya keys, contiguous CPU tensors, alpha included. Without ``copy`` a
+        CPU network's tensors of the same dtype are its live weights; with it, always a copy (one, not two)."""
         return {
-            key: value.detach().to("cpu", dtype=dtype or value.dtype).contiguous()
+            key: value.detach().to("cpu", dtype=dtype or value.dtype, copy=copy).contiguous()
             for key, value in self.state_dict().items()
         }
 
