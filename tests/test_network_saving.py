@@ -136,3 +136,41 @@ def test_saved_lora_loads_in_diffusers_and_changes_output(tiny_sd1_dir, tmp_path
     conv_mod = net.get_submodule("lora_unet_down_blocks_0_resnets_0_conv1")
     torch.testing.assert_close(to_q.weight.detach() - w_q, q_mod.delta_weight(), atol=2e-3, rtol=2e-2)
     torch.testing.assert_close(conv1.weight.detach() - w_conv, conv_mod.delta_weight(), atol=2e-3, rtol=2e-2)
+
+
+def _outputs(tmp_path, weights: dict[str, torch.Tensor], save_precision: str, logged: list):
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(output_dir=str(tmp_path), output_name="o", save_model_as="safetensors",
+                               save_precision=save_precision, save_every_n_epochs=0, save_last_n_epochs=0,
+                               save_every_n_steps=0)
+
+    def tensors(dtype=None, copy=False):
+        return {k: v.to(dtype or v.dtype, copy=True) for k, v in weights.items()}
+
+    return saving.RunOutputs(settings, tensors, lambda step, epoch: {"ss_steps": str(step)},
+                             lambda *a: None, lambda message, level="info": logged.append((level, message)))
+
+
+def test_fp16_overflow_is_not_reported_as_nan_and_keeps_the_tensor_in_float(tmp_path):
+    from safetensors.torch import load_file
+
+    big = torch.full((4, 4), 1e5)  # finite in float32, infinite in fp16
+    logged: list = []
+    outputs = _outputs(tmp_path, {"lora_unet_a.lora_up.weight": big, "lora_unet_a.lora_down.weight": torch.ones(4, 4)},
+                       "fp16", logged)
+    path = outputs.save("final", step=3, epoch=1)
+    stored = load_file(path)
+    assert stored["lora_unet_a.lora_up.weight"].dtype == torch.float32
+    assert torch.equal(stored["lora_unet_a.lora_up.weight"], big)
+    assert stored["lora_unet_a.lora_down.weight"].dtype == torch.float16
+    assert [level for level, _ in logged] == ["warning"]
+    assert "save_precision" in logged[0][1] and "lora_unet_a.lora_up.weight" in logged[0][1]
+
+
+def test_real_nan_weights_still_stop_the_save(tmp_path):
+    nan = torch.tensor([[float("nan")]])
+    outputs = _outputs(tmp_path, {"lora_unet_a.lora_up.weight": nan}, "fp16", [])
+    with pytest.raises(saving.NonFiniteWeights):
+        outputs.save("final", step=3, epoch=1)
+    assert not list(tmp_path.iterdir())

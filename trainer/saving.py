@@ -145,7 +145,7 @@ class RunOutputs:
     ``on_saved(path, kind, step, epoch)`` is told about every file written.
     """
 
-    def __init__(self, settings, tensors, metadata, on_saved) -> None:
+    def __init__(self, settings, tensors, metadata, on_saved, log=None) -> None:
         self.folder = settings.output_dir or "."
         self.name = settings.output_name
         self.ext = FILE_EXTENSIONS.get(settings.save_model_as, ".safetensors")
@@ -157,6 +157,7 @@ class RunOutputs:
         # sd-scripts: state folders follow save_last_n_epochs unless save_last_n_epochs_state is set
         self.last_n_epoch_states = int(getattr(settings, "save_last_n_epochs_state", 0) or self.last_n_epochs)
         self.tensors, self.metadata, self.on_saved = tensors, metadata, on_saved
+        self.log = log or (lambda message, level="info": None)
         self.files: list[str] = []
         self.last_finite: KeptWeights | None = None  # the newest finite weights saved or snapshot
 
@@ -177,10 +178,29 @@ class RunOutputs:
     def current(self, step: int, epoch: int, kind: str = "stopped") -> KeptWeights:
         """The weights now, as ``kind``'s file would hold them; NonFiniteWeights if any is NaN/inf."""
         # a copy: on a CPU the state dict would share memory with the weights, which training goes on changing
-        tensors = self.tensors(self.dtype, copy=True)
-        if not all_finite(tensors):
+        tensors = self.tensors(None, copy=True)
+        if not all_finite(tensors):  # judged as trained, before a narrower save precision can overflow
             raise NonFiniteWeights(step)
+        tensors = self._in_save_precision(tensors, step)
         return KeptWeights(tensors, self.metadata(step, epoch), step, epoch, self.file_name(kind, step, epoch))
+
+    def _in_save_precision(self, tensors: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """The tensors in Save precision; a tensor that fp16 cannot hold (|x| > 65504) stays float32, with a
+        warning, rather than being written as infinity or reported as a NaN."""
+        if self.dtype is None:
+            return tensors
+        converted = {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in tensors.items()}
+        overflowed = [key for key, value in converted.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        for key in overflowed:
+            converted[key] = tensors[key].float()
+        if overflowed:
+            self.log(f"step {step}: {len(overflowed)} LoRA tensors (e.g. {overflowed[0]}) exceed the range of "
+                     f"Save precision {self.dtype_name()} and are kept as float in this file; set Save precision "
+                     "(save_precision) to bf16 or float", "warning")
+        return converted
+
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
     def weights_to_keep(self, step: int, epoch: int, kind: str) -> KeptWeights | None:
         """After a failure: the weights now (already saved, or to save as ``kind``), or the last finite
