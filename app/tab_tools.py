@@ -6,7 +6,7 @@ is refused when it exists unless its "Overwrite" box is ticked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 
@@ -43,6 +43,13 @@ def _out(request, tool: str) -> dict[str, gr.components.Component]:
         return {**build_options(request, tool, "out"), **build_options(WritesFile, tool, "overwrite")}
 
 
+def _with_none_choice(request, tool: str, name: str, none_label: str) -> dict[str, gr.components.Component]:
+    """The option's dropdown, its declared choices led by ``none_label`` for its default of None (a dropdown
+    cannot show None)."""
+    info = request_infos(request)[name]
+    return {name: build_component(replace(info, choices=(none_label, *info.choices)), none_label, f"{tool}_{name}")}
+
+
 def _results(tool: str) -> tuple[gr.HTML, gr.HTML]:
     return status_box(f"{tool}_status"), status_box(f"{tool}_report")
 
@@ -69,18 +76,14 @@ def build_tools_tab() -> ToolsTab:
         with gr.Tab("Resize", id="tools_resize"):
             file = build_options(ResizeRequest, "resize", "file")
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-                method = gr.Dropdown(list(actions.DYNAMIC_METHODS), value=actions.FIXED_RANK, label="Method",
-                                     elem_id="resize_method", min_width=160,
-                                     info="Dynamic: each module's rank from its singular values.")
+                method = _with_none_choice(ResizeRequest, "resize", "method", actions.FIXED_RANK)
                 options = build_options(ResizeRequest, "resize", "rank", "conv_rank", "param")
                 options["param"].visible = False  # shown for a dynamic method
-                precision = gr.Dropdown([actions.KEEP_PRECISION, *actions.SAVE_PRECISIONS],
-                                        value=actions.KEEP_PRECISION, label="Save precision",
-                                        elem_id="resize_precision", min_width=150)
+                precision = _with_none_choice(ResizeRequest, "resize", "precision", actions.KEEP_PRECISION)
             out = _out(ResizeRequest, "resize")
             buttons["resize"] = gr.Button("Resize", variant="primary", elem_id="resize_run")
             outputs["resize"] = list(_results("resize"))
-            resize = NamedFields({**file, "method": method, **options, "precision": precision, **out})
+            resize = NamedFields({**file, **method, **options, **precision, **out})
         with gr.Tab("Extract", id="tools_extract"):
             with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
                 models = build_options(ExtractRequest, "extract", "tuned", "base")

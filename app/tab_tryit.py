@@ -49,11 +49,11 @@ class TryItTab:
 def build_tryit_tab() -> TryItTab:
     with gr.Tab(TAB_NAME, id="try_it", elem_id="tab_try_it") as tab:
         with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
-            base = gr.Textbox(label="Base model", elem_id="tryit_base_model", scale=3, max_lines=1,
-                              placeholder="model file (.safetensors / .ckpt) or diffusers folder",
-                              info="Prefilled from the Source Model tab.")
-            lora = gr.Dropdown(label="LoRA file", elem_id="tryit_lora", scale=3, allow_custom_value=True,
-                               choices=[], value=None, info=LORA_LIST_INFO + " Empty: the base model alone.")
+            base = build_options(TryItRequest, "tryit", "base_model")["base_model"]
+            base.scale = 3  # as wide as the LoRA list beside it
+            lora_info = request_infos(TryItRequest)["lora"]
+            lora = gr.Dropdown(label=lora_info.label, elem_id="tryit_lora", scale=3, allow_custom_value=True,
+                               choices=[], value=lora_info.default, info=f"{LORA_LIST_INFO} {lora_info.help}")
             refresh = gr.Button(REFRESH_LABEL, elem_id="tryit_refresh_loras", size="sm", scale=0, min_width=44)
             options = build_options(TryItRequest, "tryit", "weight")
         prompt = gr.Textbox(label="Prompt", elem_id="tryit_prompt", lines=2, max_lines=6,

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.tools.requests import DYNAMIC_DEFAULTS, SAVE_PRECISIONS, ExtractRequest
-from trainer.tools.requests import DYNAMIC_METHODS as SVD_METHODS
 
 from .tab_common import USER_ERRORS, done, number, problem, report_html, text
 
-KEEP_PRECISION = "as the input"
+# the page's choice for an option's None (ResizeRequest: no dynamic method, the input's precision)
 FIXED_RANK = "fixed rank"
-DYNAMIC_METHODS = (FIXED_RANK, *SVD_METHODS)
+KEEP_PRECISION = "as the input"
 EXTRACT = ExtractRequest.model_construct()  # the declared defaults (the paths have none)
 CHECKPOINT_FORMATS = (".safetensors", ".ckpt")
 MERGE_SLOTS = 4

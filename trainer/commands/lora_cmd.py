@@ -12,8 +12,7 @@ import json
 import sys
 
 from trainer.tools.requests import (
-    DYNAMIC_METHODS, SAVE_PRECISIONS, ExtractRequest, InspectRequest, MergeRequest, ResizeRequest, WritesFile, cli_flags,
-    request_infos, value_type,
+    ExtractRequest, InspectRequest, MergeRequest, ResizeRequest, WritesFile, cli_flags, request_infos, value_type,
 )
 
 EXIT_OK = 0
@@ -66,11 +65,7 @@ def _inspect_parser(tools) -> None:
 
 def _resize_parser(tools) -> None:
     p = tools.add_parser("resize", help="lower a LoRA's rank by SVD, keeping its effective scale")
-    _options(p, ResizeRequest, "file", "rank", "conv_rank")
-    p.add_argument("--dynamic", choices=DYNAMIC_METHODS, help="choose each module's rank: sv_ratio (keep singular "
-                   "values above max/param), sv_cumulative or sv_fro (keep this fraction of the sum / Frobenius norm)")
-    _options(p, ResizeRequest, "param", "out")
-    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, help="default: the input's precision")
+    _options(p, ResizeRequest, "file", "rank", "conv_rank", "method", "param", "out", "precision")
     p.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
     p.add_argument("--modules", action="store_true", help="list every module's new rank and error")
     _common(p)
@@ -80,9 +75,7 @@ def _extract_parser(tools) -> None:
     p = tools.add_parser("extract", help="extract a LoRA from a fine-tuned model minus its base model")
     _options(p, ExtractRequest, "base", "tuned", "out", "rank", "conv_rank", "clamp")
     p.add_argument("--no-clamp", action="store_true", help="do not clamp (exact SVD factors)")
-    _options(p, ExtractRequest, "min_diff", "precision")
-    p.add_argument("--load-precision", choices=SAVE_PRECISIONS, default="float",
-                   help="load both models in this precision (fp16 halves the memory)")
+    _options(p, ExtractRequest, "min_diff", "precision", "load_precision")
     p.add_argument("--device", help="compute device for the SVDs, e.g. cuda")
     p.add_argument("--modules", action="store_true", help="list every module's error")
     _common(p)
@@ -151,9 +144,9 @@ def _resize(args, out, log) -> int:
     from trainer.tools import resize_lora
     from trainer.tools.resize import default_resized_name
 
-    target = args.out or default_resized_name(args.file, args.rank, args.dynamic, args.param)
-    result = resize_lora(args.file, target, args.rank, conv_rank=args.conv_rank or None, dynamic_method=args.dynamic,
-                         dynamic_param=args.param, save_precision=args.save_precision, device=args.device,
+    target = args.out or default_resized_name(args.file, args.rank, args.method, args.param)
+    result = resize_lora(args.file, target, args.rank, conv_rank=args.conv_rank or None, dynamic_method=args.method,
+                         dynamic_param=args.param, save_precision=args.precision, device=args.device,
                          overwrite=args.overwrite)
     _report(args, out, result, result.format(modules=args.modules))
     return EXIT_OK

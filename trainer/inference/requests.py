@@ -21,6 +21,8 @@ class ImageOptions(BaseModel):
 
 
 class TryItRequest(ImageOptions):
+    base_model: str = option("", label="Base model", widget="path", help="Prefilled from the Source Model tab.")
+    lora: str | None = option(None, label="LoRA file", help="Empty: the base model alone.")
     weight: float = option(0.8, label="LoRA weight", ge=-1.0, le=2.0, step=0.05, widget="slider")
     steps: int = option(20, label="Steps", ge=1)
     seed: int = option(-1, label="Seed (-1 random)", ge=-1)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.tools.requests import DYNAMIC_METHODS
+
 MIN_SV = 1e-6  # sd-scripts: a module whose largest singular value is below this is zero (rank 1)
 
 
@@ -71,34 +73,32 @@ def top_factors(matrix: torch.Tensor, rank: int) -> Factors:
 
 
 # ---- sd-scripts' dynamic rank rules (networks/resize_lora.py); each returns a rank >= 1 ----------
+# Each is named as its method in trainer.tools.requests.DYNAMIC_METHODS (the one list of them).
 
-def _rank_by_ratio(S: torch.Tensor, ratio: float) -> int:
+def sv_ratio(S: torch.Tensor, ratio: float) -> int:
     """Keep singular values larger than S[0] / ratio."""
     return int((S > S[0] / ratio).sum())
 
 
-def _rank_by_cumulative(S: torch.Tensor, fraction: float) -> int:
+def sv_cumulative(S: torch.Tensor, fraction: float) -> int:
     """Smallest rank whose singular values sum to ``fraction`` of the total."""
     cumulative = torch.cumsum(S, 0) / S.sum()
     return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=S.dtype))) + 1
 
 
-def _rank_by_frobenius(S: torch.Tensor, fraction: float) -> int:
+def sv_fro(S: torch.Tensor, fraction: float) -> int:
     """Smallest rank that keeps ``fraction`` of the Frobenius norm."""
     cumulative = torch.cumsum(S.pow(2), 0) / S.pow(2).sum()
     return int(torch.searchsorted(cumulative, torch.tensor(fraction**2, dtype=S.dtype))) + 1
 
 
-DYNAMIC_METHODS = {
-    "sv_ratio": _rank_by_ratio,
-    "sv_cumulative": _rank_by_cumulative,
-    "sv_fro": _rank_by_frobenius,
-}
+# by name, so a method declared without a rule fails here, at import
+RANK_RULES = {method: globals()[method] for method in DYNAMIC_METHODS}
 
 
 def choose_rank(S: torch.Tensor, max_rank: int, method: str | None = None, param: float | None = None) -> int:
     """The new rank: ``max_rank``, or the dynamic rule's choice capped at it; 1 for a zero matrix."""
     if len(S) == 0 or float(S[0]) <= MIN_SV:
         return 1
-    rank = DYNAMIC_METHODS[method](S, float(param)) if method else max_rank
+    rank = RANK_RULES[method](S, float(param)) if method else max_rank
     return max(1, min(rank, max_rank, len(S)))

@@ -11,9 +11,10 @@ from pydantic import BaseModel
 from trainer.settings.field import SettingInfo, option, request_infos
 
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
-DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
-# a usual parameter for each dynamic method (sv_ratio: a ratio to the largest singular value; others: a fraction)
+# sd-scripts' dynamic rank methods, each with a usual parameter (sv_ratio: a ratio to the largest singular
+# value; the others: a fraction). trainer.tools.lowrank finds each method's rule by this name.
 DYNAMIC_DEFAULTS = {"sv_ratio": 4.0, "sv_fro": 0.9, "sv_cumulative": 0.9}
+DYNAMIC_METHODS = tuple(DYNAMIC_DEFAULTS)
 
 
 class WritesFile(BaseModel):
@@ -33,8 +34,14 @@ class ResizeRequest(WritesFile):
     rank: int = option(8, label="New rank (max for dynamic)", ge=1,
                        help="new rank (the maximum with a dynamic method)")
     conv_rank: int = option(0, label="Conv rank (0: same)", ge=0, help="new rank of 3x3 conv modules (0: the rank)")
+    # None: a fixed rank / the input's precision (the GUI offers that as a choice of its own)
+    method: str | None = option(None, label="Method", choices=DYNAMIC_METHODS, cli="--dynamic",
+                                help="choose each module's rank: sv_ratio (keep singular values above max/param), "
+                                     "sv_cumulative or sv_fro (keep this fraction of the sum / Frobenius norm)")
     param: float | None = option(None, label="Dynamic parameter", widget="number",
                                  help="the dynamic method's parameter: sv_ratio e.g. 4; sv_fro / sv_cumulative e.g. 0.9")
+    precision: str | None = option(None, label="Save precision", choices=SAVE_PRECISIONS, cli="--save-precision",
+                                   help="default: the input's precision")
 
 
 class ExtractRequest(WritesFile):
@@ -49,6 +56,8 @@ class ExtractRequest(WritesFile):
                              help="leave the text encoders out unless a weight differs by more than this")
     precision: str = option("float", label="Save precision", choices=SAVE_PRECISIONS, cli="--save-precision",
                             help="the precision of the saved LoRA's weights")
+    load_precision: str = option("float", label="Load precision", choices=SAVE_PRECISIONS,  # command line only
+                                 help="load both models in this precision (fp16 halves the memory)")
 
 
 class MergeRequest(WritesFile):
