@@ -195,11 +195,11 @@ SD1_NOMINAL = SPECS["sd1"]
 
 def test_a_tiny_model_is_estimated_by_its_own_weights(tmp_path, tiny_sd1_file, monkeypatch):
     from app.checks import check_settings
-    from trainer.preflight.model import read_safetensors_header
+    from trainer.checkpoints.integrity import read_safetensors_header
 
     monkeypatch.setattr(device_module, "probe_device", big_cpu)
     s = settings(tmp_path, tiny_sd1_file, mixed_precision="no", text_encoder_lr=1e-4)
-    shapes, _ = read_safetensors_header(tiny_sd1_file)
+    shapes = read_safetensors_header(tiny_sd1_file).shapes
     weights = sum(math.prod(shape) for key, shape in shapes.items()
                   if key.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")))
     report = check(s)

@@ -8,9 +8,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from test_preflight_support import big_cpu, problems, settings, write_hostile_pickle
+from trainer.checkpoints.integrity import read_safetensors_header
 from trainer.preflight import check
 from trainer.preflight import device as device_module
-from trainer.preflight.model import read_safetensors_header
 
 KEY = "pretrained_model_name_or_path"
 
@@ -91,7 +91,10 @@ def test_files_that_are_not_base_models(tmp_path):
 def test_safetensors_header_is_read_without_torch(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"a": np.zeros((2, 3), np.float16)}, path, metadata={"k": "v"})
-    assert read_safetensors_header(path) == ({"a": (2, 3)}, {"k": "v"})
+    header = read_safetensors_header(path)
+    assert (header.shapes, dict(header.metadata), header.data_end) == ({"a": (2, 3)}, {"k": "v"}, 2 * 3 * 2)
+    assert header.header_bytes + header.data_end == path.stat().st_size
+    assert read_safetensors_header(path) is header  # read once while the file is unchanged
     truncated = tmp_path / "t.safetensors"
     truncated.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ValueError):

@@ -14,6 +14,7 @@ from trainer.checkpoints.errors import CheckpointError
 from trainer.checkpoints.layouts import SD1, SD2, SDXL
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES
 from trainer.checkpoints.reader import TensorSource
+from trainer.checkpoints.weight_files import UnreadableIndex, component_weight_files
 from trainer.families.registry import spec_for_checkpoint
 
 UNET_PROBE = LDM_PREFIXES["unet"] + "input_blocks.0.0.weight"
@@ -168,7 +169,11 @@ def _components(index: dict) -> list[str]:
 
 
 def _has_weights(folder: Path) -> bool:
-    return folder.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
+    """Whether the loader finds weights in the component folder (trainer.checkpoints.weight_files' rule)."""
+    try:
+        return bool(component_weight_files(folder))
+    except UnreadableIndex:
+        return True  # it has an index; the weights check and the loader name what is wrong with it
 
 
 def _read_json(path: Path) -> dict:

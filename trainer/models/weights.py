@@ -1,10 +1,9 @@
 """Read a component's weights from a diffusers/transformers folder and build a lean model around them.
 
 A component folder (``unet/``, ``vae/``, ``text_encoder/`` ...) holds ``config.json``
-and its weights as ``diffusion_pytorch_model.safetensors`` (diffusers) or
-``model.safetensors`` (transformers), possibly sharded with an ``.index.json``,
-possibly as an ``.fp16`` variant, or as a legacy ``.bin`` pickle (read with
-``weights_only=True``). Models are built on the meta device and take the file's
+and its weights; which files are read is :mod:`trainer.checkpoints.weight_files`' rule
+(the preflight check and the size estimate follow the same one). A legacy ``.bin`` is
+read with ``weights_only=True``. Models are built on the meta device and take the file's
 tensors as their own (no random initialisation of a billion parameters first).
 """
 from __future__ import annotations
@@ -16,10 +15,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from trainer.checkpoints.weight_files import UnreadableIndex, component_weight_files
 from trainer.problems import NekoyaError
-
-STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
-VARIANTS = ("", ".fp16")
 
 
 class WeightsError(NekoyaError, RuntimeError):
@@ -27,18 +24,18 @@ class WeightsError(NekoyaError, RuntimeError):
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of one component folder, safetensors preferred over pickles."""
-    for suffix in (".safetensors", ".bin"):
-        for stem in STEMS:
-            for variant in VARIANTS:
-                single = folder / f"{stem}{variant}{suffix}"
-                if single.is_file():
-                    return [single]
-                index = folder / f"{stem}{variant}{suffix}.index.json"
-                if index.is_file():
-                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                    return [folder / shard for shard in shards]
-    raise WeightsError(f"{folder} has no weights (expected diffusion_pytorch_model.safetensors or model.safetensors)")
+    """The weight files of one component folder, by trainer.checkpoints.weight_files' rule; every one must exist."""
+    try:
+        files = component_weight_files(folder)
+    except UnreadableIndex as exc:
+        raise WeightsError(str(exc)) from None
+    if not files:
+        raise WeightsError(f"{folder} has no weights "
+                           "(expected diffusion_pytorch_model.safetensors or model.safetensors)")
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise WeightsError(f"{folder}: its shard index names files that do not exist ({', '.join(missing)})")
+    return files
 
 
 def read_state_dict(files: Iterable[Path]) -> dict[str, torch.Tensor]:

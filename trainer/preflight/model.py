@@ -46,22 +46,16 @@ class ModelPathProblem(NekoyaError):
 _detections: dict[tuple[str, int, int], object] = {}
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(shapes by key, metadata) from a .safetensors header, without torch."""
-    from trainer.checkpoints.integrity import read_safetensors_header as read_header
-
-    header = read_header(path)
-    header.pop("__header_bytes__")
-    metadata = header.pop("__metadata__", None) or {}
-    return {key: tuple(entry["shape"]) for key, entry in header.items()}, metadata
-
-
 def weights_problems(path: Path, deep: bool) -> list[tuple[Path, str]]:
     """(file, problem) for each truncated or unloadable weights file of a model file or diffusers folder;
     pickles are opened only in a ``deep`` check."""
-    from trainer.checkpoints.integrity import folder_weight_files, weights_file_problem
+    from trainer.checkpoints.integrity import weights_file_problem
+    from trainer.checkpoints.weight_files import UnreadableIndex, pipeline_weight_files
 
-    files = folder_weight_files(path) if path.is_dir() else [path]
+    try:
+        files = pipeline_weight_files(path) if path.is_dir() else [path]
+    except UnreadableIndex as exc:
+        return [(exc.index, exc.problem)]
     found = [(file, weights_file_problem(file, deep=deep)) for file in files]
     return [(file, problem) for file, problem in found if problem]
 
@@ -70,6 +64,7 @@ def detect_model(path: Path):
     """helper-1's ``ModelInfo`` for ``path``, cached by (path, mtime, size). Raises ModelPathProblem."""
     from trainer.checkpoints.detect import detect, detect_from_keys
     from trainer.checkpoints.errors import CheckpointError, UnsafeCheckpointError
+    from trainer.checkpoints.integrity import read_safetensors_header
 
     try:
         stat = path.stat()
@@ -80,8 +75,8 @@ def detect_model(path: Path):
         return _detections[key]
     try:
         if path.is_file() and path.suffix.lower() == ".safetensors":
-            shapes, metadata = read_safetensors_header(path)
-            info = detect_from_keys(path, "safetensors", shapes, metadata)
+            header = read_safetensors_header(path)
+            info = detect_from_keys(path, "safetensors", header.shapes, dict(header.metadata))
         else:
             info = detect(path)
     except UnsafeCheckpointError as exc:

@@ -1,7 +1,8 @@
 """The base model's real parameter counts for the memory estimate, read from .safetensors headers.
 
 Only the JSON headers are read (no weights, no torch): a single file's tensors are summed by
-their component prefix (``model.diffusion_model.`` ...), a diffusers folder's by component file.
+their component prefix (``model.diffusion_model.`` ...), a diffusers folder's by the files the loader
+reads for each component (``trainer.checkpoints.weight_files``; a ``.bin`` component keeps its nominal size).
 The file's dtype does not matter: the trainer casts the frozen weights to the run's precision.
 A ``.ckpt`` is not opened for this (it would mean unpickling it), so it keeps the family's nominal size.
 """
@@ -11,7 +12,9 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from trainer.checkpoints.integrity import read_safetensors_header
 from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS
+from trainer.checkpoints.weight_files import component_weight_files
 from trainer.families import FamilySpec
 
 DIFFUSERS_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -71,22 +74,17 @@ def _count(path: Path, family: FamilySpec, nominal: str) -> ModelSize:
 
 
 def _single_file_counts(path: Path, family: FamilySpec) -> ModelSize | None:
-    from trainer.preflight.model import read_safetensors_header
-
-    shapes, _ = read_safetensors_header(path)
+    shapes = read_safetensors_header(path).shapes
     counts = {component: sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefix))
               for component, (prefix, _) in SINGLE_FILE_LAYOUTS[family.name].items()}
     return _size(counts, f"from {path.name}'s header")
 
 
 def _diffusers_counts(folder: Path) -> ModelSize | None:
-    from trainer.preflight.model import read_safetensors_header
-
     counts = {}
     for component in ("unet", "vae", *DIFFUSERS_TEXT_ENCODERS):
-        files = sorted((folder / component).glob("*.safetensors")) if (folder / component).is_dir() else []
-        files = [f for f in files if ".fp16." not in f.name] or files  # a variant holds the same weights again
-        counts[component] = sum(math.prod(shape) for f in files for shape in read_safetensors_header(f)[0].values())
+        files = [f for f in component_weight_files(folder / component) if f.suffix.lower() == ".safetensors"]
+        counts[component] = sum(math.prod(shape) for f in files for shape in read_safetensors_header(f).shapes.values())
     return _size(counts, f"from the .safetensors headers in {folder.name}")
 
 

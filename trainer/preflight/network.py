@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoints.integrity import safetensors_problem, weights_file_problem
+from trainer.checkpoints.integrity import read_safetensors_header, safetensors_problem, weights_file_problem
 from trainer.network_spec import CONV_LORA_TYPES, NETWORK_TYPES
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
@@ -78,11 +78,9 @@ def lora_ranks(path: Path, deep: bool) -> set[int] | None:
 
     Raises ValueError for a file that cannot be read or that needs code to load.
     """
-    from trainer.preflight.model import read_safetensors_header
-
     if path.suffix.lower() == ".safetensors":
         try:
-            shapes, _ = read_safetensors_header(path)
+            shapes = read_safetensors_header(path).shapes
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
     elif not deep:
