@@ -171,7 +171,7 @@ def test_alpha_greater_than_rank_and_unsupported_type(run):
     assert "greater than the rank (8)" in warning.message and report.ok
     _, report = run(LoRA_type="Kohya LoCon", conv_dim=4, conv_alpha=8)
     assert problems(report, "warning", "conv_alpha")
-    _, report = run(LoRA_type="LyCORIS/LoHa")
+    _, report = run(LoRA_type="Kohya LoHa")
     assert "not supported" in problems(report, "error", "LoRA_type")[0].message
 
 

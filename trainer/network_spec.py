@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.lora_types import KOHYA_LORA, TYPES, lycoris_network_args
 from trainer.problems import NekoyaError
 
-# LoRA types of kohya_ss that this network trains, and whether they add conv LoRA.
-# LyCORIS/LoCon writes the same lora_down/lora_up/alpha keys as Kohya LoCon.
-NETWORK_TYPES = {"Standard": False, "Kohya LoCon": True, "LyCORIS/LoCon": True}
+# LoRA types of kohya_ss that Nekoya trains, and whether they add conv LoRA (trainer.lora_types has the rest).
+NETWORK_TYPES = {name: t.conv for name, t in TYPES.items()}
 CONV_LORA_TYPES = tuple(name for name, with_conv in NETWORK_TYPES.items() if with_conv)
 
 
@@ -35,13 +35,20 @@ class NetworkSpec:
     # When set (dim_from_weights), exactly these modules are built, with these ranks.
     module_ranks: dict[str, int] | None = field(default=None, compare=False)
     module_alphas: dict[str, float] | None = field(default=None, compare=False)
+    network_module: str = KOHYA_LORA  # lycoris.kohya: LyCORIS builds the modules, from lycoris_args
+    lycoris_args: dict[str, str] = field(default_factory=dict, compare=False)  # kohya_ss's network_args
+
+    @property
+    def lycoris(self) -> bool:
+        return self.network_module != KOHYA_LORA
 
     @classmethod
     def from_settings(cls, settings: Any) -> "NetworkSpec":
         if settings.LoRA_type not in NETWORK_TYPES:
             supported = ", ".join(NETWORK_TYPES)
             raise NetworkConfigError(f"LoRA type {settings.LoRA_type!r} is not supported yet; choose {supported}", "LoRA_type")
-        with_conv = settings.LoRA_type in CONV_LORA_TYPES and int(settings.conv_dim) > 0
+        lora_type = TYPES[settings.LoRA_type]
+        with_conv = lora_type.conv and int(settings.conv_dim) > 0
         return cls(
             rank=int(settings.network_dim),
             alpha=float(settings.network_alpha),
@@ -50,6 +57,8 @@ class NetworkSpec:
             dropout=float(settings.network_dropout or 0),
             rank_dropout=float(settings.rank_dropout or 0),
             module_dropout=float(settings.module_dropout or 0),
+            network_module=lora_type.network_module,
+            lycoris_args=lycoris_network_args(settings, lora_type) if lora_type.lycoris else {},
         )
 
     def rank_for(self, layer) -> tuple[int, float]:

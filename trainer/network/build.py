@@ -52,6 +52,8 @@ def _load_weights(network: LoRANetwork, weights: dict, path: str, log) -> None:
 
 def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
     """``ss_network_args`` as kohya_ss passes them to sd-scripts (only the ones in use)."""
+    if spec.lycoris:
+        return dict(spec.lycoris_args)
     args = {}
     if spec.conv_rank:
         args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))

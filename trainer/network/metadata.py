@@ -116,7 +116,7 @@ def training_metadata(settings: Any, version: VersionInfo, data: DatasetFacts, r
         "ss_num_epochs": run["num_epochs"],
         "ss_max_train_steps": run["max_train_steps"],
         "ss_lr_warmup_steps": run["lr_warmup_steps"],
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": run.get("network_module", NETWORK_MODULE),
         "ss_mixed_precision": run["mixed_precision"],  # what ran, not what was asked (a CPU may run fp32)
         "ss_v2": version.v2,
         "ss_base_model_version": version.base_model_version,

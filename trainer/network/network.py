@@ -41,9 +41,22 @@ class LoRANetwork(nn.Module):
     def build(cls, targets: Iterable[LoraTarget], spec: NetworkSpec,
               init_generator: torch.Generator | None = None) -> "LoRANetwork":
         """``init_generator`` draws the initial down weights (the global RNG when None)."""
+        if spec.lycoris:
+            from .lycoris_modules import build_lycoris_modules
+
+            return cls.of_modules(build_lycoris_modules(list(targets), spec, init_generator))
         with_conv = spec.conv_rank > 0 or spec.module_ranks is not None
         layers = [layer for target in targets for layer in find_target_layers(target, with_conv)]
         return cls(layers, spec, init_generator)
+
+    @classmethod
+    def of_modules(cls, modules: Iterable[tuple[str, nn.Module, Role]]) -> "LoRANetwork":
+        """A network of modules built elsewhere (LyCORIS's), under their kohya names."""
+        network = cls([], NetworkSpec())
+        for name, module, role in modules:
+            network.add_module(name, module)
+            network.roles[name] = role
+        return network
 
     # -- wiring ---------------------------------------------------------------
     def lora_modules(self, role: Role | None = None) -> list[LoRAModule]:
@@ -83,14 +96,19 @@ class LoRANetwork(nn.Module):
             module.multiplier = multiplier
 
     # -- training ---------------------------------------------------------------
-    def param_groups(self, lrs: dict[Role, float]) -> list[dict]:
-        """One optimizer group per role with a LoRA and a non-zero learning rate."""
+    def param_groups(self, lrs: dict[Role, float], plus_ratios: dict[Role, float] | None = None) -> list[dict]:
+        """One optimizer group per role with a LoRA and a non-zero learning rate. With a LoRA+ ratio for the
+        role, its ``lora_up`` weights form a second group at lr x ratio (sd-scripts' and LyCORIS's rule)."""
         groups = []
         for role in Role:
-            params = [p for m in self.lora_modules(role) for p in m.parameters()]
-            lr = lrs.get(role, 0.0)
+            lr, ratio = lrs.get(role, 0.0), (plus_ratios or {}).get(role, 0.0)
+            named = [(n, p) for m in self.lora_modules(role) for n, p in m.named_parameters()]
+            plus = [p for n, p in named if ratio and "lora_up" in n]
+            params = [p for n, p in named if not (ratio and "lora_up" in n)]
             if params and lr:
                 groups.append({"params": params, "lr": lr, "name": role.value})
+            if plus and lr:
+                groups.append({"params": plus, "lr": lr * ratio, "name": f"{role.value} plus"})
         return groups
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
@@ -101,6 +119,12 @@ class LoRANetwork(nn.Module):
         scaled, norms = 0, []
         with torch.no_grad():
             for module in self.lora_modules():
+                if not isinstance(module, LoRAModule):  # LyCORIS modules scale themselves
+                    was_scaled, norm = module.apply_max_norm(max_norm, None)
+                    if was_scaled is not None:
+                        scaled += int(was_scaled)
+                        norms.append(float(norm))
+                    continue
                 raw = module.delta_weight().norm()
                 norm = raw.clamp(min=max_norm / 2)
                 ratio = (torch.clamp(norm, max=max_norm) / norm).item()
@@ -134,5 +158,6 @@ class LoRANetwork(nn.Module):
                 )
         result = self.load_state_dict(tensors, strict=False)
         for module in self.lora_modules():  # alpha may come from the file
-            module.scale = module.alpha.item() / module.rank
+            if isinstance(module, LoRAModule):
+                module.scale = module.alpha.item() / module.rank
         return list(result.missing_keys), list(result.unexpected_keys)

@@ -33,7 +33,7 @@ class RunMetadata:
             "max_train_steps": plan.steps.total_steps, "lr_warmup_steps": plan.scheduler.warmup_steps,
             "mixed_precision": plan.precision.mode, "optimizer": plan.optimizer.description(),
             "unet_lr": lrs[Role.UNET], "text_encoder_lr": lrs[Role.TEXT_ENCODER],
-            "network_args": network_args(s, plan.network),
+            "network_args": network_args(s, plan.network), "network_module": plan.network.network_module,
         }
         self._version = version
         self._base = training_metadata(s, version, dataset_facts(plan.steps), run_facts)

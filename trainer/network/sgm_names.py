@@ -23,14 +23,16 @@ from __future__ import annotations
 
 from torch import nn
 
-# Class names of the view nodes: the LoRA conv targets for an SGM-named UNet
-# (sd-scripts' ResnetBlock2D / Downsample2D / Upsample2D of sdxl_original_unet).
-SGM_CONV_CLASSES = ("SGMResnetBlock", "SGMDownsample", "SGMUpsample")
+# The view nodes carry the class names of sd-scripts' sdxl_original_unet blocks, so LoRA and LyCORIS
+# presets find the same targets in the view as in sd-scripts' model.
+SGM_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 # diffusers resnet child -> its SGM path inside the block
 RESNET_CHILDREN = {
+    "norm1": "in_layers.0",  # norms: LyCORIS's train_norm
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
@@ -54,7 +56,7 @@ class _Node(nn.Module):
         raise RuntimeError("the SGM naming view is not a runnable model")
 
 
-class SGMResnetBlock(_Node):
+class ResnetBlock2D(_Node):
     """A diffusers ResnetBlock2D's layers under the SGM ResBlock names."""
 
     def __init__(self, resnet: nn.Module) -> None:
@@ -65,13 +67,13 @@ class SGMResnetBlock(_Node):
                 self.attach(sgm_path, layer)
 
 
-class SGMDownsample(_Node):
+class Downsample2D(_Node):
     def __init__(self, downsample: nn.Module) -> None:
         super().__init__()
         self.attach("op", downsample.conv)
 
 
-class SGMUpsample(_Node):
+class Upsample2D(_Node):
     def __init__(self, upsample: nn.Module) -> None:
         super().__init__()
         self.attach("conv", upsample.conv)
@@ -117,9 +119,9 @@ def sgm_block_paths(unet: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
 # kind -> how the view holds the diffusers module (attention blocks keep their own children)
 _VIEW_NODE = {
-    "resnet": SGMResnetBlock,
-    "downsample": SGMDownsample,
-    "upsample": SGMUpsample,
+    "resnet": ResnetBlock2D,
+    "downsample": Downsample2D,
+    "upsample": Upsample2D,
     "attention": lambda module: module,
 }
 

@@ -134,14 +134,17 @@ def text_encoder_outputs_cached(settings, family: FamilySpec) -> bool:
 
 
 def lora_parameter_count(settings, family: FamilySpec, te_cached: bool = False) -> int:
+    """Low-rank factors per rank; never more than the weights they change (LyCORIS LoKr's rank 100000 means
+    "full matrix" and Native Fine-Tuning trains a full copy: both are at most the model's own size)."""
     unet_lr, te_lr = settings.train_lrs()
     count = 0
     if unet_lr > 0:
-        count += settings.network_dim * family.unet_lora_per_rank
+        unet = settings.network_dim * family.unet_lora_per_rank
         if settings.LoRA_type in LOCON_TYPES and settings.conv_dim > 0:
-            count += settings.conv_dim * family.unet_conv_per_rank
+            unet += settings.conv_dim * family.unet_conv_per_rank
+        count += min(unet, family.unet_params)
     if te_lr > 0 and not te_cached:
-        count += settings.network_dim * family.text_encoder_lora_per_rank
+        count += min(settings.network_dim * family.text_encoder_lora_per_rank, sum(family.text_encoder_params))
     return count
 
 

@@ -3,21 +3,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from trainer.network_spec import CONV_LORA_TYPES
+from trainer.lora_types import ALL_TYPES, CONV_TYPES, LYCORIS_PRESETS, types_using
 from trainer.optim.table import DROPDOWN_NAMES
 
 from .field import setting
 
 TAB = "Parameters"
-BASIC, LR, NET, RES, SDXL = "Basic", "Learning rate and optimizer", "Network", "Resolution and buckets", "SDXL"
+BASIC, LR, NET, LYCO, RES, SDXL = ("Basic", "Learning rate and optimizer", "Network", "LyCORIS",
+                                   "Resolution and buckets", "SDXL")
 
-LORA_TYPES = (
-    "Standard", "Kohya LoCon", "LyCORIS/LoCon",
-    # Known to kohya_ss; loaded and saved as is, refused by the preflight check until supported.
-    "Kohya DyLoRA", "Kohya LoHa", "Kohya LoKr", "LoRA-FA", "LyCORIS/BOFT", "LyCORIS/Diag-OFT",
-    "LyCORIS/DyLoRA", "LyCORIS/GLoRA", "LyCORIS/LoHa", "LyCORIS/LoKr", "LyCORIS/Native Fine-Tuning",
-    "LyCORIS/iA3", "Flux1", "Flux1 OFT",
-)
+LORA_TYPES = ALL_TYPES  # the one table of LoRA types: trainer.lora_types
 OPTIMIZERS = DROPDOWN_NAMES  # the one optimizer table: trainer.optim.table
 LR_SCHEDULERS = (
     "adafactor", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
@@ -25,8 +20,15 @@ LR_SCHEDULERS = (
 )
 
 
-LOCON_TYPES = CONV_LORA_TYPES  # the types that train conv LoRA: trainer.network_spec
+LOCON_TYPES = CONV_TYPES  # the types with a conv rank (kohya_ss's "convolution row"): trainer.lora_types
 ONLY_LOCON = {"LoRA_type": LOCON_TYPES}
+# kohya_ss hides the rank/alpha row for the types that have no rank
+RANKED_TYPES = tuple(name for name in ALL_TYPES if name not in ("LyCORIS/iA3", "LyCORIS/Native Fine-Tuning"))
+
+
+def _lycoris(option: str) -> dict:
+    """Shown for the LyCORIS types whose network_args carry ``option``, as in kohya_ss."""
+    return {"LoRA_type": types_using(option)}
 ONLY_SDXL = {"sdxl": (True,)}  # shown when kohya's SDXL checkbox (the setting field `sdxl`) is ticked
 
 
@@ -34,7 +36,8 @@ class ParameterSettings(BaseModel):
     # --- Basic -------------------------------------------------------------
     LoRA_type: str = setting(
         "Standard", label="LoRA type", tab=TAB, section=BASIC, choices=LORA_TYPES,
-        help="Standard LoRA trains attention and projection layers; LoCon also trains the ResNet convolutions.",
+        help="Standard LoRA trains attention and projection layers; LoCon also trains the ResNet convolutions. "
+             "LyCORIS types (LoHa, LoKr, iA3, OFT...) train through the lycoris-lora package, as in kohya_ss.",
     )
     network_weights: str = setting(
         "", label="Network weights", tab=TAB, section=BASIC, widget="file",
@@ -109,17 +112,52 @@ class ParameterSettings(BaseModel):
     )
     max_grad_norm: float = setting(1.0, label="Max grad norm", tab=TAB, section=LR, ge=0, help="0 = no gradient clipping.", ss_key="ss_max_grad_norm")
     # --- Network -----------------------------------------------------------
-    network_dim: int = setting(8, label="Network Rank (Dimension)", tab=TAB, section=NET, ge=1, le=1024, step=1, widget="slider", ss_key="ss_network_dim")
-    network_alpha: float = setting(
-        1, label="Network Alpha", tab=TAB, section=NET, ge=0, le=1024, step=0.00001, widget="slider",
-        help="Scales the LoRA by alpha / rank. Usually at most the rank.", ss_key="ss_network_alpha",
+    network_dim: int = setting(
+        8, label="Network Rank (Dimension)", tab=TAB, section=NET, ge=1, le=100000, step=1, widget="number",
+        help="LoKr: 100000 (or any rank at least half the layer's size) keeps the second factor a full matrix.",
+        ss_key="ss_network_dim", visible_when={"LoRA_type": RANKED_TYPES},
     )
-    conv_dim: int = setting(1, label="Convolution Rank (Dimension)", tab=TAB, section=NET, ge=0, le=512, step=1, widget="slider", help="LoCon only.", visible_when=ONLY_LOCON)
-    conv_alpha: float = setting(1, label="Convolution Alpha", tab=TAB, section=NET, ge=0, le=512, step=0.1, widget="slider", help="LoCon only.", visible_when=ONLY_LOCON)
+    network_alpha: float = setting(
+        1, label="Network Alpha", tab=TAB, section=NET, ge=0, le=100000, step=0.00001, widget="number",
+        help="Scales the LoRA by alpha / rank. Usually at most the rank.", ss_key="ss_network_alpha",
+        visible_when={"LoRA_type": RANKED_TYPES},
+    )
+    conv_dim: int = setting(1, label="Convolution Rank (Dimension)", tab=TAB, section=NET, ge=0, le=100000, step=1, widget="number", help="LoCon-style types only.", visible_when=ONLY_LOCON)
+    conv_alpha: float = setting(1, label="Convolution Alpha", tab=TAB, section=NET, ge=0, le=100000, step=0.1, widget="number", help="LoCon-style types only.", visible_when=ONLY_LOCON)
     scale_weight_norms: float = setting(0, label="Scale weight norms", tab=TAB, section=NET, ge=0, le=10, step=0.01, widget="slider", help="0 = off; 1 recommended.", ss_key="ss_scale_weight_norms", ss_none_if_off=True)
     network_dropout: float = setting(0, label="Network dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider", ss_key="ss_network_dropout", ss_none_if_off=True)
     rank_dropout: float = setting(0, label="Rank dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
     module_dropout: float = setting(0, label="Module dropout", tab=TAB, section=NET, ge=0, le=1, step=0.01, widget="slider")
+    # --- LyCORIS (kohya_ss's LyCORIS accordion; passed to lycoris.kohya as network_args) ----------
+    LyCORIS_preset: str = setting(
+        "full", label="LyCORIS Preset", tab=TAB, section=LYCO, choices=LYCORIS_PRESETS, allow_custom=True,
+        help="Which layers LyCORIS trains: full = attention, MLP and ResNet layers (conv too). Or the path of a LyCORIS "
+             "preset .toml file.", visible_when=_lycoris("LyCORIS_preset"),
+    )
+    factor: int = setting(-1, label="LoKr factor", tab=TAB, section=LYCO, ge=-1, le=64, step=1, widget="slider",
+                          help="-1 = the most balanced factorisation.", visible_when=_lycoris("factor"))
+    bypass_mode: bool = setting(False, label="Bypass mode", tab=TAB, section=LYCO, visible_when=_lycoris("bypass_mode"),
+                                help="Add the update to the layer's output instead of rebuilding its weight.")
+    dora_wd: bool = setting(False, label="DoRA Weight Decompose", tab=TAB, section=LYCO, visible_when=_lycoris("dora_wd"),
+                            help="DoRA: train the weight's direction and magnitude apart (adds dora_scale to the file).")
+    use_cp: bool = setting(False, label="Use CP decomposition", tab=TAB, section=LYCO, visible_when=_lycoris("use_cp"))
+    use_tucker: bool = setting(False, label="Use Tucker decomposition", tab=TAB, section=LYCO,
+                               visible_when=_lycoris("use_tucker"), help="For 3x3 convs: a smaller core tensor.")
+    use_scalar: bool = setting(False, label="Use Scalar", tab=TAB, section=LYCO, visible_when=_lycoris("use_scalar"),
+                               help="Train an extra scalar per module.")
+    rank_dropout_scale: bool = setting(False, label="Rank Dropout Scale", tab=TAB, section=LYCO,
+                                       visible_when=_lycoris("rank_dropout_scale"))
+    constrain: float = setting(0.0, label="Constrain OFT", tab=TAB, section=LYCO, ge=0,
+                               visible_when=_lycoris("constrain"))
+    rescaled: bool = setting(False, label="Rescaled OFT", tab=TAB, section=LYCO, visible_when=_lycoris("rescaled"))
+    train_norm: bool = setting(False, label="Train Norm", tab=TAB, section=LYCO, visible_when=_lycoris("train_norm"),
+                               help="Also train the normalisation layers.")
+    decompose_both: bool = setting(False, label="LoKr decompose both", tab=TAB, section=LYCO,
+                                   visible_when=_lycoris("decompose_both"))
+    train_on_input: bool = setting(True, label="iA3 train on input", tab=TAB, section=LYCO,
+                                   visible_when=_lycoris("train_on_input"))
+    unit: int = setting(1, label="DyLoRA Unit / Block size", tab=TAB, section=LYCO, ge=1, le=64, step=1, widget="slider",
+                        visible_when={"LoRA_type": ("Kohya DyLoRA", "LyCORIS/DyLoRA")})
     # --- Resolution and buckets --------------------------------------------
     max_resolution: str = setting(
         "512,512", label="Max resolution", tab=TAB, section=RES, help="Width,height of the training area, e.g. 512,512 or 1024,1024.",
