@@ -196,3 +196,30 @@ def test_kohya_lokr_preset_with_rank_100000_loads(tmp_path):
                                   "use_cp": False, "decompose_both": False, "train_norm": False}))
     settings = read_settings_file(str(config)).settings
     assert (settings.network_dim, settings.conv_dim, settings.factor) == (100000, 100000, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_type", ["Standard", "LyCORIS/LoCon"])
+def test_loraplus_trains_lora_up_at_ratio_times_the_rate_and_is_recorded(lora_type, tiny_sd1_dir, images,  # noqa: F811
+                                                                         tmp_path, monkeypatch):
+    from trainer.optim import stepper
+
+    seen = {}
+    original = stepper.OptimizerStepper.__init__
+
+    def recording(self, optimizer, *args, **kwargs):
+        seen.update({g["name"]: (g["lr"], len(g["params"])) for g in optimizer.param_groups})
+        original(self, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(stepper.OptimizerStepper, "__init__", recording)
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path / "out", LoRA_type=lora_type, loraplus_lr_ratio=16,
+                             loraplus_text_encoder_lr_ratio=4, unet_lr=1e-4, text_encoder_lr=1e-5, max_train_steps=1)
+    result = train(settings)
+    assert result.status == "finished", result.error
+    assert seen["unet plus"][0] == pytest.approx(16e-4) and seen["unet"][0] == pytest.approx(1e-4)
+    assert seen["textencoder plus"][0] == pytest.approx(4e-5)
+    assert seen["unet plus"][1] == seen["unet"][1]  # each module: lora_up in one group, lora_down in the other
+    _, meta = _file(result.files[-1])
+    args = json.loads(meta["ss_network_args"])
+    assert (args["loraplus_lr_ratio"], args["loraplus_text_encoder_lr_ratio"]) == ("16", "4")
+    assert "loraplus_unet_lr_ratio" not in args

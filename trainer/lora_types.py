@@ -77,10 +77,10 @@ def lycoris_network_args(settings, lora_type: LoraType) -> dict[str, str]:
     args = {}
     for arg in lora_type.args:
         key, _, name = arg.partition("=")
-        args[key] = lora_type.algo if key == "algo" else _arg_text(getattr(settings, name or key))
+        args[key] = lora_type.algo if key == "algo" else arg_text(getattr(settings, name or key))
     return args
 
 
-def _arg_text(value) -> str:
+def arg_text(value) -> str:
     """As kohya_ss's f-string writes a value loaded from its JSON: 1.0 was 1 there."""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)

@@ -35,8 +35,15 @@ class NetworkSpec:
     # When set (dim_from_weights), exactly these modules are built, with these ranks.
     module_ranks: dict[str, int] | None = field(default=None, compare=False)
     module_alphas: dict[str, float] | None = field(default=None, compare=False)
+    # LoRA+: lora_up weights of the UNet / text encoders learn at lr x ratio (0: off)
+    plus_unet: float = 0.0
+    plus_text_encoder: float = 0.0
     network_module: str = KOHYA_LORA  # lycoris.kohya: LyCORIS builds the modules, from lycoris_args
     lycoris_args: dict[str, str] = field(default_factory=dict, compare=False)  # kohya_ss's network_args
+
+    def plus_ratios(self) -> dict[str, float]:
+        """LoRA+ ratios by optimizer role ("unet", "textencoder": trainer.network.targets.Role values)."""
+        return {"unet": self.plus_unet, "textencoder": self.plus_text_encoder}
 
     @property
     def lycoris(self) -> bool:
@@ -57,6 +64,9 @@ class NetworkSpec:
             dropout=float(settings.network_dropout or 0),
             rank_dropout=float(settings.rank_dropout or 0),
             module_dropout=float(settings.module_dropout or 0),
+            # sd-scripts: the role's own ratio, else loraplus_lr_ratio
+            plus_unet=float(settings.loraplus_unet_lr_ratio or settings.loraplus_lr_ratio or 0),
+            plus_text_encoder=float(settings.loraplus_text_encoder_lr_ratio or settings.loraplus_lr_ratio or 0),
             network_module=lora_type.network_module,
             lycoris_args=lycoris_network_args(settings, lora_type) if lora_type.lycoris else {},
         )

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from trainer.lora_types import arg_text
+
 from .network import LoRANetwork, NetworkConfigError, NetworkSpec
 from .targets import Role
 from .weights import ranks_and_alphas, read_lora_file
@@ -53,12 +55,16 @@ def _load_weights(network: LoRANetwork, weights: dict, path: str, log) -> None:
 def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
     """``ss_network_args`` as kohya_ss passes them to sd-scripts (only the ones in use)."""
     if spec.lycoris:
-        return dict(spec.lycoris_args)
-    args = {}
-    if spec.conv_rank:
-        args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))
-    if spec.rank_dropout:
-        args["rank_dropout"] = str(spec.rank_dropout)
-    if spec.module_dropout:
-        args["module_dropout"] = str(spec.module_dropout)
+        args = dict(spec.lycoris_args)
+    else:
+        args = {}
+        if spec.conv_rank:
+            args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))
+        if spec.rank_dropout:
+            args["rank_dropout"] = str(spec.rank_dropout)
+        if spec.module_dropout:
+            args["module_dropout"] = str(spec.module_dropout)
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if getattr(settings, key, 0):  # kohya_ss appends the LoRA+ ratios that are not 0
+            args[key] = arg_text(getattr(settings, key))
     return args

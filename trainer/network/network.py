@@ -96,12 +96,12 @@ class LoRANetwork(nn.Module):
             module.multiplier = multiplier
 
     # -- training ---------------------------------------------------------------
-    def param_groups(self, lrs: dict[Role, float], plus_ratios: dict[Role, float] | None = None) -> list[dict]:
+    def param_groups(self, lrs: dict[Role, float], plus_ratios: dict[str, float] | None = None) -> list[dict]:
         """One optimizer group per role with a LoRA and a non-zero learning rate. With a LoRA+ ratio for the
         role, its ``lora_up`` weights form a second group at lr x ratio (sd-scripts' and LyCORIS's rule)."""
         groups = []
         for role in Role:
-            lr, ratio = lrs.get(role, 0.0), (plus_ratios or {}).get(role, 0.0)
+            lr, ratio = lrs.get(role, 0.0), (plus_ratios or {}).get(role.value, 0.0)
             named = [(n, p) for m in self.lora_modules(role) for n, p in m.named_parameters()]
             plus = [p for n, p in named if ratio and "lora_up" in n]
             params = [p for n, p in named if not (ratio and "lora_up" in n)]

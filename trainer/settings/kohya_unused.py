@@ -21,7 +21,7 @@ KOHYA_UNUSED_KEYS = frozenset({
     'huggingface_repo_visibility', 'huggingface_token', 'hunyuan_image_checkbox', 'images_folder',
     'instance_prompt', 'ip_noise_gamma_random_strength', 'latent_metadata_filename', 'log_config',
     'log_tracker_config', 'log_tracker_name', 'logit_mean', 'logit_std', 'lora_network_weights',
-    'loraplus_lr_ratio', 'loraplus_text_encoder_lr_ratio', 'loraplus_unet_lr_ratio', 'lowvram',
+    'lowvram',
     'lumina_checkbox', 'main_process_port', 'masked_loss', 'mem_eff_attn', 'mem_eff_save',
     'mid_lr_weight', 'mode_scale', 'model_prediction_type', 'model_type', 'multi_gpu',
     'no_token_padding', 'num_machines', 'num_processes', 'pos_emb_random_crop_rate',

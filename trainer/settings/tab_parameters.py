@@ -90,6 +90,16 @@ class ParameterSettings(BaseModel):
         0.0001, label="Text Encoder learning rate", tab=TAB, section=LR, ge=0, le=10,
         help="0 = UNet-only LoRA: the text encoder is not trained and has no keys in the file.",
     )
+    loraplus_lr_ratio: float = setting(
+        0, label="LoRA+ learning rate ratio", tab=TAB, section=LR, ge=0, le=128,
+        help="LoRA+: the lora_up weights learn at this many times the learning rate (start with 16). 0 = off.",
+    )
+    loraplus_unet_lr_ratio: float = setting(0, label="LoRA+ Unet learning rate ratio", tab=TAB, section=LR, ge=0, le=128,
+                                            help="Overrides the ratio for the UNet. 0 = the ratio above.")
+    loraplus_text_encoder_lr_ratio: float = setting(
+        0, label="LoRA+ Text Encoder learning rate ratio", tab=TAB, section=LR, ge=0, le=128,
+        help="Overrides the ratio for the text encoder(s). 0 = the ratio above.",
+    )
     lr_scheduler: str = setting("cosine", label="LR Scheduler", tab=TAB, section=LR, choices=LR_SCHEDULERS, ss_key="ss_lr_scheduler")
     lr_scheduler_type: str = setting(
         "", label="LR Scheduler type", tab=TAB, section=LR, choices=("", "CosineAnnealingLR"), allow_custom=True,
