@@ -51,12 +51,14 @@ def build_app(
                         with gr.Accordion("Configuration: presets and config files", open=True, elem_id="nk-config-accordion"):
                             presets = build_presets_panel(folders)
                         notes: dict[str, gr.components.Component] = {}
-                        components = build_settings_tabs(defaults, after_tab={"Source Model": lambda: notes.update(model=gr.HTML(elem_id="model_note"))})
+                        sections: dict = {}
+                        components = build_settings_tabs(defaults, after_tab={"Source Model": lambda: notes.update(model=gr.HTML(elem_id="model_note"))},
+                                                         sections=sections)
                     column = build_run_column(runs, form_values(defaults), below_buttons=build_train_command_panel)
             extra_tabs = build_extra_tabs()  # Dataset Preparation, Try it, Tools
         form = SettingsForm(components, kept)
         wire_presets(presets, form, folders)
-        wire_visibility(form.components, form_values(defaults))
+        wire_visibility(form.components, form_values(defaults), sections)
         wire_plan(form, column.plan)
         _wire_model_pick(form, notes["model"])
         wire_run_column(demo, form, runs, column)

@@ -27,18 +27,29 @@ def visibility(values: Mapping[str, Any]) -> dict[str, bool]:
     return {info.key: info.is_visible(values) for info in setting_infos() if info.visible_when}
 
 
-def wire_visibility(components: Mapping[str, gr.components.Component], initial: Mapping[str, Any]) -> None:
-    """Set the initial visibility and re-evaluate it whenever a controlling setting changes."""
-    for key, visible in visibility(initial).items():
+def wire_visibility(components: Mapping[str, gr.components.Component], initial: Mapping[str, Any],
+                    sections: Mapping[gr.components.Component, list[str]] | None = None) -> None:
+    """Set the initial visibility and re-evaluate it whenever a controlling setting changes. A section whose
+    settings all have rules (the LyCORIS options, the SDXL ones) hides with them instead of showing empty."""
+    ruled = {box: keys for box, keys in (sections or {}).items() if all(setting_info(k).visible_when for k in keys)}
+    shown = visibility(initial)
+    for key, visible in shown.items():
         components[key].visible = visible
+    for box, keys in ruled.items():
+        box.visible = any(shown[k] for k in keys)
     for control, keys in dependents().items():
-        controllers = sorted({k for key in keys for k, _ in setting_info(key).visible_when})
+        boxes = [(box, members) for box, members in ruled.items() if set(members) & set(keys)]
+        rules = {k for key in keys for k, _ in setting_info(key).visible_when}
+        rules |= {k for _, members in boxes for m in members for k, _ in setting_info(m).visible_when}
+        controllers = sorted(rules)
 
-        def update(*values, keys=tuple(keys), controllers=tuple(controllers)):
+        def update(*values, keys=tuple(keys), boxes=tuple(boxes), controllers=tuple(controllers)):
             current = dict(zip(controllers, values))
-            return [gr.update(visible=setting_info(k).is_visible(current)) for k in keys]
+            widgets = [gr.update(visible=setting_info(k).is_visible(current)) for k in keys]
+            return widgets + [gr.update(visible=any(setting_info(m).is_visible(current) for m in members))
+                              for _, members in boxes]
 
         components[control].change(
-            update, inputs=[components[k] for k in controllers], outputs=[components[k] for k in keys],
-            queue=False, show_progress="hidden",
+            update, inputs=[components[k] for k in controllers],
+            outputs=[components[k] for k in keys] + [box for box, _ in boxes], queue=False, show_progress="hidden",
         )

@@ -38,11 +38,13 @@ def elem_id(key: str) -> str:
 
 
 def build_settings_tabs(
-    settings: TrainingSettings | None = None, after_tab: Mapping[str, Callable[[], None]] | None = None
+    settings: TrainingSettings | None = None, after_tab: Mapping[str, Callable[[], None]] | None = None,
+    sections: dict | None = None,
 ) -> dict[str, gr.components.Component]:
     """Render the Source Model ... Metadata tabs inside the current Blocks; components by setting name.
 
     ``after_tab``: tab name -> a function rendering extra (non-setting) content at the end of that tab.
+    ``sections``: filled with each section's accordion -> the keys of its settings (to hide an empty one).
     """
     values = form_values(settings or TrainingSettings())
     components: dict[str, gr.components.Component] = {}
@@ -52,7 +54,10 @@ def build_settings_tabs(
         with gr.Tab(tab, id=tab_id(tab), elem_id=f"tab_{tab_id(tab)}"):
             in_tab = [i for i in infos if i.tab == tab]
             for section, section_infos in groupby(in_tab, key=lambda i: i.section):
-                _build_section(section, list(section_infos), values, components, pickers)
+                section_infos = list(section_infos)
+                accordion = _build_section(section, section_infos, values, components, pickers)
+                if accordion is not None and sections is not None:
+                    sections[accordion] = [i.key for i in section_infos]
             unused = [i for i in in_tab if i.unused]
             if unused:
                 gr.HTML(unused_note_html(unused), elem_id=f"unused_{tab_id(tab)}", elem_classes=["nk-unused-note"])
@@ -72,12 +77,14 @@ def unused_note_html(infos: list[SettingInfo]) -> str:
     return f'<div class="nk-note">Kept in the JSON config but not used by Nekoya, so not shown:<ul>{items}</ul></div>'
 
 
-def _build_section(section: str, infos: list[SettingInfo], values: dict[str, Any], out: dict, pickers: list) -> None:
+def _build_section(section: str, infos: list[SettingInfo], values: dict[str, Any], out: dict,
+                   pickers: list) -> gr.Accordion | None:
     if not section:
         _build_rows(infos, values, out, pickers)
-        return
-    with gr.Accordion(section, open=True, elem_classes=["settings-section"]):
+        return None
+    with gr.Accordion(section, open=True, elem_classes=["settings-section"]) as accordion:
         _build_rows(infos, values, out, pickers)
+    return accordion
 
 
 def _build_rows(infos: list[SettingInfo], values: dict[str, Any], out: dict, pickers: list) -> None:

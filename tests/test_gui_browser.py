@@ -197,6 +197,27 @@ def test_a_preset_saved_from_the_page_loads_back(page, gui):
     expect(box(page, "optimizer_args")).to_have_value("weight_decay=0.05")
 
 
+def test_lycoris_options_show_for_the_types_that_use_them(page):
+    """kohya_ss's LyCORIS accordion: each option only for the types whose network_args carry it."""
+    show_tab(page, "Parameters")
+    lycoris_section = page.locator(".settings-section").filter(has_text="LyCORIS Preset")
+    expect(page.locator("#setting_LyCORIS_preset")).to_be_hidden()
+    expect(lycoris_section).to_be_hidden()  # no empty accordion for the types without LyCORIS options
+    pick(page, "setting_LoRA_type", "LyCORIS/LoKr")
+    expect(lycoris_section).to_be_visible()
+    for key in ("LyCORIS_preset", "factor", "use_cp", "decompose_both", "dora_wd", "network_dim", "conv_dim"):
+        expect(page.locator(f"#setting_{key}")).to_be_visible()
+    expect(page.locator("#setting_train_on_input")).to_be_hidden()
+    pick(page, "setting_LoRA_type", "LyCORIS/iA3")
+    expect(page.locator("#setting_train_on_input")).to_be_visible()
+    expect(page.locator("#setting_factor")).to_be_hidden()
+    expect(page.locator("#setting_network_dim")).to_be_hidden()  # iA3 has no rank
+    pick(page, "setting_LoRA_type", "Standard")
+    expect(page.locator("#setting_LyCORIS_preset")).to_be_hidden()
+    expect(lycoris_section).to_be_hidden()
+    expect(page.locator("#setting_network_dim")).to_be_visible()
+
+
 def test_fields_show_only_where_they_apply(page):
     """Conv rank only for LoCon types, Multires fields only for the Multires noise type (visible_when)."""
     show_tab(page, "Parameters")
