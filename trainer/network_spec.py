@@ -7,12 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.lora_blocks import BlockPlan, block_plan
 from trainer.lora_types import KOHYA_LORA, TYPES, lycoris_network_args
 from trainer.problems import NekoyaError
 
 # LoRA types of kohya_ss that Nekoya trains, and whether they add conv LoRA (trainer.lora_types has the rest).
 NETWORK_TYPES = {name: t.conv for name, t in TYPES.items()}
 CONV_LORA_TYPES = tuple(name for name, with_conv in NETWORK_TYPES.items() if with_conv)
+# the types kohya_ss passes block weights/dims to (sd-scripts' networks.lora, lora_fa, dylora)
+BLOCK_TYPES = ("Standard", "Kohya LoCon", "LoRA-FA", "Kohya DyLoRA")
 
 
 class NetworkConfigError(NekoyaError, ValueError):
@@ -35,6 +38,7 @@ class NetworkSpec:
     # When set (dim_from_weights), exactly these modules are built, with these ranks.
     module_ranks: dict[str, int] | None = field(default=None, compare=False)
     module_alphas: dict[str, float] | None = field(default=None, compare=False)
+    blocks: BlockPlan | None = field(default=None, compare=False)  # block-wise ranks and lr weights
     # LoRA+: lora_up weights of the UNet / text encoders learn at lr x ratio (0: off)
     plus_unet: float = 0.0
     plus_text_encoder: float = 0.0
@@ -57,6 +61,7 @@ class NetworkSpec:
         lora_type = TYPES[settings.LoRA_type]
         with_conv = lora_type.conv and int(settings.conv_dim) > 0
         return cls(
+            blocks=_blocks(settings, int(settings.conv_dim) if with_conv else None),
             rank=int(settings.network_dim),
             alpha=float(settings.network_alpha),
             conv_rank=int(settings.conv_dim) if with_conv else 0,
@@ -71,11 +76,31 @@ class NetworkSpec:
             lycoris_args=lycoris_network_args(settings, lora_type) if lora_type.lycoris else {},
         )
 
+    @property
+    def conv_layers(self) -> bool:
+        """Whether 3x3 convs can get LoRA: a conv rank, block conv ranks or ranks from a file."""
+        return self.conv_rank > 0 or self.module_ranks is not None or bool(self.blocks and self.blocks.conv_dims)
+
     def rank_for(self, layer) -> tuple[int, float]:
         """(rank, alpha) for a layer; rank 0 means "no LoRA here"."""
         if self.module_ranks is not None:
             rank = self.module_ranks.get(layer.lora_name, 0)
             return rank, (self.module_alphas or {}).get(layer.lora_name, rank)
+        if self.blocks is not None and layer.lora_name.startswith("lora_unet_"):
+            return self.blocks.rank_for(layer.lora_name, conv=layer.kind != "linear")
         if layer.kind == "linear":  # targets.LayerKind.LINEAR (a str enum; targets imports torch)
             return self.rank, self.alpha
         return self.conv_rank, self.conv_alpha
+
+
+def _blocks(settings: Any, conv_dim: int | None) -> BlockPlan | None:
+    """sd-scripts' block plan for the types it applies to; a wrong block list is refused by name."""
+    if settings.LoRA_type not in BLOCK_TYPES:
+        return None
+    from trainer.families.registry import spec_for_settings
+    from trainer.lora_blocks import BlockSettingError
+
+    try:
+        return block_plan(settings, spec_for_settings(settings).sgm_lora_names, conv_dim, float(settings.conv_alpha))
+    except BlockSettingError as exc:
+        raise NetworkConfigError(str(exc), exc.field) from None

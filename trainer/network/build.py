@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from trainer.lora_blocks import BLOCK_KEYS
 from trainer.lora_types import arg_text
 
 from .network import LoRANetwork, NetworkConfigError, NetworkSpec
@@ -60,6 +61,9 @@ def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
         args = {}
         if spec.conv_rank:
             args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))
+        for key in BLOCK_KEYS:  # kohya_ss passes the block settings that are filled in, as written
+            if str(getattr(settings, key, "") or "").strip():
+                args[key] = str(getattr(settings, key)).strip()
         if spec.rank_dropout:
             args["rank_dropout"] = str(spec.rank_dropout)
         if spec.module_dropout:

@@ -13,6 +13,8 @@ from torch import nn
 
 from trainer.network_spec import NETWORK_TYPES, NetworkConfigError, NetworkSpec  # noqa: F401 (their home before)
 
+from trainer.lora_blocks import BlockPlan, block_index
+
 from .module import DropoutDraws, LoRAModule
 from .targets import LoraTarget, Role, TargetLayer, find_target_layers
 
@@ -45,7 +47,7 @@ class LoRANetwork(nn.Module):
             from .lycoris_modules import build_lycoris_modules
 
             return cls.of_modules(build_lycoris_modules(list(targets), spec, init_generator))
-        with_conv = spec.conv_rank > 0 or spec.module_ranks is not None
+        with_conv = spec.conv_layers
         layers = [layer for target in targets for layer in find_target_layers(target, with_conv)]
         return cls(layers, spec, init_generator)
 
@@ -96,19 +98,24 @@ class LoRANetwork(nn.Module):
             module.multiplier = multiplier
 
     # -- training ---------------------------------------------------------------
-    def param_groups(self, lrs: dict[Role, float], plus_ratios: dict[str, float] | None = None) -> list[dict]:
+    def param_groups(self, lrs: dict[Role, float], plus_ratios: dict[str, float] | None = None,
+                     blocks: BlockPlan | None = None) -> list[dict]:
         """One optimizer group per role with a LoRA and a non-zero learning rate. With a LoRA+ ratio for the
-        role, its ``lora_up`` weights form a second group at lr x ratio (sd-scripts' and LyCORIS's rule)."""
+        role, its ``lora_up`` weights form a second group at lr x ratio (sd-scripts' and LyCORIS's rule).
+        With block lr weights, the UNet's modules are grouped by block at lr x the block's weight."""
         groups = []
         for role in Role:
             lr, ratio = lrs.get(role, 0.0), (plus_ratios or {}).get(role.value, 0.0)
-            named = [(n, p) for m in self.lora_modules(role) for n, p in m.named_parameters()]
-            plus = [p for n, p in named if ratio and "lora_up" in n]
-            params = [p for n, p in named if not (ratio and "lora_up" in n)]
-            if params and lr:
-                groups.append({"params": params, "lr": lr, "name": role.value})
-            if plus and lr:
-                groups.append({"params": plus, "lr": lr * ratio, "name": f"{role.value} plus"})
+            modules = self.lora_modules(role)
+            if role is Role.UNET and blocks is not None and blocks.lr_weights is not None:
+                by_block: dict[int, list[nn.Module]] = {}
+                for module in modules:
+                    by_block.setdefault(block_index(module.lora_name, blocks.sgm_names), []).append(module)
+                for index, members in by_block.items():
+                    weight = blocks.lr_weight(members[0].lora_name)
+                    groups += _module_groups(members, lr * weight, ratio, f"unet_block{index}")
+            else:
+                groups += _module_groups(modules, lr, ratio, role.value)
         return groups
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
@@ -161,3 +168,14 @@ class LoRANetwork(nn.Module):
             if isinstance(module, LoRAModule):
                 module.scale = module.alpha.item() / module.rank
         return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _module_groups(modules: list[nn.Module], lr: float, ratio: float, name: str) -> list[dict]:
+    """The optimizer groups of these modules at ``lr``: LoRA+ puts their ``lora_up`` weights apart."""
+    if not lr:
+        return []
+    named = [(n, p) for m in modules for n, p in m.named_parameters()]
+    plus = [p for n, p in named if ratio and "lora_up" in n]
+    rest = [p for n, p in named if not (ratio and "lora_up" in n)]
+    groups = [{"params": rest, "lr": lr, "name": name}] if rest else []
+    return groups + ([{"params": plus, "lr": lr * ratio, "name": f"{name} plus"}] if plus else [])

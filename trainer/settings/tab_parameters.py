@@ -9,8 +9,8 @@ from trainer.optim.table import DROPDOWN_NAMES
 from .field import setting
 
 TAB = "Parameters"
-BASIC, LR, NET, LYCO, RES, SDXL = ("Basic", "Learning rate and optimizer", "Network", "LyCORIS",
-                                   "Resolution and buckets", "SDXL")
+BASIC, LR, NET, LYCO, BLOCKS, RES, SDXL = ("Basic", "Learning rate and optimizer", "Network", "LyCORIS",
+                                           "Block weights", "Resolution and buckets", "SDXL")
 
 LORA_TYPES = ALL_TYPES  # the one table of LoRA types: trainer.lora_types
 OPTIMIZERS = DROPDOWN_NAMES  # the one optimizer table: trainer.optim.table
@@ -24,6 +24,12 @@ LOCON_TYPES = CONV_TYPES  # the types with a conv rank (kohya_ss's "convolution 
 ONLY_LOCON = {"LoRA_type": LOCON_TYPES}
 # kohya_ss hides the rank/alpha row for the types that have no rank
 RANKED_TYPES = tuple(name for name in ALL_TYPES if name not in ("LyCORIS/iA3", "LyCORIS/Native Fine-Tuning"))
+
+
+# kohya_ss's Weights/Blocks/Conv fields: the types it passes them to (trainer.network_spec.BLOCK_TYPES)
+ONLY_BLOCK_TYPES = {"LoRA_type": ("Standard", "Kohya LoCon", "LoRA-FA", "Kohya DyLoRA")}
+_BLOCK_LIST = ("25 comma-separated numbers for SD 1.x/2.x (12 down, 1 mid, 12 up), 23 for SDXL "
+               "(time embedding, 9 input, 3 middle, 9 output, out).")
 
 
 def _lycoris(option: str) -> dict:
@@ -168,6 +174,30 @@ class ParameterSettings(BaseModel):
                                    visible_when=_lycoris("train_on_input"))
     unit: int = setting(1, label="DyLoRA Unit / Block size", tab=TAB, section=LYCO, ge=1, le=64, step=1, widget="slider",
                         visible_when={"LoRA_type": ("Kohya DyLoRA", "LyCORIS/DyLoRA")})
+    # --- Block weights (kohya_ss's Weights / Blocks / Conv tabs; sd-scripts' networks.lora) -------
+    down_lr_weight: str = setting(
+        "", label="Down LR weights", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+        help="Learning-rate weight of each down block of the UNet, e.g. 0,0,0,0,0,0,1,1,1,1,1,1, or a curve: "
+             "cosine, sine, linear, reverse_linear, zeros (add +0.1 to raise it). A block at 0 gets no LoRA.",
+    )
+    mid_lr_weight: str = setting("", label="Mid LR weights", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+                                 help="Learning-rate weight of the mid block(s), e.g. 0.5 (SDXL: 3 numbers).")
+    up_lr_weight: str = setting("", label="Up LR weights", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+                                help="As Down LR weights, for the up blocks (deeper to shallower).")
+    block_lr_zero_threshold: str = setting(
+        "", label="Blocks LR zero threshold", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+        help="A block whose weight is not more than this gets no LoRA module. Empty = 0.",
+    )
+    block_dims: str = setting("", label="Block dims", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+                              help="The rank of each block: " + _BLOCK_LIST)
+    block_alphas: str = setting("", label="Block alphas", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+                                help="The alpha of each block (as Block dims). Empty = Network Alpha.")
+    conv_block_dims: str = setting(
+        "", label="Conv dims", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+        help="Extend LoRA to the 3x3 convolutions with this rank per block: " + _BLOCK_LIST,
+    )
+    conv_block_alphas: str = setting("", label="Conv alphas", tab=TAB, section=BLOCKS, visible_when=ONLY_BLOCK_TYPES,
+                                     help="The conv alpha of each block. Empty = Convolution Alpha.")
     # --- Resolution and buckets --------------------------------------------
     max_resolution: str = setting(
         "512,512", label="Max resolution", tab=TAB, section=RES, help="Width,height of the training area, e.g. 512,512 or 1024,1024.",
