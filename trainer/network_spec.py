@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.lora_blocks import BlockPlan, block_plan
-from trainer.lora_types import KOHYA_LORA, TYPES, lycoris_network_args
+from trainer.lora_types import KOHYA_DYLORA, KOHYA_LORA, LORA_FA, TYPES, kohya_own_network_args, lycoris_network_args
 from trainer.problems import NekoyaError
 
 # LoRA types of kohya_ss that Nekoya trains, and whether they add conv LoRA (trainer.lora_types has the rest).
@@ -44,6 +44,11 @@ class NetworkSpec:
     plus_text_encoder: float = 0.0
     network_module: str = KOHYA_LORA  # lycoris.kohya: LyCORIS builds the modules, from lycoris_args
     lycoris_args: dict[str, str] = field(default_factory=dict, compare=False)  # kohya_ss's network_args
+    # Kohya LoHa/LoKr/DyLoRA/LoRA-FA (sd-scripts' own networks.loha/lokr/dylora/lora_fa): kohya_ss's network_args
+    kohya_args: dict[str, str] = field(default_factory=dict, compare=False)
+    use_tucker: bool = False  # Kohya LoHa/LoKr: 3x3 convs as a Tucker core and two matrices
+    lokr_factor: int = -1  # Kohya LoKr: sd-scripts' factorization factor (-1: the most balanced)
+    dylora_unit: int = 1  # Kohya DyLoRA: the rank block trained at each step
 
     def plus_ratios(self) -> dict[str, float]:
         """LoRA+ ratios by optimizer role ("unet", "textencoder": trainer.network.targets.Role values)."""
@@ -60,20 +65,27 @@ class NetworkSpec:
             raise NetworkConfigError(f"LoRA type {settings.LoRA_type!r} is not supported yet; choose {supported}", "LoRA_type")
         lora_type = TYPES[settings.LoRA_type]
         with_conv = lora_type.conv and int(settings.conv_dim) > 0
+        dylora, lora_fa = lora_type.network_module == KOHYA_DYLORA, lora_type.network_module == LORA_FA
         return cls(
             blocks=_blocks(settings, int(settings.conv_dim) if with_conv else None),
             rank=int(settings.network_dim),
             alpha=float(settings.network_alpha),
             conv_rank=int(settings.conv_dim) if with_conv else 0,
-            conv_alpha=float(settings.conv_alpha),
+            # sd-scripts' networks.dylora gives 3x3 convs network_alpha (its conv_alpha is read, not used)
+            conv_alpha=float(settings.network_alpha if dylora else settings.conv_alpha),
             dropout=float(settings.network_dropout or 0),
             rank_dropout=float(settings.rank_dropout or 0),
             module_dropout=float(settings.module_dropout or 0),
-            # sd-scripts: the role's own ratio, else loraplus_lr_ratio
-            plus_unet=float(settings.loraplus_unet_lr_ratio or settings.loraplus_lr_ratio or 0),
-            plus_text_encoder=float(settings.loraplus_text_encoder_lr_ratio or settings.loraplus_lr_ratio or 0),
+            # sd-scripts: the role's own ratio, else loraplus_lr_ratio; networks.lora_fa reads none of them
+            plus_unet=0.0 if lora_fa else float(settings.loraplus_unet_lr_ratio or settings.loraplus_lr_ratio or 0),
+            plus_text_encoder=0.0 if lora_fa else float(settings.loraplus_text_encoder_lr_ratio
+                                                        or settings.loraplus_lr_ratio or 0),
             network_module=lora_type.network_module,
             lycoris_args=lycoris_network_args(settings, lora_type) if lora_type.lycoris else {},
+            kohya_args=kohya_own_network_args(settings, lora_type) if lora_type.kohya_own else {},
+            use_tucker=bool(settings.use_tucker) if lora_type.kohya_own else False,
+            lokr_factor=int(settings.factor) if lora_type.kohya_own else -1,
+            dylora_unit=int(settings.unit) if dylora else 1,
         )
 
     @property

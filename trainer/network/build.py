@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from trainer.lora_blocks import BLOCK_KEYS
-from trainer.lora_types import arg_text
+from trainer.lora_types import KOHYA_OWN_MODULES, arg_text
 
 from .network import LoRANetwork, NetworkConfigError, NetworkSpec
 from .targets import Role
@@ -55,7 +55,9 @@ def _load_weights(network: LoRANetwork, weights: dict, path: str, log) -> None:
 
 def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
     """``ss_network_args`` as kohya_ss passes them to sd-scripts (only the ones in use)."""
-    if spec.lycoris:
+    if spec.network_module in KOHYA_OWN_MODULES:  # Kohya LoHa/LoKr/DyLoRA/LoRA-FA: kohya_ss's own recipes
+        args = dict(spec.kohya_args)
+    elif spec.lycoris:
         args = dict(spec.lycoris_args)
     else:
         args = {}

@@ -43,13 +43,31 @@ class LoRANetwork(nn.Module):
     def build(cls, targets: Iterable[LoraTarget], spec: NetworkSpec,
               init_generator: torch.Generator | None = None) -> "LoRANetwork":
         """``init_generator`` draws the initial down weights (the global RNG when None)."""
-        if spec.lycoris:
+        from trainer.lora_types import KOHYA_OWN_MODULES
+
+        kohya_own = spec.network_module in KOHYA_OWN_MODULES
+        if spec.lycoris and not kohya_own:
             from .lycoris_modules import build_lycoris_modules
 
             return cls.of_modules(build_lycoris_modules(list(targets), spec, init_generator))
         with_conv = spec.conv_layers
         layers = [layer for target in targets for layer in find_target_layers(target, with_conv)]
+        if kohya_own:
+            return cls._of_kohya_type(layers, spec, init_generator)
         return cls(layers, spec, init_generator)
+
+    @classmethod
+    def _of_kohya_type(cls, layers: list[TargetLayer], spec: NetworkSpec,
+                       init_generator: torch.Generator | None) -> "LoRANetwork":
+        """Kohya LoHa/LoKr/DyLoRA/LoRA-FA: sd-scripts' own modules on the layers networks.lora would train
+        (trainer.network.kohya_types)."""
+        from .kohya_types import build_kohya_type_modules
+
+        network = cls.of_modules(build_kohya_type_modules(layers, spec, init_generator))
+        for module in network.lora_modules():
+            if isinstance(module, LoRAModule):  # LoRA-FA: rank dropout masks each sample of the batch
+                module.batch_size_ref = network._batch_size
+        return network
 
     @classmethod
     def of_modules(cls, modules: Iterable[tuple[str, nn.Module, Role]]) -> "LoRANetwork":
