@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import shlex
 from typing import Any
 
 from trainer.problems import NekoyaError
@@ -17,9 +18,14 @@ class OptimConfigError(NekoyaError, ValueError):
 
 def parse_literal_args(text: str, field: str) -> dict[str, Any]:
     """``"betas=(0.9,0.99) weight_decay=0.01 decouple=True"`` -> kwargs, as sd-scripts
-    does with ``ast.literal_eval``; a bare word that is not a literal stays a string."""
+    does with ``ast.literal_eval``; a bare word that is not a literal stays a string. Quoted pairs
+    (``"d0=1e-5" "decouple=True"``, as kohya_ss's presets write them) lose their quotes, as kohya_ss does."""
     kwargs: dict[str, Any] = {}
-    for token in (text or "").split():
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError:
+        raise OptimConfigError(f"{text!r} has an unclosed quote", field) from None
+    for token in tokens:
         key, sep, raw = token.partition("=")
         if not sep or not key or not raw:
             raise OptimConfigError(f"{token!r} is not key=value (pairs separated by spaces, no spaces around '=')", field)
