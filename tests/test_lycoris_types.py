@@ -39,10 +39,11 @@ def _loaded_family(settings):
     return family
 
 
-def _lycoris_unet_names(lora_type, settings, tmp_path) -> set[str]:
-    """The UNet module names lycoris.kohya itself gives the same model and arguments (SD1: diffusers names,
-    as sd-scripts' SD1 UNet has). Its "full" preset also names the TimestepEmbedding class, whose layers it
-    names again as time_embedding.linear_1/2 (LyCORIS 4 then stops on a duplicate): the preset without it."""
+def _lycoris_names(lora_type, settings, tmp_path, with_text_encoder: bool) -> set[str]:
+    """The module names lycoris.kohya itself gives the same model and arguments (SD1: diffusers names, as
+    sd-scripts' SD1 UNet has). Its "full" preset also names the TimestepEmbedding class, whose layers it
+    names again as time_embedding.linear_1/2 (LyCORIS 4 then stops on a duplicate): the preset without it.
+    Nekoya's CLIP has no ``text_model`` level; transformers 4's, which sd-scripts trains, has: its keys carry it."""
     import toml
     from lycoris import kohya as lycoris_kohya
     from lycoris.config import PRESET
@@ -55,13 +56,15 @@ def _lycoris_unet_names(lora_type, settings, tmp_path) -> set[str]:
     args = dict(lycoris_network_args(settings, TYPES[lora_type]), preset=str(preset_file))
     saved = dict(vars(lycoris_kohya.LycorisNetworkKohya))
     try:
-        network = lycoris_kohya.create_network(1.0, settings.network_dim, settings.network_alpha, None, None,
+        network = lycoris_kohya.create_network(1.0, settings.network_dim, settings.network_alpha, None,
+                                               family.text_encoders[0] if with_text_encoder else None,
                                                family.unet, **args)
     finally:
         for k in ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "ENABLE_CONV",
                   "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME"):
             setattr(lycoris_kohya.LycorisNetworkKohya, k, saved[k])
-    return {m.lora_name for m in network.unet_loras}
+    names = {m.lora_name for m in network.unet_loras}
+    return names | {m.lora_name.replace("lora_te_", "lora_te_text_model_", 1) for m in network.text_encoder_loras}
 
 
 @pytest.mark.slow
@@ -78,9 +81,8 @@ def test_each_lycoris_type_trains_and_writes_lycoris_keys(lora_type, tiny_sd1_di
     suffixes = {key.split(".", 1)[1] for key in tensors}
     assert suffixes <= TYPE_KEYS[lora_type] and suffixes & TYPE_KEYS[lora_type]
     assert all(torch.isfinite(t).all() for t in tensors.values())
-    # target selection is LyCORIS's own: the same UNet modules lycoris.kohya picks on this model
-    unet = {m for m in modules if m.startswith("lora_unet_")}
-    assert unet == _lycoris_unet_names(lora_type, settings, tmp_path)
+    # target selection is LyCORIS's own: the same modules lycoris.kohya picks on this model, named as sd-scripts
+    assert modules == _lycoris_names(lora_type, settings, tmp_path, with_text_encoder=bool(te_lr))
     te = {m for m in modules if m.startswith("lora_te")}
     assert bool(te) == bool(te_lr)
     assert all(m.startswith("lora_te_text_model_encoder_layers_") for m in te)  # sd-scripts' CLIP key names
