@@ -5,7 +5,8 @@ SVD and its top ``rank`` directions become ``up = U·S``, ``down = Vh`` with alp
 rank (scale 1). 3x3 convs are included when ``conv_rank`` is given (LoCon). As in
 sd-scripts, the text encoders are left out when no weight differs by more than
 ``min_diff``, and factor values beyond the ``clamp_quantile`` of their magnitudes
-are clamped (None turns that off).
+are clamped (None turns that off). The result is always a LoRA/LoCon file (lora_down/lora_up): extract
+writes no LyCORIS types, and refuses a LoRA or LyCORIS file given as one of the models.
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def extract_lora(base, tuned, out_path, rank: int = DEFAULTS.rank, *, conv_rank:
     started, log = time.perf_counter(), log or (lambda message: None)
     _check_arguments(rank, conv_rank, clamp_quantile, save_precision, load_precision)
     out = check_output_path(out_path, LORA_SUFFIXES, inputs=[base, tuned], overwrite=overwrite)
+    _refuse_lora_inputs(base, tuned)
     _check_same_family(base, tuned)
     dtype = LOAD_PRECISIONS[load_precision]
     log(f"loading {base}")
@@ -141,6 +143,18 @@ def _check_arguments(rank, conv_rank, clamp_quantile, save_precision, load_preci
         raise ToolError(f"unknown precision {save_precision!r}; choose {', '.join(SAVE_PRECISIONS)}")
     if load_precision not in LOAD_PRECISIONS:
         raise ToolError(f"unknown precision {load_precision!r}; choose {', '.join(LOAD_PRECISIONS)}")
+
+
+def _refuse_lora_inputs(*models) -> None:
+    """A LoRA or LyCORIS file given as one of the two models: say what extract takes and writes."""
+    from trainer.tools.lycoris_file import lora_file_type
+
+    for model in models:
+        kind = lora_file_type(model)
+        if kind:
+            raise ToolError(f"{Path(model).name} is a {kind} file, not a model: extract takes two full models (the "
+                            "base and its fine-tune) and writes a LoRA/LoCon file (lora_down/lora_up); it cannot "
+                            "write LyCORIS types")
 
 
 def _check_same_family(base, tuned) -> None:

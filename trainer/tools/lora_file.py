@@ -2,11 +2,14 @@
 
 Every tool reads LoRAs through :func:`read_lora`, so they all agree on what a
 module is, what its weight change is (sd-scripts' merge formula, §1.3 of the
-reference) and which keys are not plain LoRA (LoHa, LoKr, DoRA, PEFT names...).
+reference) and which keys no tool can use (PEFT names, incomplete modules...).
+Other kohya-named modules (LyCORIS: LoHa, LoKr, iA3, OFT, lora_mid, DoRA...) are
+kept apart in ``LoraFile.lycoris`` (trainer.tools.lycoris_file).
 """
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,11 +66,11 @@ class LoraWeights:
 
     @property
     def prefix(self) -> str:
-        return next((p for p in sorted(PREFIX_ROLES, key=len, reverse=True) if self.name.startswith(p + "_")), "")
+        return prefix_of(self.name)
 
     @property
     def role(self) -> str:
-        return PREFIX_ROLES.get(self.prefix, "unknown")
+        return role_of(self.name)
 
     @property
     def kind(self) -> str:
@@ -88,6 +91,16 @@ class LoraWeights:
         up, down = self.up.float().flatten(1), self.down.float().flatten(1)
         squared = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0)
         return float(squared.sqrt()) * abs(self.scale)
+
+
+def prefix_of(name: str) -> str:
+    """The kohya prefix of a module name ("lora_te1"...), "" when it has none."""
+    return next((p for p in sorted(PREFIX_ROLES, key=len, reverse=True) if name.startswith(p + "_")), "")
+
+
+def role_of(name: str) -> str:
+    """Which model a module name patches ("UNet", "text encoder 1"...)."""
+    return PREFIX_ROLES.get(prefix_of(name), "unknown")
 
 
 def delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -122,9 +135,28 @@ class LoraFile:
     path: Path
     modules: dict[str, LoraWeights]
     metadata: dict[str, str] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)  # keys that are not (complete) plain LoRA
+    problems: list[str] = field(default_factory=list)  # keys no tool can use (incomplete, unknown format)
     dtypes: tuple[str, ...] = ()
     file_bytes: int = 0
+    lycoris: dict = field(default_factory=dict)  # name -> LycorisWeights (trainer.tools.lycoris_file)
+
+    def names(self) -> list[str]:
+        """Every usable module, plain LoRA and LyCORIS."""
+        return sorted([*self.modules, *self.lycoris])
+
+    def types(self) -> Counter:
+        """Modules per type: "LoRA" for lora_down/lora_up modules, else the LyCORIS type ("LoHa"...)."""
+        return Counter(["LoRA"] * len(self.modules) + [m.type for m in self.lycoris.values()])
+
+    def type_label(self) -> str:
+        """What the file is, e.g. "LyCORIS LoHa" (training metadata first, else from the keys)."""
+        from trainer.tools.lycoris_file import declared_type
+
+        declared = declared_type(self.metadata)
+        if declared:
+            return declared
+        found = sorted(t for t in self.types() if t != "LoRA")
+        return "LyCORIS " + "/".join(found) if found else "LoRA"
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The kohya state dict of the modules (what a writer saves back)."""
@@ -147,11 +179,11 @@ def read_lora(path) -> LoraFile:
     if not path.is_file():
         raise LoraFormatError(f"LoRA file not found: {path}")
     tensors, metadata = _read_tensors(path)
-    modules, problems = parse_modules(tensors)
-    if not modules:
+    modules, lycoris, problems = parse_file(tensors)
+    if not modules and not lycoris:
         raise LoraFormatError(f"{path.name} is not a LoRA file: {_what_it_holds(tensors, problems)}")
     dtypes = tuple(sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()}))
-    return LoraFile(path, modules, metadata, problems, dtypes, os.path.getsize(path))
+    return LoraFile(path, modules, metadata, problems, dtypes, os.path.getsize(path), lycoris)
 
 
 def _what_it_holds(tensors: dict, problems: list[str]) -> str:
@@ -160,7 +192,7 @@ def _what_it_holds(tensors: dict, problems: list[str]) -> str:
     if any(key.startswith(LDM_PREFIXES["unet"]) for key in tensors):
         return "it is a Stable Diffusion model checkpoint (use it as the base model, not as a LoRA)"
     found = f"; it holds {problems[0]}" if problems else ""
-    return f"it has no kohya LoRA modules (lora_down/lora_up pairs){found}"
+    return f"it has no kohya LoRA modules (lora_down/lora_up pairs) nor LyCORIS modules{found}"
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -186,43 +218,67 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def parse_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoraWeights], list[str]]:
-    """Group kohya keys into modules; describe everything else as a problem.
-
-    A module that also carries foreign parts (``lora_mid``, ``dora_scale``...) is left
-    out: its weight change is not up @ down, so merging it as plain LoRA would be wrong.
-    """
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    foreign: dict[str, int] = {}
-    tainted: dict[str, str] = {}
-    for key, value in tensors.items():
-        name, _, part = key.partition(".")
-        if name.startswith("lora_") and part in PARTS:
-            parts.setdefault(name, {})[PARTS[part]] = value
-            continue
-        label = next((what for marker, what in FOREIGN_KEYS if marker in key), "keys of an unknown format")
-        foreign[label] = foreign.get(label, 0) + 1
-        tainted[name] = label
-    problems = [f"{count} {label} key(s), which these tools cannot use" for label, count in foreign.items()]
-    modules = {}
-    for name, found in sorted(parts.items()):
-        problem = _module_problem(name, found, tainted.get(name))
-        if problem:
-            problems.append(problem)
-            continue
-        down, up = found["down"], found["up"]
-        alpha = float(found["alpha"].float().item()) if "alpha" in found else 0.0
-        modules[name] = LoraWeights(name, down, up, alpha or float(down.shape[0]))  # sd-scripts: 0/None -> rank
+    """The plain LoRA modules and the problems (see :func:`parse_file`, which also keeps LyCORIS modules)."""
+    modules, _, problems = parse_file(tensors)
     return modules, problems
 
 
-def _module_problem(name: str, found: dict[str, torch.Tensor], foreign_part: str | None) -> str | None:
-    if foreign_part:
-        return f"{name}: also has {foreign_part} weights, so it is not plain LoRA and is left out"
+def parse_file(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, LoraWeights], dict, list[str]]:
+    """Group keys into modules: plain LoRA (exactly lora_down/lora_up/alpha), LyCORIS modules (any other kohya
+    module: LoHa, LoKr, lora_mid, dora_scale...), and problems describing everything else."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, part = key.partition(".")
+        grouped.setdefault(name, {})[part] = value
+    modules, lycoris, problems, foreign = {}, {}, [], Counter()
+    for name, parts in sorted(grouped.items()):
+        if name.startswith("lora_") and set(parts) <= set(PARTS):
+            module = _classic_module(name, parts)
+        elif name.startswith("lora_") and not _unknown_format(parts):
+            from trainer.tools.lycoris_file import parse_lycoris
+
+            module = parse_lycoris(name, parts)
+        else:
+            foreign.update(_label(f"{name}.{part}") for part in parts)
+            continue
+        if isinstance(module, str):
+            problems.append(module)
+        else:
+            (modules if isinstance(module, LoraWeights) else lycoris)[name] = module
+    foreign_problems = [f"{count} {label} key(s), which these tools cannot use" for label, count in foreign.items()]
+    return modules, lycoris, foreign_problems + problems
+
+
+def _unknown_format(parts: dict) -> bool:
+    """Parts no LyCORIS type uses as its detector (PEFT lora_A, diffusers lora.down...)."""
+    from trainer.tools.lycoris_file import known_parts
+
+    return not set(parts) & known_parts()
+
+
+def _label(key: str) -> str:
+    return next((what for marker, what in FOREIGN_KEYS if marker in key), "keys of an unknown format")
+
+
+def _classic_module(name: str, found: dict[str, torch.Tensor]) -> LoraWeights | str:
+    parts = {PARTS[part]: value for part, value in found.items()}
+    problem = _module_problem(name, parts)
+    if problem:
+        return problem
+    down, up = parts["down"], parts["up"]
+    if down.dim() == 4 and up.dim() == 2:  # LyCORIS DyLoRA saves a conv module's up flat: the same 1x1 conv
+        up = up.reshape(*up.shape, 1, 1)
+    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else 0.0
+    return LoraWeights(name, down, up, alpha or float(down.shape[0]))  # sd-scripts: 0/None -> rank
+
+
+def _module_problem(name: str, found: dict[str, torch.Tensor]) -> str | None:
     if "down" not in found or "up" not in found:
         missing = "lora_up" if "down" in found else "lora_down"
         return f"{name}: no {missing}.weight, so the module is incomplete and left out"
     down, up = found["down"], found["up"]
-    fits = up.dim() == down.dim() in (2, 4) and down.shape[0] == up.shape[1] and tuple(up.shape[2:]) in ((), (1, 1))
+    fits = (up.dim() == down.dim() in (2, 4) or (up.dim(), down.dim()) == (2, 4)) \
+        and down.shape[0] == up.shape[1] and tuple(up.shape[2:]) in ((), (1, 1))
     if not fits:
         return f"{name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not fit together; left out"
     return None

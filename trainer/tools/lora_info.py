@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from trainer.families import family_spec, spec_for_lora
-from trainer.tools.lora_file import LoraFile, read_lora, shapes_fit
+from trainer.tools.lora_file import LoraFile, read_lora, role_of, shapes_fit
 
 # ss_base_model_version -> what people call it
 BASE_VERSIONS = {
@@ -76,11 +77,12 @@ SETTING_ROWS = (
 class ModuleInfo:
     name: str
     role: str  # "UNet", "text encoder", ...
-    kind: str  # "linear", "conv1x1", "conv3x3"
-    rank: int
+    kind: str  # "linear", "conv1x1", "conv3x3"; a LyCORIS module: its type ("LoHa"...)
+    rank: int  # 0 where the type has none (iA3, full)
     alpha: float
-    norm: float  # ‖ΔW‖_F at multiplier 1
-    delta_shape: tuple[int, ...]
+    norm: float  # ‖ΔW‖_F at multiplier 1; NaN for LyCORIS modules (most need the base weight)
+    delta_shape: tuple[int, ...]  # () for LyCORIS modules
+    type: str = "LoRA"  # "LoRA" (lora_down/lora_up) or the LyCORIS type
 
 
 @dataclass
@@ -94,6 +96,8 @@ class LoraReport:
     family_from_keys: str | None  # a family key (trainer.families); None: cannot tell
     settings: list[tuple[str, str]] = field(default_factory=list)  # (label, value) from the metadata
     top_tags: list[tuple[str, int]] = field(default_factory=list)
+    file_type: str = "LoRA"  # "LoRA", or "LyCORIS LoHa"... (metadata's algo, else from the keys)
+    types: dict[str, int] = field(default_factory=dict)  # modules per type ("LoRA", "LoHa"...)
 
     @property
     def base_version(self) -> str | None:
@@ -101,29 +105,37 @@ class LoraReport:
         return BASE_VERSIONS.get(version, version) if version else None
 
     def ranks(self) -> Counter:
-        return Counter((m.kind == "conv3x3", m.rank, m.alpha) for m in self.modules)
+        return Counter((m.kind == "conv3x3", m.rank, m.alpha) for m in self.modules if m.type == "LoRA")
 
     def summary(self) -> str:
         roles = Counter(m.role for m in self.modules)
         parts = ", ".join(f"{count} {role}" for role, count in roles.items())
         family = (family_spec(self.family_from_keys).short_label if self.family_from_keys else "unknown family")
-        return f"{len(self.modules)} modules ({parts}), {self._rank_text()}; {family} (from keys)"
+        kind = "" if self.file_type == "LoRA" else f"{self.file_type}, "
+        return f"{kind}{len(self.modules)} modules ({parts}), {self._rank_text()}; {family} (from keys)"
 
     def _rank_text(self) -> str:
         groups = []
         for (conv, rank, alpha), count in sorted(self.ranks().items()):
             label = "conv rank" if conv else "rank"
             groups.append(f"{label} {rank} alpha {alpha:g} ×{count}")
-        return "; ".join(groups)
+        return "; ".join(groups + self._lycoris_rank_text())
+
+    def _lycoris_rank_text(self) -> list[str]:
+        """Per LyCORIS type: its rank and alpha where it has them (OFT: block size and constraint)."""
+        groups = Counter((m.type, m.rank, m.alpha) for m in self.modules if m.type != "LoRA")
+        return [f"{kind}{_rank_words(kind, rank, alpha)} ×{count}" for (kind, rank, alpha), count in
+                sorted(groups.items())]
 
     def format(self, modules: bool = False) -> str:
         lines = [f"LoRA {self.path}", f"  {self.summary()}",
                  f"  file: {self.file_bytes / 2**20:.1f} MiB, {', '.join(self.dtypes)}"]
         if self.base_version:
             lines.append(f"  base model (metadata): {self.base_version}")
-        if self.modules:
-            norms = [m.norm for m in self.modules]
-            top = max(self.modules, key=lambda m: m.norm)
+        known = [m for m in self.modules if not math.isnan(m.norm)]
+        if known:
+            norms = [m.norm for m in known]
+            top = max(known, key=lambda m: m.norm)
             lines.append(f"  ‖ΔW‖: mean {sum(norms) / len(norms):.4g}, max {top.norm:.4g} ({top.name})")
         lines += [f"  problem: {p}" for p in self.problems]
         if self.settings:
@@ -140,7 +152,17 @@ class LoraReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["base_version"] = self.base_version
+        for module in data["modules"]:  # JSON has no NaN
+            module["norm"] = None if math.isnan(module["norm"]) else module["norm"]
         return data
+
+
+def _rank_words(kind: str, rank: int, alpha: float) -> str:
+    if not rank:  # iA3, full weights, full-matrix LoKr
+        return ""
+    if kind in ("Diag-OFT", "BOFT"):  # their network_dim is the block size, network_alpha the constraint
+        return f" block size {rank} constraint {alpha:g}"
+    return f" rank {rank} alpha {alpha:g}"
 
 
 def inspect_lora(path, lora: LoraFile | None = None) -> LoraReport:
@@ -149,7 +171,7 @@ def inspect_lora(path, lora: LoraFile | None = None) -> LoraReport:
     modules = [
         ModuleInfo(m.name, m.role, m.kind, m.rank, m.alpha, m.norm(), m.delta_shape())
         for m in lora.modules.values()
-    ]
+    ] + [_lycoris_info(m) for m in lora.lycoris.values()]
     return LoraReport(
         path=str(lora.path),
         file_bytes=lora.file_bytes,
@@ -160,19 +182,29 @@ def inspect_lora(path, lora: LoraFile | None = None) -> LoraReport:
         family_from_keys=family_from_keys(lora),
         settings=_settings_rows(lora.metadata),
         top_tags=_top_tags(lora.metadata.get("ss_tag_frequency")),
+        file_type=lora.type_label(),
+        types=dict(lora.types()),
     )
+
+
+def _lycoris_info(module) -> ModuleInfo:
+    alpha = module.alpha if module.alpha is not None else 0.0
+    return ModuleInfo(module.name, role_of(module.name), module.type, module.rank or 0, alpha, math.nan, (),
+                      module.type)
 
 
 def family_from_keys(lora: LoraFile) -> str | None:
     """SGM-named (SDXL) from its key names, else from the text-encoder or cross-attention width
     (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024)."""
-    if any(name.startswith(SGM_MARKERS) for name in lora.modules):
+    if any(name.startswith(SGM_MARKERS) for name in lora.names()):
         spec = spec_for_lora(sgm_names=True)
         return spec.key if spec else None
+    widths = {n: int(m.down.shape[1]) for n, m in lora.modules.items()}
+    widths.update({n: m.in_features for n, m in lora.lycoris.items() if m.in_features})
     for suffix in ("_self_attn_q_proj", "_attn2_to_k"):
-        module = next((m for n, m in lora.modules.items() if n.endswith(suffix)), None)
-        if module is not None:
-            spec = spec_for_lora(sgm_names=False, conditioning_width=int(module.down.shape[1]))
+        width = next((w for n, w in widths.items() if n.endswith(suffix)), None)
+        if width is not None:
+            spec = spec_for_lora(sgm_names=False, conditioning_width=width)
             return spec.key if spec else None
     return None
 
@@ -216,18 +248,19 @@ class MatchReport:
     shape_mismatches: list[tuple[str, tuple, tuple]]  # (name, ΔW shape, layer weight shape)
     base_layers: dict[str, int]  # kohya prefix -> LoRA-able layers of the base model
     lora_family: str | None = None
+    misfits: list[str] = field(default_factory=list)  # LyCORIS modules whose tensors do not fit their layer (why)
 
     @property
     def ok(self) -> bool:
-        return not self.unmatched and not self.shape_mismatches
+        return not self.unmatched and not self.shape_mismatches and not self.misfits
 
     def summary(self) -> str:
-        total = self.matched + len(self.unmatched) + len(self.shape_mismatches)
+        total = self.matched + len(self.unmatched) + len(self.shape_mismatches) + len(self.misfits)
         text = f"{self.matched} of {total} modules match {family_spec(self.base_family).short_label} model {self.base_path}"
         if self.unmatched:
             text += f"; {len(self.unmatched)} unmatched"
-        if self.shape_mismatches:
-            text += f"; {len(self.shape_mismatches)} with the wrong shape"
+        if self.shape_mismatches or self.misfits:
+            text += f"; {len(self.shape_mismatches) + len(self.misfits)} with the wrong shape"
         return text
 
     def format(self, limit: int = 20) -> str:
@@ -240,7 +273,7 @@ class MatchReport:
                          "choose a base model of that family")
         lines += _listed("unmatched", self.unmatched, limit)
         mismatches = [f"{n}: ΔW {list(a)} vs layer {list(b)}" for n, a, b in self.shape_mismatches]
-        lines += _listed("wrong shape", mismatches, limit)
+        lines += _listed("wrong shape", mismatches + self.misfits, limit)
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
@@ -262,23 +295,42 @@ def verify_lora(lora, base, modules=None) -> MatchReport:
     ``modules`` (a :class:`~trainer.tools.base_modules.BaseModules`) skips building the
     base model's layer index again; by default weightless (meta-device) models are used.
     """
-    from trainer.tools.base_modules import base_modules, empty_models
+    from trainer.tools.base_modules import empty_models
+    from trainer.tools.layer_index import as_model_layers, model_layers
 
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
-    if modules is None:
-        modules = base_modules(*empty_models(base), with_conv=True)
+    modules = model_layers(*empty_models(base)) if modules is None else as_model_layers(modules)
     matched = by_alias = 0
-    unmatched, mismatches = [], []
-    for name, module in lora.modules.items():
+    unmatched, mismatches, misfits = [], [], []
+    for name in lora.names():
         layer = modules.find(name)
         if layer is None:
             unmatched.append(name)
             continue
         weight_shape = tuple(layer.module.weight.shape)
-        if not shapes_fit(module.delta_shape(), weight_shape):
+        module = lora.modules.get(name)
+        if module is not None and not shapes_fit(module.delta_shape(), weight_shape):
             mismatches.append((name, module.delta_shape(), weight_shape))
             continue
+        misfit = None if module is not None else _lycoris_misfit(lora.lycoris[name], layer.module)
+        if misfit:
+            misfits.append(misfit)
+            continue
         matched += 1
-        by_alias += name not in modules.layers
+        by_alias += name in modules.aliases
     return MatchReport(str(lora.path), str(base), modules.family, matched, by_alias, unmatched, mismatches,
-                       modules.count_by_prefix(), family_from_keys(lora))
+                       modules.count_by_prefix(), family_from_keys(lora), misfits)
+
+
+def _lycoris_misfit(weights, layer) -> str | None:
+    """Why a LyCORIS module cannot be rebuilt on ``layer`` (a weightless one will do), else None."""
+    from trainer.tools.lycoris_file import LycorisModuleError, rebuild
+
+    if "diff" in weights.parts:  # full weights: LyCORIS's loader copies the layer's weight, so compare shapes
+        shape, diff = tuple(layer.weight.shape), tuple(weights.parts["diff"].shape)
+        return None if shapes_fit(diff, shape) else f"{weights.name}: diff {list(diff)} vs layer {list(shape)}"
+    try:
+        rebuild(weights, layer)
+    except LycorisModuleError as exc:
+        return str(exc)
+    return None

@@ -2,7 +2,9 @@
 
 Each module adds ``ratio · alpha/rank · up @ down`` to its layer's weight, in
 float32 (sd-scripts' merge_lora), on the same layers the trainer names, so the
-merged model equals the base with the LoRAs applied at those ratios. The result
+merged model equals the base with the LoRAs applied at those ratios. A LyCORIS
+module (LoHa, LoKr, iA3, OFT...) adds its own weight change, as LyCORIS rebuilds
+it on that layer (trainer.tools.lycoris_file.weight_delta). The result
 is written as one ``.safetensors`` (or ``.ckpt``) file in the original SD layout;
 ``half`` saves fp16.
 """
@@ -92,10 +94,10 @@ def merge_into_checkpoint(base, loras: Sequence, out_path, *, half: bool = False
     behaviour); a wrong shape is always an error (the LoRA is for another model).
     """
     from trainer.checkpoints import load_pipeline_components
-    from trainer.tools.base_modules import base_modules
     from trainer.tools.checkpoint_file import (
         cast_floats, complete_state_dict, components_state_dict, save_checkpoint, write_tokenizer_sidecar,
     )
+    from trainer.tools.layer_index import model_layers
 
     started, log = time.perf_counter(), log or (lambda message: None)
     wanted = as_loras(loras)
@@ -104,15 +106,14 @@ def merge_into_checkpoint(base, loras: Sequence, out_path, *, half: bool = False
     files = [read_lora(w.path) for w in wanted]
     log(f"loading {base}")
     components = load_pipeline_components(base, dtype=torch.float32, v_parameterization=v_parameterization)
-    modules = base_modules(components.family, components.unet, components.text_encoders, with_conv=True)
+    modules = model_layers(components.family, components.unet, components.text_encoders)
     plans = [_plan(file, modules, allow_unmatched) for file in files]
     merged = []
     with torch.no_grad():
-        for want, file, (layers, unmatched) in zip(wanted, files, plans):
+        for want, file, (layers, unmatched, built) in zip(wanted, files, plans):
             log(f"merging {file.path.name} at ratio {want.ratio:g} ({len(layers)} modules)")
             for name, layer in layers.items():
-                weight = layer.module.weight
-                weight += fit_to_layer(file.modules[name].delta(want.ratio), weight.shape).to(weight.dtype)
+                _add_delta(file, name, layer.module, want.ratio, built.get(name))
             merged.append(MergedLora(str(file.path), want.ratio, len(layers), unmatched))
     state_dict = complete_state_dict(components_state_dict(components), components.family, components.info.path)
     dtype = HALF if half else torch.float32
@@ -124,15 +125,33 @@ def merge_into_checkpoint(base, loras: Sequence, out_path, *, half: bool = False
                        len(state_dict), time.perf_counter() - started, metadata)
 
 
-def _plan(file: LoraFile, modules, allow_unmatched: bool) -> tuple[dict, list[str]]:
-    """name -> target layer for every module of ``file``; raises on wrong shapes (and on unmatched names)."""
-    layers, unmatched, wrong = {}, [], []
-    for name, module in file.modules.items():
+def _add_delta(file: LoraFile, name: str, layer, ratio: float, lycoris_module) -> None:
+    """Add the module's weight change at ``ratio`` to the layer (LyCORIS types: from its current weight, as
+    earlier LoRAs left it)."""
+    from trainer.tools.lycoris_file import weight_delta
+
+    weight = layer.weight
+    if lycoris_module is None:
+        weight += fit_to_layer(file.modules[name].delta(ratio), weight.shape).to(weight.dtype)
+        return
+    delta, bias = weight_delta(lycoris_module, ratio)
+    weight += delta.to(weight.dtype)
+    if bias is not None and layer.bias is not None:
+        layer.bias += bias.to(layer.bias.dtype)
+
+
+def _plan(file: LoraFile, modules, allow_unmatched: bool) -> tuple[dict, list[str], dict]:
+    """(name -> target layer, unmatched names, name -> LyCORIS module rebuilt on its layer) for ``file``;
+    raises on wrong shapes (and on unmatched names)."""
+    layers, unmatched, wrong, built = {}, [], [], {}
+    for name in file.names():
         layer = modules.find(name)
         if layer is None:
             unmatched.append(name)
-        elif not shapes_fit(module.delta_shape(), layer.module.weight.shape):
-            wrong.append(f"{name} (ΔW {list(module.delta_shape())}, layer {list(layer.module.weight.shape)})")
+            continue
+        problem = _misfit(file, name, layer.module, built)
+        if problem:
+            wrong.append(problem)
         else:
             layers[name] = layer
     family = family_spec(modules.family).short_label
@@ -140,12 +159,28 @@ def _plan(file: LoraFile, modules, allow_unmatched: bool) -> tuple[dict, list[st
         raise ToolError(f"{file.path.name} does not fit this {family} model: {len(wrong)} modules have another "
                         f"shape, e.g. {wrong[0]}. Is it a LoRA for another model family?")
     if not layers:
-        raise ToolError(f"{file.path.name}: none of its {len(file.modules)} modules match a layer of this {family} "
+        raise ToolError(f"{file.path.name}: none of its {len(file.names())} modules match a layer of this {family} "
                         f"model (e.g. {unmatched[0]}). Is it a LoRA for another model family?")
     if unmatched and not allow_unmatched:
-        raise ToolError(f"{file.path.name}: {len(unmatched)} of {len(file.modules)} modules match no layer of this "
+        raise ToolError(f"{file.path.name}: {len(unmatched)} of {len(file.names())} modules match no layer of this "
                         f"{family} model (e.g. {unmatched[0]}); allow unmatched modules to merge the rest")
-    return layers, unmatched
+    return layers, unmatched, built
+
+
+def _misfit(file: LoraFile, name: str, layer, built: dict) -> str | None:
+    """Why the module does not fit ``layer`` (for the error message), else None."""
+    from trainer.tools.lycoris_file import LycorisModuleError, rebuild
+
+    module = file.modules.get(name)
+    if module is not None:
+        shape = list(layer.weight.shape)
+        return None if shapes_fit(module.delta_shape(), shape) else \
+            f"{name} (ΔW {list(module.delta_shape())}, layer {shape})"
+    try:
+        built[name] = rebuild(file.lycoris[name], layer)
+    except LycorisModuleError as exc:
+        return str(exc)
+    return None
 
 
 def merged_metadata(components, merged: list[MergedLora], out: Path, v_parameterization: bool | None) -> dict[str, str]:

@@ -1,5 +1,8 @@
 """Resize a LoRA to a lower rank by SVD, keeping its effective scale (sd-scripts' resize_lora).
 
+It handles LoRA/LoCon files (lora_down/lora_up, LyCORIS LoCon and DyLoRA included) and refuses the
+other LyCORIS types by name.
+
 For each module, ``up @ down`` is decomposed; the new up is U·S and the new down Vh,
 truncated to the new rank, and ``new_alpha = old_alpha / old_rank × new_rank`` so that
 ΔW = alpha/rank · up @ down is the best rank-k approximation of the old ΔW. The rank
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 from trainer.tools.errors import ToolError, check_output_path
-from trainer.tools.lora_file import LoraWeights, module_tensors, read_lora
+from trainer.tools.lora_file import PARTS, LoraWeights, module_tensors, read_lora
 from trainer.tools.lowrank import DYNAMIC_METHODS, choose_rank, factor_product
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -90,6 +93,7 @@ def resize_lora(path, out_path, rank: int, *, conv_rank: int | None = None, dyna
     started = time.perf_counter()
     _check_arguments(rank, conv_rank, dynamic_method, dynamic_param, save_precision)
     lora = read_lora(path)
+    _refuse_lycoris(lora)
     out = check_output_path(out_path, LORA_SUFFIXES, inputs=[path], overwrite=overwrite)
     conv_rank = conv_rank or rank
     dtype = SAVE_PRECISIONS[save_precision] if save_precision else lora.modules[next(iter(lora.modules))].down.dtype
@@ -107,6 +111,16 @@ def resize_lora(path, out_path, rank: int, *, conv_rank: int | None = None, dyna
     save_lora_file(str(out), tensors, metadata)
     return ResizeResult(str(lora.path), str(out), rank, conv_rank, dynamic_method, dynamic_param, infos,
                         overall_error(infos), str(dtype).replace("torch.", ""), time.perf_counter() - started, metadata)
+
+
+def _refuse_lycoris(lora) -> None:
+    """SVD resizing needs up @ down factors: LyCORIS types (LoHa, LoKr, iA3, OFT...) have other ones."""
+    if not lora.lycoris:
+        return
+    extra = sorted({part for m in lora.lycoris.values() if m.type == "LoCon" for part in m.parts} - set(PARTS))
+    parts = f" whose modules also have {', '.join(extra)} parts" if extra else ""
+    raise ToolError(f"{lora.path.name}: resize handles LoRA/LoCon files (lora_down/lora_up); this is a "
+                    f"{lora.type_label()} file{parts}. Use it as it is, or merge it into a checkpoint")
 
 
 def _check_arguments(rank, conv_rank, method, param, save_precision) -> None:
