@@ -225,3 +225,17 @@ def test_loraplus_trains_lora_up_at_ratio_times_the_rate_and_is_recorded(lora_ty
     args = json.loads(meta["ss_network_args"])
     assert (args["loraplus_lr_ratio"], args["loraplus_text_encoder_lr_ratio"]) == ("16", "4")
     assert "loraplus_unet_lr_ratio" not in args
+
+
+@pytest.mark.parametrize("values, field, words", [
+    ({"LoRA_type": "LyCORIS/iA3"}, "LoRA_type", "ComfyUI has no iA3 loader"),
+    ({"LoRA_type": "LyCORIS/GLoRA"}, "LoRA_type", "AUTOMATIC1111 implements only the old GLoRA layout"),
+    ({"LoRA_type": "LyCORIS/LoHa", "dora_wd": True}, "dora_wd", "AUTOMATIC1111 normalises DoRA"),
+    ({"LoRA_type": "LyCORIS/LoKr", "use_tucker": True}, "use_tucker", "ComfyUI fails on the 3x3 conv"),
+])
+def test_check_warns_when_a_file_would_not_load_as_trained(values, field, words, tiny_sd1_dir, images,  # noqa: F811
+                                                           tmp_path):
+    report = check(tiny_settings(tiny_sd1_dir, images, tmp_path / "out", **values), deep=False)
+    assert any(p.field == field and words in p.message for p in report.warnings), report.warnings
+    plain = check(tiny_settings(tiny_sd1_dir, images, tmp_path / "out", LoRA_type="LyCORIS/LoHa"), deep=False)
+    assert not any("will not work everywhere" in p.message for p in plain.warnings)
