@@ -421,3 +421,22 @@ def test_loraplus_groups_as_sd_scripts_reads_it():
     lora_fa = NetworkSpec.from_settings(TrainingSettings(LoRA_type="LoRA-FA", loraplus_lr_ratio=16))
     assert lora_fa.plus_ratios() == {"unet": 0.0, "textencoder": 0.0}
     assert NetworkSpec.from_settings(TrainingSettings(LoRA_type="Kohya DyLoRA", loraplus_lr_ratio=16)).plus_unet == 16
+
+
+@pytest.mark.slow
+def test_kohya_dylora_resumes_to_the_same_file_as_an_uninterrupted_run(tiny_sd1_dir, images, tmp_path):  # noqa: F811
+    """The per-rank parameters, the optimizer state and the rank draws all come back from a state folder."""
+    from safetensors.torch import load_file
+
+    common = dict(LoRA_type="Kohya DyLoRA", network_dim=4, network_alpha=2, unit=1, conv_dim=4, epoch=2)
+    straight = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "a", **common))
+    first = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "b", save_state=True, save_every_n_epochs=1,
+                                **common))
+    assert straight.status == first.status == "finished", (straight.error, first.error)
+    [state] = [p for p in (tmp_path / "b").iterdir() if p.name.endswith("-state") and "000001" in p.name]
+    resumed = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "c", resume=str(state), **common))
+    assert resumed.status == "finished", resumed.error
+    a, c = load_file(str(tmp_path / "a" / "tiny.safetensors")), load_file(str(tmp_path / "c" / "tiny.safetensors"))
+    assert set(a) == set(c)
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], rtol=1e-5, atol=1e-6)

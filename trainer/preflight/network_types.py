@@ -29,8 +29,9 @@ def check_kohya_types(ctx: CheckContext):
 def _loha_lokr(ctx: CheckContext):
     s = ctx.settings
     family = checked_family(s, ctx.model.family if ctx.model is not None else None)
-    if not family.flags.get("sdxl"):
-        # kohya_ss refuses the run unless the SDXL (or Anima) checkbox is ticked
+    if not family.sgm_lora_names:
+        # sd-scripts detects SDXL by its UNet (the SGM layout, whose names SDXL LoRAs carry); kohya_ss refuses the
+        # run unless the SDXL (or Anima) checkbox is ticked
         yield Problem("error", "LoRA_type", f"{s.LoRA_type} is not supported on {family.label} models: it requires "
                       f"SDXL (sd-scripts' {LOHA_LOKR_MODULES[s.LoRA_type]} detects only SDXL and Anima models, and "
                       "kohya_ss refuses it otherwise)",
