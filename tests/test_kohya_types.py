@@ -168,6 +168,22 @@ def test_lokr_shapes_init_and_delta_are_sd_scripts(tucker):
     torch.testing.assert_close(_output_change(conv, CONV, x), F.conv2d(x, delta, padding=1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("module_class, options", [(KohyaLoHaModule, {}), (KohyaLoHaModule, {"use_tucker": True}),
+                                                    (KohyaLoKrModule, {}), (KohyaLoKrModule, {"factor": 4})])
+def test_lycoris_reads_the_same_update_from_the_tensors(module_class, options):
+    """sd-scripts' LoHa/LoKr tensors are LyCORIS's: lycoris-lora's loader rebuilds the same ΔW from them (its
+    forward weight, ``get_weight``; lycoris 4.1.3's ``get_diff_weight`` applies alpha / rank twice)."""
+    from lycoris.modules import get_module, make_module
+
+    for layer in (LINEAR, CONV):
+        for rank in (2, 16):  # low-rank and (LoKr) full second factor
+            module = _randomised(module_class("x", layer, rank, 1.5, **options))
+            tensors = {f"x.{k}": v for k, v in module.state_dict().items()}
+            lycoris_module = make_module(*get_module(tensors, "x"), "x", layer)
+            torch.testing.assert_close(lycoris_module.get_weight(lycoris_module.shape).reshape(layer.weight.shape),
+                                       module.delta_weight().reshape(layer.weight.shape), rtol=1e-4, atol=1e-5)
+
+
 def test_loha_rank_dropout_drops_output_channels_and_rescales():
     module = _randomised(KohyaLoHaModule("lin", LINEAR, 4, 4.0, rank_dropout=0.5))
     x = torch.randn(5, 64)
