@@ -88,7 +88,8 @@ def test_loha_shapes_init_and_delta_are_sd_scripts(tucker):
     linear = KohyaLoHaModule("lin", LINEAR, r, alpha, use_tucker=tucker)
     shapes = {n: tuple(p.shape) for n, p in linear.named_parameters()}
     assert shapes == {"hada_w1_a": (48, r), "hada_w1_b": (r, 64), "hada_w2_a": (48, r), "hada_w2_b": (r, 64)}
-    assert not linear.hada_w2_a.any() and linear.hada_w1_a.std().item() == pytest.approx(0.1, rel=0.3)  # w2_a = 0: ΔW = 0
+    # w2_a = 0: ΔW = 0 at the start
+    assert not linear.hada_w2_a.any() and linear.hada_w1_a.std().item() == pytest.approx(0.1, rel=0.3)
     assert float(linear.alpha) == alpha
     conv = KohyaLoHaModule("conv", CONV, r, alpha, use_tucker=tucker)
     shapes = {n: tuple(p.shape) for n, p in conv.named_parameters()}
@@ -97,7 +98,8 @@ def test_loha_shapes_init_and_delta_are_sd_scripts(tucker):
                           "hada_t2": (r, r, 3, 3), "hada_w2_a": (r, 24), "hada_w2_b": (r, 32)}
         assert not conv.hada_w1_a.any()
     else:  # the kernel flattened into the input side
-        assert shapes == {"hada_w1_a": (24, r), "hada_w1_b": (r, 32 * 9), "hada_w2_a": (24, r), "hada_w2_b": (r, 32 * 9)}
+        assert shapes == {"hada_w1_a": (24, r), "hada_w1_b": (r, 32 * 9), "hada_w2_a": (24, r),
+                          "hada_w2_b": (r, 32 * 9)}
         assert not conv.hada_w2_a.any()
     # ΔW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank (Tucker: each factor rebuilt from its core first)
     _randomised(linear), _randomised(conv)
@@ -112,7 +114,8 @@ def test_loha_shapes_init_and_delta_are_sd_scripts(tucker):
         delta = rebuild(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"]) * rebuild(w["hada_t2"], w["hada_w2_a"],
                                                                                w["hada_w2_b"]) * alpha / r
     else:
-        delta = ((w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])).reshape(24, 32, 3, 3) * alpha / r
+        delta = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+        delta = delta.reshape(24, 32, 3, 3) * alpha / r
     x = torch.randn(2, 32, 6, 6)
     torch.testing.assert_close(_output_change(conv, CONV, x), F.conv2d(x, delta, padding=1), rtol=1e-4, atol=1e-4)
 
@@ -364,7 +367,18 @@ def test_kohya_dylora_check_refuses_what_sd_scripts_refuses(tiny_sd1_dir, images
     assert "rank_dropout" in {p.field for p in report.warnings}
     ok = tiny_settings(tiny_sd1_dir, images, tmp_path / "out", LoRA_type="Kohya DyLoRA", network_dim=8, unit=4,
                        conv_dim=0)
-    assert not [p for p in check(ok, deep=False).errors if p.field in ("unit", "conv_dim", "LoRA_type")]
+    report = check(ok, deep=False)
+    assert not [p for p in report.errors if p.field in ("unit", "conv_dim", "LoRA_type")]
+    assert not [p for p in report.notes if p.field == "LoRA_type"]
+
+
+def test_kohya_dylora_on_sdxl_names_both_text_encoders_apart(tiny_sdxl_dir, images, tmp_path):  # noqa: F811
+    settings = tiny_settings(tiny_sdxl_dir, images, tmp_path / "out", LoRA_type="Kohya DyLoRA", sdxl=True)
+    [note] = [p for p in check(settings, deep=False).notes if p.field == "LoRA_type"]
+    assert "lora_te1_" in note.message
+    settings = tiny_settings(tiny_sdxl_dir, images, tmp_path / "out", LoRA_type="Kohya DyLoRA", sdxl=True,
+                             sdxl_cache_text_encoder_outputs=True, text_encoder_lr=0)
+    assert not [p for p in check(settings, deep=False).notes if p.field == "LoRA_type"]
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ Each module adds ``F.linear(x, ΔW)`` (``F.conv2d`` for convs) to its frozen lay
 trained factors at every forward, as sd-scripts does:
 
 * LoHa: ``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / rank``; a 3x3 conv flattens its kernel into the input
-  side (``w_b``: rank x in·k·k), or with ``use_tucker`` rebuilds each factor from a core ``hada_t`` (rank x rank x k x k)
-  and two matrices ``w_a`` (rank x out), ``w_b`` (rank x in).
+  side (``w_b``: rank x in·k·k), or with ``use_tucker`` rebuilds each factor from a core ``hada_t``
+  (rank x rank x k x k) and two matrices ``w_a`` (rank x out), ``w_b`` (rank x in).
 * LoKr: ``ΔW = kron(w1, w2) · alpha / rank`` with ``w1`` (out_l x in_m) always a full matrix and ``w2`` (out_k x in_n)
   full when ``rank >= max(out_k, in_n) / 2`` (then alpha = rank: no scaling), else ``w2_a @ w2_b`` (3x3 conv: the
   kernel flattened into ``w2_b``, or a Tucker core ``lokr_t2`` with ``use_tucker``); ``(out_l, out_k)`` and

@@ -41,11 +41,11 @@ def _loha_lokr(ctx: CheckContext):
                       f"{s.LoRA_type}: its modules do not read it (as in sd-scripts)",
                       fix="set it to 0, or use Rank dropout / Module dropout")
     if s.scale_weight_norms:
-        yield Problem("warning", "scale_weight_norms", f"Scale weight norms has no effect on {s.LoRA_type}: sd-scripts' "
-                      "network has no max-norm rule and turns it off", fix="set it to 0")
+        yield Problem("warning", "scale_weight_norms", f"Scale weight norms has no effect on {s.LoRA_type}: "
+                      "sd-scripts' network has no max-norm rule and turns it off", fix="set it to 0")
     if _loraplus(s):
-        yield Problem("warning", "loraplus_lr_ratio", f"the LoRA+ ratios are not applied to {s.LoRA_type} by Nekoya yet "
-                      "(sd-scripts applies them to hada_w2_a / lokr_w1*): every weight learns at the base rate",
+        yield Problem("warning", "loraplus_lr_ratio", f"the LoRA+ ratios are not applied to {s.LoRA_type} by Nekoya "
+                      "yet (sd-scripts applies them to hada_w2_a / lokr_w1*): every weight learns at the base rate",
                       fix="set them to 0")
 
 
@@ -70,6 +70,11 @@ def _dylora(ctx: CheckContext):
     if s.scale_weight_norms:
         yield Problem("warning", "scale_weight_norms", "Scale weight norms has no effect on Kohya DyLoRA: sd-scripts' "
                       "network has no max-norm rule and turns it off", fix="set it to 0")
+    trains_text_encoders = bool(s.train_lrs()[1]) and not s.sdxl_cache_text_encoder_outputs
+    if trains_text_encoders and checked_family(s, ctx.model.family if ctx.model is not None else None).sgm_lora_names:
+        yield Problem("note", "LoRA_type", "on SDXL, sd-scripts' networks.dylora names the modules of both text "
+                      "encoders lora_te_... (in its file the second encoder's overwrite the first's); Nekoya names "
+                      "them lora_te1_... and lora_te2_..., as sd-scripts' other SDXL networks and SDXL loaders do")
 
 
 def _loraplus(s) -> bool:
