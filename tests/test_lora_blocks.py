@@ -89,3 +89,13 @@ def test_block_weights_and_dims_shape_the_file_and_the_group_learning_rates(tiny
     assert seen["unet_block16"] == pytest.approx(1e-3) and seen["unet_block17"] == pytest.approx(2.5e-4)
     assert "unet_block1" not in seen and "unet" not in seen
     assert args["down_lr_weight"] == "1,0" and args["block_dims"] == ",".join(map(str, dims))
+
+
+def test_dylora_ignores_block_settings_as_sd_scripts_and_the_check_says_so(tiny_sd1_dir, images, tmp_path):  # noqa: F811
+    from trainer.network_spec import NetworkSpec
+
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path / "out", LoRA_type="Kohya DyLoRA", conv_dim=4,
+                             down_lr_weight="0,1", block_dims="4," * 24 + "4")
+    assert NetworkSpec.from_settings(settings).blocks is None
+    warned = {p.field for p in check(settings, deep=False).warnings}
+    assert {"down_lr_weight", "block_dims"} <= warned

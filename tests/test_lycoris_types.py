@@ -239,3 +239,29 @@ def test_check_warns_when_a_file_would_not_load_as_trained(values, field, words,
     assert any(p.field == field and words in p.message for p in report.warnings), report.warnings
     plain = check(tiny_settings(tiny_sd1_dir, images, tmp_path / "out", LoRA_type="LyCORIS/LoHa"), deep=False)
     assert not any("will not work everywhere" in p.message for p in plain.warnings)
+
+
+def test_loraplus_speeds_up_what_sd_scripts_speeds_up_for_kohya_loha_and_lokr():
+    """sd-scripts' network_base: lora_up, hada_w2_a and lokr_w1* learn at lr x ratio."""
+    from torch import nn
+
+    from trainer.network import LoRANetwork, LoraTarget, Role
+    from trainer.network_spec import NetworkSpec
+
+    class Transformer2DModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = nn.Linear(16, 16)
+
+    root = nn.Module()
+    root.block = Transformer2DModel()
+    target = LoraTarget("lora_unet", root, ("Transformer2DModel",), Role.UNET)
+    for module, fast in (("networks.loha", {"hada_w2_a"}), ("networks.lokr", {"lokr_w1"})):
+        spec = NetworkSpec(rank=4, alpha=4, network_module=module, plus_unet=8)
+        network = LoRANetwork.build([target], spec)
+        groups = {g["name"]: g for g in network.param_groups({Role.UNET: 1e-4}, spec.plus_ratios(), None,
+                                                             spec.plus_parameters)}
+        names = {id(p): n for n, p in network.named_parameters()}
+        assert {names[id(p)].split(".")[-1] for p in groups["unet plus"]["params"]} == fast
+        assert groups["unet plus"]["lr"] == pytest.approx(8e-4)
+        network.restore()

@@ -8,14 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.lora_blocks import BlockPlan, block_plan
-from trainer.lora_types import KOHYA_DYLORA, KOHYA_LORA, LORA_FA, TYPES, kohya_own_network_args, lycoris_network_args
+from trainer.lora_types import (KOHYA_DYLORA, KOHYA_LOHA, KOHYA_LOKR, KOHYA_LORA, LORA_FA, LYCORIS, TYPES,
+                                kohya_own_network_args, lycoris_network_args)
 from trainer.problems import NekoyaError
 
 # LoRA types of kohya_ss that Nekoya trains, and whether they add conv LoRA (trainer.lora_types has the rest).
 NETWORK_TYPES = {name: t.conv for name, t in TYPES.items()}
 CONV_LORA_TYPES = tuple(name for name, with_conv in NETWORK_TYPES.items() if with_conv)
-# the types kohya_ss passes block weights/dims to (sd-scripts' networks.lora, lora_fa, dylora)
-BLOCK_TYPES = ("Standard", "Kohya LoCon", "LoRA-FA", "Kohya DyLoRA")
+# the types whose sd-scripts network reads block weights/dims (networks.lora, lora_fa); kohya_ss also passes
+# them to networks.dylora, which ignores them: the check says so
+BLOCK_TYPES = ("Standard", "Kohya LoCon", "LoRA-FA")
 
 
 class NetworkConfigError(NekoyaError, ValueError):
@@ -55,8 +57,16 @@ class NetworkSpec:
         return {"unet": self.plus_unet, "textencoder": self.plus_text_encoder}
 
     @property
+    def plus_parameters(self) -> tuple[str, ...]:
+        """Names of the parameters LoRA+ speeds up: lora_up, and for sd-scripts' LoHa/LoKr (network_base's
+        _is_plus_param) also the second Hadamard pair's hada_w2_a and LoKr's lokr_w1*."""
+        if self.network_module in (KOHYA_LOHA, KOHYA_LOKR):
+            return ("lora_up", "hada_w2_a", "lokr_w1")
+        return ("lora_up",)
+
+    @property
     def lycoris(self) -> bool:
-        return self.network_module != KOHYA_LORA
+        return self.network_module == LYCORIS
 
     @classmethod
     def from_settings(cls, settings: Any) -> "NetworkSpec":

@@ -121,7 +121,8 @@ def _compile_unet(backend: str, family: Any, device: torch.device, log: Log) -> 
 def build_stepper(plan: RunPlan, network: Any, lrs: dict[Role, float], precision: Precision, log: Log) -> OptimizerStepper:
     s, opt_plan = plan.settings, plan.optimizer
     shown = len(opt_plan.notes)
-    optimizer = opt_plan.create(network.param_groups(lrs, plan.network.plus_ratios(), plan.network.blocks))
+    optimizer = opt_plan.create(network.param_groups(lrs, plan.network.plus_ratios(), plan.network.blocks,
+                                                      plan.network.plus_parameters))
     for note in opt_plan.notes[shown:]:  # notes added while creating (one lr for all groups)
         log(note, "warning")
     return OptimizerStepper(optimizer, create_scheduler(plan.scheduler, optimizer), network.parameters(),

@@ -117,9 +117,9 @@ class LoRANetwork(nn.Module):
 
     # -- training ---------------------------------------------------------------
     def param_groups(self, lrs: dict[Role, float], plus_ratios: dict[str, float] | None = None,
-                     blocks: BlockPlan | None = None) -> list[dict]:
+                     blocks: BlockPlan | None = None, plus_parameters: tuple[str, ...] = ("lora_up",)) -> list[dict]:
         """One optimizer group per role with a LoRA and a non-zero learning rate. With a LoRA+ ratio for the
-        role, its ``lora_up`` weights form a second group at lr x ratio (sd-scripts' and LyCORIS's rule).
+        role, its ``plus_parameters`` (lora_up...) form a second group at lr x ratio (sd-scripts' and LyCORIS's rule).
         With block lr weights, the UNet's modules are grouped by block at lr x the block's weight."""
         groups = []
         for role in Role:
@@ -131,9 +131,9 @@ class LoRANetwork(nn.Module):
                     by_block.setdefault(block_index(module.lora_name, blocks.sgm_names), []).append(module)
                 for index, members in by_block.items():
                     weight = blocks.lr_weight(members[0].lora_name)
-                    groups += _module_groups(members, lr * weight, ratio, f"unet_block{index}")
+                    groups += _module_groups(members, lr * weight, ratio, f"unet_block{index}", plus_parameters)
             else:
-                groups += _module_groups(modules, lr, ratio, role.value)
+                groups += _module_groups(modules, lr, ratio, role.value, plus_parameters)
         return groups
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
@@ -188,12 +188,14 @@ class LoRANetwork(nn.Module):
         return list(result.missing_keys), list(result.unexpected_keys)
 
 
-def _module_groups(modules: list[nn.Module], lr: float, ratio: float, name: str) -> list[dict]:
-    """The optimizer groups of these modules at ``lr``: LoRA+ puts their ``lora_up`` weights apart."""
+def _module_groups(modules: list[nn.Module], lr: float, ratio: float, name: str,
+                   plus_parameters: tuple[str, ...]) -> list[dict]:
+    """The optimizer groups of these modules at ``lr``: LoRA+ puts their ``plus_parameters`` apart."""
     if not lr:
         return []
     named = [(n, p) for m in modules for n, p in m.named_parameters()]
-    plus = [p for n, p in named if ratio and "lora_up" in n]
-    rest = [p for n, p in named if not (ratio and "lora_up" in n)]
+    is_plus = [bool(ratio) and any(marker in n for marker in plus_parameters) for n, _ in named]
+    plus = [p for (_, p), fast in zip(named, is_plus) if fast]
+    rest = [p for (_, p), fast in zip(named, is_plus) if not fast]
     groups = [{"params": rest, "lr": lr, "name": name}] if rest else []
     return groups + ([{"params": plus, "lr": lr * ratio, "name": f"{name} plus"}] if plus else [])

@@ -43,10 +43,6 @@ def _loha_lokr(ctx: CheckContext):
     if s.scale_weight_norms:
         yield Problem("warning", "scale_weight_norms", f"Scale weight norms has no effect on {s.LoRA_type}: "
                       "sd-scripts' network has no max-norm rule and turns it off", fix="set it to 0")
-    if _loraplus(s):
-        yield Problem("warning", "loraplus_lr_ratio", f"the LoRA+ ratios are not applied to {s.LoRA_type} by Nekoya "
-                      "yet (sd-scripts applies them to hada_w2_a / lokr_w1*): every weight learns at the base rate",
-                      fix="set them to 0")
 
 
 def _dylora(ctx: CheckContext):
