@@ -153,7 +153,7 @@ class _Run:
             self.meter.new_epoch()
             interrupted = self._run_epoch(epoch, start_batch if epoch == start_epoch else 0)
             if not interrupted or self.step >= plan.total_steps:
-                self._end_epoch(epoch)
+                self._end_epoch(epoch, complete=self.batches_done >= len(self.dataset))
             if self.step >= plan.total_steps:
                 break
             if self.control.stop_requested:
@@ -240,18 +240,20 @@ class _Run:
             self.outputs.snapshot(self.step, self.epoch)
         self.samples.after_step(self.step, self.epoch, requested=self.control.take_sample_request())
 
-    def _end_epoch(self, epoch: int) -> None:
+    def _end_epoch(self, epoch: int, complete: bool = True) -> None:
+        """Also run when the step cap cuts the epoch short (not ``complete``): the position then stays in it."""
         self.sink(ev.EpochEnd(epoch, self.plan.steps.epochs, self.meter.epoch_loss))
         self.log_writer.epoch(epoch, self.meter.epoch_loss)
         if self.outputs.epoch_due(epoch, self.plan.steps.epochs):
             self.outputs.save("epoch", self.step, epoch)
             if self.settings.save_state:
-                self._save_state(self.outputs.path(epoch_state_name(self.settings.output_name, epoch)), next_epoch=True)
+                self._save_state(self.outputs.path(epoch_state_name(self.settings.output_name, epoch)),
+                                 next_epoch=complete)
                 self.outputs.drop_old_epoch_state(epoch)
         self.samples.after_epoch(epoch, self.step, requested=self.control.take_sample_request())
-        self.batches_done, self.epoch = 0, epoch + 1  # the position a stop right now resumes from
+        if complete:  # the position a stop (or a resume with more steps) goes on from
+            self.batches_done, self.epoch = 0, epoch + 1
 
-    # -- endings -------------------------------------------------------------------------------------
     def _finish(self) -> TrainResult:
         s = self.settings
         self.outputs.save("final", self.step, min(self.epoch, self.plan.steps.epochs))
