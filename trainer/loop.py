@@ -133,7 +133,7 @@ class _Run:
 
     def _prepare_outputs(self) -> None:
         s = self.settings
-        self.metadata.describe(self.family.version_metadata(), self.lrs)
+        self.metadata.describe(self.family.version_metadata(), self.lrs, self.seed)
         self.outputs = RunOutputs(s, self.network.lora_state_dict, self.metadata, self._saved, self.log)
         os.makedirs(self.outputs.folder, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.metadata.started_at))

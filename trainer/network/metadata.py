@@ -134,6 +134,8 @@ def training_metadata(settings: Any, version: VersionInfo, data: DatasetFacts, r
         "ss_bucket_info": json.dumps(data.bucket_info) if data.bucket_info else None,
     }
     meta.update(declared_metadata(s))
+    if run.get("seed") is not None:  # the seed the run drew from (seed 0 asks for a random one)
+        meta["ss_seed"] = run["seed"]
     if run.get("network_args"):
         meta["ss_network_args"] = json.dumps(run["network_args"])
     meta.update(run.get("model_hashes") or {})

@@ -25,7 +25,7 @@ class RunMetadata:
         self._base: dict[str, str] = {}
         self._version: Any = None
 
-    def describe(self, version: Any, lrs: dict[Role, float]) -> None:
+    def describe(self, version: Any, lrs: dict[Role, float], seed: int | None = None) -> None:
         """The ``ss_*`` keys known once the model is loaded and the LoRA built."""
         plan, s = self.plan, self.plan.settings
         run_facts = {
@@ -34,6 +34,7 @@ class RunMetadata:
             "mixed_precision": plan.precision.mode, "optimizer": plan.optimizer.description(),
             "unet_lr": lrs[Role.UNET], "text_encoder_lr": lrs[Role.TEXT_ENCODER],
             "network_args": network_args(s, plan.network), "network_module": plan.network.network_module,
+            "seed": seed,
         }
         self._version = version
         self._base = training_metadata(s, version, dataset_facts(plan.steps), run_facts)
