@@ -2,7 +2,9 @@
 
     python launch.py [--listen 127.0.0.1] [--server_port 7860] [--inbrowser] [--share]
                      [--headless] [--root_path PATH] [--username U --password P]
-                     [--password-file PATH] [--allowed-hosts NAME,NAME]
+                     [--password-file PATH] [--allowed-hosts NAME,NAME] [--config config.toml]
+                     [--language CODE] [--noverify] [--use-ipex] [--use-rocm] [--do_not_use_shell]
+                     [--requirements FILE]
 
 The password can also come from ``NEKOYA_PASSWORD`` (or a file), so it does not show in ``ps``.
 """
@@ -39,7 +41,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-no-auth", dest="allow_no_auth", action="store_true",
                    help="allow --listen on a non-local address or --share without --username/--password")
     p.add_argument("--debug", action="store_true", help="more logging")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="kohya_ss's GUI defaults file (config.toml): its values pre-fill the form")
+    # kohya_ss's other launch flags: accepted so its scripts keep working, each answered with a line
+    p.add_argument("--language", default=None, metavar="CODE", help="kohya_ss's GUI translation (Nekoya: English only)")
+    p.add_argument("--noverify", action="store_true", help="kohya_ss: skip its requirements check (Nekoya has none)")
+    p.add_argument("--use-ipex", dest="use_ipex", action="store_true", help="kohya_ss: Intel XPU (not supported)")
+    p.add_argument("--use-rocm", dest="use_rocm", action="store_true", help="kohya_ss: AMD ROCm (not supported)")
+    p.add_argument("--do_not_use_shell", action="store_true", help="kohya_ss: no shell for its subprocesses")
+    p.add_argument("--requirements", default=None, metavar="FILE", help="kohya_ss: its requirements file (unused)")
     return p
+
+
+def kohya_flag_notes(args: argparse.Namespace) -> list[str]:
+    """One line per kohya_ss launch flag that Nekoya accepts but has nothing to do for."""
+    notes = []
+    if args.language:
+        notes.append(f"--language {args.language}: Nekoya's GUI is in English only; the flag is ignored.")
+    if args.noverify:
+        notes.append("--noverify: nothing to skip; Nekoya's setup (gui.sh / setup.sh) checks its install itself.")
+    if args.use_ipex:
+        notes.append("--use-ipex: Intel XPU is not supported; training runs on an NVIDIA GPU (CUDA) or the CPU.")
+    if args.use_rocm:
+        notes.append("--use-rocm: AMD ROCm is not supported by Nekoya's setup; a ROCm build of torch may still "
+                     "work, as CUDA.")
+    if args.do_not_use_shell:
+        notes.append("--do_not_use_shell: nothing to change; Nekoya trains in its own process and runs no shell.")
+    if args.requirements:
+        notes.append(f"--requirements {args.requirements}: ignored; setup.sh installs what pyproject.toml lists.")
+    return notes
+
+
+def gui_defaults(path: str | None):
+    """The form's defaults from kohya_ss's config.toml (None without --config); prints what was applied."""
+    if not path:
+        return None
+    from trainer.settings.gui_defaults import read_gui_defaults
+
+    defaults = read_gui_defaults(path)
+    print(f"--config {path}: {len(defaults.applied)} settings pre-fill the form ({', '.join(defaults.applied)})")
+    if defaults.ignored:
+        print(f"--config {path}: not Nekoya settings, not used: {', '.join(defaults.ignored)}")
+    return defaults.settings
 
 
 def resolve_password(args: argparse.Namespace) -> list[str]:
@@ -101,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     if from_command_line:
         print(f"warning: --password shows in the process list (ps) to every user of this computer; use {PASSWORD_ENV} "
               "or --password-file instead.", file=sys.stderr)
+    for note in kohya_flag_notes(args):
+        print(f"note: {note}", file=sys.stderr)
+    from trainer.problems import NekoyaError
+
+    try:
+        defaults = gui_defaults(args.config)
+    except NekoyaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from trainer.model_libraries import stay_offline
 
     stay_offline()  # before gradio and huggingface_hub are imported
@@ -117,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         headless=args.headless,
         debug=args.debug,
         allowed_hosts=split_host_list(args.allowed_hosts),
+        defaults=defaults,
     )
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from gradio.routes import App, ORJSONResponse
 
@@ -26,6 +27,7 @@ def launch_app(
     headless: bool = False,
     debug: bool = False,
     allowed_hosts: list[str] = (),
+    defaults: Any = None,
 ) -> int:
     """Build and serve the GUI until Ctrl+C; returns the process exit code."""
     stay_offline()
@@ -33,7 +35,7 @@ def launch_app(
     for chatty in QUIET_LOGGERS:  # one line per HTTP request otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     runs = RunManager()
-    demo = build_app(run_manager=runs, headless=headless)
+    demo = build_app(run_manager=runs, headless=headless, defaults=defaults)
     warm_up_in_background()  # torch/diffusers import while the page loads: the first Start is quicker
     demo.queue(default_concurrency_limit=4)
     policy = host_policy(host, login=auth is not None, share=share, extra_hosts=list(allowed_hosts))

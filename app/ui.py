@@ -37,10 +37,12 @@ def build_app(
     presets_dir: str | Path = PRESETS_DIR,
     user_presets_dir: str | Path | None = None,
     headless: bool = False,
+    defaults: TrainingSettings | None = None,
 ) -> gr.Blocks:
+    """``defaults``: the form's starting values (kohya_ss's config.toml through ``launch.py --config``)."""
     runs = run_manager or RunManager()
     folders = PresetFolders(Path(presets_dir), Path(user_presets_dir) if user_presets_dir else default_user_presets_dir())
-    defaults = TrainingSettings()
+    defaults = defaults or TrainingSettings()
     with gr.Blocks(title=TITLE, analytics_enabled=False, fill_width=True) as demo:
         gr.HTML(_header_html(headless), elem_id="nk-header")
         kept = gr.State({})
