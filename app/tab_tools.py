@@ -1,4 +1,5 @@
-"""The Tools tab (kohya's LoRA › Tools): Inspect / Verify, Resize, Extract, Merge into checkpoint.
+"""The Tools tab (kohya's LoRA › Tools): Inspect / Verify, Resize, Extract, Merge into checkpoint, Merge LoRA,
+Merge LoRA (SVD).
 
 Layout and wiring only; ``tools_actions`` calls ``trainer.tools``. The tools run one at
 a time in Gradio's queue (each can hold a whole model in memory). Every output path
@@ -10,8 +11,8 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from trainer.tools.requests import (DYNAMIC_DEFAULTS, ExtractRequest, InspectRequest, MergeRequest, ResizeRequest,
-                                    WritesFile, request_infos)
+from trainer.tools.requests import (DYNAMIC_DEFAULTS, ExtractRequest, InspectRequest, MergeLorasRequest, MergeRequest,
+                                    ResizeRequest, SvdMergeRequest, WritesFile, request_infos)
 
 from . import tools_actions as actions
 from .tab_common import LORA_LIST_INFO, REFRESH_LABEL, NamedFields, follow, lora_files, saved_lora_paths, status_box
@@ -29,6 +30,8 @@ class ToolsTab:
     resize: NamedFields
     extract: NamedFields
     merge: NamedFields
+    merge_loras: NamedFields
+    svd_merge: NamedFields
     buttons: dict[str, gr.Button]
     outputs: dict[str, list]  # tool -> its output components (status first)
     prefilled: gr.State
@@ -48,6 +51,20 @@ def _with_none_choice(request, tool: str, name: str, none_label: str) -> dict[st
     cannot show None)."""
     info = request_infos(request)[name]
     return {name: build_component(replace(info, choices=(none_label, *info.choices)), none_label, f"{tool}_{name}")}
+
+
+def _lora_slots(request, tool: str) -> dict[str, gr.components.Component]:
+    """Four LoRA files, each with its ratio (kohya_ss's A-D); empty slots are left out."""
+    slots, ratio = {}, request_infos(request)["ratio"]
+    for i in range(1, actions.MERGE_SLOTS + 1):
+        with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
+            slots[f"lora_{i}"] = _path(f"LoRA {i}", f"{tool}_lora_{i}", LORA_PLACEHOLDER, scale=4)
+            slots[f"ratio_{i}"] = build_component(ratio, ratio.default, f"{tool}_ratio_{i}")
+    return slots
+
+
+def _slot_values(values: dict) -> list[tuple[str, float]]:
+    return [(values[f"lora_{i}"], values[f"ratio_{i}"]) for i in range(1, actions.MERGE_SLOTS + 1)]
 
 
 def _results(tool: str) -> tuple[gr.HTML, gr.HTML]:
@@ -95,11 +112,7 @@ def build_tools_tab() -> ToolsTab:
             extract = NamedFields({**models, **options, **out})
         with gr.Tab("Merge into checkpoint", id="tools_merge"):
             base = build_options(MergeRequest, "merge", "base")
-            slots, ratio = {}, request_infos(MergeRequest)["ratio"]
-            for i in range(1, actions.MERGE_SLOTS + 1):
-                with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
-                    slots[f"lora_{i}"] = _path(f"LoRA {i}", f"merge_lora_{i}", LORA_PLACEHOLDER, scale=4)
-                    slots[f"ratio_{i}"] = build_component(ratio, ratio.default, f"merge_ratio_{i}")
+            slots = _lora_slots(MergeRequest, "merge")
             with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
                 file_format = gr.Radio(list(actions.CHECKPOINT_FORMATS), value=".safetensors", label="Format",
                                        elem_id="merge_format", min_width=220)
@@ -108,8 +121,28 @@ def build_tools_tab() -> ToolsTab:
             buttons["merge"] = gr.Button("Merge", variant="primary", elem_id="merge_run")
             outputs["merge"] = list(_results("merge"))
             merge = NamedFields({**base, **slots, "format": file_format, **options, **out})
+        with gr.Tab("Merge LoRA", id="tools_merge_loras"):
+            gr.Markdown(actions.MERGE_LORAS_NOTE)
+            slots = _lora_slots(MergeLorasRequest, "merge_loras")
+            with gr.Row(equal_height=True, elem_classes=["nk-tool-row"]):
+                options = build_options(MergeLorasRequest, "merge_loras", "concat", "precision")
+                precision = _with_none_choice(MergeLorasRequest, "merge_loras", "save_precision",
+                                              actions.AS_MERGE_PRECISION)
+            out = _out(MergeLorasRequest, "merge_loras")
+            buttons["merge_loras"] = gr.Button("Merge LoRAs", variant="primary", elem_id="merge_loras_run")
+            outputs["merge_loras"] = list(_results("merge_loras"))
+            merge_loras = NamedFields({**slots, **options, **precision, **out})
+        with gr.Tab("Merge LoRA (SVD)", id="tools_svd_merge"):
+            gr.Markdown(actions.SVD_MERGE_NOTE)
+            slots = _lora_slots(SvdMergeRequest, "svd_merge")
+            with gr.Row(equal_height=False, elem_classes=["nk-tool-row"]):
+                options = build_options(SvdMergeRequest, "svd_merge", "rank", "conv_rank", "clamp", "save_precision")
+            out = _out(SvdMergeRequest, "svd_merge")
+            buttons["svd_merge"] = gr.Button("Merge by SVD", variant="primary", elem_id="svd_merge_run")
+            outputs["svd_merge"] = list(_results("svd_merge"))
+            svd_merge = NamedFields({**slots, **options, **out})
         prefilled = gr.State({})  # inside the tab: a State between tabs splits the tab bar
-    return ToolsTab(tab, inspect, resize, extract, merge, buttons, outputs, prefilled)
+    return ToolsTab(tab, inspect, resize, extract, merge, merge_loras, svd_merge, buttons, outputs, prefilled)
 
 
 # ---- wiring -----------------------------------------------------------------------------------------
@@ -119,7 +152,8 @@ def wire_tools(tab: ToolsTab, form_components: dict, runs) -> None:
     source, output_dir = form_components["pretrained_model_name_or_path"], form_components["output_dir"]
     base_fields = {"inspect": tab.inspect["base"], "extract": tab.extract["base"], "merge": tab.merge["base"]}
     lora_fields = {"inspect_lora": tab.inspect["file"], "resize_lora": tab.resize["file"],
-                   "merge_lora": tab.merge["lora_1"]}
+                   "merge_lora": tab.merge["lora_1"], "merge_loras_lora": tab.merge_loras["lora_1"],
+                   "svd_merge_lora": tab.svd_merge["lora_1"]}
 
     def refresh(data):
         """Base models follow the Source Model tab, LoRA files the newest one the run saved (until edited)."""
@@ -167,9 +201,18 @@ def _wire_writers(tab: ToolsTab) -> None:
 
     def merge(data, progress=gr.Progress()):
         v = tab.merge.values(data)
-        loras = [(v[f"lora_{i}"], v[f"ratio_{i}"]) for i in range(1, actions.MERGE_SLOTS + 1)]
-        return actions.merge(v["base"], loras, v["out"], v["format"], v["half"], v["allow_unmatched"], v["overwrite"],
-                             log=_progress_text(progress))
+        return actions.merge(v["base"], _slot_values(v), v["out"], v["format"], v["half"], v["allow_unmatched"],
+                             v["overwrite"], log=_progress_text(progress))
+
+    def merge_loras(data, progress=gr.Progress()):
+        v = tab.merge_loras.values(data)
+        return actions.merge_loras(_slot_values(v), v["out"], v["concat"], v["precision"], v["save_precision"],
+                                   v["overwrite"], log=_progress_text(progress))
+
+    def svd_merge(data, progress=gr.Progress()):
+        v = tab.svd_merge.values(data)
+        return actions.svd_merge(_slot_values(v), v["out"], v["rank"], v["conv_rank"], v["clamp"],
+                                 v["save_precision"], v["overwrite"], log=_progress_text(progress))
 
     def method_default(method, param):
         """The parameter box shows only for a dynamic method, with that method's usual value."""
@@ -178,7 +221,8 @@ def _wire_writers(tab: ToolsTab) -> None:
     tab.resize["method"].input(method_default, inputs=[tab.resize["method"], tab.resize["param"]],
                                outputs=tab.resize["param"], show_progress="hidden")
     for name, fields, handler in (("resize", tab.resize, resize), ("extract", tab.extract, extract),
-                                  ("merge", tab.merge, merge)):
+                                  ("merge", tab.merge, merge), ("merge_loras", tab.merge_loras, merge_loras),
+                                  ("svd_merge", tab.svd_merge, svd_merge)):
         tab.buttons[name].click(handler, inputs=fields.inputs(), outputs=tab.outputs[name], **QUEUE)
 
 

@@ -6,18 +6,31 @@ line instead of an exception. Plain Python: no gradio.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
-from trainer.tools.requests import DYNAMIC_DEFAULTS, SAVE_PRECISIONS, ExtractRequest
+from trainer.tools.requests import DYNAMIC_DEFAULTS, SAVE_PRECISIONS, ExtractRequest, MergeLorasRequest, SvdMergeRequest
 
 from .tab_common import USER_ERRORS, done, number, problem, report_html, text
 
 # the page's choice for an option's None (ResizeRequest: no dynamic method, the input's precision)
 FIXED_RANK = "fixed rank"
 KEEP_PRECISION = "as the input"
+AS_MERGE_PRECISION = "as the merge precision"  # MergeLorasRequest's save precision None
 EXTRACT = ExtractRequest.model_construct()  # the declared defaults (the paths have none)
+MERGE_LORAS = MergeLorasRequest.model_construct()
+SVD_MERGE = SvdMergeRequest.model_construct()
 CHECKPOINT_FORMATS = (".safetensors", ".ckpt")
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+MERGE_LORAS_NOTE = ("Merges up to four LoRAs into one LoRA as kohya's Merge LoRA does: each file's lora_down and "
+                    "lora_up are multiplied by its ratio and added, so one LoRA at ratio 0.5 keeps a quarter of its "
+                    "effect and different LoRAs also mix. The files need the same rank unless concatenated. "
+                    "Merge LoRA (SVD) adds the weight changes themselves.")
+SVD_MERGE_NOTE = ("Adds up to four LoRAs' weight changes, each times its ratio, and writes the sum as one LoRA of "
+                  "the new rank (its best approximation at that rank; exact when the rank is at least the sum of "
+                  "the ranks). The files may have any ranks.")
+NO_NORM = "–"  # a LyCORIS module's ‖ΔW‖ needs the base weights
 MERGE_SLOTS = 4
 MODULE_HEADERS = ["module", "part", "kind", "rank", "alpha", "‖ΔW‖"]
 SETTING_HEADERS = ["training setting (metadata)", "value"]
@@ -46,7 +59,7 @@ def inspect(file: str, base: str = "") -> tuple[str, str, dict, dict]:
         match = verify_lora(lora, text(base)) if text(base) else None
     except USER_ERRORS as err:
         return problem(f"Cannot inspect: {err}"), "", *empty
-    modules = [[m.name, m.role, m.kind, m.rank, f"{m.alpha:g}", f"{m.norm:.4g}"] for m in report.modules]
+    modules = [[m.name, m.role, m.kind, m.rank, f"{m.alpha:g}", _norm(m.norm)] for m in report.modules]
     settings = [list(row) for row in report.settings]
     body = report.format() + (match.format(limit=50) if match else "")
     if match is None:
@@ -109,8 +122,7 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, file_format: str 
     if missing or not any(text(path) for path, _ in loras):
         return problem(f"Choose {missing or 'at least one LoRA file'} first."), ""
     try:
-        chosen = [(text(path), number(ratio, f"The ratio of {Path(text(path)).name}", float))
-                  for path, ratio in loras if text(path)]
+        chosen = _chosen(loras)
         target = checkpoint_path(text(out), file_format)
     except ValueError as err:
         return problem(str(err)), ""
@@ -121,6 +133,65 @@ def merge(base: str, loras: list[tuple[str, float]], out: str, file_format: str 
     except USER_ERRORS as err:
         return problem(f"Not merged: {err}"), report_html(lines.text())
     return done(f"Saved {result.out_path}: {result.summary()}."), report_html(result.format())
+
+
+def merge_loras(loras: list[tuple[str, float]], out: str, concat: bool = MERGE_LORAS.concat,
+                precision: str = MERGE_LORAS.precision, save_precision: str = AS_MERGE_PRECISION,
+                overwrite: bool = False, log: LogFn | None = None) -> tuple[str, str]:
+    """(status, report) of merging up to four (file, ratio) LoRAs into one LoRA as sd-scripts' merge_lora.py does."""
+    from trainer.tools.merge_loras import merge_loras as merge_files
+
+    def run(chosen, target, lines):
+        return merge_files(chosen, target, concat=bool(concat), precision=precision,
+                           save_precision=_precision(save_precision), overwrite=bool(overwrite), log=lines)
+
+    return _merge_into_lora(loras, out, run, log)
+
+
+def svd_merge(loras: list[tuple[str, float]], out: str, rank, conv_rank=SVD_MERGE.conv_rank,
+              clamp_quantile=SVD_MERGE.clamp, save_precision: str = SVD_MERGE.save_precision, overwrite: bool = False,
+              log: LogFn | None = None) -> tuple[str, str]:
+    """(status, report) of merging up to four (file, ratio) LoRAs into one LoRA of rank ``rank`` by SVD.
+    ``conv_rank`` 0: as ``rank``; ``clamp_quantile`` 1 or more: no clamping."""
+    from trainer.tools.svd_merge import svd_merge_loras
+
+    def run(chosen, target, lines):
+        clamp = number(clamp_quantile if clamp_quantile not in (None, "") else 1, "Clamp quantile", float)
+        return svd_merge_loras(chosen, target, number(rank, "New rank"),
+                               conv_rank=number(conv_rank or 0, "New conv rank") or None,
+                               clamp_quantile=clamp if 0 < clamp < 1 else None, save_precision=save_precision,
+                               overwrite=bool(overwrite), log=lines)
+
+    return _merge_into_lora(loras, out, run, log, modules=True)
+
+
+def _merge_into_lora(loras, out: str, run, log: LogFn | None, modules: bool = False) -> tuple[str, str]:
+    """The two LoRA merges' shared checks, refusals and report; ``run(chosen, target, log)`` merges."""
+    if not any(text(path) for path, _ in loras):
+        return problem("Choose at least one LoRA file first."), ""
+    if not text(out):
+        return problem("Choose the output file first."), ""
+    lines = _LogLines(log)
+    try:
+        result = run(_chosen(loras), lora_path(text(out)), lines)
+    except USER_ERRORS as err:
+        return problem(f"Not merged: {err}"), report_html(lines.text())
+    return done(f"Saved {result.out_path}: {result.summary()}."), report_html(result.format(modules=modules))
+
+
+def _chosen(loras: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The filled slots as (path, ratio); ValueError naming the slot whose ratio is not a number."""
+    return [(text(path), number(ratio, f"The ratio of {Path(text(path)).name}", float))
+            for path, ratio in loras if text(path)]
+
+
+def lora_path(out: str) -> str:
+    """The output path, with .safetensors added when it has no LoRA suffix."""
+    return out if Path(out).suffix.lower() in LORA_SUFFIXES else out + ".safetensors"
+
+
+def _norm(value: float) -> str:
+    return NO_NORM if math.isnan(value) else f"{value:.4g}"
 
 
 def checkpoint_path(out: str, file_format: str) -> str:

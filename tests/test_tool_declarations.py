@@ -19,11 +19,13 @@ from trainer.inference.requests import TryItRequest
 from trainer.settings.field import request_infos
 from trainer.tools import lowrank, resize
 from trainer.tools.requests import (DYNAMIC_DEFAULTS, DYNAMIC_METHODS, SAVE_PRECISIONS, ExtractRequest, InspectRequest,
-                                    MergeRequest, ResizeRequest)
+                                    MergeLorasRequest, MergeRequest, ResizeRequest, SvdMergeRequest)
 
-TOOLS = [("inspect", InspectRequest), ("resize", ResizeRequest), ("extract", ExtractRequest), ("merge", MergeRequest)]
+TOOLS = [("inspect", InspectRequest), ("resize", ResizeRequest), ("extract", ExtractRequest), ("merge", MergeRequest),
+         ("merge_loras", MergeLorasRequest), ("svd_merge", SvdMergeRequest)]
 # the page's entry for an option whose default is None (a dropdown cannot show None)
-NONE_CHOICES = {("resize", "method"): tools_actions.FIXED_RANK, ("resize", "precision"): tools_actions.KEEP_PRECISION}
+NONE_CHOICES = {("resize", "method"): tools_actions.FIXED_RANK, ("resize", "precision"): tools_actions.KEEP_PRECISION,
+                ("merge_loras", "save_precision"): tools_actions.AS_MERGE_PRECISION}
 
 
 def gui_choices(widget) -> tuple:
@@ -53,6 +55,8 @@ def test_the_resize_and_extract_choices_are_the_declared_lists():
     assert infos["method"].choices == DYNAMIC_METHODS == tuple(DYNAMIC_DEFAULTS)
     assert infos["precision"].choices == extract["precision"].choices == extract["load_precision"].choices
     assert extract["precision"].choices == SAVE_PRECISIONS
+    merges = [*choice_options(MergeLorasRequest).values(), *choice_options(SvdMergeRequest).values()]
+    assert [info.choices for info in merges] == [SAVE_PRECISIONS] * 3
 
 
 def test_a_method_added_to_the_declaration_reaches_the_page_and_the_command_line(monkeypatch):

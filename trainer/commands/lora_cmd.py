@@ -1,4 +1,5 @@
-"""``python -m trainer lora {inspect,resize,extract,merge} ...``: the LoRA tools on the command line.
+"""``python -m trainer lora {inspect,resize,extract,merge,merge-loras,svd-merge} ...``: the LoRA tools on the
+command line.
 
 Each sub-command calls one function of :mod:`trainer.tools` and prints its report
 (``--json`` for machine-readable output). Exit codes: 0 done (inspect: every key
@@ -12,7 +13,8 @@ import json
 import sys
 
 from trainer.tools.requests import (
-    ExtractRequest, InspectRequest, MergeRequest, ResizeRequest, WritesFile, cli_flags, request_infos, value_type,
+    ExtractRequest, InspectRequest, MergeLorasRequest, MergeRequest, ResizeRequest, SvdMergeRequest, WritesFile,
+    cli_flags, request_infos, value_type,
 )
 
 EXIT_OK = 0
@@ -21,12 +23,15 @@ EXIT_FAILED = 1
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``lora`` and its sub-commands to the main parser's subparsers."""
-    lora = subparsers.add_parser("lora", help="LoRA tools: inspect/verify, resize, extract, merge into a checkpoint")
+    lora = subparsers.add_parser("lora", help="LoRA tools: inspect/verify, resize, extract, merge into a checkpoint, "
+                                              "merge LoRAs into one (added or by SVD)")
     tools = lora.add_subparsers(dest="lora_command", required=True)
     _inspect_parser(tools)
     _resize_parser(tools)
     _extract_parser(tools)
     _merge_parser(tools)
+    _merge_loras_parser(tools)
+    _svd_merge_parser(tools)
     return lora
 
 
@@ -92,19 +97,46 @@ def _merge_parser(tools) -> None:
     _common(p)
 
 
-def lora_with_ratio(spec: str) -> tuple[str, float]:
-    """``file.safetensors:0.8`` -> (file, 0.8); a bare path (Windows drive letters included) has the default ratio."""
+def _merge_loras_parser(tools) -> None:
+    p = tools.add_parser("merge-loras", help="merge LoRAs into one LoRA as sd-scripts' merge_lora.py does: each "
+                                             "file's factors times its ratio, added (same ranks) or concatenated")
+    _lora_list(p, MergeLorasRequest)
+    _options(p, MergeLorasRequest, "out", "concat", "precision", "save_precision")
+    _common(p)
+
+
+def _svd_merge_parser(tools) -> None:
+    p = tools.add_parser("svd-merge", help="merge LoRAs into one LoRA of a chosen rank: the ratio-weighted sum of "
+                                           "their weight changes, decomposed by SVD (sd-scripts' svd_merge_lora.py)")
+    _lora_list(p, SvdMergeRequest)
+    _options(p, SvdMergeRequest, "out", "rank", "conv_rank", "clamp")
+    p.add_argument("--no-clamp", action="store_true", help="do not clamp (exact SVD factors)")
+    _options(p, SvdMergeRequest, "save_precision")
+    p.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
+    p.add_argument("--modules", action="store_true", help="list every module's rank and error")
+    _common(p)
+
+
+def _lora_list(p: argparse.ArgumentParser, request) -> None:
+    ratio = request_infos(request)["ratio"]
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
+                   help=f"LoRA to merge, with its ratio (default {ratio.default}; {ratio.help}); repeat for several")
+
+
+def lora_with_ratio(spec: str, request=MergeRequest) -> tuple[str, float]:
+    """``file.safetensors:0.8`` -> (file, 0.8); a bare path (Windows drive letters included) has the request
+    model's default ratio."""
     path, sep, ratio = spec.rpartition(":")
     if sep:
         try:
             return path, float(ratio)
         except ValueError:
             pass
-    return spec, _default_ratio()
+    return spec, _default_ratio(request)
 
 
-def _default_ratio() -> float:
-    return request_infos(MergeRequest)["ratio"].default
+def _default_ratio(request=MergeRequest) -> float:
+    return request_infos(request)["ratio"].default
 
 
 # ---- running ---------------------------------------------------------------------------------------------
@@ -173,4 +205,27 @@ def _merge(args, out, log) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"inspect": _inspect, "resize": _resize, "extract": _extract, "merge": _merge}
+def _merge_loras(args, out, log) -> int:
+    from trainer.tools.merge_loras import merge_loras
+
+    loras = [lora_with_ratio(spec, MergeLorasRequest) for spec in args.lora]
+    result = merge_loras(loras, args.out, concat=args.concat, precision=args.precision,
+                         save_precision=args.save_precision, overwrite=args.overwrite, log=log)
+    _report(args, out, result, result.format())
+    return EXIT_OK
+
+
+def _svd_merge(args, out, log) -> int:
+    from trainer.tools.svd_merge import svd_merge_loras
+
+    loras = [lora_with_ratio(spec, SvdMergeRequest) for spec in args.lora]
+    result = svd_merge_loras(loras, args.out, args.rank, conv_rank=args.conv_rank or None,
+                             clamp_quantile=None if args.no_clamp else args.clamp,
+                             save_precision=args.save_precision, device=args.device, overwrite=args.overwrite,
+                             log=log)
+    _report(args, out, result, result.format(modules=args.modules))
+    return EXIT_OK
+
+
+COMMANDS = {"inspect": _inspect, "resize": _resize, "extract": _extract, "merge": _merge,
+            "merge-loras": _merge_loras, "svd-merge": _svd_merge}

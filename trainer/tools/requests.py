@@ -70,6 +70,32 @@ class MergeRequest(WritesFile):
                                    help="skip LoRA modules that match no layer of the base (otherwise an error)")
 
 
+class MergeLorasRequest(WritesFile):
+    """sd-scripts' merge_lora.py without --sd_model (kohya_ss's "Merge LoRA"); the files come as (file, ratio) pairs."""
+    out: str = option(..., label="Output file", widget="file", cli="-o --out", help="the merged LoRA file to write")
+    ratio: float = option(1.0, label="Ratio", step=0.05,
+                          help="a LoRA's weight; as in sd-scripts, its lora_down and lora_up are each multiplied by it")
+    concat: bool = option(False, label="Concatenate (rank = sum of ranks)",
+                          help="stack the LoRAs along the rank instead of adding their factors: any ranks, no "
+                               "cross terms, a bigger file")
+    precision: str = option("float", label="Merge precision", choices=SAVE_PRECISIONS,
+                            help="the precision the factors are added in (float is recommended)")
+    save_precision: str | None = option(None, label="Save precision", choices=SAVE_PRECISIONS,
+                                        help="default: the merge precision")
+
+
+class SvdMergeRequest(WritesFile):
+    """sd-scripts' svd_merge_lora.py (kohya_ss's "Merge LoRA (SVD)"); the files come as (file, ratio) pairs."""
+    out: str = option(..., label="Output file", widget="file", cli="-o --out", help="the merged LoRA file to write")
+    ratio: float = option(1.0, label="Ratio", step=0.05, help="a LoRA's weight: its weight change is multiplied by it")
+    rank: int = option(4, label="New rank", ge=1, help="rank of the merged LoRA's Linear and 1x1 conv modules")
+    conv_rank: int = option(0, label="New conv rank (0: same)", ge=0, help="rank of its 3x3 conv modules (0: the rank)")
+    clamp: float = option(0.99, label="Clamp quantile (1: none)", ge=0, le=1, cli="--clamp-quantile",
+                          help="clamp factor values beyond this quantile of their magnitudes (sd-scripts: 0.99)")
+    save_precision: str = option("float", label="Save precision", choices=SAVE_PRECISIONS,
+                                 help="the precision of the saved LoRA's weights")
+
+
 def cli_flags(info: SettingInfo) -> list[str]:
     """The option's command-line flags, or its name alone for a positional argument."""
     return (info.cli or "--" + info.key.replace("_", "-")).split()
