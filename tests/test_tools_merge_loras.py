@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from test_tools_support import one_thread  # noqa: F401  (fixture)
+from test_tools_support import one_thread, random_lora  # noqa: F401  (fixture)
 from trainer.commands import lora_cmd
 from trainer.saving import sshs_hashes
-from trainer.tools import ToolError, read_lora
+from trainer.tools import ToolError, read_lora, verify_lora
 from trainer.tools.merge_loras import merge_loras
 from trainer.tools.svd_merge import svd_merge_loras
 
@@ -158,6 +158,20 @@ def test_metadata_versions_titles_and_hashes(files, tmp_path):
     assert (svd.metadata["ss_network_dim"], svd.metadata["ss_network_alpha"]) == ("4", "4")
 
 
+def test_merged_sd1_loras_still_fit_the_model_and_svd_keeps_the_sum(tmp_path, tiny_sd1_dir):
+    a = random_lora(tmp_path, tiny_sd1_dir, "sd1_a", rank=4, conv_rank=2, seed=1)
+    b = random_lora(tmp_path, tiny_sd1_dir, "sd1_b", rank=4, alpha=4.0, conv_rank=2, seed=2)
+    added = merge_loras([(a, 0.5), (b, 0.5)], tmp_path / "added.safetensors")
+    svd = svd_merge_loras([(a, 1.0), (b, -0.5)], tmp_path / "svd.safetensors", 8, conv_rank=4, clamp_quantile=None)
+    for result in (added, svd):
+        assert verify_lora(result.out_path, tiny_sd1_dir).ok
+    before_a, before_b, after = read_lora(a), read_lora(b), read_lora(svd.out_path)
+    assert set(after.modules) == set(before_a.modules)
+    for name, module in after.modules.items():
+        expected = before_a.modules[name].delta() - 0.5 * before_b.modules[name].delta()
+        torch.testing.assert_close(module.delta(), expected, rtol=1e-4, atol=1e-5)
+
+
 # ---- refusals ----------------------------------------------------------------------------------------------
 
 def test_rank_mismatch_is_refused_naming_the_file_module_and_the_fixes(files, tmp_path):
@@ -277,3 +291,26 @@ def test_inspect_shows_a_dash_for_a_lycoris_module_norm(tmp_path):
     _, _, _, modules = tools.inspect(str(tmp_path / "mixed.safetensors"))
     norms = {row[0]: row[5] for row in modules["data"]}
     assert norms["lora_unet_x_to_q"] == tools.NO_NORM and float(norms[CONV]) > 0
+
+
+def test_the_app_s_merge_buttons_and_the_newest_lora_in_the_first_slots(files, tmp_path):
+    pytest.importorskip("gradio")
+    from gui_app_support import component, fresh_app, run_handlers
+
+    app = fresh_app(tmp_path / "presets")
+    slots = {component(app, f"{tool}_{field}"): value for tool in ("merge_loras", "svd_merge")
+             for field, value in (("lora_1", str(files["a"])), ("ratio_1", 0.7), ("lora_2", str(files["b"])),
+                                  ("ratio_2", -0.4), ("out", str(tmp_path / f"{tool}.safetensors")))}
+    for tool in ("merge_loras", "svd_merge"):
+        [result] = run_handlers(app, component(app, f"{tool}_run"), "click", slots)
+        assert "Saved" in result[0], result[0]
+    assert read_lora(tmp_path / "svd_merge.safetensors").modules[LINEAR].rank == 4  # the declared rank
+    folder = tmp_path / "output"
+    folder.mkdir()
+    newest = folder / "run.safetensors"
+    newest.write_bytes(files["a"].read_bytes())
+    output_dir = component(app, "setting_output_dir")
+    results = run_handlers(app, component(app, "tab_tools"), "select", {output_dir: str(folder)})
+    for tool in ("merge_loras", "svd_merge"):
+        box = component(app, f"{tool}_lora_1")
+        assert [r[box] for r in results if isinstance(r, dict) and box in r] == [str(newest)]
