@@ -10,9 +10,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from trainer.tools.requests import DYNAMIC_DEFAULTS, SAVE_PRECISIONS, ExtractRequest, MergeLorasRequest, SvdMergeRequest
+from trainer.tools.requests import (DYNAMIC_DEFAULTS, SAVE_PRECISIONS, ExtractRequest, MergeLorasRequest,
+                                    SvdMergeRequest)
 
-from .tab_common import USER_ERRORS, done, number, problem, report_html, text
+from .tab_common import LORA_SUFFIXES, USER_ERRORS, done, number, problem, report_html, text
 
 # the page's choice for an option's None (ResizeRequest: no dynamic method, the input's precision)
 FIXED_RANK = "fixed rank"
@@ -22,7 +23,6 @@ EXTRACT = ExtractRequest.model_construct()  # the declared defaults (the paths h
 MERGE_LORAS = MergeLorasRequest.model_construct()
 SVD_MERGE = SvdMergeRequest.model_construct()
 CHECKPOINT_FORMATS = (".safetensors", ".ckpt")
-LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 MERGE_LORAS_NOTE = ("Merges up to four LoRAs into one LoRA as kohya's Merge LoRA does: each file's lora_down and "
                     "lora_up are multiplied by its ratio and added, so one LoRA at ratio 0.5 keeps a quarter of its "
                     "effect and different LoRAs also mix. The files need the same rank unless concatenated. "

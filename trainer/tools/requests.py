@@ -77,7 +77,8 @@ class MergeLorasRequest(WritesFile):
                           help="a LoRA's weight; as in sd-scripts, its lora_down and lora_up are each multiplied by it")
     concat: bool = option(False, label="Concatenate (rank = sum of ranks)",
                           help="stack the LoRAs along the rank instead of adding their factors: any ranks, no "
-                               "cross terms, a bigger file")
+                               "cross terms, a bigger file; as sd-scripts keeps the first file's alpha, each LoRA's "
+                               "change is scaled by its rank / the total rank")
     precision: str = option("float", label="Merge precision", choices=SAVE_PRECISIONS,
                             help="the precision the factors are added in (float is recommended)")
     save_precision: str | None = option(None, label="Save precision", choices=SAVE_PRECISIONS,
