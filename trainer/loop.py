@@ -105,7 +105,7 @@ class _Run:
         self.precision = Precision.of(plan.precision, self.device)
         self.log(self.precision.describe())
         self.metadata = RunMetadata(plan)
-        self.resume = load_resume(s.resume)
+        self.resume = load_resume(s.resume, plan.steps)
         self.seed = pick_seed(s, self.resume, self.log)
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         import_model_libraries()

@@ -22,6 +22,8 @@ from trainer.preflight import check
 from trainer.run_errors import TrainingError
 from trainer.run_plan import RunPlan
 from trainer.state import network_generator, restore_rng
+from trainer.sd_scripts_state import (SD_SCRIPTS_MARK, apply_sd_scripts_optimizer, is_sd_scripts_state,
+                                      load_sd_scripts_state)
 from trainer.state_folder import load_state, recover_interrupted_saves
 
 Log = Callable[..., None]
@@ -50,11 +52,13 @@ def tell_plan(plan: RunPlan, log: Log) -> None:
         log(note, "warning")
 
 
-def load_resume(resume: str) -> Any:
-    """The state folder to resume from, or None."""
+def load_resume(resume: str, steps_plan: Any = None) -> Any:
+    """The state folder to resume from (Nekoya's, or one sd-scripts wrote), or None."""
     if not resume:
         return None
     try:
+        if is_sd_scripts_state(resume):
+            return load_sd_scripts_state(resume, steps_plan)
         return load_state(resume)
     except (OSError, KeyError, ValueError) as exc:
         raise TrainingError(f"cannot resume from {resume}: {exc}", "resume") from exc
@@ -74,11 +78,18 @@ def resume_from(state: Any, network: Any, stepper: OptimizerStepper, generator: 
                 log: Log) -> tuple[int, int, int]:
     """Load a saved state into the run; returns where it goes on: (step, epoch, batches done in that epoch)."""
     network.load_lora_state_dict(state.lora_tensors)
-    stepper.load_state_dict(state.stepper_state)
     position = state.position
-    note = restore_rng(state.rng, generator, network.dropout_generator, position.seed, position.step)
-    if note:
-        log(note, "warning")
+    if SD_SCRIPTS_MARK in state.stepper_state:  # a folder sd-scripts wrote
+        apply_sd_scripts_optimizer(stepper, state.stepper_state[SD_SCRIPTS_MARK], position.step, log)
+        seed = generator.initial_seed()  # the run's seed: its random states were not readable
+        generator.manual_seed(seed + position.step)
+        if network.dropout_generator is not None:
+            network.dropout_generator.manual_seed(seed + 1 + position.step)
+    else:
+        stepper.load_state_dict(state.stepper_state)
+        note = restore_rng(state.rng, generator, network.dropout_generator, position.seed, position.step)
+        if note:
+            log(note, "warning")
     log(f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batches_done})")
     return position.step, position.epoch, position.batches_done
 

@@ -148,9 +148,16 @@ def check_resume(ctx: CheckContext):
         yield Problem("error", "resume", f"{value} is not a folder", fix="choose a <name>-state folder written by "
                       "Save training state, or clear the field", file=value)
     elif value:  # a mix of two saves or a damaged file is refused here, naming the file
+        from trainer.sd_scripts_state import is_sd_scripts_state
         from trainer.state_folder import check_state_folder
 
-        problem = check_state_folder(Path(value).expanduser(), hashes=ctx.deep)
+        folder = Path(value).expanduser()
+        if is_sd_scripts_state(str(folder)):
+            yield Problem("note", "resume", f"{value} was written by sd-scripts (kohya_ss): the LoRA, the optimizer "
+                          "state and the step go on; its random states (a pickle) are not opened, so the run's "
+                          "generators are reseeded", file=value)
+            return
+        problem = check_state_folder(folder, hashes=ctx.deep)
         if problem:
             yield replace(problem, field="resume")
 
