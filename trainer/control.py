@@ -1,17 +1,36 @@
 """Commands into a running training: the trainer polls them between steps.
 
 The GUI (or a Ctrl+C handler) sets flags from another thread; the loop reads and
-resets them at step boundaries, so nothing is interrupted half-way. After a run
-that a full disk ended, ``save_kept_to`` writes the LoRA it kept in memory.
+resets them at step boundaries, so nothing is interrupted half-way. A pause holds
+the training thread inside ``between_steps`` (model, optimizer and data stay loaded)
+until Resume or Stop. After a run that a full disk ended, ``save_kept_to`` writes
+the LoRA it kept in memory.
 """
 from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from trainer import events as ev
 
 if TYPE_CHECKING:
     from trainer.saving import KeptWeights
+
+KEEP, FREE = "keep", "free"  # the two pauses: keep the weights where they are, or move them to the CPU
+
+
+class PausableRun(Protocol):
+    """What a pause needs of the run (``trainer.loop._Run``)."""
+
+    sink: ev.EventSink
+    step: int
+    meter: Any  # trainer.state.ProgressMeter
+    device: Any
+    family: Any
+    network: Any
+    stepper: Any  # its ``optimizer`` holds the state that a pause with free memory moves
 
 
 class Control:
@@ -19,11 +38,34 @@ class Control:
         self._stop = threading.Event()
         self._sample = threading.Event()
         self._save = threading.Event()
+        self._changed = threading.Condition()  # wakes a paused run on Resume, Stop or a switch to FREE
+        self._pause: str | None = None  # KEEP or FREE while a pause is asked for
         self.kept_weights: KeptWeights | None = None  # set by the trainer when it could not write them
 
     # -- from the UI thread -------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
+        self._notify()
+
+    def request_pause(self, free_memory: bool = False) -> None:
+        """Pause at the next step boundary; ``free_memory`` moves the weights to the CPU meanwhile (asked
+        while already paused, it frees them then)."""
+        with self._changed:
+            self._pause = FREE if free_memory else KEEP
+            self._changed.notify_all()
+
+    def request_resume(self) -> None:
+        with self._changed:
+            self._pause = None
+            self._changed.notify_all()
+
+    @property
+    def pause_requested(self) -> bool:
+        return self._pause is not None
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def request_sample(self) -> None:
         self._sample.set()
@@ -35,6 +77,41 @@ class Control:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    def between_steps(self, run: PausableRun) -> bool:
+        """At a step boundary: wait here while a pause is asked for; True when the run is to stop."""
+        if self._pause is not None and not self.stop_requested:
+            self._hold(run)
+        return self.stop_requested
+
+    def _hold(self, run: PausableRun) -> None:
+        started, offloaded = time.perf_counter(), None  # offloaded: None until freed, False if nothing moved
+        if self._pause == KEEP:
+            run.sink(ev.Paused(run.step, note="model, optimizer and data stay loaded"))
+        try:
+            while self._wait_while_paused(offloaded is not None) == FREE:
+                offloaded = self._free_memory(run)
+        finally:
+            if offloaded:
+                offloaded.restore()
+        paused = time.perf_counter() - started
+        run.meter.exclude_pause(paused)
+        run.sink(ev.Resumed(run.step, paused))
+
+    def _wait_while_paused(self, freed: bool) -> str | None:
+        """Block until there is something to do: FREE (free memory now) or None (resume or stop)."""
+        with self._changed:
+            while not self._stop.is_set() and (self._pause == KEEP or (self._pause == FREE and freed)):
+                self._changed.wait()
+            return None if self._stop.is_set() else self._pause
+
+    def _free_memory(self, run: PausableRun) -> Any:
+        """Move the weights to the CPU and say so; returns what to restore (False: nothing moved)."""
+        from trainer.offload import offload, run_modules  # torch: only once a run frees memory
+
+        moved, note = offload(run.device, run_modules(run.family, run.network), run.stepper.optimizer)
+        run.sink(ev.Paused(run.step, freed_memory=moved is not None, note=note))
+        return moved or False
 
     def take_sample_request(self) -> bool:
         return _take(self._sample)

@@ -77,6 +77,22 @@ class DiskFull:
 
 
 @dataclass(frozen=True)
+class Paused:
+    """The run waits between two steps, model, optimizer and data kept; ``freed_memory``: its weights and
+    optimizer state were moved to the CPU until it resumes. ``note`` says what the pause did."""
+
+    step: int
+    freed_memory: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int
+    paused_s: float  # left out of it/s and the ETA
+
+
+@dataclass(frozen=True)
 class Sample:
     path: str
     prompt: str
@@ -119,7 +135,7 @@ class Stopped:
     files: tuple[str, ...] = field(default_factory=tuple)
 
 
-Event = Union[Started, Step, EpochEnd, Saved, DiskFull, Sample, Log, Error, Finished, Stopped]
+Event = Union[Started, Step, EpochEnd, Saved, DiskFull, Paused, Resumed, Sample, Log, Error, Finished, Stopped]
 EventSink = Callable[[Event], None]
 
 

@@ -174,7 +174,7 @@ class _Run:
             with vae_guard:
                 self._optimizer_step(sum(losses) / len(losses))
             losses = []
-            if self.step >= self.plan.steps.total_steps or self.control.stop_requested:
+            if self.step >= self.plan.steps.total_steps or self.control.between_steps(self):  # a pause waits here
                 return True
         self.latents.finish()  # every image was used once: all latents are cached
         return False

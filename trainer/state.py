@@ -48,6 +48,11 @@ class ProgressMeter:
     def epoch_loss(self) -> float:
         return sum(self._epoch_losses) / len(self._epoch_losses) if self._epoch_losses else 0.0
 
+    def exclude_pause(self, seconds: float) -> None:
+        """A pause between two steps: left out of the next step's time (so of it/s and ETA) and of elapsed."""
+        self._last += seconds
+        self.started += seconds
+
     def it_per_s(self) -> float:
         seconds = sum(self._step_seconds)
         return len(self._step_seconds) / seconds if seconds > 0 else 0.0
