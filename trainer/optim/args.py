@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ast
-import shlex
 from typing import Any
 
 from trainer.problems import NekoyaError
@@ -18,14 +17,10 @@ class OptimConfigError(NekoyaError, ValueError):
 
 def parse_literal_args(text: str, field: str) -> dict[str, Any]:
     """``"betas=(0.9,0.99) weight_decay=0.01 decouple=True"`` -> kwargs, as sd-scripts
-    does with ``ast.literal_eval``; a bare word that is not a literal stays a string. Quoted pairs
-    (``"d0=1e-5" "decouple=True"``, as kohya_ss's presets write them) lose their quotes, as kohya_ss does."""
+    does with ``ast.literal_eval``; a bare word that is not a literal stays a string. Double quotes are dropped
+    first, as kohya_ss does (its presets write ``"d0=1e-5" "decouple=True"``); single quotes make a string."""
     kwargs: dict[str, Any] = {}
-    try:
-        tokens = shlex.split(text or "")
-    except ValueError:
-        raise OptimConfigError(f"{text!r} has an unclosed quote", field) from None
-    for token in tokens:
+    for token in (text or "").replace('"', "").split():
         key, sep, raw = token.partition("=")
         if not sep or not key or not raw:
             raise OptimConfigError(f"{token!r} is not key=value (pairs separated by spaces, no spaces around '=')", field)
