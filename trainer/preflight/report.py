@@ -11,9 +11,23 @@ from typing import Any
 
 from trainer.problems import SEVERITIES, Problem, Severity
 
-__all__ = ["SEVERITIES", "PreflightReport", "Problem", "Severity"]
+__all__ = ["SEVERITIES", "PreflightReport", "Problem", "SettingNotApplied", "Severity", "settings_applied_line"]
 
 _HEADINGS = {"error": "Errors", "warning": "Warnings", "note": "Notes"}
+
+
+@dataclass(frozen=True)
+class SettingNotApplied(Problem):
+    """A warning that a kohya_ss setting of the config is not applied (``trainer.preflight.ignored_settings``);
+    its own type so that the step plan can count them without reading messages."""
+
+
+def settings_applied_line(problems) -> str:
+    """The step plan's word on the config: every setting applies, or how many are not applied."""
+    n = sum(isinstance(p, SettingNotApplied) for p in problems)
+    if not n:
+        return "Settings: every setting applies."
+    return f"Settings: {_count(n, 'kohya_ss setting')} {'is' if n == 1 else 'are'} not applied: see the warnings."
 
 
 @dataclass
@@ -71,6 +85,10 @@ class PreflightReport:
             verdict += f" with {self.plan.train_images} of {self.plan.train_images_found} images ({left_out} left out)"
         return f"Preflight: {counts}; {verdict}"
 
+    def settings_applied(self) -> str:
+        """``Settings: every setting applies.``, or how many kohya_ss settings are not applied (each has a warning)."""
+        return settings_applied_line(self.problems)
+
     def format(self) -> str:
         """The report for the CLI: errors, warnings, notes, then the step plan and the memory estimate."""
         parts = [self.summary()]
@@ -84,7 +102,9 @@ class PreflightReport:
                 "the full check before Start decodes every image."
             )
         if self.plan is not None:
-            parts.append("\nStep plan:\n" + _indent(self.plan.summary()))
+            parts.append("\nStep plan:\n" + _indent(self.plan.summary() + "\n" + self.settings_applied()))
+        else:
+            parts.append("\n" + self.settings_applied())
         if self.memory is not None:
             parts.append("\nMemory estimate:\n" + _indent(self.memory.describe()))
         return "\n".join(parts) + "\n"

@@ -1,46 +1,203 @@
-"""kohya_ss config keys that Nekoya reads but does not use (other model families,
-accelerate launch options, trackers, LyCORIS options...). They are kept and written back
-on save, and reported apart from truly unknown keys."""
+"""kohya_ss config keys Nekoya reads but does not honour, one row each: what kohya_ss would do with
+them, the values at which nothing is lost, and what Nekoya does instead.
 
-KOHYA_UNUSED_KEYS = frozenset({
-    # Also the img_attn_dim-style Flux block dims and the anima_/hunyuan_/lumina_ families.
-    'img_attn_dim', 'img_mlp_dim', 'img_mod_dim', 'single_dim', 'txt_attn_dim', 'txt_mlp_dim',
-    'txt_mod_dim', 'single_mod_dim', 'in_dims', 'flux1_cache_text_encoder_outputs',
-    'flux1_cache_text_encoder_outputs_to_disk', 'sd3_cache_text_encoder_outputs',
-    'sd3_cache_text_encoder_outputs_to_disk',
-    'additional_parameters', 'ae',
-    'anima_checkbox', 'apply_t5_attn_mask', 'async_upload',
-    'blocks_to_swap', 'cache_text_encoder_outputs',
-    'caption_metadata_filename', 'class_prompt', 'clip_g', 'clip_g_dropout_rate', 'clip_l',
-    'cpu_offload_checkpointing', 'dataset_config',
-    'discrete_flow_shift', 'double_blocks_to_swap',
-    'dynamo_mode', 'dynamo_use_dynamic', 'dynamo_use_fullgraph', 'enable_all_linear',
-    'extra_accelerate_launch_args', 'file_path', 'flux1_checkbox',
-    'fp8_base', 'fp8_base_unet', 'ggpo_beta', 'ggpo_sigma', 'gpu_ids', 'guidance_scale',
-    'highvram', 'huggingface_path_in_repo', 'huggingface_repo_id', 'huggingface_repo_type',
-    'huggingface_repo_visibility', 'huggingface_token', 'hunyuan_image_checkbox', 'images_folder',
-    'instance_prompt', 'ip_noise_gamma_random_strength', 'latent_metadata_filename', 'log_config',
-    'log_tracker_config', 'log_tracker_name', 'logit_mean', 'logit_std', 'lora_network_weights',
-    'lowvram',
-    'lumina_checkbox', 'main_process_port', 'masked_loss', 'mem_eff_attn', 'mem_eff_save',
-    'mode_scale', 'model_prediction_type', 'model_type', 'multi_gpu',
-    'no_token_padding', 'num_machines', 'num_processes', 'pos_emb_random_crop_rate',
-    'reg_images_folder', 'resume_from_huggingface',
-    'save_as_bool', 'save_clip', 'save_last_n_steps_state', 'save_state_to_huggingface', 'save_t5xxl',
-    'sd3_checkbox', 'sd3_clip_l', 'sd3_clip_l_dropout_rate', 'sd3_disable_mmap_load_safetensors',
-    'sd3_enable_scaled_pos_embed', 'sd3_fused_backward_pass', 'sd3_t5_dropout_rate', 'sd3_t5xxl',
-    'sd3_text_encoder_batch_size', 'show_timesteps', 'show_timesteps_resolution',
-    'single_blocks_to_swap', 'skip_cache_check', 'split_mode', 'split_qkv',
-    'stop_text_encoder_training_pct', 't5xxl', 't5xxl_device', 't5xxl_dtype', 't5xxl_lr',
-    't5xxl_max_token_length', 'timestep_sampling', 'train_blocks', 'train_double_block_indices',
-    'train_inpainting', 'train_lora_ggpo', 'train_single_block_indices',
-    'train_t5xxl', 'use_8bit_adam',
-    'use_wandb', 'v_pred_like_loss', 'wandb_api_key', 'wandb_run_name', 'weighted_captions',
-    'weighting_scheme'
-})
+Torch-free. The keys are kept and written back on save. ``trainer.preflight.ignored_settings`` warns for
+every row of scope "sd" whose value is not an off value; rows of scope "other" (another model family's
+keys) and "none" (keys that change no kohya_ss run, or that another row's warning covers) never warn.
+The source of the keys and defaults is kohya_ss's LoRA tab (``kohya_gui/lora_gui.py``, its FIELD_REGISTRY).
+"""
+from __future__ import annotations
 
-_UNUSED_PREFIXES = ("anima_", "hunyuan_", "lumina_", "huggingface_", "wandb_", "flux1_", "sd3_")
+from dataclasses import dataclass
+from typing import Any
+
+# Values at which a key does nothing, kohya_ss's GUI default first: an unticked checkbox, a number at 0, an empty
+# text box (kohya_ss writes "" or false for one it leaves empty, and null keeps the form's value).
+OFF: tuple = (False, 0, "", None)
+NUMBER_OFF: tuple = (0, "", None, False)
+TEXT_OFF: tuple = ("", None, False)
+
+SD, OTHER, NONE = "sd", "other", "none"
+
+
+@dataclass(frozen=True)
+class KohyaKey:
+    """One kohya_ss key Nekoya does not honour, and whether and when that loses anything."""
+
+    key: str
+    instead: str  # scope sd: what Nekoya does instead; other/none: why the key never matters here
+    scope: str = SD  # "sd": would change an SD 1.x/2.x/SDXL run in kohya_ss; "other": another family's; "none"
+    off: tuple = OFF  # values at which nothing is lost (the first is kohya_ss's default)
+    fix: str = ""  # how to get kohya_ss's behaviour, where Nekoya has a way
+    moot_when: tuple[tuple[str, tuple], ...] = ()  # (key, values): it does nothing while that key has one of them
+
+    def is_off(self, value: Any) -> bool:
+        return same_value(value, self.off)
+
+    def is_moot(self, values: dict[str, Any]) -> bool:
+        """True when another setting makes this one do nothing (a Dynamo mode without a Dynamo backend)."""
+        return any(same_value(values.get(other), moot_values) for other, moot_values in self.moot_when)
+
+
+def same_value(value: Any, candidates: tuple) -> bool:
+    """Whether ``value`` is one of ``candidates`` as kohya_ss reads JSON: "0" is 0, "False" is false, null is ""."""
+    normal = _normal(value)
+    return any(normal == _normal(c) for c in candidates)
+
+
+def _normal(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return float(text == "true")
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _sd(key: str, instead: str, **kw: Any) -> KohyaKey:
+    return KohyaKey(key, instead, SD, **kw)
+
+
+def _none(why: str, *keys: str) -> list[KohyaKey]:
+    return [KohyaKey(k, why, NONE) for k in keys]
+
+
+def _family(family: str, *keys: str) -> list[KohyaKey]:
+    return [KohyaKey(k, f"a {family} setting: kohya_ss uses it only when training {family}", OTHER) for k in keys]
+
+
+_FAMILY_CHECKBOX = ("Nekoya trains SD 1.x, SD 2.x and SDXL only: the run follows the v2 and SDXL checkboxes "
+                    "and the model file, not {}")
+_ONE_DEVICE = "Nekoya trains in one process on one device"
+_NO_DYNAMO = (("dynamo_backend", ("no", "")),)
+_SAME_RESULT = "(the trained LoRA is the same; only speed or memory use differ)"
+
+ROWS: tuple[KohyaKey, ...] = (
+    # --- Model and data -----------------------------------------------------------------------------
+    _sd("dataset_config", "images, repeats and captions come from the Image folder's <repeats>_<name> subfolders "
+        "and these settings, not from the TOML file",
+        off=TEXT_OFF, fix="put the images in <repeats>_<name> folders under the Image folder"),
+    _sd("train_inpainting", "the model is trained as a text-to-image model: the UNet gets no mask or masked image",
+        fix="train inpainting LoRAs with kohya_ss"),
+    *(_sd(key, _FAMILY_CHECKBOX.format(name)) for key, name in (
+        ("flux1_checkbox", "Flux.1"), ("sd3_checkbox", "SD3"), ("hunyuan_image_checkbox", "HunyuanImage-2.1"),
+        ("anima_checkbox", "Anima"), ("lumina_checkbox", "Lumina"))),
+    # --- accelerate launch -------------------------------------------------------------------------
+    _sd("num_processes", _ONE_DEVICE + " (kohya_ss's N processes each train a batch: N times the batch per step)",
+        off=(1, 0, "", None)),
+    _sd("num_machines", _ONE_DEVICE, off=(1, 0, "", None)),
+    _sd("multi_gpu", _ONE_DEVICE),
+    _sd("gpu_ids", "Nekoya trains on the first visible GPU", off=("", "0", None),
+        fix="start Nekoya with CUDA_VISIBLE_DEVICES set to the GPU to use"),
+    _sd("dynamo_mode", "torch.compile runs in its default mode", off=("default", "", None),
+        moot_when=_NO_DYNAMO),
+    _sd("dynamo_use_fullgraph", "torch.compile may split the UNet into several graphs",
+        moot_when=_NO_DYNAMO),
+    _sd("dynamo_use_dynamic", "torch.compile decides itself whether shapes are dynamic",
+        moot_when=_NO_DYNAMO),
+    _sd("extra_accelerate_launch_args", "Nekoya does not run accelerate launch", off=TEXT_OFF),
+    # --- Advanced ----------------------------------------------------------------------------------
+    _sd("fp8_base", "the UNet stays in the mixed precision (no fp8 weights: more VRAM)",
+        fix="turn on Gradient checkpointing or lower the batch size to save VRAM"),
+    _sd("highvram", "Nekoya frees GPU memory as usual " + _SAME_RESULT),
+    _sd("masked_loss", "the whole image counts in the loss (no mask)"),
+    _sd("mem_eff_attn", "attention runs as CrossAttention says, not as sd-scripts' memory-efficient attention "
+        + _SAME_RESULT, fix="choose CrossAttention sdpa or xformers to save memory"),
+    _sd("v_pred_like_loss", "no v-prediction-like loss term is added", off=NUMBER_OFF),
+    _sd("ip_noise_gamma_random_strength", "IP noise gamma is applied at its full value every step, not at a "
+        "random strength up to it", moot_when=(("ip_noise_gamma", (0,)),)),
+    _sd("additional_parameters", "Nekoya does not run sd-scripts, so its command-line flags are not passed",
+        off=TEXT_OFF, fix="set each flag as its Nekoya setting where there is one"),
+    _sd("save_last_n_steps_state", "older step state folders are kept, none is removed", off=NUMBER_OFF,
+        moot_when=(("save_state", (False,)), ("save_every_n_steps", (0,)))),  # no step states to remove
+    _sd("skip_cache_check", "the latent cache on disk is checked as usual " + _SAME_RESULT),
+    _sd("log_with", "only TensorBoard logs are written (to the Logging folder); nothing goes to wandb",
+        off=("", "tensorboard", None)),
+    _sd("log_tracker_name", "the TensorBoard run is named after the output name and the time, not this name",
+        off=TEXT_OFF),
+    _sd("log_tracker_config", "the tracker config file is not read", off=TEXT_OFF),
+    _sd("log_config", "the training config is not logged to the tracker"),
+    _sd("weighted_captions", "(word:1.2) weights in captions are read as plain text",
+        fix="remove the weights from the captions"),
+    _sd("huggingface_repo_id", "the LoRA is not uploaded to Hugging Face: it is only written to the Output folder",
+        off=TEXT_OFF, fix="upload the file yourself"),
+    _sd("resume_from_huggingface", "training does not resume from Hugging Face",
+        off=TEXT_OFF, fix="download the state folder and set Resume from saved training state to it"),
+    *_none("the Hugging Face upload's detail, which huggingface_repo_id's warning covers",
+           "huggingface_token", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
+           "save_state_to_huggingface", "async_upload"),
+    *_none("used only by the wandb tracker, which log_with's warning covers", "wandb_api_key", "wandb_run_name"),
+    *_none("used only by runs of several processes, which num_processes and multi_gpu warn about",
+           "main_process_port"),
+    *_none("kohya_ss no longer passes it to sd-scripts", "lowvram"),
+    *_none("kohya_ss does not apply it to LoRA either (it resets it to 0); the network check notes it",
+           "stop_text_encoder_training"),
+    *_none("Nekoya's data workers are threads: there are no worker processes to keep between epochs",
+           "persistent_data_loader_workers"),
+    # --- keys of other model families ---------------------------------------------------------------
+    *_family("Flux.1", "flux1_cache_text_encoder_outputs", "flux1_cache_text_encoder_outputs_to_disk", "model_type",
+             "ae", "clip_l", "t5xxl", "discrete_flow_shift", "model_prediction_type", "timestep_sampling", "split_mode",
+             "train_blocks", "t5xxl_max_token_length", "enable_all_linear", "guidance_scale", "mem_eff_save",
+             "apply_t5_attn_mask", "split_qkv", "train_t5xxl", "cpu_offload_checkpointing", "single_blocks_to_swap",
+             "double_blocks_to_swap", "img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim", "txt_attn_dim",
+             "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims", "train_double_block_indices",
+             "train_single_block_indices", "fp8_base_unet", "train_lora_ggpo", "ggpo_sigma", "ggpo_beta"),
+    *_family("Flux.1 or SD3", "t5xxl_lr"),
+    *_family("SD3", "sd3_cache_text_encoder_outputs", "sd3_cache_text_encoder_outputs_to_disk",
+             "sd3_fused_backward_pass", "clip_g", "clip_g_dropout_rate", "sd3_clip_l", "sd3_clip_l_dropout_rate",
+             "sd3_disable_mmap_load_safetensors", "sd3_enable_scaled_pos_embed", "logit_mean", "logit_std",
+             "mode_scale", "pos_emb_random_crop_rate", "save_clip", "save_t5xxl", "sd3_t5_dropout_rate", "sd3_t5xxl",
+             "t5xxl_device", "t5xxl_dtype", "sd3_text_encoder_batch_size", "weighting_scheme"),
+    *_family("Flux.1, SD3, HunyuanImage, Anima or Lumina", "blocks_to_swap", "show_timesteps",
+             "show_timesteps_resolution"),
+    *_family("HunyuanImage-2.1", "hunyuan_image_cache_text_encoder_outputs",
+             "hunyuan_image_cache_text_encoder_outputs_to_disk", "hunyuan_text_encoder", "hunyuan_byt5", "hunyuan_vae",
+             "hunyuan_discrete_flow_shift", "hunyuan_model_prediction_type", "hunyuan_timestep_sampling",
+             "hunyuan_sigmoid_scale", "hunyuan_attn_mode", "hunyuan_split_attn", "hunyuan_fp8_scaled",
+             "hunyuan_fp8_vl", "hunyuan_text_encoder_cpu", "hunyuan_vae_chunk_size"),
+    *_family("Anima", "anima_cache_text_encoder_outputs", "anima_cache_text_encoder_outputs_to_disk", "anima_qwen3",
+             "anima_vae", "anima_llm_adapter_path", "anima_t5_tokenizer_path", "anima_discrete_flow_shift",
+             "anima_timestep_sampling", "anima_sigmoid_scale", "anima_qwen3_max_token_length",
+             "anima_t5_max_token_length", "anima_attn_mode", "anima_split_attn", "anima_vae_chunk_size",
+             "anima_vae_disable_cache", "anima_unsloth_offload_checkpointing", "anima_qwen_image_vae_2d",
+             "anima_compile", "anima_torch_compile", "anima_compile_backend", "anima_compile_mode",
+             "anima_compile_dynamic", "anima_compile_fullgraph", "anima_compile_cache_size_limit"),
+    *_family("Lumina", "lumina_cache_text_encoder_outputs", "lumina_cache_text_encoder_outputs_to_disk",
+             "lumina_gemma2", "lumina_ae", "lumina_discrete_flow_shift", "lumina_model_prediction_type",
+             "lumina_timestep_sampling", "lumina_sigmoid_scale", "lumina_gemma2_max_token_length",
+             "lumina_system_prompt", "lumina_use_flash_attn", "lumina_use_sage_attn"),
+    # --- keys older kohya_ss versions wrote, or its other tabs and helpers --------------------------
+    *_none("renamed at load (to network_weights, stop_text_encoder_training, optimizer, log_with)",
+           "lora_network_weights", "stop_text_encoder_training_pct", "use_8bit_adam", "use_wandb"),
+    *_none("not a setting kohya_ss's LoRA tab reads (its dataset preparation, fine-tuning or file dialog fields)",
+           "caption_metadata_filename", "latent_metadata_filename", "images_folder", "reg_images_folder",
+           "instance_prompt", "class_prompt", "file_path", "save_as_bool", "no_token_padding",
+           "cache_text_encoder_outputs"),
+)
+
+KOHYA_KEYS: dict[str, KohyaKey] = {row.key: row for row in ROWS}
+KOHYA_UNUSED_KEYS = frozenset(KOHYA_KEYS)
+
+# Keys of later kohya_ss versions not in the table yet: another family's, or a covered upload/tracker detail.
+_FAMILY_PREFIXES = ("anima_", "hunyuan_", "lumina_", "flux1_", "sd3_")
+_COVERED_PREFIXES = ("huggingface_", "wandb_")
+
+
+def kohya_key(key: str) -> KohyaKey | None:
+    """The row for ``key``, also for keys of a prefix the table covers; None for a key kohya_ss does not write."""
+    row = KOHYA_KEYS.get(key)
+    if row is None and key.startswith(_FAMILY_PREFIXES):
+        row = KohyaKey(key, "a setting of another model family: kohya_ss uses it only when training that family",
+                       OTHER)
+    elif row is None and key.startswith(_COVERED_PREFIXES):
+        row = KohyaKey(key, "a detail of the Hugging Face upload or wandb logging, which another warning covers", NONE)
+    return row
 
 
 def is_kohya_unused(key: str) -> bool:
-    return key in KOHYA_UNUSED_KEYS or key.startswith(_UNUSED_PREFIXES)
+    return kohya_key(key) is not None
