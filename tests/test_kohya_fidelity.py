@@ -291,3 +291,12 @@ def test_the_step_plan_counts_the_settings_not_applied(folder, ignored, line):
     report = check(_settings({"train_data_dir": str(folder), **ignored}), deep=False)
     assert report.settings_applied() == line
     assert f"  {line}\n" in report.format().split("Step plan:\n", 1)[1]
+
+
+def test_the_run_plan_says_it_for_the_run_log():
+    from trainer.run_plan import RunPlan
+
+    ignored = SettingNotApplied("warning", "masked_loss", "masked_loss = true is not applied: ...")
+    plan = RunPlan(*[None] * 7, findings=(ignored,))
+    assert plan.settings_applied == "Settings: 1 kohya_ss setting is not applied: see the warnings."
+    assert RunPlan(*[None] * 7).settings_applied == "Settings: every setting applies."

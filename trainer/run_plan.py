@@ -30,6 +30,13 @@ class RunPlan:
         """What the optimizer and scheduler plans decided that the check's findings do not say."""
         return self.optimizer.notes + self.scheduler.notes
 
+    @property
+    def settings_applied(self) -> str:
+        """``Settings: every setting applies.``, or how many kohya_ss settings the run does not apply (for the log)."""
+        from trainer.preflight.report import settings_applied_line  # late: trainer.preflight imports this module
+
+        return settings_applied_line(self.findings)
+
 
 def make_run_plan(settings: Any, steps: Any, precision: PrecisionChoice, memory: Any = None,
                   findings: tuple = ()) -> RunPlan:
