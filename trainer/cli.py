@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer {config,check,train,lora} ...``.
+"""Command line: ``python -m trainer {config,check,train,extend,lora} ...``.
 
 All three read the same kohya_ss-format JSON file and the same ``--set KEY=VALUE``
 overrides through ``trainer.settings``; ``train`` runs the same entry point as the GUI.
@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LoRA in this process, with a progress bar")
     train.add_argument("--config", required=True, help="kohya_ss / Nekoya JSON config")
     _add_overrides(train)
-    from .commands import lora_cmd  # light: heavy imports happen inside its commands
+    from .commands import extend_cmd, lora_cmd  # light: heavy imports happen inside their commands
 
+    extend_cmd.add_parser(sub)
     lora_cmd.add_parser(sub)
     return parser
 
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import lora_cmd
 
         return lora_cmd.run(args)
+    if args.command == "extend":
+        from .commands import extend_cmd
+
+        return extend_cmd.run(args)
     file = args.file if args.command == "config" else args.config
     try:
         settings = load(file, args.overrides)

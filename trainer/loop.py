@@ -28,8 +28,8 @@ from trainer.optim.precision import Precision, pick_device
 from trainer.problems import is_user_error
 from trainer.run_errors import TrainingError, failure_problem
 from trainer.run_plan import RunPlan
-from trainer.run_setup import (build_lora, build_stepper, load_model, load_resume, pick_seed, plan_run, prepare_inputs,
-                               resume_from, tell_plan)
+from trainer.run_resume import continue_run
+from trainer.run_setup import build_lora, build_stepper, load_model, load_resume, pick_seed, plan_run, prepare_inputs, tell_plan
 from trainer.run_rescue import keep_after_failure
 from trainer.safety import BadImagePolicy, NanGuard
 from trainer.saving import RunOutputs, epoch_state_name, final_state_name, step_state_name
@@ -122,8 +122,8 @@ class _Run:
                                                                   self.seed, self.log, self._bad_image)
         self._prepare_outputs()
         if self.resume is not None:
-            self.step, self.start_epoch, self.start_batch = resume_from(self.resume, self.network, self.stepper,
-                                                                        self.generator, s.resume, self.log)
+            self.step, self.start_epoch, self.start_batch = continue_run(self.resume, self.network, self.stepper,
+                                                                         self.generator, s.resume, self.log)
 
     def _bad_image(self, error) -> None:
         decision = self.image_policy.handle(error.path, error)
