@@ -34,7 +34,14 @@ class CheckResult:
         """"Ready to train.", or how many images a run would use when some are left out; "" when it cannot start."""
         if not self.ok:
             return ""
-        return self.plan.readiness() if self.plan is not None else "Ready to train."
+        ready = self.plan.readiness() if self.plan is not None else "Ready to train."
+        return f"{ready} {settings_applied_line(self.problems)}"
+
+
+def settings_applied_line(problems: list[Problem]) -> str:
+    from trainer.preflight.report import settings_applied_line as line
+
+    return line(problems)
 
 
 def check_form(values: Mapping[str, Any], kept: Mapping[str, Any] | None = None) -> CheckResult:

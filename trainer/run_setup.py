@@ -50,6 +50,7 @@ def tell_plan(plan: RunPlan, log: Log) -> None:
         log(problem.format(), "warning" if problem.severity == "warning" else "info")
     for note in plan.notes:
         log(note, "warning")
+    log(plan.settings_applied)
 
 
 def load_resume(resume: str, steps_plan: Any = None) -> Any:

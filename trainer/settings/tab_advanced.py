@@ -49,7 +49,8 @@ class AdvancedSettings(BaseModel):
     color_aug: bool = setting(False, label="Color augmentation", tab=TAB, section=CAPTION, help="Random hue/gamma changes. Turns latent caching off.", ss_key="ss_color_aug")
     flip_aug: bool = setting(False, label="Flip augmentation", tab=TAB, section=CAPTION, help="Random horizontal flips. Not for asymmetric subjects.", ss_key="ss_flip_aug")
     bucket_no_upscale: bool = setting(True, label="Don't upscale bucket resolution", tab=TAB, section=CAPTION, ss_key="ss_bucket_no_upscale")
-    bucket_reso_steps: int = setting(64, label="Bucket resolution steps", tab=TAB, section=CAPTION, ge=1, le=128, step=1, widget="slider")
+    # sd-scripts takes any step (kohya_ss's slider stops at 128; its own test config t5clrs uses 256)
+    bucket_reso_steps: int = setting(64, label="Bucket resolution steps", tab=TAB, section=CAPTION, ge=1, le=1024, step=1, widget="slider")
     random_crop: bool = setting(False, label="Random crop instead of center crop", tab=TAB, section=CAPTION, help="Turns latent caching off.", ss_key="ss_random_crop")
     # --- Noise -------------------------------------------------------------------
     noise_offset_type: str = setting("Original", label="Noise offset type", tab=TAB, section=NOISE, choices=("Original", "Multires"))
