@@ -17,6 +17,7 @@ from .run_manager import RunSnapshot
 
 STATUS_TEXT = {
     "idle": "No run yet", "starting": "Starting…", "running": "Training", "stopping": "Stopping…",
+    "pausing": "Pausing…", "paused": "Paused",
     "finished": "Finished", "stopped": "Stopped", "error": "Failed",
 }
 CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 200, 52, 12, 12, 26
@@ -35,6 +36,7 @@ def render_live(snap: RunSnapshot, now: float | None = None) -> str:
         f'<div class="nk-live{active}" id="nk-live" data-status="{snap.status}" data-step="{snap.step}" data-total="{snap.total_steps}">',
         _header(snap),
         _progress(snap),
+        _pause(snap),
         _stats(snap, now),
         _error(snap),
         '<div class="nk-chart-title">Loss</div>' + loss_chart_svg(snap.losses, snap.total_steps),
@@ -86,13 +88,31 @@ def _progress(snap: RunSnapshot) -> str:
     )
 
 
+def _pause(snap: RunSnapshot) -> str:
+    """While paused: where, and what the pause did (model kept loaded, or its memory freed)."""
+    if snap.status != "paused" or snap.paused is None:
+        return ""
+    note = f" · {html.escape(snap.paused.note)}" if snap.paused.note else ""
+    return (f'<div class="nk-paused" id="nk-paused"><b>Paused at step {snap.paused.step}</b>{note}. '
+            "Press <b>Resume</b> to go on, or <b>Stop training</b> to save and end.</div>")
+
+
+def _eta(snap: RunSnapshot) -> str:
+    step = snap.last_step
+    if snap.status == "paused":
+        return "paused"  # the speed stays the one before the pause; no time runs out meanwhile
+    if step and snap.active:
+        return format_duration(step.eta_s)
+    return "done" if snap.status == "finished" else "–"
+
+
 def _stats(snap: RunSnapshot, now: float) -> str:
     step = snap.last_step
     cells = [
         ("Loss", f"{step.loss:.4f}" if step else "–"),
         ("Avg loss", f"{step.avg_loss:.4f}" if step else "–"),
         ("Speed", f"{step.it_per_s:.2f} it/s" if step else "–"),
-        ("ETA", format_duration(step.eta_s) if step and snap.active else ("done" if snap.status == "finished" else "–")),
+        ("ETA", _eta(snap)),
         ("Elapsed", format_duration(snap.elapsed_s(now))),
         ("Learning rate", _lrs(step) if step else "–"),
     ]

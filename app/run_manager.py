@@ -17,14 +17,17 @@ from typing import Any, Callable
 
 from app.loss_history import LossHistory, LossPoints
 from trainer.control import Control
-from trainer.events import DiskFull, EpochEnd, Error, Finished, Log, Memory, Sample, Saved, Started, Step, Stopped
+from trainer.events import (DiskFull, EpochEnd, Error, Finished, Log, Memory, Paused, Resumed, Sample, Saved, Started, Step,
+                            Stopped)
 
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[[Any, Callable[[Any], None], Control], Any]
 LOG_LINES = 300
-ACTIVE = ("starting", "running", "stopping")
+ACTIVE = ("starting", "running", "stopping", "pausing", "paused")
 STOPPING_MESSAGE = "Stopping after the current step; the LoRA trained so far is saved."
+ENDED = ("finished", "stopped")  # a run that "Train more" can extend
+LORA_KINDS = ("final", "stopped", "step", "epoch")
 # Loggers that do not propagate to the root logger (the libraries set propagate=False once imported).
 LIBRARY_LOGGERS = ("", "diffusers", "transformers")
 
@@ -34,7 +37,7 @@ class RunSnapshot:
     """Everything a page shows about the current (or last) run. Immutable: safe to render anywhere."""
 
     run_id: int = 0
-    status: str = "idle"  # idle, starting, running, stopping, finished, stopped, error
+    status: str = "idle"  # idle, starting, running, pausing, paused, stopping, finished, stopped, error
     version: int = 0  # bumps on every change, so pages can skip re-rendering what did not change
     started: Started | None = None
     last_step: Step | None = None
@@ -45,6 +48,7 @@ class RunSnapshot:
     samples: tuple[Sample, ...] = ()
     log: tuple[str, ...] = ()
     error: Error | None = None
+    paused: Paused | None = None  # while paused: the last Paused event (its note says what the pause did)
     disk_full: DiskFull | None = None  # a full disk ended the run; its LoRA waits in memory for "Save to…"
     kept_saved_to: str = ""  # where "Save to…" wrote that LoRA
     began_at: float | None = None  # time.time()
@@ -90,6 +94,7 @@ class RunState:
             Started: self._on_started, Step: self._on_step, EpochEnd: self._on_epoch_end, Saved: self._on_saved,
             Sample: self._on_sample, Log: self._on_log, Error: self._on_error, Finished: self._on_finished,
             Stopped: self._on_stopped, Memory: lambda e: {"memory": e}, DiskFull: self._on_disk_full,
+            Paused: self._on_paused, Resumed: self._on_resumed,
         }
 
     def apply(self, event: Any) -> None:
@@ -144,6 +149,15 @@ class RunState:
         self._log.append(e.message if e.level == "info" else f"{e.level}: {e.message}")
         return {"log": tuple(self._log)}
 
+    def _on_paused(self, e: Paused) -> dict:
+        self._log.append(f"Paused at step {e.step}: {e.note}." if e.note else f"Paused at step {e.step}.")
+        status = "stopping" if self._snap.status == "stopping" else "paused"
+        return {"paused": e, "status": status, "log": tuple(self._log)}
+
+    def _on_resumed(self, e: Resumed) -> dict:
+        self._log.append(f"Resumed at step {e.step} after {e.paused_s:.0f} s paused (left out of it/s and ETA).")
+        return {"paused": None, "status": self._running_status(), "log": tuple(self._log)}
+
     def _on_error(self, e: Error) -> dict:
         self._log.append(f"error: {e.message}")
         return {"error": e, "status": "error", "log": tuple(self._log)}
@@ -166,7 +180,8 @@ class RunState:
         return {"status": "stopped", "log": tuple(self._log), **self._files(e.files)}
 
     def _running_status(self) -> str:
-        return "stopping" if self._snap.status == "stopping" else "running"
+        """Steps go on while a stop or a pause waits for the step boundary."""
+        return self._snap.status if self._snap.status in ("stopping", "pausing") else "running"
 
     def _files(self, files: tuple[str, ...]) -> dict:
         """Files a final event lists that no Saved event announced (so the page lists every file)."""
@@ -194,14 +209,16 @@ class RunManager:
         """The settings of the current (or last) run."""
         return self._settings
 
-    def start(self, settings: Any) -> tuple[bool, str]:
-        """Start a run; refused (False, why) while one is going."""
+    def start(self, settings: Any, notes: tuple[str, ...] = ()) -> tuple[bool, str]:
+        """Start a run (``notes`` open its log); refused (False, why) while one is going."""
         with self._lock:
             if self._is_alive():
                 return False, self.start_refusal()
             self._runs += 1
             self._settings = settings
             self._state = RunState(self._runs, output_name=getattr(settings, "output_name", ""))
+            for note in notes:
+                self._state.apply(Log(note))
             self._control = Control()
             self._thread = threading.Thread(
                 target=self._run, args=(settings, self._state, self._control), name=f"nekoya-run-{self._runs}", daemon=True,
@@ -222,6 +239,53 @@ class RunManager:
             self._control.request_stop()
             self._state.set_status("stopping", "Stop requested: the trainer saves what it has after this step.")
         return STOPPING_MESSAGE
+
+    def pause(self, free_memory: bool = False) -> str:
+        """Pause at the next step boundary (``free_memory``: weights to the CPU until Resume)."""
+        with self._lock:
+            if not self._is_alive():
+                return "No training is running."
+            if self._state.snapshot().status == "stopping":
+                return STOPPING_MESSAGE
+            self._control.request_pause(free_memory)
+            if self._state.snapshot().status != "paused":
+                self._state.set_status("pausing", "Pause requested: the run waits after the current step.")
+        if free_memory:
+            return "Pausing after the current step; the weights move to the CPU until you press Resume."
+        return "Pausing after the current step; the model stays loaded until you press Resume."
+
+    def resume(self) -> str:
+        with self._lock:
+            if not self._is_alive():
+                return "No training is running."
+            status = self._state.snapshot().status
+            if status not in ("pausing", "paused"):
+                return "The run is not paused."
+            self._control.request_resume()
+            if status == "pausing":  # resumed before the step boundary: no pause happens
+                self._state.set_status("running", "Pause cancelled.")
+        return "Resuming."
+
+    def train_more(self, amount: int, unit: str) -> tuple[bool, str]:
+        """Extend the last run (finished or stopped) by ``amount`` "steps" or "epochs": from its newest state
+        folder, else from its LoRA file with a fresh optimizer (``trainer.extend``)."""
+        from trainer.extend import ExtendError, extend_run, keep_previous_final  # torch-free
+
+        snap, settings = self.snapshot(), self._settings
+        if self.busy:
+            return False, self.start_refusal()
+        if settings is None or snap.status not in ENDED:
+            return False, "Train more goes on from a run that finished or was stopped."
+        source = extend_source(snap)
+        if source is None:
+            return False, "The last run saved no LoRA file or training state to go on from."
+        try:
+            extension = extend_run(settings, source, **{unit: int(amount)})
+        except (ExtendError, TypeError) as exc:
+            return False, str(exc)
+        kept = keep_previous_final(extension.settings, extension)
+        started, text = self.start(extension.settings, (*extension.notes, *([kept] if kept else [])))
+        return started, " ".join(extension.notes[:1]) + "." if started else text
 
     def request_save(self) -> str:
         return self._request(lambda c: c.request_save(), "The trainer saves the LoRA after the current step.")
@@ -290,6 +354,15 @@ class RunManager:
             for name in LIBRARY_LOGGERS:
                 logging.getLogger(name).removeHandler(capture)
             state.end()
+
+
+def extend_source(snap: RunSnapshot) -> str | None:
+    """What "Train more" goes on from: the run's newest training state, else its newest LoRA file."""
+    def newest(kinds: tuple[str, ...]) -> str | None:
+        found = [s for s in snap.saved if s.kind in kinds and os.path.exists(s.path)]
+        return max(found, key=lambda s: s.step).path if found else None
+
+    return newest(("state",)) or newest(LORA_KINDS)
 
 
 def train_in_process(settings: Any, sink: Callable[[Any], None], control: Control) -> Any:

@@ -99,3 +99,28 @@ def test_a_run_without_state_goes_on_from_its_lora_with_a_fresh_optimizer(tiny_s
     final = metadata(tmp_path / "tiny.safetensors")
     assert (final["ss_steps"], final["ss_epoch"]) == ("8", "4")
     assert metadata(tmp_path / "tiny-000003.safetensors")["ss_steps"] == "6"
+
+
+@pytest.mark.slow
+def test_train_more_in_the_gui_goes_on_from_the_last_run(tiny_sd1_dir, images, tmp_path):  # noqa: F811
+    from app.run_manager import RunManager
+    from app.run_panel import NOTHING_SHOWN, refresh, train_more_request
+
+    runs = RunManager()
+    runs.start(tiny_settings(tiny_sd1_dir, images, tmp_path, save_state=True))
+    assert runs.wait(300) and runs.snapshot().status == "finished"
+    assert refresh(runs.snapshot(), NOTHING_SHOWN).train_more_visible
+    assert "1 or more" in train_more_request(runs, 0, "steps")[0]
+    text, started = train_more_request(runs, 2, "steps")
+    assert started and "tiny-state" in text
+    assert runs.wait(300)
+    snap = runs.snapshot()
+    assert snap.status == "finished" and snap.step == 4, snap.log
+    assert any("as if the run had been planned" in line for line in snap.log)
+    for name in os.listdir(tmp_path):  # no state left: it goes on from the LoRA file with a fresh optimizer
+        if name.endswith("-state"):
+            os.rename(tmp_path / name, tmp_path / (name + "-gone"))
+    text, started = train_more_request(runs, 1, "epochs")
+    assert started and "fresh optimizer" in text, text
+    assert runs.wait(300) and runs.snapshot().status == "finished", runs.snapshot().log
+    assert metadata(tmp_path / "tiny.safetensors")["ss_steps"] == "6"

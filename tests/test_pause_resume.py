@@ -123,3 +123,56 @@ def test_stop_while_paused_saves_as_a_stop_does(tiny_sd1_dir, images, tmp_path):
     stopped = train(tiny_settings(tiny_sd1_dir, images, tmp_path, epoch=2), sink, control)
     assert stopped.status == "stopped" and stopped.step == 1
     assert [p.rsplit("/", 1)[-1] for p in stopped.files] == ["tiny-step00000001.safetensors"]
+
+
+# -- the GUI's run manager and live panel, with a scripted trainer on the same Control contract ----------
+def paced_trainer(total=6):
+    """Emits the real events; waits at each step boundary as trainer.loop does (Control.between_steps)."""
+
+    def train_fn(settings, sink, control):
+        run = fake_run(sink)
+        sink(ev.Started(total_steps=total, total_epochs=1, steps_per_epoch=total, plan="6 steps", device="cpu"))
+        for step in range(1, total + 1):
+            run.step = step
+            sink(ev.Step(step, total, 1, 1, loss=0.5, avg_loss=0.5, lr=1e-4, lrs={"unet": 1e-4}, it_per_s=10.0,
+                         elapsed_s=0.1 * step, eta_s=0.1 * (total - step), memory=ev.Memory("cpu", 100.0)))
+            time.sleep(0.02)
+            if control.between_steps(run):
+                sink(ev.Stopped(step))
+                return
+        sink(ev.Finished(total))
+
+    return train_fn
+
+
+def test_the_gui_pauses_shows_where_and_resumes():
+    from app.live_panel import render_live
+    from app.run_manager import RunManager
+    from app.run_panel import NOTHING_SHOWN, refresh
+
+    runs = RunManager(paced_trainer())
+    assert runs.pause() == "No training is running."
+    runs.start(SimpleNamespace(output_name="unit"))
+    assert "model stays loaded" in runs.pause()
+    wait_for(lambda: runs.snapshot().status == "paused")
+    snap = runs.snapshot()
+    page = render_live(snap)
+    assert f"Paused at step {snap.paused.step}" in page and "stay loaded" in page and ">paused<" in page
+    assert refresh(snap, NOTHING_SHOWN).pause_buttons == (False, True)
+    assert "weights move to the CPU" in runs.pause(free_memory=True)
+    wait_for(lambda: "no GPU memory" in runs.snapshot().paused.note)
+    assert runs.resume() == "Resuming."
+    assert runs.wait(10) and runs.snapshot().status == "finished"
+    assert any("Resumed at step" in line for line in runs.snapshot().log)
+    assert runs.resume() == "No training is running."
+
+
+def test_stop_while_paused_in_the_gui_stops():
+    from app.run_manager import RunManager
+
+    runs = RunManager(paced_trainer())
+    runs.start(SimpleNamespace(output_name="unit"))
+    runs.pause()
+    wait_for(lambda: runs.snapshot().status == "paused")
+    runs.stop()
+    assert runs.wait(10) and runs.snapshot().status == "stopped"
