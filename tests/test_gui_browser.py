@@ -325,3 +325,29 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
     for i in range(2):
         assert Path(saved.nth(i).get_attribute("title")).is_file()
     page.close()
+
+
+@needs_trainer
+def test_pause_resume_and_train_more(page, tiny_sd1_dir, image_folder, tmp_path):
+    fill_small_run(page, tiny_sd1_dir, image_folder, tmp_path / "out", tmp_path / "small.json", steps=5000, name="gui_pause")
+    page.click("#start_training")
+    wait_for_step(page, 2)
+    page.click("#pause_training")
+    wait_for_status(page, "paused")
+    expect(page.locator("#nk-paused")).to_contain_text("Paused at step")
+    expect(page.locator("#pause_training")).to_be_disabled()
+    paused_at = int(live(page).get_attribute("data-step"))
+    page.wait_for_timeout(1500)
+    assert int(live(page).get_attribute("data-step")) == paused_at  # no step while paused
+    page.click("#resume_training")
+    wait_for_step(page, paused_at + 2)
+    page.click("#stop_training")
+    wait_for_status(page, "stopped")
+    stopped_at = int(live(page).get_attribute("data-step"))
+    expect(page.locator("#nk-train-more")).to_be_visible()
+    page.locator("#train_more_amount input").fill("2")
+    page.get_by_label("steps", exact=True).check()
+    page.click("#train_more")
+    expect(page.locator("#run_message")).to_contain_text("fresh optimizer")  # the stopped run saved no state
+    wait_for_status(page, "finished")
+    expect(page.locator("#nk-progress-text")).to_contain_text(f"step {stopped_at + 2} / {stopped_at + 2}")

@@ -64,7 +64,7 @@ def extend_run(settings: Any, source: str, *, steps: int = 0, epochs: int = 0) -
         position, resume = read_state_position(source), source
         notes = [f"goes on from the training state {source} at step {position.step}"]
     elif os.path.isfile(source) and source.endswith(LORA_SUFFIXES):
-        position = lora_position(source)
+        position = lora_position(source, settings)
         resume = write_weights_state(source, position, settings.output_dir or os.path.dirname(source))
         notes = [f"{source} has no saved training state: the run goes on from its LoRA weights at step "
                  f"{position.step} with a fresh optimizer (its moments start again from zero)"]
@@ -92,14 +92,21 @@ def read_state_position(folder: str) -> Position:
         raise ExtendError(f"{folder} is not a training state folder ({exc})") from exc
 
 
-def lora_position(path: str) -> Position:
-    """Where a run saved without state stands, from its LoRA file's ``ss_steps``/``ss_epoch``/``ss_seed``:
-    the next epoch begins (a partly trained epoch is not repeated)."""
+def lora_position(path: str, settings: Any) -> Position:
+    """Where a run saved without state stands: its LoRA file's ``ss_steps`` and ``ss_seed``, placed in the
+    epochs of the run's step plan as sd-scripts places a resumed step count."""
+    from trainer.data.plan import plan_steps
+
     meta = _metadata(path)
     if "ss_steps" not in meta:
         raise ExtendError(f"{path} does not say how many steps it was trained (no ss_steps): extend a .safetensors "
                           "file written by Nekoya or kohya_ss, or a state folder")
-    return Position(int(meta["ss_steps"]), int(meta.get("ss_epoch", 0)) + 1, 0, int(meta.get("ss_seed", 0) or 0))
+    plan = plan_steps(settings)
+    if plan.errors:
+        raise ExtendError(f"the run's step plan fails: {plan.errors[0]}")
+    step = int(meta["ss_steps"])
+    epoch, batches = plan.resume_position(step)
+    return Position(step, epoch, batches, int(meta.get("ss_seed", 0) or 0))
 
 
 def write_weights_state(lora_file: str, position: Position, folder: str) -> str:
