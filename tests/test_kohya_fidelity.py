@@ -155,8 +155,7 @@ def test_every_lora_tab_key_applies_or_is_named_by_the_check(key):
         report = check(_settings({key: value, **enablers}), deep=False)
         [warning] = _not_applied(report, key)
         assert warning.message.startswith(key) and warning.severity == "warning"
-        if key != "additional_parameters":
-            assert json.dumps(value) in warning.message, warning.message
+        assert json.dumps(value) in warning.message, warning.message
         assert f"set {key} to " in warning.fix
         assert not _not_applied(check(_settings(enablers), deep=False)), "an off value must not warn"
 
@@ -187,12 +186,18 @@ def test_kohya_ss_writes_off_values_in_several_forms():
     assert not _not_applied(check(_settings(off), deep=False))
 
 
-def test_additional_parameters_names_each_flag():
-    text = '--lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=1000" --network_train_unet_only ' \
-           '--max_grad_norm=0 --network_train_unet_only'
-    [warning] = _not_applied(check(_settings({"additional_parameters": text}), deep=False))
-    assert warning.message.startswith("additional_parameters: --lr_scheduler_type, --lr_scheduler_args, "
-                                      "--network_train_unet_only, --max_grad_norm are not applied")
+def test_additional_parameters_apply_as_their_settings_and_unknown_flags_are_refused():
+    text = '--lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=1000" "eta_min=0" ' \
+           '--network_train_unet_only --max_grad_norm=0 --optimizer_args "weight_decay=0.01" "betas=0.9,0.99"'
+    report = check(_settings({"additional_parameters": text}), deep=False)
+    assert not _not_applied(report) and not [p for p in report.errors if p.field == "additional_parameters"]
+    assert report.changes() == {"lr_scheduler_type": "CosineAnnealingLR", "lr_scheduler_args": "T_max=1000 eta_min=0",
+                                "text_encoder_lr": 0.0, "max_grad_norm": 0.0,
+                                "optimizer_args": "weight_decay=0.01 betas=0.9,0.99"}
+    refused = check(_settings({"additional_parameters": "--zero_terminal_snr --max_grad_norm=x"}), deep=False)
+    messages = [p.message for p in refused.errors if p.field == "additional_parameters"]
+    assert any("--zero_terminal_snr has no Nekoya setting" in m for m in messages)
+    assert any(m.startswith("--max_grad_norm x:") for m in messages)
 
 
 def test_old_and_other_family_keys_are_still_kohya_keys():
@@ -206,30 +211,29 @@ def test_old_and_other_family_keys_are_still_kohya_keys():
 
 PRESETS = sorted((DATA / "kohya_ss_presets").glob("*.json"))
 TEST_CONFIGS = sorted((DATA / "kohya_ss_test_configs").glob("*.json"))
-FLAGS = "additional_parameters"  # sd-scripts flags: passing them on is a later step
 # The settings each config sets that Nekoya does not apply, and why that is expected.
 EXPECTED = {
-    "SDXL - 1 image LoRA v1.0": {FLAGS: "--lr_scheduler_type CosineAnnealingLR with its args"},
-    "SDXL - LoRA adafactor v1.0": {FLAGS: "--log_prefix"},
-    "SDXL - LoRA finetuning phase 2_v1.1": {FLAGS: "--log_prefix"},
-    "SDXL - LoRA kudou-reira dadaptadam v1.0": {FLAGS: "--network_train_unet_only", "log_with": "wandb"},
-    "SDXL - LoRA kudou-reira dadaptadam v1.1": {FLAGS: "--network_train_unet_only", "log_with": "wandb"},
-    "SDXL - LoRA kudou-reira prodigy v4.0": {FLAGS: "a scheduler and --network_train_unet_only", "log_with": "wandb"},
-    "SDXL - edgLoRAXL AI_Now": {FLAGS: "--max_grad_norm"},
-    "SDXL - edgLoRAXL": {FLAGS: "--max_grad_norm"},
+    "SDXL - 1 image LoRA v1.0": {},
+    "SDXL - LoRA adafactor v1.0": {},
+    "SDXL - LoRA finetuning phase 2_v1.1": {},
+    "SDXL - LoRA kudou-reira dadaptadam v1.0": {"log_with": "wandb"},
+    "SDXL - LoRA kudou-reira dadaptadam v1.1": {"log_with": "wandb"},
+    "SDXL - LoRA kudou-reira prodigy v4.0": {"log_with": "wandb"},
+    "SDXL - edgLoRAXL AI_Now": {},
+    "SDXL - edgLoRAXL": {},
     "sd15 - EDG_LoConOptiSettings": {"mem_eff_attn": "true"},
     "sd15 - EDG_LoHaOptiSettings": {"mem_eff_attn": "true"},
     "sd15 - EDG_LoraOptiSettings": {"mem_eff_attn": "true"},
-    "sd15 - LoKr v2.0": {FLAGS: "--lr_scheduler_type CosineAnnealingLR with its args"},
+    "sd15 - LoKr v2.0": {},
     "Diag-OFT-AdamW8bit-toml": {"dataset_config": "a TOML dataset"},
     "DyLoRA-Adafactor-toml": {"dataset_config": "a TOML dataset"},
-    "LoKR-AdamW8bit-toml": {"dataset_config": "a TOML dataset", FLAGS: "a scheduler"},
+    "LoKR-AdamW8bit-toml": {"dataset_config": "a TOML dataset"},
     "locon-AdamW8bit-toml": {"dataset_config": "a TOML dataset"},
     "locon-AdamW8bit-masked_loss-toml": {"dataset_config": "a TOML dataset with masks", "masked_loss": "true"},
     "locon-Adafactor": {"ip_noise_gamma_random_strength": "true, with ip_noise_gamma 0.1"},
     "locon-AdamW8bit": {"ip_noise_gamma_random_strength": "true, with ip_noise_gamma 0.1"},
-    "loha-Prodigy": {FLAGS: "--log_prefix"},
-    "t5clrs": {FLAGS: "--optimizer_args"},  # and bucket_reso_steps 256, which sd-scripts takes and Nekoya too
+    "loha-Prodigy": {},
+    "t5clrs": {},  # its --optimizer_args apply, and bucket_reso_steps 256, which sd-scripts takes
 }
 
 
@@ -277,8 +281,8 @@ def test_the_step_plan_says_every_setting_applies_for_a_plain_config(folder):
 
 @pytest.mark.parametrize("ignored, line", [
     ({"masked_loss": True}, "Settings: 1 kohya_ss setting is not applied: see the warnings."),
-    ({"masked_loss": True, "weighted_captions": True, "additional_parameters": "--a --b"},
-     "Settings: 3 kohya_ss settings are not applied: see the warnings."),
+    ({"masked_loss": True, "weighted_captions": True, "additional_parameters": "--max_grad_norm=0"},
+     "Settings: 2 kohya_ss settings are not applied: see the warnings."),
 ])
 def test_the_step_plan_counts_the_settings_not_applied(folder, ignored, line):
     report = check(_settings({"train_data_dir": str(folder), **ignored}), deep=False)

@@ -65,6 +65,8 @@ def plan_scheduler(settings: Any, total_steps: int, override: str | None = None)
         plan.notes.append(f"the {name} scheduler has no warmup; {plan.warmup_steps} warmup steps ignored "
                           "(choose constant_with_warmup to warm up)")
         plan.warmup_steps = 0
+    if plan.custom_class:  # sd-scripts builds lr_scheduler_type's class from lr_scheduler_args alone
+        return plan
     values = {"num_cycles": settings.lr_scheduler_num_cycles, "power": settings.lr_scheduler_power}
     for key in extras:
         plan.kwargs.setdefault(key, values[key])

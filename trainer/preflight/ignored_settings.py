@@ -7,7 +7,6 @@ whose value is not an off value. Keys of other model families and keys that chan
 from __future__ import annotations
 
 import json
-import shlex
 from typing import Any, Iterator
 
 from trainer.preflight.registry import CheckContext, preflight_check
@@ -31,12 +30,7 @@ def check_settings_not_applied(ctx: CheckContext) -> Iterator[SettingNotApplied]
 
 
 def _warning(row: KohyaKey, value: Any) -> SettingNotApplied:
-    if row.key == "additional_parameters":
-        flags = _flags(str(value))
-        named = ", ".join(flags) if flags else f"the text {_shown(str(value).strip())}"
-        message = f"{row.key}: {named} {'is' if len(flags) <= 1 else 'are'} not applied: {row.instead}"
-    else:
-        message = f"{row.key} = {_shown(value)} is not applied: {row.instead}"
+    message = f"{row.key} = {_shown(value)} is not applied: {row.instead}"
     fix = (f"{row.fix}; " if row.fix else "") + f"set {row.key} to {_shown(row.off[0])} to silence this warning"
     return SettingNotApplied("warning", row.key, message, fix=fix)
 
@@ -44,13 +38,3 @@ def _warning(row: KohyaKey, value: Any) -> SettingNotApplied:
 def _shown(value: Any) -> str:
     """A value as the config file writes it: true, 0, "text"."""
     return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _flags(text: str) -> list[str]:
-    """The sd-scripts flags (``--name``) in kohya_ss's Additional parameters, each once, in order."""
-    try:
-        words = shlex.split(text)
-    except ValueError:  # an unclosed quote: read it word by word
-        words = text.split()
-    names = [word.split("=", 1)[0] for word in words if word.startswith("--")]
-    return list(dict.fromkeys(names))

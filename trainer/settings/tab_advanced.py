@@ -84,6 +84,13 @@ class AdvancedSettings(BaseModel):
     persistent_data_loader_workers: bool = setting(False, label="Persistent data loader", tab=TAB, section=DATA)
     max_data_loader_n_workers: int = setting(0, label="Max num workers for DataLoader", tab=TAB, section=DATA, ge=0, le=64)
     vae_batch_size: int = setting(0, label="VAE batch size", tab=TAB, section=DATA, ge=0, le=32, step=1, widget="slider", help="Images per VAE call when caching latents (0 = 1).")
+    additional_parameters: str = setting(
+        "", label="Additional parameters", tab=TAB, section=TRAIN, widget="textarea",
+        help="sd-scripts flags as kohya_ss passes them, e.g. --max_grad_norm=0 --network_train_unet_only: each sets "
+             "its Nekoya setting (the check lists them); a flag with no Nekoya setting is refused by name.",
+    )
+    log_prefix: str = setting("", label="Log prefix", tab=TAB, section=DATA,
+                              help="Name of the TensorBoard run folder before its time stamp (empty: the output name).")
     bad_image_policy: str = setting(
         "stop", label="On unreadable image", tab=TAB, section=DATA, choices=("stop", "skip"),
         help="stop: stop the run naming the file. skip: leave the image out and go on.",
