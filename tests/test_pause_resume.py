@@ -104,6 +104,7 @@ def test_pause_then_resume_gives_the_lora_of_an_uninterrupted_run(tiny_sd1_dir, 
     paused = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "b", **common), sink, control)
     assert straight.status == paused.status == "finished" and paused.step == 4, paused.error
     assert [e.step for e in rec.of(ev.Paused)] == [1] and rec.of(ev.Resumed)[0].paused_s >= 0.3
+    assert rec.of(ev.Paused)[0].freed_memory == torch.cuda.is_available()  # on a GPU the weights went to the CPU
     kinds = [type(e).__name__ for e in rec.events if isinstance(e, (ev.Step, ev.Paused, ev.Resumed))]
     assert kinds[:4] == ["Step", "Paused", "Resumed", "Step"]
     a, b = load_file(straight.files[-1]), load_file(paused.files[-1])
