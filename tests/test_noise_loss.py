@@ -87,9 +87,9 @@ def test_noise_config_from_settings_follows_offset_type():
 def test_ip_noise_perturbs_input_only(schedule):
     x, n = torch.randn(2, 4, 8, 8, generator=gen(1)), torch.randn(2, 4, 8, 8, generator=gen(2))
     t = torch.tensor([10, 900])
-    plain = noisy_latents(schedule, x, n, t, 0.0, gen(3))
+    plain = noisy_latents(schedule, x, n, t, NoiseConfig(), gen(3))
     torch.testing.assert_close(plain, schedule.add_noise(x, n, t))
-    assert not torch.allclose(noisy_latents(schedule, x, n, t, 0.1, gen(3)), plain)
+    assert not torch.allclose(noisy_latents(schedule, x, n, t, NoiseConfig(ip_noise_gamma=0.1), gen(3)), plain)
 
 
 def test_loss_types():
@@ -134,3 +134,38 @@ def test_training_loss_applies_prior_weights():
     assert training_loss(per_sample, torch.tensor([1.0, 0.5]), None, LossWeighting()).item() == pytest.approx(1.25)
     weighted = training_loss(per_sample, torch.ones(2), torch.tensor([0.5, 50.0]), LossWeighting(min_snr_gamma=5.0))
     assert weighted.item() == pytest.approx((1.0 + 3.0 * 0.1) / 2)
+
+
+def test_zero_terminal_snr_matches_diffusers_rescale():
+    """sd-scripts' --zero_terminal_snr is Lin et al.'s rescale; diffusers implements the same on the betas."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    plain = NoiseSchedule.scaled_linear(1000, 0.00085, 0.012)
+    fixed = NoiseSchedule.scaled_linear(1000, 0.00085, 0.012, zero_terminal_snr=True)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    expected = torch.cumprod(1.0 - rescale_zero_terminal_snr(betas), dim=0).float()
+    torch.testing.assert_close(fixed.alphas_cumprod, expected, atol=1e-6, rtol=1e-5)
+    assert fixed.alphas_cumprod[-1] == 0 and fixed.alphas_cumprod[0] == pytest.approx(plain.alphas_cumprod[0])
+
+
+def test_ip_noise_random_strength_draws_up_to_gamma_from_the_run_generator(schedule):
+    x, n = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
+    t = torch.tensor([999])
+    config = NoiseConfig(ip_noise_gamma=0.5, ip_noise_gamma_random_strength=True)
+    full = noisy_latents(schedule, x, n, t, NoiseConfig(ip_noise_gamma=0.5), gen(3))
+    drawn = noisy_latents(schedule, x, n, t, config, gen(3))
+    again = noisy_latents(schedule, x, n, t, config, gen(3))
+    torch.testing.assert_close(drawn, again)
+    ratio = (drawn.std() / full.std()).item()  # the extra noise is strength * randn: its size scales with it
+    assert 0 < ratio < 1
+
+
+def test_v_pred_like_loss_weight_is_sd_scripts_formula():
+    from trainer.loss import LossWeighting, snr_weights
+
+    snr = torch.tensor([0.01, 1.0, 50.0, float("inf")])
+    weight = snr_weights(snr, LossWeighting(v_pred_like_loss=0.2))
+    capped = torch.clamp(snr, max=1000.0)
+    scale = capped / (capped + 1)
+    loss = torch.ones(4)
+    torch.testing.assert_close(loss * weight, loss + loss / scale * 0.2)  # add_v_prediction_like_loss

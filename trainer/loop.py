@@ -187,7 +187,7 @@ class _Run:
             latents = self._latents(batch)
             cond = self.prompts(batch.captions, self.train_te)
             noise, timesteps = self.noise(latents)
-            noisy = noisy_latents(schedule, latents, noise, timesteps, self.noise_config.ip_noise_gamma, self.generator)
+            noisy = noisy_latents(schedule, latents, noise, timesteps, self.noise_config, self.generator)
             if s.gradient_checkpointing:
                 noisy.requires_grad_(True)  # checkpointed blocks need an input that requires grad
             pred = family.predict(noisy, timesteps, cond, batch)

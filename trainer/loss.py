@@ -61,6 +61,7 @@ class LossWeighting:
     min_snr_gamma: float = 0.0
     scale_v_pred_loss_like_noise_pred: bool = False
     debiased_estimation: bool = False
+    v_pred_like_loss: float = 0.0
 
     @classmethod
     def from_settings(cls, settings, v_prediction: bool) -> "LossWeighting":
@@ -69,11 +70,13 @@ class LossWeighting:
             min_snr_gamma=float(settings.min_snr_gamma or 0.0),
             scale_v_pred_loss_like_noise_pred=bool(settings.scale_v_pred_loss_like_noise_pred) and v_prediction,
             debiased_estimation=bool(settings.debiased_estimation_loss),
+            v_pred_like_loss=float(getattr(settings, "v_pred_like_loss", 0.0) or 0.0),
         )
 
     @property
     def needs_snr(self) -> bool:
-        return bool(self.min_snr_gamma or self.scale_v_pred_loss_like_noise_pred or self.debiased_estimation)
+        return bool(self.min_snr_gamma or self.scale_v_pred_loss_like_noise_pred or self.debiased_estimation
+                    or self.v_pred_like_loss)
 
 
 def snr_weights(snr: torch.Tensor, w: LossWeighting) -> torch.Tensor:
@@ -85,6 +88,8 @@ def snr_weights(snr: torch.Tensor, w: LossWeighting) -> torch.Tensor:
     capped = torch.clamp(snr, max=SNR_CAP)
     if w.scale_v_pred_loss_like_noise_pred:
         weight = weight * capped / (capped + 1)
+    if w.v_pred_like_loss:  # sd-scripts: loss + loss / (snr / (snr + 1)) * v_pred_like_loss
+        weight = weight * (1 + w.v_pred_like_loss * (capped + 1) / capped)
     if w.debiased_estimation:
         weight = weight * (1 / (capped + 1) if w.v_prediction else 1 / torch.sqrt(capped))
     return weight

@@ -19,9 +19,13 @@ class NoiseSchedule:
 
     @classmethod
     def scaled_linear(cls, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                      device: torch.device | str = "cpu", v_prediction: bool = False) -> "NoiseSchedule":
+                      device: torch.device | str = "cpu", v_prediction: bool = False,
+                      zero_terminal_snr: bool = False) -> "NoiseSchedule":
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
-        return cls(torch.cumprod(1.0 - betas, dim=0).to(device=device, dtype=torch.float32), v_prediction)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if zero_terminal_snr:
+            alphas_cumprod = zero_terminal_snr_alphas_cumprod(alphas_cumprod)
+        return cls(alphas_cumprod.to(device=device, dtype=torch.float32), v_prediction)
 
     @property
     def num_steps(self) -> int:
@@ -49,6 +53,15 @@ class NoiseSchedule:
         """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t), the input of min-SNR and the other loss weightings."""
         a = self.alphas_cumprod[timesteps]
         return a / (1.0 - a)
+
+
+def zero_terminal_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (sd-scripts' --zero_terminal_snr): shift and scale sqrt(alphas_cumprod) so the last
+    timestep has no signal left and the first keeps its value."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    return root**2
 
 
 def sample_timesteps(batch: int, min_step: int, max_step: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -102,6 +115,7 @@ class NoiseConfig:
     multires_iterations: int = 0
     multires_discount: float = 0.3
     ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
     min_timestep: int = 0
     max_timestep: int = 1000
 
@@ -115,6 +129,7 @@ class NoiseConfig:
             multires_iterations=int(settings.multires_noise_iterations or 0) if multires else 0,
             multires_discount=float(settings.multires_noise_discount),
             ip_noise_gamma=float(settings.ip_noise_gamma or 0.0),
+            ip_noise_gamma_random_strength=bool(settings.ip_noise_gamma_random_strength),
             min_timestep=int(settings.min_timestep),
             max_timestep=int(settings.max_timestep),
         )
@@ -131,8 +146,12 @@ def sample_noise(latents: torch.Tensor, config: NoiseConfig, generator: torch.Ge
 
 
 def noisy_latents(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                  ip_noise_gamma: float, generator: torch.Generator) -> torch.Tensor:
-    """x_t; with ip_noise_gamma the input gets extra noise while the target stays ε."""
-    if ip_noise_gamma:
-        noise = noise + ip_noise_gamma * randn_like(latents, generator)
+                  config: NoiseConfig, generator: torch.Generator) -> torch.Tensor:
+    """x_t; with ip_noise_gamma the input gets extra noise while the target stays ε (at a strength drawn up to it
+    each step with ip_noise_gamma_random_strength, as sd-scripts)."""
+    if config.ip_noise_gamma:
+        strength = config.ip_noise_gamma
+        if config.ip_noise_gamma_random_strength:
+            strength = torch.rand(1, generator=generator, device=generator.device).to(latents.device) * strength
+        noise = noise + strength * randn_like(latents, generator)
     return schedule.add_noise(latents, noise, timesteps)

@@ -24,6 +24,7 @@ class StableDiffusionFamily:
 
     def __init__(self, settings: Any) -> None:
         self.v_prediction = bool(settings.v_parameterization)
+        self.zero_terminal_snr = bool(getattr(settings, "zero_terminal_snr", False))
         self.unet = self.vae = self.tokenizer = None
         self.text_encoders: tuple = ()
         self._fingerprint = ""
@@ -104,7 +105,7 @@ class StableDiffusionFamily:
         """DDPM with scaled_linear betas; the target is ε, or v as v_parameterization says."""
         betas = self.spec.schedule
         return NoiseSchedule.scaled_linear(betas.num_train_timesteps, betas.beta_start, betas.beta_end, device,
-                                           v_prediction=self.v_prediction)
+                                           v_prediction=self.v_prediction, zero_terminal_snr=self.zero_terminal_snr)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents as the UNet sees them."""

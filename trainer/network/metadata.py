@@ -122,7 +122,6 @@ def training_metadata(settings: Any, version: VersionInfo, data: DatasetFacts, r
         "ss_base_model_version": version.base_model_version,
         "ss_cache_latents": s.cache_latents or s.cache_latents_to_disk,
         "ss_lowram": False,
-        "ss_zero_terminal_snr": False,
         "ss_sd_scripts_commit_hash": "nekoya",
         "ss_optimizer": run["optimizer"],
         "ss_face_crop_aug_range": None,

@@ -108,9 +108,6 @@ ROWS: tuple[KohyaKey, ...] = (
     _sd("masked_loss", "the whole image counts in the loss (no mask)"),
     _sd("mem_eff_attn", "attention runs as CrossAttention says, not as sd-scripts' memory-efficient attention "
         + _SAME_RESULT, fix="choose CrossAttention sdpa or xformers to save memory"),
-    _sd("v_pred_like_loss", "no v-prediction-like loss term is added", off=NUMBER_OFF),
-    _sd("ip_noise_gamma_random_strength", "IP noise gamma is applied at its full value every step, not at a "
-        "random strength up to it", moot_when=(("ip_noise_gamma", (0,)),)),
     _sd("save_last_n_steps_state", "older step state folders are kept, none is removed", off=NUMBER_OFF,
         moot_when=(("save_state", (False,)), ("save_every_n_steps", (0,)))),  # no step states to remove
     _sd("skip_cache_check", "the latent cache on disk is checked as usual " + _SAME_RESULT),

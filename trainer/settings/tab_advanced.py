@@ -60,6 +60,15 @@ class AdvancedSettings(BaseModel):
     multires_noise_iterations: int = setting(0, label="Multires noise iterations", tab=TAB, section=NOISE, ge=0, le=64, step=1, widget="slider", help="6 to 10 recommended.", visible_when=MULTIRES_NOISE, ss_key="ss_multires_noise_iterations", ss_none_if_off=True)
     multires_noise_discount: float = setting(0.3, label="Multires noise discount", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", visible_when=MULTIRES_NOISE, ss_key="ss_multires_noise_discount")
     ip_noise_gamma: float = setting(0, label="IP noise gamma", tab=TAB, section=NOISE, ge=0, le=1, step=0.01, widget="slider", ss_key="ss_ip_noise_gamma", ss_none_if_off=True)
+    ip_noise_gamma_random_strength: bool = setting(
+        False, label="IP noise gamma random strength", tab=TAB, section=NOISE, ss_key="ss_ip_noise_gamma_random_strength",
+        help="Each step draws the input-perturbation strength between 0 and IP noise gamma.",
+    )
+    zero_terminal_snr: bool = setting(
+        False, label="Zero terminal SNR", tab=TAB, section=NOISE, ss_key="ss_zero_terminal_snr",
+        help="sd-scripts' --zero_terminal_snr: rescale the noise schedule so the last timestep is pure noise "
+             "(for v-prediction models).",
+    )
     # --- Loss ---------------------------------------------------------------------
     min_snr_gamma: float = setting(0, label="Min SNR gamma", tab=TAB, section=LOSS, ge=0, le=20, step=0.1, widget="slider", help="0 = off; 5 recommended.", ss_key="ss_min_snr_gamma", ss_none_if_off=True)
     loss_type: str = setting("l2", label="Loss type", tab=TAB, section=LOSS, choices=("huber", "smooth_l1", "l1", "l2"), ss_key="ss_loss_type")
@@ -68,6 +77,8 @@ class AdvancedSettings(BaseModel):
     huber_scale: float = setting(1.0, label="Huber scale", tab=TAB, section=LOSS, ge=0, le=10, visible_when=HUBER_LOSS, ss_key="ss_huber_scale")
     scale_v_pred_loss_like_noise_pred: bool = setting(False, label="Scale v prediction loss", tab=TAB, section=LOSS)
     debiased_estimation_loss: bool = setting(False, label="Debiased Estimation loss", tab=TAB, section=LOSS, ss_key="ss_debiased_estimation")
+    v_pred_like_loss: float = setting(0, label="V Pred like loss", tab=TAB, section=LOSS, ge=0, le=1, step=0.01,
+                                      help="Add a v-prediction-like loss term with this weight (0 = off), as sd-scripts.")
     nan_loss_policy: str = setting(
         "stop", label="On NaN or infinite loss", tab=TAB, section=LOSS, choices=("stop", "skip"),
         help="stop: save what exists and stop with a hint. skip: drop that step and go on (stops after 10 in a row).",
