@@ -12,6 +12,10 @@ With a latent source (``latents=``), a batch holds latents instead of pixels; th
 source may encode an image's latents the first time a batch asks for them.
 
 Epochs are 1-based, as sd-scripts (``caption_dropout_every_n_epochs`` depends on it).
+
+With a dataset config file, each image trains with its subset's caption rules, flip, colour and crop
+settings, and a batch holds images of one dataset and one bucket, as many as that dataset's batch size
+(sd-scripts' DatasetGroup: each dataset makes its own batches; the epoch shuffles all of them together).
 """
 from __future__ import annotations
 
@@ -51,6 +55,9 @@ class DatasetConfig:
 
     @classmethod
     def from_settings(cls, settings: Any, *, skip_bad_images: bool = True) -> "DatasetConfig":
+        """The settings' values. With a dataset config file each image's subset overrides the caption rules and
+        augmentations, and ``captions`` is a subset's changing rules when any subset's captions change (so the
+        run does not cache text-encoder outputs for captions that are rewritten)."""
         return cls(
             batch_size=max(1, int(settings.train_batch_size)),
             seed=int(settings.seed or 0),
@@ -58,7 +65,7 @@ class DatasetConfig:
             flip_aug=bool(settings.flip_aug),
             color_aug=bool(settings.color_aug),
             random_crop=bool(settings.random_crop),
-            captions=CaptionConfig.from_settings(settings),
+            captions=_caption_rules(settings),
             skip_bad_images=skip_bad_images,
             workers=max(0, int(settings.max_data_loader_n_workers or 0)),
         )
@@ -126,8 +133,14 @@ class TrainingDataset:
         self.config = config
         self.latents = latents
         self.on_bad_image = on_bad_image
-        self.buckets = group_by_bucket(self.entries)
-        self.batches_per_epoch = count_batches((len(v) for v in self.buckets.values()), config.batch_size)
+        if any(entry.item.subset is not None for entry in self.entries):  # from a dataset config: by dataset
+            self.buckets = _group_by_dataset_and_bucket(self.entries)
+            self.batch_sizes = [self.entries[indices[0]].item.subset.batch_size for indices in self.buckets.values()]
+        else:
+            self.buckets = group_by_bucket(self.entries)
+            self.batch_sizes = [config.batch_size] * len(self.buckets)
+        self.batches_per_epoch = sum(count_batches([len(indices)], size)
+                                     for indices, size in zip(self.buckets.values(), self.batch_sizes))
         self.bad_paths: set[Path] = set()
 
     @classmethod
@@ -146,13 +159,13 @@ class TrainingDataset:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Entry indices of each batch of an epoch, in order. Depends only on (seed, epoch)."""
         rng = random.Random(self.config.seed + epoch)
-        size = self.config.batch_size
-        slots = [(b, k) for b, indices in enumerate(self.buckets.values()) for k in range(-(-len(indices) // size))]
+        sizes = self.batch_sizes
+        slots = [(b, k) for b, indices in enumerate(self.buckets.values()) for k in range(-(-len(indices) // sizes[b]))]
         rng.shuffle(slots)
         shuffled = [list(indices) for indices in self.buckets.values()]
         for indices in shuffled:
             rng.shuffle(indices)
-        return [shuffled[b][k * size : (k + 1) * size] for b, k in slots]
+        return [shuffled[b][k * sizes[b] : (k + 1) * sizes[b]] for b, k in slots]
 
     def iter_epoch(self, epoch: int, start_batch: int = 0, executor: Executor | None = None) -> Iterator[Batch]:
         """Batches of ``epoch`` from index ``start_batch`` on (resume).
@@ -193,7 +206,8 @@ class TrainingDataset:
         pixels, latents, weights = [], [], []
         for member in members:
             entry = self.entries[member]
-            flipped = self.config.flip_aug and rng.random() < 0.5
+            rules = _SampleRules.of(entry, self.config)
+            flipped = rules.flip_aug and rng.random() < 0.5
             try:
                 sample = self._load_sample(entry, flipped, rng)
             except BadImageError as error:
@@ -202,7 +216,7 @@ class TrainingDataset:
             (latents if isinstance(sample, CachedLatents) else pixels).append(sample)
             original, crop_left_top = sample.original_size, sample.crop_left_top
             batch.paths.append(entry.item.path)
-            batch.captions.append(process_caption(entry.item.caption, self.config.captions, epoch, rng))
+            batch.captions.append(process_caption(entry.item.caption, rules.captions, epoch, rng))
             batch.is_reg.append(entry.item.is_reg)
             weights.append(self.config.prior_loss_weight if entry.item.is_reg else 1.0)
             batch.flipped.append(flipped)
@@ -221,13 +235,51 @@ class TrainingDataset:
             raise BadImageError(entry.item.path, "failed earlier in this run")
         if self.latents is not None:
             return self.latents.get(entry, flipped)
+        rules = _SampleRules.of(entry, self.config)
         return prepare_image(
             entry.item.path,
             entry.choice,
             flip=flipped,
-            crop_rng=rng if self.config.random_crop else None,
-            color_rng=rng if self.config.color_aug else None,
+            crop_rng=rng if rules.random_crop else None,
+            color_rng=rng if rules.color_aug else None,
         )
+
+
+@dataclass(frozen=True)
+class _SampleRules:
+    """What one image trains with: its subset's rules (dataset config), else the run's."""
+
+    captions: CaptionConfig
+    flip_aug: bool
+    color_aug: bool
+    random_crop: bool
+
+    @staticmethod
+    def of(entry: Entry, config: DatasetConfig) -> "_SampleRules":
+        subset = entry.item.subset
+        source = subset if subset is not None else config
+        return _SampleRules(source.captions, source.flip_aug, source.color_aug, source.random_crop)
+
+
+def _group_by_dataset_and_bucket(entries: Sequence[Entry]) -> dict[tuple[int, Size], list[int]]:
+    """(dataset, bucket) -> entry indices, each listed ``repeats`` times, sorted: a batch never mixes datasets."""
+    groups: dict[tuple[int, Size], list[int]] = {}
+    for index, entry in enumerate(entries):
+        groups.setdefault((entry.item.dataset, entry.choice.bucket), []).extend([index] * entry.repeats)
+    return {key: groups[key] for key in sorted(groups)}
+
+
+def _caption_rules(settings: Any) -> CaptionConfig:
+    rules = CaptionConfig.from_settings(settings)
+    from trainer.data.dataset_config import DatasetConfigError, dataset_config_path, load_dataset_config
+
+    if not rules.is_static or not dataset_config_path(settings):
+        return rules
+    try:
+        subsets = load_dataset_config(settings).subsets
+    except DatasetConfigError:  # the check reports it; no run starts with it
+        return rules
+    return next((subset.captions for subset in subsets if not subset.captions.is_static), rules)
 
 
 def _prefetched(jobs: Iterator[Callable[[], Batch]], executor: Executor | None, ahead: int) -> Iterator[Batch]:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
 from trainer.problems import NekoyaError
+
+if TYPE_CHECKING:
+    from trainer.data.dataset_config import DatasetToml, SubsetSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -33,6 +37,13 @@ class ImageItem:
     is_reg: bool
     folder: str  # concept folder name, e.g. "10_sks dog"
     caption_from_file: bool
+    # from a dataset config file: the subset whose settings (captions, flip, colour, crop, batch) it trains with
+    subset: "SubsetSpec | None" = None
+
+    @property
+    def dataset(self) -> int:
+        """The index of its dataset in the dataset config (0 for folder-based runs: one dataset)."""
+        return self.subset.dataset_index if self.subset is not None else 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Concept:
     is_reg: bool
     images: tuple[ImageItem, ...]
     captions_found: int  # images that have a caption file
+    subset: "SubsetSpec | None" = None  # from a dataset config file
 
     @property
     def samples(self) -> int:
@@ -193,6 +205,63 @@ def _root_problems(root: Path, kind: str, entries: list[Path], concepts: list[Co
     return tuple(problems)
 
 
+def scan_dataset_config(config: "DatasetToml") -> tuple[ScanResult, ScanResult | None]:
+    """The images of a dataset config's subsets: (train subsets, reg subsets or None when there are none).
+
+    Each subset is one Concept (its image_dir, num_repeats, class_tokens) whose images carry the subset.
+    A subset whose image_dir is missing is an error; so is a file without any training image.
+    """
+    results = []
+    for is_reg in (False, True):
+        subsets = [subset for subset in config.subsets if subset.is_reg == is_reg]
+        concepts: list[Concept] = []
+        skipped: list[Skipped] = []
+        warnings: list[str] = []
+        problems: list[str] = []
+        for subset in subsets:
+            problem = subset_dir_problem(config, subset)
+            if problem:
+                problems.append(problem)
+                continue
+            concept = _scan_concept(subset.image_dir, subset.class_tokens or "", subset.num_repeats, is_reg,
+                                    subset.caption_extension, skipped, warnings, subset)
+            if concept.images:
+                concepts.append(concept)
+            else:
+                warnings.append(f"dataset_config [{subset.table}]: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
+                                f"image_dir {subset.image_dir}")
+        if not is_reg and not concepts and not problems:
+            problems.append(f"dataset_config {config.path}: no training images in any subset"
+                            + ("" if subsets else " (every subset has is_reg = true)"))
+        results.append(ScanResult(config.path, is_reg, tuple(concepts), tuple(skipped), tuple(problems), tuple(warnings)))
+    train, reg = results
+    return train, (reg if any(s.is_reg for s in config.subsets) else None)
+
+
+def scan_settings_dataset_config(settings: Any) -> tuple[ScanResult, ScanResult | None]:
+    """``scan_dataset_config`` of the file the settings' ``dataset_config`` names; a file that cannot be used
+    gives a train scan with its error as the one problem."""
+    from trainer.data.dataset_config import DatasetConfigError, dataset_config_path, load_dataset_config
+
+    try:
+        config = load_dataset_config(settings)
+    except DatasetConfigError as exc:
+        return ScanResult(Path(dataset_config_path(settings)), False, (), (), (str(exc),), ()), None
+    return scan_dataset_config(config)
+
+
+def subset_dir_problem(config: "DatasetToml", subset: "SubsetSpec") -> str:
+    """Why a subset's image_dir cannot be scanned ("" when it can)."""
+    where = f"dataset_config {config.path}: [{subset.table}] image_dir"
+    if not subset.image_dir.exists():
+        relative = "" if subset.image_dir.is_absolute() else \
+            f" (a relative path is read from the current folder {Path.cwd()}, as sd-scripts reads it)"
+        return f"{where}: {subset.image_dir} does not exist{relative}"
+    if not subset.image_dir.is_dir():
+        return f"{where}: {subset.image_dir} is a file, not a folder"
+    return ""
+
+
 def _scan_concept(
     folder: Path,
     name: str,
@@ -201,6 +270,7 @@ def _scan_concept(
     caption_extension: str,
     skipped: list[Skipped],
     warnings: list[str],
+    subset: Any = None,
 ) -> Concept:
     images: list[ImageItem] = []
     captions_found = 0
@@ -228,14 +298,15 @@ def _scan_concept(
             empty_captions += caption == ""
         else:
             caption = name
-        images.append(ImageItem(path, width, height, caption, repeats, is_reg, folder.name, caption_from_file))
+        images.append(ImageItem(path, width, height, caption, repeats, is_reg, folder.name, caption_from_file, subset))
 
     missing = len(images) - captions_found
     if images and missing:
-        fallback = f"the folder name '{name}'" if name else "an empty caption"
+        fallback = (f"the folder name '{name}'" if subset is None else f"class_tokens '{name}'") if name \
+            else "an empty caption"
         warnings.append(
             f"{folder.name}: {missing} of {len(images)} images have no {caption_extension or 'caption'} file; using {fallback}"
         )
     if empty_captions:
         warnings.append(f"{folder.name}: {empty_captions} caption file(s) are empty")
-    return Concept(folder, name, repeats, is_reg, tuple(images), captions_found)
+    return Concept(folder, name, repeats, is_reg, tuple(images), captions_found, subset)

@@ -9,6 +9,10 @@ show the same numbers. The rules are sd-scripts' (``train_network.py``):
 * ``max_train_epochs`` > 0 fixes the epochs and overrides ``max_train_steps``;
 * ``max_train_steps`` > 0 fixes the steps, epochs = ceil(steps / steps per epoch);
 * ``max_train_steps`` = 0 (our default) means epochs x steps per epoch.
+
+With a dataset config file (``dataset_config``, see ``trainer.data.dataset_config``) each dataset has its own
+buckets, batch size and reg balancing, and the batches per epoch are the sum of every dataset's, as sd-scripts'
+DatasetGroup concatenates its datasets; the plan lists each dataset and its subsets.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from trainer.data.buckets import BucketConfigError, Bucketer, BucketSettings, Size
-from trainer.data.folders import Concept, ScanResult, Skipped, scan_dataset_dir
+from trainer.data.dataset_config import DatasetConfigError, DatasetToml, dataset_config_path, load_dataset_config
+from trainer.data.folders import Concept, ScanResult, Skipped, scan_dataset_config, scan_dataset_dir
 from trainer.data.samples import Entry, build_entries, count_batches, group_by_bucket
 
 UPSCALE_WARNING_FACTOR = 1.5
@@ -53,15 +58,20 @@ class FolderLine:
     captions_found: int
     images_used: int  # left out: no bucket fits them, or reg images that balancing does not need
     repeat_groups: tuple[tuple[int, int], ...] = ()  # (images, repeats) as used; balancing varies reg repeats
+    subset: str = ""  # from a dataset config: the subset's table, e.g. "datasets[0].subsets[1]"
+    path: str = ""  # from a dataset config: the subset's image_dir
+    dataset: int = 0
 
     def describe(self) -> str:
         """``10_sks dog: 4 of 12 images × 10 repeats = 40 samples (8 left out), 12 caption files``: it multiplies out."""
         kind = "reg " if self.is_reg else ""
         groups = self.repeat_groups or ((self.images_used, self.repeats),)
-        text = f"{kind}{self.folder}: {_images_times_repeats(groups, self.images)} = {self.samples} samples"
+        head = f"{kind}{self.folder}" if not self.subset else f"{kind}subset [{self.subset}] {self.path}"
+        text = f"{head}: {_images_times_repeats(groups, self.images)} = {self.samples} samples"
         notes = []
         if self.is_reg and any(repeats != self.repeats for _, repeats in groups):
-            notes.append(f"repeats balanced to the train samples; the folder says {self.repeats}")
+            source = "num_repeats is" if self.subset else "the folder says"
+            notes.append(f"repeats balanced to the train samples; {source} {self.repeats}")
         left_out = self.images - self.images_used
         if left_out:
             notes.append(f"{left_out} unused: balancing needs no more" if self.is_reg else f"{left_out} left out: see the warnings")
@@ -75,6 +85,27 @@ def _images_times_repeats(groups: Sequence[tuple[int, int]], found: int | None =
         images = f"{used} of {found} images" if found is not None and found != used else _count(used, "image")
         return f"{images} × {_count(repeats, 'repeat')}"
     return "(" + " + ".join(f"{_count(n, 'image')} × {_count(r, 'repeat')}" for n, r in groups) + ")"
+
+
+@dataclass(frozen=True)
+class DatasetLine:
+    """One dataset of a dataset config: its resolution, batch size and buckets, and what it adds to an epoch."""
+
+    index: int  # 0-based, as the file's [[datasets]]
+    resolution: Size
+    batch_size: int
+    enable_bucket: bool
+    bucket_text: str  # "buckets 256-1024, step 64" or "no buckets"
+    samples: int  # per epoch, train + reg
+    batches: int
+    buckets: tuple[tuple[Size, int], ...]
+    subsets: tuple[FolderLine, ...]
+
+    def describe(self) -> str:
+        (w, h), reg = self.resolution, sum(line.samples for line in self.subsets if line.is_reg)
+        samples = f"{self.samples} samples" + (f" ({reg} reg)" if reg else "")
+        return (f"dataset {self.index + 1} [datasets[{self.index}]]: resolution {w}x{h}, batch {self.batch_size}, "
+                f"{self.bucket_text}: {samples} = {_batches(self.batches)}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +128,8 @@ class StepPlan:
     skipped: tuple[Skipped, ...] = ()
     entries: tuple[Entry, ...] = field(default=(), repr=False, compare=False)
     train_images_found: int = 0  # in the folders, readable or not
+    datasets: tuple[DatasetLine, ...] = ()  # from a dataset config file; empty for folder-based runs
+    dataset_config: str = ""  # its path
 
     @property
     def train_images_left_out(self) -> int:
@@ -115,6 +148,13 @@ class StepPlan:
 
     def summary(self) -> str:
         """The formula, the folders and the buckets (the warnings are the preflight report's to show)."""
+        if self.datasets:
+            lines = [self.formula, f"datasets from {self.dataset_config}:"]
+            for dataset in self.datasets:
+                lines += [dataset.describe(), *(f"  {line.describe()}" for line in dataset.subsets)]
+                if dataset.buckets:
+                    lines.append("  buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in dataset.buckets))
+            return "\n".join(lines)
         lines = [self.formula, *(line.describe() for line in self.per_folder)]
         if self.buckets:
             lines.append("buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in self.buckets))
@@ -130,7 +170,9 @@ class StepPlan:
 
 
 def plan_steps(settings: Any) -> StepPlan:
-    """Scan ``train_data_dir`` / ``reg_data_dir`` and compute the plan for these settings."""
+    """Scan ``train_data_dir`` / ``reg_data_dir`` (or the subsets of ``dataset_config``) and compute the plan."""
+    if dataset_config_path(settings):
+        return plan_dataset_config(settings)
     caption_extension = settings.caption_extension
     train = scan_dataset_dir(settings.train_data_dir, is_reg=False, caption_extension=caption_extension)
     reg = None
@@ -335,3 +377,160 @@ def _decimal(x: float) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# ---- a dataset config file: several datasets, each with its subsets ------------------------------------------
+
+def plan_dataset_config(settings: Any) -> StepPlan:
+    """The plan of the datasets and subsets of the settings' ``dataset_config`` file."""
+    config = PlanConfig.from_settings(settings)
+    try:
+        toml = load_dataset_config(settings)
+    except DatasetConfigError as exc:
+        return _empty_plan(config, str(exc), dataset_config_path(settings))
+    train, reg = scan_dataset_config(toml)
+    return plan_from_dataset_config(toml, train, reg, config)
+
+
+def _empty_plan(config: PlanConfig, error: str, path: str) -> StepPlan:
+    return StepPlan(0, 0, 0, 0, config.batch_size, config.grad_accum, 0, 0, 0, 0, (), (),
+                    "no training images: 0 steps", errors=(error,), dataset_config=path)
+
+
+def not_applied_warning(toml: DatasetToml) -> str:
+    return (f"dataset_config {toml.path}: {'; '.join(toml.not_applied)}: "
+            f"{'is' if len(toml.not_applied) == 1 else 'are'} not applied by Nekoya (sd-scripts would apply them)")
+
+
+def dataset_bucket_error(toml: DatasetToml, dataset) -> str:
+    """A dataset's bucket settings that cannot work together, named by file, table and key ("" when they can)."""
+    try:
+        Bucketer(dataset.buckets)
+    except BucketConfigError as exc:
+        return f"dataset_config {toml.path}: [{dataset.table}] {exc.field}: {exc.message}"
+    return ""
+
+
+def plan_from_dataset_config(toml: DatasetToml, train: ScanResult, reg: ScanResult | None,
+                             config: PlanConfig) -> StepPlan:
+    scans = [train] + ([reg] if reg is not None else [])
+    errors = [problem for scan in scans for problem in scan.problems]
+    warnings = [warning for scan in scans for warning in scan.warnings]
+    skipped = [skip for scan in scans for skip in scan.skipped]
+    if toml.not_applied:
+        warnings.append(not_applied_warning(toml))
+    concepts = train.concepts + (reg.concepts if reg is not None else ())
+    entries: list[Entry] = []
+    lines: list[DatasetLine] = []
+    all_buckets: Counter = Counter()
+    for dataset in toml.datasets:
+        bucket_error = dataset_bucket_error(toml, dataset)
+        if bucket_error:
+            errors.append(bucket_error)
+            continue
+        train_items = [item for item in train.images if item.dataset == dataset.index]
+        reg_items = [item for item in (reg.images if reg is not None else []) if item.dataset == dataset.index]
+        own, unbucketable = build_entries(train_items, reg_items, Bucketer(dataset.buckets))
+        skipped.extend(unbucketable)
+        entries.extend(own)
+        buckets = group_by_bucket(own)
+        for bucket, indices in buckets.items():
+            all_buckets[bucket] += len(indices)
+        own_concepts = [c for c in concepts if c.subset is not None and c.subset.dataset_index == dataset.index]
+        subset_lines = _subset_lines(own_concepts, own, [skip for scan in scans for skip in scan.skipped])
+        lines.append(DatasetLine(
+            index=dataset.index, resolution=dataset.resolution, batch_size=dataset.batch_size,
+            enable_bucket=dataset.buckets.enable_bucket, bucket_text=_bucket_text(dataset.buckets),
+            samples=sum(e.repeats for e in own), batches=count_batches((len(v) for v in buckets.values()), dataset.batch_size),
+            buckets=tuple((bucket, len(indices)) for bucket, indices in buckets.items()), subsets=tuple(subset_lines)))
+        if dataset.batch_size > 1:
+            partial = sum(1 for indices in buckets.values() if len(indices) % dataset.batch_size)
+            if partial:
+                warnings.append(f"dataset {dataset.index + 1}: {partial} of {len(buckets)} buckets end with a partial "
+                                f"batch (fewer than {dataset.batch_size} samples)")
+    batches = sum(line.batches for line in lines)
+    steps_per_epoch, epochs, total = schedule(batches, config)
+    train_samples = sum(e.repeats for e in entries if not e.item.is_reg)
+    reg_samples = sum(e.repeats for e in entries if e.item.is_reg)
+    no_batch_warnings = replace(config, batch_size=1)  # partial batches are counted per dataset above
+    warnings += _warnings(no_batch_warnings, {}, entries, None, reg_samples, skipped)
+    if reg is not None and reg.samples > reg_samples and train_samples:
+        warnings.append(f"regularisation: {reg_samples} of {reg.samples} reg samples are used per epoch (each "
+                        "dataset balances its reg subsets to its own train samples)")
+    if not errors and total == 0:
+        errors.append("the plan has 0 steps: no usable training images")
+    plan = StepPlan(
+        steps_per_epoch=steps_per_epoch, total_steps=total, epochs=epochs, batches_per_epoch=batches,
+        batch_size=lines[0].batch_size if lines else config.batch_size, grad_accum=config.grad_accum,
+        train_images=sum(1 for e in entries if not e.item.is_reg), train_samples=train_samples,
+        reg_images=sum(1 for e in entries if e.item.is_reg), reg_samples=reg_samples,
+        per_folder=tuple(line for dataset in lines for line in dataset.subsets),
+        buckets=tuple(sorted(all_buckets.items())), formula="", warnings=tuple(warnings), errors=tuple(errors),
+        skipped=tuple(skipped), entries=tuple(entries),
+        train_images_found=len(train.images) + sum(1 for skip in train.skipped if skip.path.is_file()),
+        datasets=tuple(lines), dataset_config=str(toml.path),
+    )
+    return replace(plan, formula=_datasets_formula(plan, config))
+
+
+def _bucket_text(buckets: BucketSettings) -> str:
+    if not buckets.enable_bucket:
+        return "no buckets"
+    if buckets.no_upscale:
+        return f"buckets from the images (no upscale), step {buckets.reso_steps}"
+    return f"buckets {buckets.min_reso}-{buckets.max_reso}, step {buckets.reso_steps}"
+
+
+def _subset_lines(concepts: Sequence[Concept], entries: Sequence[Entry], skipped: Sequence[Skipped]) -> list[FolderLine]:
+    used: dict[Any, list[Entry]] = {}
+    for entry in entries:
+        used.setdefault(entry.item.subset, []).append(entry)
+    unreadable = Counter(str(skip.path.parent) for skip in skipped if skip.path.is_file())
+    lines = []
+    for concept in sorted(concepts, key=lambda c: c.subset.index):
+        own = used.get(concept.subset, [])
+        lines.append(FolderLine(
+            folder=concept.folder.name, images=len(concept.images) + unreadable[str(concept.folder)],
+            repeats=concept.repeats, samples=sum(e.repeats for e in own), is_reg=concept.is_reg,
+            captions_found=concept.captions_found, images_used=len(own), repeat_groups=_repeat_groups(own),
+            subset=concept.subset.table, path=str(concept.folder), dataset=concept.subset.dataset_index))
+    return lines
+
+
+def _dataset_samples(dataset: DatasetLine) -> str:
+    """``(4 images × 10 repeats + 40 reg samples)`` for one dataset."""
+    train = [line for line in dataset.subsets if not line.is_reg and line.images_used]
+    parts = [_images_times_repeats(line.repeat_groups) for line in train] or ["0 images"]
+    samples = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
+    train_samples = sum(line.samples for line in train)
+    reg = sum(line.samples for line in dataset.subsets if line.is_reg)
+    if reg and reg == train_samples:
+        return samples + " × 2 (reg)"
+    return f"({samples} + {reg} reg samples)" if reg else samples
+
+
+def _datasets_formula(plan: StepPlan, config: PlanConfig) -> str:
+    """``dataset 1: 4 images × 10 repeats ÷ batch 2 = 20 batches + dataset 2: ... = 5 batches; 25 batches ×
+    3 epochs = 75 steps``: each dataset divides by its own batch size and rounds each bucket up."""
+    if not plan.train_samples:
+        return "no training images: 0 steps"
+    parts = []
+    for dataset in plan.datasets:
+        exact = dataset.samples / dataset.batch_size
+        note = "" if exact == dataset.batches else f" (each bucket's last batch rounded up from {_decimal(exact)})"
+        parts.append(f"dataset {dataset.index + 1}: {_dataset_samples(dataset)} ÷ batch {dataset.batch_size} = "
+                     f"{_batches(dataset.batches)}{note}")
+    epoch = " + ".join(parts)
+    batches = _batches(plan.batches_per_epoch) + (" per epoch" if len(parts) > 1 else "")
+    accum = f" ÷ grad accum {config.grad_accum} = {_count(plan.steps_per_epoch, 'step')} (rounded up)" \
+        if config.grad_accum > 1 else ""
+    if config.max_train_epochs <= 0 and config.max_train_steps > 0:
+        per_epoch = f"{plan.steps_per_epoch} steps" if not accum else f"{plan.batches_per_epoch} batches{accum}"
+        return (f"max_train_steps = {plan.total_steps} steps (set directly); one epoch = {epoch}"
+                + (f"; {batches}" if len(parts) > 1 else "") + f" = {per_epoch}, so {_count(plan.epochs, 'epoch')}")
+    epoch_note = " (max_train_epochs)" if config.max_train_epochs > 0 else ""
+    return f"{epoch}; {batches}{accum} × {_count(plan.epochs, 'epoch')}{epoch_note} = {plan.total_steps} steps"
+
+
+def _batches(n: int) -> str:
+    return f"{n} batch" if n == 1 else f"{n} batches"

@@ -10,7 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 from trainer.data.buckets import BucketConfigError, Bucketer, BucketSettings
-from trainer.data.folders import IMAGE_EXTENSIONS, is_image_file, parse_concept_folder_name
+from trainer.data.dataset_config import FIELD as DATASET_CONFIG, DatasetConfigError, dataset_config_path, load_dataset_config
+from trainer.data.folders import IMAGE_EXTENSIONS, is_image_file, parse_concept_folder_name, subset_dir_problem
+from trainer.data.plan import dataset_bucket_error, not_applied_warning
 from trainer.preflight.image_check import verify_images
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
@@ -86,18 +88,81 @@ def _ignored_parts(key: str, root: Path, scan, loose: list[Path]):
 
 @preflight_check("dataset.train_folder")
 def check_train_folder(ctx: CheckContext):
+    if dataset_config_path(ctx.settings):
+        yield from _dataset_config_problems(ctx)
+        return
     yield from _layout_problems("train_data_dir", ctx.settings.train_data_dir.strip(), ctx.train_scan, required=True)
 
 
 @preflight_check("dataset.reg_folder")
 def check_reg_folder(ctx: CheckContext):
-    if ctx.reg_scan is not None:
+    if ctx.reg_scan is not None and not dataset_config_path(ctx.settings):
         yield from _layout_problems("reg_data_dir", ctx.settings.reg_data_dir.strip(), ctx.reg_scan, required=False)
+
+
+# ---- a dataset config file (sd-scripts' dataset_config TOML) -------------------------------------------------
+
+def _dataset_config_problems(ctx: CheckContext):
+    """The file, its subsets' folders, the folder settings it replaces and the keys Nekoya does not apply."""
+    s = ctx.settings
+    try:
+        toml = load_dataset_config(s)
+    except DatasetConfigError as exc:
+        yield Problem("error", DATASET_CONFIG, str(exc), fix=exc.fix, file=exc.file)
+        return
+    for key in ("train_data_dir", "reg_data_dir"):
+        if str(getattr(s, key, "") or "").strip():
+            yield Problem("warning", key, f"{key} is not used: the images come from the subsets of dataset_config "
+                          f"{toml.path}, as sd-scripts ignores {key} when a dataset config is given",
+                          fix=f"clear {key}, or clear dataset_config to train from {key}")
+    missing = False
+    for subset in toml.subsets:
+        problem = subset_dir_problem(toml, subset)
+        if problem:
+            missing = True
+            yield Problem("error", DATASET_CONFIG, problem, fix=f"correct image_dir in [{subset.table}]",
+                          file=str(subset.image_dir))
+    for scan in (ctx.train_scan, ctx.reg_scan):
+        for warning in (scan.warnings if scan else ()):
+            if warning.startswith("dataset_config "):  # a subset without images
+                yield Problem("warning", DATASET_CONFIG, warning, fix="put images in it, or remove the subset",
+                              file=str(toml.path))
+    if not missing:
+        for problem in ctx.train_scan.problems:
+            yield Problem("error", DATASET_CONFIG, problem, fix="add a [[datasets.subsets]] with training images "
+                          "(is_reg = false)", file=str(toml.path))
+    if toml.not_applied:
+        yield Problem("warning", DATASET_CONFIG, not_applied_warning(toml),
+                      fix="remove those keys to silence this warning", file=str(toml.path))
+    yield from _latent_cache_conflicts(s, toml)
+
+
+def _latent_cache_conflicts(s, toml):
+    """Subsets whose augmentations cached latents cannot follow (the run caches latents for the settings)."""
+    caching = (s.cache_latents or s.cache_latents_to_disk) and not (s.color_aug or s.random_crop)
+    if not caching:
+        return
+    for subset in toml.subsets:
+        changing = [key for key in ("color_aug", "random_crop") if getattr(subset, key)]
+        if changing:
+            yield Problem("error", DATASET_CONFIG, f"dataset_config {toml.path}: [{subset.table}] "
+                          f"{' and '.join(changing)} = true changes the pixels every time an image is used, so its "
+                          "latents cannot be cached (sd-scripts refuses this too)",
+                          fix=f"untick Cache latents, or set {' and '.join(changing)} = false in [{subset.table}]",
+                          file=str(toml.path))
+        elif subset.flip_aug and not s.flip_aug:
+            yield Problem("error", DATASET_CONFIG, f"dataset_config {toml.path}: [{subset.table}] flip_aug = true "
+                          "with cached latents: Nekoya caches mirrored latents only when the flip_aug setting is on",
+                          fix="tick flip_aug in the settings (and set flip_aug = false in the subsets that should not "
+                              "flip), or untick Cache latents", file=str(toml.path))
 
 
 # ---- images --------------------------------------------------------------------------------
 
 def _scans(ctx: CheckContext):
+    """(field to blame, scan): the folder settings, or dataset_config for the subsets of a dataset config."""
+    if dataset_config_path(ctx.settings):
+        return [(DATASET_CONFIG, scan) for scan in (ctx.train_scan, ctx.reg_scan) if scan]
     return [(key, scan) for key, scan in (("train_data_dir", ctx.train_scan), ("reg_data_dir", ctx.reg_scan)) if scan]
 
 
@@ -129,8 +194,21 @@ def _bucket_config_error(settings) -> BucketConfigError | None:
     return None
 
 
+def _dataset_bucket_errors(settings) -> list[str]:
+    """Each dataset's bucket settings that cannot work together, for a dataset config file."""
+    try:
+        toml = load_dataset_config(settings)
+    except DatasetConfigError:  # reported by dataset.train_folder
+        return []
+    return [error for error in (dataset_bucket_error(toml, dataset) for dataset in toml.datasets) if error]
+
+
 @preflight_check("dataset.buckets")
 def check_buckets(ctx: CheckContext):
+    if dataset_config_path(ctx.settings):
+        for error in _dataset_bucket_errors(ctx.settings):
+            yield Problem("error", DATASET_CONFIG, error, fix="change that key in the dataset's table (or in [general])")
+        return
     error = _bucket_config_error(ctx.settings)
     if error is not None:
         yield Problem("error", error.field, error.message, fix=error.fix)
@@ -139,13 +217,13 @@ def check_buckets(ctx: CheckContext):
 @preflight_check("dataset.small_images")
 def check_small_images(ctx: CheckContext):
     s = ctx.settings
-    width, height = s.resolution
     plan_skipped = {skip.path: skip for skip in ctx.plan.skipped} if ctx.plan else {}
     entries = {e.item.path: e for e in ctx.plan.entries} if ctx.plan else {}
     tiny, small, left_out = [], [], []
     for key, scan in _scans(ctx):
         for item in scan.images:
             size = f"{item.width}x{item.height} px"
+            width, height = item.subset.resolution if item.subset is not None else s.resolution
             if item.path in plan_skipped:
                 left_out.append((key, item.path, plan_skipped[item.path]))
             elif min(item.width, item.height) < MIN_IMAGE_SIDE:
@@ -183,27 +261,38 @@ def _named(found, severity, describe, fix):
 
 @preflight_check("dataset.captions")
 def check_captions(ctx: CheckContext):
-    extension = ctx.settings.caption_extension or ""
     for key, scan in _scans(ctx):
         for concept in scan.concepts:
+            subset = concept.subset
+            extension = subset.caption_extension if subset is not None else ctx.settings.caption_extension or ""
             yield from _concept_captions(key, concept, extension)
 
 
 def _concept_captions(key: str, concept, extension: str):
     images = len(concept.images)
     missing = images - concept.captions_found
-    folder = concept.folder.name
-    fallback = f"the folder name '{concept.name}'" if concept.name else "an empty caption"
+    subset = concept.subset
+    folder = concept.folder.name if subset is None else f"[{subset.table}] {concept.folder}"
+    fallback = (f"the folder name '{concept.name}'" if subset is None else f"class_tokens '{concept.name}'") \
+        if concept.name else "an empty caption"
     if missing and not concept.captions_found:
         others = _other_caption_files(concept.folder, extension)
         if others:
             found_ext, count = others
-            yield Problem("warning", "caption_extension",
+            field, fix = ("caption_extension", f"set Caption file extension to '{found_ext}'") if subset is None else \
+                (DATASET_CONFIG, f"set caption_extension = \"{found_ext}\" in [{subset.table}] (or in [general])")
+            yield Problem("warning", field,
                           f"{folder}: no '{extension}' caption files, but {_n(count, f'{found_ext} file')}; "
                           f"all {images} images will be captioned with {fallback}",
-                          fix=f"set Caption file extension to '{found_ext}'", file=str(concept.folder))
+                          fix=fix, file=str(concept.folder))
         else:
             severity = "warning" if not concept.name else "note"
+            if subset is not None and not concept.name:
+                yield Problem(severity, key, f"{folder}: no caption files ({extension or 'none set'}) and no "
+                              f"class_tokens; all {images} images train with an empty caption",
+                              fix=f"add caption files, or class_tokens = \"...\" in [{subset.table}]",
+                              file=str(concept.folder))
+                return
             yield Problem(severity, key, f"{folder}: no caption files ({extension or 'none set'}); "
                           f"all {images} images are captioned with {fallback}", file=str(concept.folder))
     elif missing:
@@ -238,6 +327,9 @@ def check_plan(ctx: CheckContext):
     bucket_error = _bucket_config_error(ctx.settings)
     # What is left names no setting: a bucket setting's error is the dataset.buckets check's, with its field.
     covered = {str(bucket_error)} if bucket_error else set()
+    if dataset_config_path(ctx.settings):  # the dataset config checks above name the file, table and key
+        covered = set(_dataset_bucket_errors(ctx.settings))
+        covered |= {w for w in plan.warnings if w.startswith("dataset_config ")}
     for _, scan in _scans(ctx):
         covered |= set(scan.problems) | set(scan.warnings)
     layout_failed = not ctx.train_scan.concepts

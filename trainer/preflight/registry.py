@@ -42,16 +42,30 @@ class CheckContext:
         self.plan_error: Exception | None = None
 
     @cached_property
+    def _dataset_config_scans(self):
+        """(train, reg) scans of the subsets of the settings' dataset config file, or None without one."""
+        from trainer.data.dataset_config import dataset_config_path
+        from trainer.data.folders import scan_settings_dataset_config
+
+        return scan_settings_dataset_config(self.settings) if dataset_config_path(self.settings) else None
+
+    @cached_property
     def train_scan(self):
+        """The training images: the Image folder's, or the dataset config's training subsets'."""
         from trainer.data.folders import scan_dataset_dir
 
+        if self._dataset_config_scans is not None:
+            return self._dataset_config_scans[0]
         s = self.settings
         return scan_dataset_dir(s.train_data_dir, is_reg=False, caption_extension=s.caption_extension)
 
     @cached_property
     def reg_scan(self):
+        """The regularisation images (None without any): the Regularisation folder's, or the reg subsets'."""
         from trainer.data.folders import scan_dataset_dir
 
+        if self._dataset_config_scans is not None:
+            return self._dataset_config_scans[1]
         s = self.settings
         if not s.reg_data_dir:
             return None

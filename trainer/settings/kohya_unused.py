@@ -79,9 +79,6 @@ _SAME_RESULT = "(the trained LoRA is the same; only speed or memory use differ)"
 
 ROWS: tuple[KohyaKey, ...] = (
     # --- Model and data -----------------------------------------------------------------------------
-    _sd("dataset_config", "images, repeats and captions come from the Image folder's <repeats>_<name> subfolders "
-        "and these settings, not from the TOML file",
-        off=TEXT_OFF, fix="put the images in <repeats>_<name> folders under the Image folder"),
     _sd("train_inpainting", "the model is trained as a text-to-image model: the UNet gets no mask or masked image",
         fix="train inpainting LoRAs with kohya_ss"),
     *(_sd(key, _FAMILY_CHECKBOX.format(name)) for key, name in (
