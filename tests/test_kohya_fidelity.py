@@ -172,11 +172,10 @@ def test_a_default_config_warns_for_nothing_and_says_every_setting_applies():
 
 
 def test_a_setting_another_one_turns_off_does_not_warn():
-    quiet = {"dynamo_mode": "max-autotune", "dynamo_backend": "no",
-             "save_last_n_steps_state": 2, "save_state": True}  # no Dynamo, no step states saved
+    quiet = {"dynamo_mode": "max-autotune", "dynamo_backend": "no"}  # no Dynamo
     assert not _not_applied(check(_settings(quiet), deep=False))
-    loud = _settings({**quiet, "dynamo_backend": "inductor", "save_every_n_steps": 5})
-    assert {p.field for p in _not_applied(check(loud, deep=False))} == {"dynamo_mode", "save_last_n_steps_state"}
+    loud = _settings({**quiet, "dynamo_backend": "inductor"})
+    assert {p.field for p in _not_applied(check(loud, deep=False))} == {"dynamo_mode"}
 
 
 def test_kohya_ss_writes_off_values_in_several_forms():

@@ -156,6 +156,7 @@ class RunOutputs:
         self.last_n_steps = int(getattr(settings, "save_last_n_steps", 0) or 0)
         # sd-scripts: state folders follow save_last_n_epochs unless save_last_n_epochs_state is set
         self.last_n_epoch_states = int(getattr(settings, "save_last_n_epochs_state", 0) or self.last_n_epochs)
+        self.last_n_step_states = int(getattr(settings, "save_last_n_steps_state", 0) or self.last_n_steps)
         self.tensors, self.metadata, self.on_saved = tensors, metadata, on_saved
         self.log = log or (lambda message, level="info": None)
         self.files: list[str] = []
@@ -244,14 +245,20 @@ class RunOutputs:
         elif kind == "step":
             number = step_to_remove(step, self.every_n_steps, self.last_n_steps)
             old = number and self.path(step_file_name(self.name, number, self.ext))
+            self._drop_state(step_to_remove(step, self.every_n_steps, self.last_n_step_states),
+                             lambda n: step_state_name(self.name, n))
         if old and os.path.exists(old):
             os.remove(old)
             if old in self.files:
                 self.files.remove(old)
 
     def drop_old_epoch_state(self, epoch: int) -> None:
-        number = epoch_to_remove(epoch, self.every_n_epochs, self.last_n_epoch_states)
-        folder = number and self.path(epoch_state_name(self.name, number))
+        self._drop_state(epoch_to_remove(epoch, self.every_n_epochs, self.last_n_epoch_states),
+                         lambda n: epoch_state_name(self.name, n))
+
+    def _drop_state(self, number: int | None, name_of) -> None:
+        """Remove the state folder that the last-N window has just left (sd-scripts' rule)."""
+        folder = number and self.path(name_of(number))
         if folder and os.path.isdir(folder):
             import shutil
 

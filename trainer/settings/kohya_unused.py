@@ -105,14 +105,7 @@ ROWS: tuple[KohyaKey, ...] = (
     _sd("masked_loss", "the whole image counts in the loss (no mask)"),
     _sd("mem_eff_attn", "attention runs as CrossAttention says, not as sd-scripts' memory-efficient attention "
         + _SAME_RESULT, fix="choose CrossAttention sdpa or xformers to save memory"),
-    _sd("save_last_n_steps_state", "older step state folders are kept, none is removed", off=NUMBER_OFF,
-        moot_when=(("save_state", (False,)), ("save_every_n_steps", (0,)))),  # no step states to remove
     _sd("skip_cache_check", "the latent cache on disk is checked as usual " + _SAME_RESULT),
-    _sd("log_with", "only TensorBoard logs are written (to the Logging folder); nothing goes to wandb",
-        off=("", "tensorboard", None)),
-    _sd("log_tracker_name", "the TensorBoard run is named after the output name and the time, not this name",
-        off=TEXT_OFF),
-    _sd("log_tracker_config", "the tracker config file is not read", off=TEXT_OFF),
     _sd("log_config", "the training config is not logged to the tracker"),
     _sd("weighted_captions", "(word:1.2) weights in captions are read as plain text",
         fix="remove the weights from the captions"),

@@ -88,6 +88,10 @@ class AdvancedSettings(BaseModel):
     save_last_n_steps: int = setting(0, label="Save last N steps", tab=TAB, section=SAVE, ge=0)
     save_last_n_epochs: int = setting(0, label="Save last N epochs", tab=TAB, section=SAVE, ge=0, help="0 = keep every epoch file.")
     save_last_n_epochs_state: int = setting(0, label="Save last N epochs state", tab=TAB, section=SAVE, ge=0)
+    save_last_n_steps_state: int = setting(
+        0, label="Save last N steps state", tab=TAB, section=SAVE, ge=0,
+        help="Keep only the step state folders of the last N steps (0 = follow Save last N steps), as sd-scripts.",
+    )
     save_state: bool = setting(False, label="Save training state", tab=TAB, section=SAVE, help="Also save optimizer and RNG state with each file so a run can resume.")
     save_state_on_train_end: bool = setting(False, label="Save training state at end of training", tab=TAB, section=SAVE)
     resume: str = setting("", label="Resume from saved training state", tab=TAB, section=SAVE, widget="folder", help="A <name>-state folder written by Save training state.")
