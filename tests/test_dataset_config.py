@@ -206,6 +206,16 @@ def test_captions_and_flips_follow_each_image_s_subset(root):
     assert flips["y"] == {False, True} and flips["x"] == {False} and flips["z"] == {False}
 
 
+def test_caption_prefix_and_suffix_join_with_a_space_before_dropout(root):
+    text = TWO_DATASETS.replace("num_repeats = 2", "num_repeats = 2\n  caption_prefix = 'photo of'\n"
+                                                   "  caption_suffix = 'best quality'")
+    plan = plan_steps(_settings(_toml(root, text, "prefix.toml")))
+    dataset = TrainingDataset(plan.entries, DatasetConfig(batch_size=1, seed=1))
+    captions = {c for batch in dataset.iter_epoch(1) for p, c in zip(batch.paths, batch.captions) if p.parent.name == "y"}
+    assert captions and all(c.startswith("photo of y, ") and c.endswith(" best quality") for c in captions)
+    assert not DatasetConfig.from_settings(_settings(_toml(root, text, "prefix.toml"))).captions.is_static
+
+
 def test_text_encoder_outputs_are_not_cached_when_a_subset_rewrites_captions(root):
     assert not DatasetConfig.from_settings(_settings(_toml(root))).captions.is_static
     static = _toml(root, TWO_DATASETS.replace("shuffle_caption = true", "").replace("caption_dropout_rate = 1.0", ""),
@@ -236,10 +246,10 @@ def test_the_check_names_a_missing_image_dir_and_the_ignored_folder_settings(roo
 
 
 def test_the_check_names_keys_nekoya_does_not_apply_and_cache_conflicts(root):
-    text = TWO_DATASETS.replace("num_repeats = 2", "num_repeats = 2\n  caption_prefix = 'photo'\n  color_aug = true")
+    text = TWO_DATASETS.replace("num_repeats = 2", "num_repeats = 2\n  keep_tokens_separator = '|||'\n  color_aug = true")
     report = check(_settings(_toml(root, text, "conflict.toml"), cache_latents=True), deep=False)
     messages = [p.message for p in report.problems if p.field == "dataset_config"]
-    assert any("[datasets[1].subsets[0]] caption_prefix = \"photo\": is not applied" in m for m in messages), messages
+    assert any("[datasets[1].subsets[0]] keep_tokens_separator = \"|||\": is not applied" in m for m in messages), messages
     assert any("[datasets[1].subsets[0]] color_aug = true" in m and "cannot be cached" in m for m in messages)
     flip = check(_settings(_toml(root), cache_latents=True), deep=False)
     assert [p for p in flip.errors if "flip_aug = true with cached latents" in p.message]

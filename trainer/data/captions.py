@@ -1,5 +1,7 @@
 """Caption processing per sample, as sd-scripts' ``process_caption``.
 
+0. a prefix and a suffix (a dataset config subset's ``caption_prefix``/``caption_suffix``) are joined to it
+   with a space;
 1. the whole caption is dropped to "" with probability ``dropout_rate``, or on every
    ``dropout_every_n_epochs``-th epoch (epochs are 1-based, as in sd-scripts);
 2. otherwise, when shuffling or tag dropout is on, the caption is split on the
@@ -23,6 +25,8 @@ class CaptionConfig:
     dropout_every_n_epochs: int = 0
     tag_dropout_rate: float = 0.0
     separator: str = ","
+    prefix: str = ""  # sd-scripts' caption_prefix (dataset config only)
+    suffix: str = ""  # sd-scripts' caption_suffix (dataset config only)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "CaptionConfig":
@@ -41,7 +45,8 @@ class CaptionConfig:
     @property
     def is_static(self) -> bool:
         """True when every sample's caption is always its file's caption (text-encoder outputs can be cached)."""
-        return not self.rewrites_tags and self.dropout_rate <= 0 and self.dropout_every_n_epochs <= 0
+        return (not self.rewrites_tags and self.dropout_rate <= 0 and self.dropout_every_n_epochs <= 0
+                and not self.prefix and not self.suffix)
 
 
 def is_caption_dropped(config: CaptionConfig, epoch: int, rng: random.Random) -> bool:
@@ -68,6 +73,10 @@ def shuffle_tags(caption: str, config: CaptionConfig, rng: random.Random) -> str
 
 def process_caption(caption: str, config: CaptionConfig, epoch: int, rng: random.Random) -> str:
     """The caption a sample trains with in this epoch."""
+    if config.prefix:
+        caption = config.prefix + " " + caption
+    if config.suffix:
+        caption = caption + " " + config.suffix
     if is_caption_dropped(config, epoch, rng):
         return ""
     if config.rewrites_tags:

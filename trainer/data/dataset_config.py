@@ -118,11 +118,11 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 SUBSET_DEFAULTS = {
     "num_repeats": "int", "shuffle_caption": "bool", "keep_tokens": "int", "flip_aug": "bool", "color_aug": "bool",
     "random_crop": "bool", "caption_extension": "str", "class_tokens": "str", "caption_dropout_rate": "number",
-    "caption_dropout_every_n_epochs": "int", "caption_tag_dropout_rate": "number",
+    "caption_dropout_every_n_epochs": "int", "caption_tag_dropout_rate": "number", "caption_prefix": "str",
+    "caption_suffix": "str",
     # sd-scripts knows these; Nekoya does not apply them (a warning names each one set)
     "keep_tokens_separator": "str", "secondary_separator": "str", "enable_wildcard": "bool",
-    "face_crop_aug_range": "pair", "token_warmup_min": "int", "token_warmup_step": "number",
-    "caption_prefix": "str", "caption_suffix": "str", "cache_info": "bool",
+    "face_crop_aug_range": "pair", "token_warmup_min": "int", "token_warmup_step": "number", "cache_info": "bool",
 }
 SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool"}
 DATASET_KEYS = {
@@ -132,7 +132,7 @@ DATASET_KEYS = {
 # known to sd-scripts, not applied here, with the value at which that loses nothing
 NOT_APPLIED = {
     "keep_tokens_separator": "", "secondary_separator": "", "enable_wildcard": False, "face_crop_aug_range": None,
-    "token_warmup_min": 1, "token_warmup_step": 0, "caption_prefix": "", "caption_suffix": "", "cache_info": False,
+    "token_warmup_min": 1, "token_warmup_step": 0, "cache_info": False,
     "network_multiplier": 1.0,
 }
 REFUSED_STYLES = {
@@ -159,7 +159,7 @@ _DEFAULTS = {
     "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "bucket_no_upscale": False,
     "shuffle_caption": False, "keep_tokens": 0, "flip_aug": False, "color_aug": False, "random_crop": False,
     "caption_extension": ".caption", "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0,
+    "caption_tag_dropout_rate": 0.0, "caption_prefix": None, "caption_suffix": None,
 }
 
 
@@ -349,6 +349,7 @@ def _subset(where: _Where, table: str, d: int, s: int, chain: list[dict], settin
         dropout_rate=float(value("caption_dropout_rate")),
         dropout_every_n_epochs=value("caption_dropout_every_n_epochs"),
         tag_dropout_rate=float(value("caption_tag_dropout_rate")),
+        prefix=value("caption_prefix") or "", suffix=value("caption_suffix") or "",
     )
     return SubsetSpec(
         table=table, dataset_index=d, index=s, image_dir=image_dir, num_repeats=repeats,
