@@ -100,8 +100,8 @@ def test_resolution_falls_back_to_max_resolution(root):
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "datasets[0].subsets[0]", "image_dir", "is missing"),
     ("[[datasets]]\n[[datasets.subsets]]\nmetadata_file = 'meta.json'\n", "datasets[0].subsets[0]", "metadata_file",
      "fine-tuning style subset"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nnum_repeats = 0\n", "datasets[0].subsets[0]", "num_repeats",
-     "at least 1"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nkeep_tokens = -1\n", "datasets[0].subsets[0]", "keep_tokens",
+     "must be 0 or more"),
     ("[general]\nresolution = 512\n", "datasets", None, "no [[datasets]]"),
     ("[[datasets]]\nresolution = 512\n", "datasets[0]", "subsets", "no [[datasets.subsets]]"),
 ])
@@ -119,6 +119,24 @@ def test_a_metadata_file_subset_is_refused_with_what_to_do(root):
     with pytest.raises(DatasetConfigError) as caught:
         load_dataset_config(_settings(path))
     assert "metadata_file" in str(caught.value) and "DreamBooth-style" in caught.value.fix
+
+
+def test_subsets_sd_scripts_ignores_are_left_out_with_a_warning(root):
+    text = TWO_DATASETS.replace('num_repeats = 2', 'num_repeats = 2\n\n  [[datasets.subsets]]\n  image_dir = "{root}/b/y"'
+                                                   '\n\n  [[datasets.subsets]]\n  image_dir = "{root}/a/x"\n'
+                                                   '  num_repeats = 0')
+    path = _toml(root, text, "ignored.toml")
+    toml = load_dataset_config(_settings(path))
+    assert [s.table for s in toml.datasets[1].subsets] == ["datasets[1].subsets[0]"]
+    assert toml.ignored == (
+        f"dataset_config {path}: [datasets[1].subsets[1]] is ignored: [datasets[1].subsets[0]] already has image_dir "
+        f"{root / 'b' / 'y'} (sd-scripts uses the first one too)",
+        f"dataset_config {path}: [datasets[1].subsets[2]] is ignored: num_repeats is 0, less than 1 (as sd-scripts "
+        "ignores it)")
+    plan = plan_steps(_settings(path))
+    assert plan.ok and plan.total_steps == 16 and set(toml.ignored) <= set(plan.warnings)
+    report = check(_settings(path), deep=False)
+    assert {p.message for p in report.warnings if p.field == "dataset_config"} >= set(toml.ignored)
 
 
 def test_unreadable_and_missing_files(root):

@@ -80,6 +80,7 @@ class DatasetToml:
     path: Path
     datasets: tuple[DatasetSpec, ...]
     not_applied: tuple[str, ...] = ()  # keys sd-scripts knows that Nekoya does not apply, with where they are set
+    ignored: tuple[str, ...] = ()  # subsets left out as sd-scripts leaves them out (num_repeats < 1, a repeated folder)
 
     @property
     def subsets(self) -> list[SubsetSpec]:
@@ -246,6 +247,7 @@ def _resolve(raw: dict, file: Path, settings: Any) -> DatasetToml:
                                             "[[datasets.subsets]] with an image_dir",
                           fix="add [[datasets]] and [[datasets.subsets]] tables")
     not_applied: list[str] = []
+    ignored: list[str] = []
     datasets = []
     for d, dataset_raw in enumerate(datasets_raw):
         table = f"datasets[{d}]"
@@ -270,7 +272,17 @@ def _resolve(raw: dict, file: Path, settings: Any) -> DatasetToml:
             if "image_dir" not in subset_values:
                 raise where.error(sub_table, "image_dir", "is missing: a DreamBooth-style subset needs the folder of "
                                                           "its images", fix="add image_dir = \"path/to/images\"")
-            subsets.append(_subset(where, sub_table, d, s, [subset_values, *chain], settings, resolution, batch_size))
+            subset = _subset(where, sub_table, d, s, [subset_values, *chain], settings, resolution, batch_size)
+            if subset.num_repeats < 1:  # sd-scripts ignores the subset and says so
+                ignored.append(f"dataset_config {file}: [{sub_table}] is ignored: num_repeats is {subset.num_repeats}, "
+                               "less than 1 (as sd-scripts ignores it)")
+                continue
+            first = next((kept for kept in subsets if kept.image_dir == subset.image_dir), None)
+            if first is not None:  # sd-scripts keeps the first subset of a folder in a dataset
+                ignored.append(f"dataset_config {file}: [{sub_table}] is ignored: [{first.table}] already has "
+                               f"image_dir {subset.image_dir} (sd-scripts uses the first one too)")
+                continue
+            subsets.append(subset)
         for key, off in NOT_APPLIED.items():
             for values, name in ((dataset_values, table), *((sv, f"{table}.subsets[{i}]") for i, sv in enumerate(subsets_raw))):
                 if key in values and values[key] != off and values[key] not in ("", None):
@@ -279,7 +291,7 @@ def _resolve(raw: dict, file: Path, settings: Any) -> DatasetToml:
     for key, off in NOT_APPLIED.items():
         if key in general and general[key] != off and general[key] not in ("", None):
             not_applied.insert(0, f"[general] {key} = {json.dumps(general[key])}")
-    return DatasetToml(file, tuple(datasets), tuple(not_applied))
+    return DatasetToml(file, tuple(datasets), tuple(not_applied), tuple(ignored))
 
 
 def _lookup(chain: list[dict], settings: Any) -> Callable[[str], Any]:
@@ -332,8 +344,6 @@ def _subset(where: _Where, table: str, d: int, s: int, chain: list[dict], settin
             batch_size: int) -> SubsetSpec:
     value = _lookup(chain, settings)
     repeats = value("num_repeats")
-    if repeats < 1:
-        raise where.error(table, "num_repeats", f"must be at least 1, not {repeats}")
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0 <= value(key) <= 1:
             raise where.error(table, key, f"must be between 0 and 1, not {value(key)}")

@@ -417,6 +417,7 @@ def plan_from_dataset_config(toml: DatasetToml, train: ScanResult, reg: ScanResu
     errors = [problem for scan in scans for problem in scan.problems]
     warnings = [warning for scan in scans for warning in scan.warnings]
     skipped = [skip for scan in scans for skip in scan.skipped]
+    warnings.extend(toml.ignored)
     if toml.not_applied:
         warnings.append(not_applied_warning(toml))
     concepts = train.concepts + (reg.concepts if reg is not None else ())

@@ -131,6 +131,8 @@ def _dataset_config_problems(ctx: CheckContext):
         for problem in ctx.train_scan.problems:
             yield Problem("error", DATASET_CONFIG, problem, fix="add a [[datasets.subsets]] with training images "
                           "(is_reg = false)", file=str(toml.path))
+    for ignored in toml.ignored:
+        yield Problem("warning", DATASET_CONFIG, ignored, fix="remove that subset, or correct it", file=str(toml.path))
     if toml.not_applied:
         yield Problem("warning", DATASET_CONFIG, not_applied_warning(toml),
                       fix="remove those keys to silence this warning", file=str(toml.path))
