@@ -2,7 +2,11 @@
 # Create ./.venv and install Nekoya into it. Idempotent: a later run with an
 # unchanged pyproject.toml returns at once. Used by gui.sh and test.sh.
 #   ./setup.sh          runtime
-#   ./setup.sh --test   runtime + test tools (pytest, playwright) + optional optimizers
+#   ./setup.sh --test   runtime + test tools (pytest, playwright) + optional optimizers; the test extra
+#                       also holds the logging extra's wandb, so the W&B tests run
+# Weights & Biases logging (log_with = wandb) is the optional `logging` extra, left out of the runtime
+# install (wandb brings its own service binaries and pins of its own): add it with
+#   .venv/bin/python -m pip install -e '.[optimizers,logging]'
 # The test install holds the runtime one, so gui.sh after test.sh installs nothing, and
 # test.sh after gui.sh adds only the test tools.
 set -euo pipefail

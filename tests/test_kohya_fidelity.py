@@ -110,8 +110,10 @@ CHANGES_NO_SD_RUN = {
     "huggingface_path_in_repo": "an upload detail; huggingface_repo_id warns",
     "save_state_to_huggingface": "an upload detail; huggingface_repo_id warns",
     "async_upload": "an upload detail; huggingface_repo_id warns",
-    "wandb_api_key": "a wandb detail; log_with warns",
-    "wandb_run_name": "a wandb detail; log_with warns",
+    "wandb_api_key": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
+    "wandb_run_name": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
+    "log_tracker_name": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
+    "log_tracker_config": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
     "persistent_data_loader_workers": "Nekoya's data workers are threads: no processes to keep",
 }
 
@@ -214,9 +216,9 @@ EXPECTED = {
     "SDXL - 1 image LoRA v1.0": {},
     "SDXL - LoRA adafactor v1.0": {},
     "SDXL - LoRA finetuning phase 2_v1.1": {},
-    "SDXL - LoRA kudou-reira dadaptadam v1.0": {"log_with": "wandb"},
-    "SDXL - LoRA kudou-reira dadaptadam v1.1": {"log_with": "wandb"},
-    "SDXL - LoRA kudou-reira prodigy v4.0": {"log_with": "wandb"},
+    "SDXL - LoRA kudou-reira dadaptadam v1.0": {},  # log_with wandb applies (an offline W&B run)
+    "SDXL - LoRA kudou-reira dadaptadam v1.1": {},  # log_with wandb applies (an offline W&B run)
+    "SDXL - LoRA kudou-reira prodigy v4.0": {},  # log_with wandb applies (an offline W&B run)
     "SDXL - edgLoRAXL AI_Now": {},
     "SDXL - edgLoRAXL": {},
     "sd15 - EDG_LoConOptiSettings": {"mem_eff_attn": "true"},

@@ -1,20 +1,27 @@
-"""TensorBoard logs of a run (when ``logging_dir`` is set), with sd-scripts' tag names.
+"""A run's logs: TensorBoard (with sd-scripts' tag names) and Weights & Biases, as ``log_with`` says.
 
 Tags: ``loss/current`` and ``loss/average`` per step, ``loss/epoch`` per epoch,
 ``lr/<group>`` per step (``lr/unet``, ``lr/textencoder``). Each run writes to its own
 ``<logging_dir>/<output_name><YYYYmmddHHMMSS>`` folder, as sd-scripts' log prefix.
+
+``log_with`` as sd-scripts reads it: "" or "tensorboard" writes TensorBoard logs when a Logging folder is
+set; "wandb" writes a W&B run only (``trainer.wandb_log``, offline unless asked); "all" both. ``open_log``
+returns one object with ``step``/``epoch``/``close`` that fans out to each (``RunLoggers``).
 """
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
+
+TRACKERS = ("tensorboard", "wandb")
 
 
 class TensorBoardLog:
-    def __init__(self, logging_dir: str, output_name: str) -> None:
+    def __init__(self, logging_dir: str, output_name: str, folder: str | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.folder = os.path.join(logging_dir, output_name + time.strftime("%Y%m%d%H%M%S"))
+        self.folder = folder or run_folder(logging_dir, output_name)
         self.writer = SummaryWriter(self.folder)
 
     def step(self, step: int, loss: float, avg_loss: float, lrs: dict[str, float]) -> None:
@@ -46,5 +53,62 @@ class NoLog:
         pass
 
 
-def open_log(logging_dir: str, output_name: str):
-    return TensorBoardLog(logging_dir, output_name) if logging_dir else NoLog()
+class RunLoggers:
+    """Every log of a run behind one ``step``/``epoch``/``close``; ``folder`` is the first one's."""
+
+    def __init__(self, loggers: list) -> None:
+        self.loggers = loggers
+        self.folder = next((log.folder for log in loggers), None)
+
+    def step(self, step: int, loss: float, avg_loss: float, lrs: dict[str, float]) -> None:
+        for log in self.loggers:
+            log.step(step, loss, avg_loss, lrs)
+
+    def epoch(self, epoch: int, avg_loss: float) -> None:
+        for log in self.loggers:
+            log.epoch(epoch, avg_loss)
+
+    def close(self) -> None:
+        """Closes every log, also when one fails to (the first failure is raised after)."""
+        failure = None
+        for log in self.loggers:
+            try:
+                log.close()
+            except Exception as exc:  # noqa: BLE001  (the others still flush their files)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+
+def run_folder(base: str, output_name: str, started: float | None = None) -> str:
+    return os.path.join(base, output_name + time.strftime("%Y%m%d%H%M%S", time.localtime(started)))
+
+
+def trackers(log_with: str, logging_dir: str) -> tuple[str, ...]:
+    """The logs a run writes: ("tensorboard",), ("wandb",), both, or none."""
+    choice = (log_with or "").strip().lower()
+    tensorboard = bool(logging_dir) and choice in ("", "tensorboard", "all")
+    wandb = choice in ("wandb", "all")
+    return tuple(name for name, on in zip(TRACKERS, (tensorboard, wandb)) if on)
+
+
+def open_log(logging_dir: str, output_name: str, settings: Any = None):
+    """The run's logs. Without ``settings`` (an older caller): TensorBoard whenever ``logging_dir`` is set."""
+    if settings is None:
+        return TensorBoardLog(logging_dir, output_name) if logging_dir else NoLog()
+    names = trackers(getattr(settings, "log_with", ""), settings.logging_dir)
+    if not names:
+        return NoLog()
+    from trainer.wandb_log import WandbLog, log_base
+
+    folder = run_folder(log_base(settings) if "wandb" in names else settings.logging_dir, settings.output_name)
+    loggers: list = []
+    try:
+        if "tensorboard" in names:
+            loggers.append(TensorBoardLog(settings.logging_dir, settings.output_name, folder))
+        if "wandb" in names:
+            loggers.append(WandbLog(settings, folder))
+    except BaseException:
+        RunLoggers(loggers).close()
+        raise
+    return loggers[0] if len(loggers) == 1 else RunLoggers(loggers)

@@ -116,7 +116,9 @@ ROWS: tuple[KohyaKey, ...] = (
     *_none("the Hugging Face upload's detail, which huggingface_repo_id's warning covers",
            "huggingface_token", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
            "save_state_to_huggingface", "async_upload"),
-    *_none("used only by the wandb tracker, which log_with's warning covers", "wandb_api_key", "wandb_run_name"),
+    # log_with is a setting; these W&B keys are read from the config by trainer.wandb_log (no form field yet)
+    *_none("a W&B logging key (log_with = wandb or all) that the W&B log applies; logging changes no trained LoRA",
+           "log_tracker_name", "log_tracker_config", "wandb_api_key", "wandb_run_name"),
     *_none("used only by runs of several processes, which num_processes and multi_gpu warn about",
            "main_process_port"),
     *_none("kohya_ss no longer passes it to sd-scripts", "lowvram"),
