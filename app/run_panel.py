@@ -60,13 +60,14 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
         with gr.Row(equal_height=True):
             start = gr.Button("Start training", variant="primary", elem_id="start_training", scale=3, interactive=not snap.active)
             stop = gr.Button("Stop training", variant="stop", elem_id="stop_training", scale=2)
-            pause = gr.Button("Pause", elem_id="pause_training", scale=1, interactive=_can_pause(snap))
-            resume = gr.Button("Resume", elem_id="resume_training", scale=1, interactive=_can_resume(snap))
+        with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
+            pause = gr.Button("Pause", size="sm", elem_id="pause_training", interactive=_can_pause(snap))
+            pause_free = gr.Button("Pause and free GPU memory", size="sm", elem_id="pause_free_memory",
+                                   interactive=_can_pause(snap) or _can_resume(snap))
+            resume = gr.Button("Resume", size="sm", elem_id="resume_training", interactive=_can_resume(snap))
         with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
             save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
             sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
-            pause_free = gr.Button("Pause and free GPU memory", size="sm", elem_id="pause_free_memory",
-                                   interactive=_can_pause(snap) or _can_resume(snap))
         extra = below_buttons()
         message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
         with gr.Row(visible=_kept_waiting(snap), elem_id="nk-save-kept", equal_height=True) as save_kept_row:

@@ -347,6 +347,8 @@ def test_pause_resume_and_train_more(page, tiny_sd1_dir, image_folder, tmp_path)
     expect(page.locator("#nk-train-more")).to_be_visible()
     page.locator("#train_more_amount input").fill("2")
     page.get_by_label("steps", exact=True).check()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#nk-run-column").screenshot(path=str(ARTIFACTS / "gui_train_more.png"))
     page.click("#train_more")
     expect(page.locator("#run_message")).to_contain_text("fresh optimizer")  # the stopped run saved no state
     wait_for_status(page, "finished")
