@@ -49,7 +49,8 @@ def test_every_optimizer_takes_a_step(name):
     if name in ADAPTIVE:  # one lr for all groups, or the optimizer refuses to step
         assert len({g["lr"] for g in optimizer.param_groups}) == 1 and plan.notes
     sched_plan = plan_scheduler(s, total_steps=10, override=plan.scheduler_override)
-    take_steps(optimizer, create_scheduler(sched_plan, optimizer), params)
+    # RAdam leaves the weights alone while its variance estimate is not yet usable (about 5 steps)
+    take_steps(optimizer, create_scheduler(sched_plan, optimizer), params, n=8 if "radam" in name else 4)
     assert all(not torch.equal(b, p) for b, p in zip(before, params)), f"{name} did not change the parameters"
     assert plan.description().endswith(plan.cls.__name__ + (f"({','.join(f'{k}={v}' for k, v in plan.kwargs.items())})" if plan.kwargs else ""))
 
@@ -226,3 +227,51 @@ def test_clip_grad_norm_gives_torchs_gradients(max_norm):
     assert ours[-1].grad is None
     total = torch.linalg.vector_norm(torch.stack([a.grad.norm() for a in ours[:-1]]))
     assert total.item() == pytest.approx(min(max_norm, total.item()), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, kind in OPTIMIZERS.items() if kind.schedule_free))
+def test_schedule_free_optimizers_run_constant_and_switch_to_their_averaged_weights_for_saving(name):
+    """sd-scripts gives Schedule-Free optimizers a constant (dummy) scheduler and calls eval() before sampling and
+    saving, train() after: the saved weights are the averaged ones, training goes on from its own."""
+    import contextlib
+
+    from trainer.network import LoRANetwork, LoraTarget, NetworkSpec, Role
+    from trainer.optim.rules import effective_scheduler
+    from trainer.run_setup import schedule_free_eval
+
+    assert effective_scheduler(name, {}, "cosine") == "constant"
+
+    class Transformer2DModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = torch.nn.Linear(8, 8)
+
+    root = torch.nn.Module()
+    root.block = Transformer2DModel()
+    network = LoRANetwork.build([LoraTarget("lora_unet", root, ("Transformer2DModel",), Role.UNET)],
+                                NetworkSpec(rank=2, alpha=2))
+    s = settings(optimizer=name, learning_rate=1.0 if OPTIMIZERS[name].adaptive_lr else 1e-2)
+    optimizer = plan_optimizer(s, "cpu").create(network.param_groups({Role.UNET: s.learning_rate}))
+    params = list(network.parameters())
+    take_steps(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), params, n=8)
+    training = network.lora_state_dict(copy=True)
+    network.eval_weights = lambda: schedule_free_eval(optimizer)
+    saved = network.lora_state_dict()
+    assert any(not torch.equal(saved[k], training[k]) for k in saved)  # the averaged sequence
+    network.eval_weights = contextlib.nullcontext
+    back = network.lora_state_dict(copy=True)  # train()'s weights again (the swap is a lerp: up to rounding)
+    assert all(torch.allclose(back[k], training[k], atol=1e-6) for k in training)
+
+
+@pytest.mark.slow
+def test_a_schedule_free_run_trains_and_saves_its_averaged_weights(tiny_sd1_dir, tmp_path):
+    from test_train import tiny_settings
+    from trainer.devtools.synthetic import make_image_folder
+    from trainer.loop import train
+
+    images = make_image_folder(tmp_path / "img", {"1_sks dog": 2}, sizes=[(64, 64)], seed=3)
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path / "out", optimizer="AdamWScheduleFree",
+                             lr_scheduler="cosine", max_train_steps=3, save_every_n_steps=2)
+    result = train(settings)
+    assert result.status == "finished", result.error
+    assert len(result.files) == 2  # the step-2 save and the final one, both in eval (averaged) weights

@@ -2,6 +2,8 @@
 network, the optimizer and the inputs. Each function takes what it needs and returns what it made."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import random
 from dataclasses import replace
@@ -22,6 +24,7 @@ from trainer.preflight import check
 from trainer.run_errors import TrainingError
 from trainer.run_plan import RunPlan
 from trainer.state import network_generator, restore_rng
+from trainer.optim.table import optimizer_facts
 from trainer.sd_scripts_state import (SD_SCRIPTS_MARK, apply_sd_scripts_optimizer, is_sd_scripts_state,
                                       load_sd_scripts_state)
 from trainer.state_folder import load_state, recover_interrupted_saves
@@ -51,6 +54,16 @@ def tell_plan(plan: RunPlan, log: Log) -> None:
     for note in plan.notes:
         log(note, "warning")
     log(plan.settings_applied)
+
+
+@contextlib.contextmanager
+def schedule_free_eval(optimizer):
+    """A Schedule-Free optimizer's averaged weights in place while saving or sampling, then training's again."""
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
 
 
 def load_resume(resume: str, steps_plan: Any = None) -> Any:
@@ -137,6 +150,8 @@ def build_stepper(plan: RunPlan, network: Any, lrs: dict[Role, float], precision
                                                       plan.network.plus_parameters))
     for note in opt_plan.notes[shown:]:  # notes added while creating (one lr for all groups)
         log(note, "warning")
+    if optimizer_facts(s.optimizer).schedule_free:  # its eval() weights for samples and files
+        network.eval_weights = lambda: schedule_free_eval(optimizer)
     return OptimizerStepper(optimizer, create_scheduler(plan.scheduler, optimizer), network.parameters(),
                             s.gradient_accumulation_steps, s.max_grad_norm, precision.make_scaler())
 

@@ -9,6 +9,8 @@ A failed sample is a warning, never the end of the run.
 """
 from __future__ import annotations
 
+import contextlib
+
 import random
 import time
 from dataclasses import replace
@@ -76,7 +78,8 @@ class TrainingSamples:
         self._log(f"generating {len(self.prompts)} sample image(s) at step {step}")
         written = []
         try:
-            with training_state_kept(self._eval_roots(), self._needed(), self.device):
+            eval_weights = getattr(self.network, "eval_weights", contextlib.nullcontext)
+            with training_state_kept(self._eval_roots(), self._needed(), self.device), eval_weights():
                 for prompt in self.prompts:
                     written.append(self._one(prompt, step, epoch, name_epoch))
         except Exception as exc:  # samples are a by-product: training goes on without them

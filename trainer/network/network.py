@@ -6,6 +6,7 @@ and ``.alpha``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -35,6 +36,8 @@ class LoRANetwork(nn.Module):
             self.add_module(layer.lora_name, module)
             self.roles[layer.lora_name] = layer.role
         self.dropout_draws: DropoutDraws | None = None
+        # the weights to save and sample with: a Schedule-Free optimizer swaps its averaged ones in meanwhile
+        self.eval_weights = contextlib.nullcontext
         self._batch_size = [1]  # one list shared by every module (see LoRAModule.batch_size_ref)
         for module in self.lora_modules():
             module.batch_size_ref = self._batch_size
@@ -166,10 +169,12 @@ class LoRANetwork(nn.Module):
     def lora_state_dict(self, dtype: torch.dtype | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
         """The tensors of the LoRA file: kohya keys, contiguous CPU tensors, alpha included. Without ``copy`` a
         CPU network's tensors of the same dtype are its live weights; with it, always a copy (one, not two)."""
-        return {
-            key: value.detach().to("cpu", dtype=dtype or value.dtype, copy=copy).contiguous()
-            for key, value in self.state_dict().items()
-        }
+        swapped = self.eval_weights is not contextlib.nullcontext  # shared tensors would change back after
+        with self.eval_weights():
+            return {
+                key: value.detach().to("cpu", dtype=dtype or value.dtype, copy=copy or swapped).contiguous()
+                for key, value in self.state_dict().items()
+            }
 
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """Load kohya-keyed tensors; returns (missing, unexpected) keys. Ranks must match."""

@@ -47,6 +47,8 @@ class OptimizerPlan:
         skip_compile_guards(self.cls)
         optimizer = self.cls(groups, lr=self.lr, **self.kwargs)
         eager_step(optimizer)
+        if self.kind is not None and self.kind.schedule_free:  # it steps only in train mode
+            optimizer.train()
         return optimizer
 
     def _equalize_lrs(self, groups: list[dict]) -> None:

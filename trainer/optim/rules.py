@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .table import OPTIMIZERS, optimizer_kind
+from .table import OPTIMIZERS, is_schedule_free, optimizer_kind
 
 HALF = ("fp16", "bf16")
 
@@ -30,7 +30,10 @@ def adafactor_relative_step(kwargs: dict[str, Any]) -> bool:
 
 def effective_scheduler(optimizer: str | None, kwargs: dict[str, Any], lr_scheduler: str) -> str:
     """The schedule that runs: Adafactor with relative_step runs its own ("adafactor"); the adafactor
-    schedule without relative_step cannot run (it crashes in sd-scripts), so "constant" runs."""
+    schedule without relative_step cannot run (it crashes in sd-scripts), so "constant" runs. A Schedule-Free
+    optimizer schedules itself: sd-scripts gives it a constant (dummy) scheduler."""
+    if is_schedule_free(optimizer):
+        return "constant"
     if is_adafactor(optimizer):
         if adafactor_relative_step(kwargs):
             return "adafactor"

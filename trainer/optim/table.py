@@ -22,6 +22,7 @@ _SGD = (1e-5, 1.0)
 _ADAPTIVE = (0.1, 10.0)
 _BNB = "bitsandbytes"
 _NESTEROV = {"nesterov": True, "momentum": 0.9}
+_SF = "schedulefree"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class OptimizerKind:
     defaults: dict[str, Any] = field(default_factory=dict)
     package: str = ""  # pip name, for the "not installed" message
     listed: bool = True  # offered in the dropdown (kohya_ss does not list PagedAdamW; it is accepted typed in)
+    # Schedule-Free: the optimizer keeps two weight sequences and must be switched to eval() for sampling and
+    # saving, then back to train() (sd-scripts' optimizer_eval_fn / optimizer_train_fn); it schedules itself
+    schedule_free: bool = False
 
     @property
     def adaptive_lr(self) -> bool:
@@ -75,6 +79,15 @@ _KINDS = (
     _adaptive("DAdaptAdamPreprint", "dadaptation.experimental.DAdaptAdamPreprint", 12),
     _adaptive("DAdaptLion", "dadaptation.DAdaptLion", 8),
     _adaptive("DAdaptSGD", "dadaptation.DAdaptSGD", 8),
+    # kohya_ss's newer entries (installed by setup.sh as the optimizers extra)
+    _kind("AdamWScheduleFree", "schedulefree.AdamWScheduleFree", "adam", 8, _ADAM, _SF, schedule_free=True),
+    _kind("RAdamScheduleFree", "schedulefree.RAdamScheduleFree", "adam", 8, _ADAM, _SF, schedule_free=True),
+    _kind("SGDScheduleFree", "schedulefree.SGDScheduleFree", "sgd", 4, _SGD, _SF, schedule_free=True),
+    _kind("prodigyplus.ProdigyPlusScheduleFree", "prodigyplus.ProdigyPlusScheduleFree", "adaptive", 12, _ADAPTIVE,
+          "prodigy-plus-schedule-free", schedule_free=True),
+    _kind("pytorch_optimizer.CAME", "pytorch_optimizer.CAME", "adam", 4, _ADAM, "pytorch_optimizer"),
+    _kind("bitsandbytes.optim.AdEMAMix8bit", "bitsandbytes.optim.AdEMAMix8bit", "adam", 3, _ADAM, _BNB),
+    _kind("bitsandbytes.optim.PagedAdEMAMix8bit", "bitsandbytes.optim.PagedAdEMAMix8bit", "adam", 3, _ADAM, _BNB),
 )
 # By lowercase name: sd-scripts matches optimizer names case-insensitively.
 OPTIMIZERS: dict[str, OptimizerKind] = {kind.name.lower(): kind for kind in _KINDS}
@@ -95,3 +108,7 @@ def optimizer_facts(name: str | None) -> OptimizerKind:
 
 def is_adaptive(name: str | None) -> bool:
     return optimizer_facts(name).adaptive_lr
+
+
+def is_schedule_free(name: str | None) -> bool:
+    return optimizer_facts(name).schedule_free

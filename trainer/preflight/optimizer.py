@@ -183,6 +183,11 @@ def check_scheduler(ctx: CheckContext):
         yield Problem("note", "lr_scheduler", "the 'adafactor' scheduler needs Adafactor's relative_step=True; "
                       "'constant' is used instead", fix="choose constant_with_warmup (recommended for Adafactor)",
                       changes=(("lr_scheduler", "constant"),))
+    if optimizer_facts(s.optimizer).schedule_free and s.lr_scheduler != "constant":
+        yield Problem("note", "lr_scheduler", f"{_optimizer_name(s)} schedules its own learning rate, so "
+                      f"'{s.lr_scheduler}' is not used: the scheduler is constant (as sd-scripts runs it)",
+                      fix="for a warmup, add warmup_steps=N to Optimizer extra arguments",
+                      changes=(("lr_scheduler", "constant"),))
     takes_warmup = SCHEDULERS.get(scheduler, (True, ()))[0] or bool(s.lr_scheduler_type)
     if _zero_warmup(s) and not takes_warmup:
         yield Problem("note", _warmup_field(s), _no_warmup_reason(s, scheduler) + ", so LR warmup is set to 0",
@@ -203,6 +208,8 @@ def check_scheduler(ctx: CheckContext):
 
 
 def _no_warmup_reason(settings, scheduler: str) -> str:
+    if optimizer_facts(settings.optimizer).schedule_free:
+        return f"{_optimizer_name(settings)} warms up through its own warmup_steps argument, not LR warmup"
     if scheduler == "adafactor" and is_adafactor(settings):
         return "Adafactor with relative_step=True sets its own step size (and warmup)"
     if scheduler == "constant":
