@@ -25,6 +25,7 @@ from .binding import SettingsForm
 from .form import settings_from_form
 from .presets_panel import status_html
 from .tab_common import USER_ERRORS, report_html, status_box, text
+from .tensorboard_panel import TensorBoardPanel, build_tensorboard_panel, wire_tensorboard
 
 # Auto names that are taken (a second press within the same second) get -2, -3...
 MAX_NAME_TRIES = 100
@@ -35,6 +36,7 @@ class TrainCommandPanel:
     button: gr.Button
     target: gr.Textbox
     result: gr.HTML
+    tensorboard: TensorBoardPanel  # Start/Stop TensorBoard on the Logging folder, below it
 
 
 def build_train_command_panel() -> TrainCommandPanel:
@@ -42,7 +44,8 @@ def build_train_command_panel() -> TrainCommandPanel:
         button = gr.Button("Print training command", size="sm", elem_id="print_command", scale=1, min_width=180)
         target = gr.Textbox(show_label=False, elem_id="print_command_file", scale=3, max_lines=1, container=False,
                             placeholder="config file to write (empty: <Output folder>/<name>_<time>.json)")
-    return TrainCommandPanel(button, target, status_box("print_command_result"))
+    result = status_box("print_command_result")
+    return TrainCommandPanel(button, target, result, build_tensorboard_panel())
 
 
 def wire_train_command(panel: TrainCommandPanel, form: SettingsForm) -> None:
@@ -54,6 +57,7 @@ def wire_train_command(panel: TrainCommandPanel, form: SettingsForm) -> None:
         return result_html(result)
 
     panel.button.click(handler, inputs=form.inputs(panel.target), outputs=panel.result, show_progress="hidden")
+    wire_tensorboard(panel.tensorboard, form.components["logging_dir"])
 
 
 @dataclass(frozen=True)
