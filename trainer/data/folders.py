@@ -235,7 +235,7 @@ def scan_dataset_config(config: "DatasetToml") -> tuple[ScanResult, ScanResult |
                             + ("" if subsets else " (every subset has is_reg = true)"))
         results.append(ScanResult(config.path, is_reg, tuple(concepts), tuple(skipped), tuple(problems), tuple(warnings)))
     train, reg = results
-    return train, (reg if any(s.is_reg for s in config.subsets) else None)
+    return train, (reg if any(subset.is_reg for subset in config.subsets) else None)
 
 
 def scan_settings_dataset_config(settings: Any) -> tuple[ScanResult, ScanResult | None]:

@@ -47,6 +47,12 @@ class FolderSettings(BaseModel):
         "", label="Regularisation folder", tab=FOLDERS, widget="folder",
         help="Optional. Parent of <repeats>_<class> folders with regularisation images.",
     )
+    dataset_config: str = setting(
+        "", label="Dataset config file", tab=FOLDERS, widget="file",
+        help="Optional. sd-scripts' dataset config (.toml): datasets and subsets, each with its folder, repeats, "
+             "resolution, batch size, captions and augmentations. When set, Image folder and Regularisation "
+             "folder are not used.",
+    )
     output_dir: str = setting(
         "", label="Output folder", tab=FOLDERS, widget="folder",
         help="Where the trained LoRA files (and samples, state) are written.",
