@@ -26,7 +26,7 @@ def _settings(**values):
 
 
 def _problems(settings, field, severity=None, deep=True):
-    report = check(settings, deep=deep, checks=["logging.wandb", "logging.tensorboard"])
+    report = check(settings, deep=deep, checks=["output.wandb_log", "output.tensorboard_log"])
     return [p for p in report.problems if p.field == field and severity in (None, p.severity)]
 
 

@@ -12,7 +12,7 @@ from trainer.wandb_log import (INSTALL_COMMAND, TrackerConfigError, WandbPlan, l
                                tracker_value, unknown_init_keys, uses_wandb, wandb_installed)
 
 
-@preflight_check("logging.tensorboard")
+@preflight_check("output.tensorboard_log")
 def check_tensorboard(ctx: CheckContext):
     s = ctx.settings
     if s.log_with in ("tensorboard", "all") and not s.logging_dir:
@@ -20,7 +20,7 @@ def check_tensorboard(ctx: CheckContext):
                       "Logging folder", fix="set the Logging folder (Folders tab)")
 
 
-@preflight_check("logging.wandb")
+@preflight_check("output.wandb_log")
 def check_wandb(ctx: CheckContext):
     s = ctx.settings
     config_path = tracker_value(s, "log_tracker_config")
