@@ -231,8 +231,6 @@ EXPECTED = {
     "LoKR-AdamW8bit-toml": {},
     "locon-AdamW8bit-toml": {},
     "locon-AdamW8bit-masked_loss-toml": {"masked_loss": "true"},
-    "locon-Adafactor": {"ip_noise_gamma_random_strength": "true, with ip_noise_gamma 0.1"},
-    "locon-AdamW8bit": {"ip_noise_gamma_random_strength": "true, with ip_noise_gamma 0.1"},
     "loha-Prodigy": {},
     "t5clrs": {},  # its --optimizer_args apply, and bucket_reso_steps 256, which sd-scripts takes
 }

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.problems import NekoyaError
 from trainer.state_folder import STATE_FILE, Position
 
 _SUFFIXES = re.compile(r"(-\d{6}|-step\d{8})?(-state)?$")
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
 
-class ExtendError(ValueError):
+class ExtendError(NekoyaError, ValueError):
     """The run cannot be extended as asked (the message says why and what to do)."""
 
 
