@@ -80,8 +80,8 @@ class RunLoggers:
             raise failure
 
 
-def run_folder(base: str, output_name: str, started: float | None = None) -> str:
-    return os.path.join(base, output_name + time.strftime("%Y%m%d%H%M%S", time.localtime(started)))
+def run_folder(base: str, output_name: str) -> str:
+    return os.path.join(base, output_name + time.strftime("%Y%m%d%H%M%S"))
 
 
 def trackers(log_with: str, logging_dir: str) -> tuple[str, ...]:
@@ -93,7 +93,8 @@ def trackers(log_with: str, logging_dir: str) -> tuple[str, ...]:
 
 
 def open_log(logging_dir: str, output_name: str, settings: Any = None):
-    """The run's logs. Without ``settings`` (an older caller): TensorBoard whenever ``logging_dir`` is set."""
+    """The run's logs, in ``<logging_dir>/<output_name><time>`` (``output_name``: the log prefix or the output name).
+    Without ``settings`` (an older caller): TensorBoard whenever ``logging_dir`` is set."""
     if settings is None:
         return TensorBoardLog(logging_dir, output_name) if logging_dir else NoLog()
     names = trackers(getattr(settings, "log_with", ""), settings.logging_dir)
@@ -101,11 +102,11 @@ def open_log(logging_dir: str, output_name: str, settings: Any = None):
         return NoLog()
     from trainer.wandb_log import WandbLog, log_base
 
-    folder = run_folder(log_base(settings) if "wandb" in names else settings.logging_dir, settings.output_name)
+    folder = run_folder(log_base(settings) if "wandb" in names else settings.logging_dir, output_name)
     loggers: list = []
     try:
         if "tensorboard" in names:
-            loggers.append(TensorBoardLog(settings.logging_dir, settings.output_name, folder))
+            loggers.append(TensorBoardLog(settings.logging_dir, output_name, folder))
         if "wandb" in names:
             loggers.append(WandbLog(settings, folder))
     except BaseException:

@@ -46,7 +46,7 @@ def check_wandb(ctx: CheckContext):
                           f"{', '.join(unknown)}", fix="remove them from its [wandb] table", file=config_path)
             return
     plan = WandbPlan.of(s)
-    where = f"{log_base(s)}/{s.output_name}<time>/wandb"
+    where = f"{log_base(s)}/{getattr(s, 'log_prefix', '') or s.output_name}<time>/wandb"
     if plan.asked_online_without_key:
         yield Problem("warning", "wandb_api_key", "W&B online mode was asked for, but there is no API key: the run is "
                       f"written offline to {where}", fix="set wandb_api_key (or WANDB_API_KEY) to log online")
