@@ -25,12 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.problems import NekoyaError
+
 DEFAULT_PROJECT = "network_train"  # sd-scripts' tracker name when log_tracker_name is empty
 INSTALL_COMMAND = f"{sys.executable} -m pip install 'wandb>=0.31'"  # the logging extra's requirement
 
 
-class TrackerConfigError(ValueError):
+class TrackerConfigError(NekoyaError, ValueError):
     """log_tracker_config cannot be used; the message names the file and what is wrong."""
+
+    field = "log_tracker_config"
+    fix = "point log_tracker_config at a TOML file with a [wandb] table of wandb.init arguments, or empty it"
+
+    def __init__(self, message: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
 
 
 def uses_wandb(log_with: str) -> bool:
@@ -59,15 +68,15 @@ def read_tracker_config(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise TrackerConfigError(f"the tracker config file {path} does not exist" if not file.exists()
-                                 else f"{path} is a folder, not a TOML file")
+                                 else f"{path} is a folder, not a TOML file", path)
     try:
         data = _read_toml(file)
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
-        raise TrackerConfigError(f"the tracker config file {path} is not valid TOML ({exc})") from None
+        raise TrackerConfigError(f"the tracker config file {path} is not valid TOML ({exc})", path) from None
     table = data.get("wandb", {})
     if not isinstance(table, dict):
         raise TrackerConfigError(f"the tracker config file {path}: wandb must be a table ([wandb]), "
-                                 f"not {type(table).__name__}")
+                                 f"not {type(table).__name__}", path)
     return table
 
 

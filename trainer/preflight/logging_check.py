@@ -37,8 +37,7 @@ def check_wandb(ctx: CheckContext):
         try:
             table = read_tracker_config(config_path)
         except TrackerConfigError as exc:
-            yield Problem("error", "log_tracker_config", str(exc), fix="point log_tracker_config at a TOML file with "
-                          "a [wandb] table of wandb.init arguments, or empty it", file=config_path)
+            yield exc.problem()
             return
         unknown = unknown_init_keys(table) if ctx.deep else []  # imports wandb: the full check only
         if unknown:
