@@ -110,10 +110,6 @@ CHANGES_NO_SD_RUN = {
     "huggingface_path_in_repo": "an upload detail; huggingface_repo_id warns",
     "save_state_to_huggingface": "an upload detail; huggingface_repo_id warns",
     "async_upload": "an upload detail; huggingface_repo_id warns",
-    "wandb_api_key": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
-    "wandb_run_name": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
-    "log_tracker_name": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
-    "log_tracker_config": "read by the W&B log (log_with wandb/all); logging changes no trained LoRA",
     "persistent_data_loader_workers": "Nekoya's data workers are threads: no processes to keep",
 }
 

@@ -138,7 +138,7 @@ class _Run:
         os.makedirs(self.outputs.folder, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.metadata.started_at))
         save_settings(s, os.path.join(self.outputs.folder, f"{s.output_name}_{stamp}.json"))  # as kohya_ss does
-        self.log_writer = open_log(s.logging_dir, s.log_prefix or s.output_name)
+        self.log_writer = open_log(s.logging_dir, s.log_prefix or s.output_name, s)
         self.samples = TrainingSamples(s, self.family, self.network, self.device, self.precision.autocast, self.sink)
 
     # -- the step loop ----------------------------------------------------------------------------

@@ -116,9 +116,6 @@ ROWS: tuple[KohyaKey, ...] = (
     *_none("the Hugging Face upload's detail, which huggingface_repo_id's warning covers",
            "huggingface_token", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
            "save_state_to_huggingface", "async_upload"),
-    # log_with is a setting; these W&B keys are read from the config by trainer.wandb_log (no form field yet)
-    *_none("a W&B logging key (log_with = wandb or all) that the W&B log applies; logging changes no trained LoRA",
-           "log_tracker_name", "log_tracker_config", "wandb_api_key", "wandb_run_name"),
     *_none("used only by runs of several processes, which num_processes and multi_gpu warn about",
            "main_process_port"),
     *_none("kohya_ss no longer passes it to sd-scripts", "lowvram"),
@@ -181,9 +178,15 @@ def kohya_key(key: str) -> KohyaKey | None:
     if row is None and key.startswith(_FAMILY_PREFIXES):
         row = KohyaKey(key, "a setting of another model family: kohya_ss uses it only when training that family",
                        OTHER)
-    elif row is None and key.startswith(_COVERED_PREFIXES):
+    elif row is None and key.startswith(_COVERED_PREFIXES) and not _declared(key):
         row = KohyaKey(key, "a detail of the Hugging Face upload or wandb logging, which another warning covers", NONE)
     return row
+
+
+def _declared(key: str) -> bool:
+    from .model import is_setting  # late: the settings model's package imports this module
+
+    return is_setting(key)
 
 
 def is_kohya_unused(key: str) -> bool:

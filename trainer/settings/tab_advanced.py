@@ -7,6 +7,7 @@ from .field import setting
 
 TAB = "Advanced"
 SAMPLES = "Samples"
+ONLY_WANDB = {"log_with": ("wandb", "all")}
 TRAIN, CAPTION, NOISE, LOSS, SAVE, DATA = "Training", "Captions", "Noise", "Loss", "Saving and resume", "Data loading"
 
 SAMPLERS = (
@@ -110,7 +111,21 @@ class AdvancedSettings(BaseModel):
         "stop", label="On unreadable image", tab=TAB, section=DATA, choices=("stop", "skip"),
         help="stop: stop the run naming the file. skip: leave the image out and go on.",
     )
-    log_with: str = setting("", label="Logging", tab=TAB, section=DATA, choices=("", "tensorboard", "wandb", "all"), help="TensorBoard logs are written whenever a Logging folder is set.")
+    log_with: str = setting(
+        "", label="Logging", tab=TAB, section=DATA, choices=("", "tensorboard", "wandb", "all"),
+        help="Empty or tensorboard: TensorBoard logs in the Logging folder. wandb: Weights & Biases only (an offline "
+             "run unless you ask for online; the logging extra installs it). all: both.",
+    )
+    wandb_run_name: str = setting("", label="WANDB run name", tab=TAB, section=DATA, visible_when=ONLY_WANDB,
+                                  help="Empty = the output name.")
+    log_tracker_name: str = setting("", label="Log tracker name", tab=TAB, section=DATA, visible_when=ONLY_WANDB,
+                                    help="The W&B project (empty = network_train, as sd-scripts).")
+    log_tracker_config: str = setting(
+        "", label="Log tracker config", tab=TAB, section=DATA, widget="file", visible_when=ONLY_WANDB,
+        help="Optional. A TOML file whose [wandb] table is passed to wandb.init (sd-scripts' --log_tracker_config).",
+    )
+    wandb_api_key: str = setting("", label="WANDB API Key", tab=TAB, section=DATA, visible_when=ONLY_WANDB,
+                                 help="Only for an online W&B run; offline runs need none. Saved in the config file.")
 
 
 class SampleSettings(BaseModel):
