@@ -24,13 +24,14 @@ class Precision:
     autocast_dtype: torch.dtype | None
     network_dtype: torch.dtype  # LoRA weights (fp32 unless full_fp16 / full_bf16)
     grad_scaler: bool
+    fp8_base: bool = False  # the frozen UNet and text encoders are stored in float8_e4m3fn (autocast computes)
 
     @classmethod
     def of(cls, choice: PrecisionChoice, device: torch.device) -> "Precision":
         if choice.mode == "no":
             return cls(device, torch.float32, None, torch.float32, False)
         half = HALF_DTYPES[choice.mode]
-        return cls(device, half, half, half if choice.full else torch.float32, choice.grad_scaler)
+        return cls(device, half, half, half if choice.full else torch.float32, choice.grad_scaler, choice.fp8_base)
     @property
     def mode(self) -> str:
         """"no", "fp16" or "bf16": what actually runs."""

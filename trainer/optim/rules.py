@@ -58,6 +58,7 @@ class PrecisionChoice:
     mode: str
     full: bool
     notes: tuple[PrecisionNote, ...] = ()
+    fp8_base: bool = False  # frozen UNet / text encoder weights stored in float8 (sd-scripts' fp8_base)
 
     @property
     def grad_scaler(self) -> bool:
@@ -81,7 +82,22 @@ def decide_precision(settings: Any, device: str, native_bf16: bool = False, gpu_
             if asked and mode != half:
                 notes.append(PrecisionNote(f"full_{half}", f"needs Mixed precision {half} (it is {settings.mixed_precision}); "
                                            "the LoRA weights stay fp32", f"set Mixed precision to {half}, or untick it"))
-    return PrecisionChoice(device, mode, full.get(mode, False), tuple(notes))
+    fp8, fp8_note = _fp8_base(settings, device, mode)
+    notes += [fp8_note] if fp8_note else []
+    return PrecisionChoice(device, mode, full.get(mode, False), tuple(notes), fp8)
+
+
+def _fp8_base(settings: Any, device: str, mode: str) -> tuple[bool, PrecisionNote | None]:
+    """sd-scripts stores the frozen weights in float8 with fp8_base, on a GPU and under mixed precision only."""
+    if not getattr(settings, "fp8_base", False):
+        return False, None
+    if device != "cuda":
+        return False, PrecisionNote("fp8_base", "fp8 base needs an NVIDIA GPU (CUDA); on this computer the frozen "
+                                    "weights stay in the training precision (same result, more memory)")
+    if mode == "no":
+        return False, PrecisionNote("fp8_base", "fp8 base needs Mixed precision fp16 or bf16 (as in sd-scripts); "
+                                    "the frozen weights stay fp32", "set Mixed precision to bf16 or fp16")
+    return True, None
 
 
 def cpu_mixed_precision(wanted: str, native_bf16: bool) -> tuple[str, str | None]:

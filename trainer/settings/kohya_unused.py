@@ -99,8 +99,6 @@ ROWS: tuple[KohyaKey, ...] = (
         moot_when=_NO_DYNAMO),
     _sd("extra_accelerate_launch_args", "Nekoya does not run accelerate launch", off=TEXT_OFF),
     # --- Advanced ----------------------------------------------------------------------------------
-    _sd("fp8_base", "the UNet stays in the mixed precision (no fp8 weights: more VRAM)",
-        fix="turn on Gradient checkpointing or lower the batch size to save VRAM"),
     _sd("highvram", "Nekoya frees GPU memory as usual " + _SAME_RESULT),
     _sd("masked_loss", "the whole image counts in the loss (no mask)"),
     _sd("mem_eff_attn", "attention runs as CrossAttention says, not as sd-scripts' memory-efficient attention "

@@ -100,6 +100,10 @@ class AdvancedSettings(BaseModel):
     persistent_data_loader_workers: bool = setting(False, label="Persistent data loader", tab=TAB, section=DATA)
     max_data_loader_n_workers: int = setting(0, label="Max num workers for DataLoader", tab=TAB, section=DATA, ge=0, le=64)
     vae_batch_size: int = setting(0, label="VAE batch size", tab=TAB, section=DATA, ge=0, le=32, step=1, widget="slider", help="Images per VAE call when caching latents (0 = 1).")
+    fp8_base: bool = setting(
+        False, label="fp8 base training (experimental)", tab=TAB, section=TRAIN,
+        help="NVIDIA GPUs with mixed precision: store the frozen UNet and text encoders in float8 (less VRAM).",
+    )
     additional_parameters: str = setting(
         "", label="Additional parameters", tab=TAB, section=TRAIN, widget="textarea",
         help="sd-scripts flags as kohya_ss passes them, e.g. --max_grad_norm=0 --network_train_unet_only: each sets "
