@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer {config,check,train,extend,lora} ...``.
+"""Command line: ``python -m trainer {config,check,train,extend,queue,lora} ...``.
 
 All three read the same kohya_ss-format JSON file and the same ``--set KEY=VALUE``
 overrides through ``trainer.settings``; ``train`` runs the same entry point as the GUI.
@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LoRA in this process, with a progress bar")
     train.add_argument("--config", required=True, help="kohya_ss / Nekoya JSON config")
     _add_overrides(train)
-    from .commands import extend_cmd, lora_cmd  # light: heavy imports happen inside their commands
+    from .commands import extend_cmd, lora_cmd, queue_cmd  # light: heavy imports happen inside their commands
 
     extend_cmd.add_parser(sub)
+    queue_cmd.add_parser(sub)
     lora_cmd.add_parser(sub)
     return parser
 
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import extend_cmd
 
         return extend_cmd.run(args)
+    if args.command == "queue":
+        from .commands import queue_cmd
+
+        return queue_cmd.run(args)
     file = args.file if args.command == "config" else args.config
     try:
         settings = load(file, args.overrides)
