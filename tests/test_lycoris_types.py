@@ -265,3 +265,17 @@ def test_loraplus_speeds_up_what_sd_scripts_speeds_up_for_kohya_loha_and_lokr():
         assert {names[id(p)].split(".")[-1] for p in groups["unet plus"]["params"]} == fast
         assert groups["unet plus"]["lr"] == pytest.approx(8e-4)
         network.restore()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_type", ["LyCORIS/LoCon", "LyCORIS/LoHa"])
+def test_dora_trains_and_writes_dora_scale(lora_type, tiny_sd1_dir, images, tmp_path):  # noqa: F811
+    """DoRA as kohya_ss offers it (LyCORIS's dora_wd): each module also learns its weight's magnitude."""
+    settings = tiny_settings(tiny_sd1_dir, images, tmp_path / "out", LoRA_type=lora_type, dora_wd=True,
+                             conv_dim=2, conv_alpha=1, max_train_steps=2)
+    result = train(settings)
+    assert result.status == "finished", result.error
+    tensors, meta = _file(result.files[-1])
+    scales = [k for k in tensors if k.endswith(".dora_scale")]
+    assert scales and len(scales) == len({k.split(".", 1)[0] for k in tensors})
+    assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"
