@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from app.loss_history import LossHistory, LossPoints
 from trainer.control import Control
+from trainer.job_queue import JobProgress
 from trainer.events import (DiskFull, EpochEnd, Error, Finished, Log, Memory, Paused, Resumed, Sample, Saved, Started, Step,
                             Stopped)
 
@@ -193,11 +194,15 @@ class RunState:
 
 
 class RunManager:
-    """Starts, stops and reports the one training run of this GUI process."""
+    """Starts, stops and reports the one training run of this GUI process, and runs the job queue's waiting
+    jobs one after another when one is attached (``attach_queue``)."""
 
     def __init__(self, train_fn: TrainFn | None = None):
         self._train_fn = train_fn or train_in_process
         self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()  # one claim of the next job at a time
+        self.queue: Any = None  # trainer.job_queue.JobQueue
+        self._job: Any = None  # the queue job the current run trains
         self._state: RunState | None = None
         self._control: Control | None = None
         self._thread: threading.Thread | None = None
@@ -209,19 +214,21 @@ class RunManager:
         """The settings of the current (or last) run."""
         return self._settings
 
-    def start(self, settings: Any, notes: tuple[str, ...] = ()) -> tuple[bool, str]:
-        """Start a run (``notes`` open its log); refused (False, why) while one is going."""
+    def start(self, settings: Any, notes: tuple[str, ...] = (), job: Any = None) -> tuple[bool, str]:
+        """Start a run (``notes`` open its log; ``job``: the queue job it trains); refused (False, why) while
+        one is going."""
         with self._lock:
             if self._is_alive():
                 return False, self.start_refusal()
             self._runs += 1
-            self._settings = settings
+            self._settings, self._job = settings, job
             self._state = RunState(self._runs, output_name=getattr(settings, "output_name", ""))
             for note in notes:
                 self._state.apply(Log(note))
             self._control = Control()
             self._thread = threading.Thread(
-                target=self._run, args=(settings, self._state, self._control), name=f"nekoya-run-{self._runs}", daemon=True,
+                target=self._run, args=(settings, self._state, self._control, job), name=f"nekoya-run-{self._runs}",
+                daemon=True,
             )
             self._thread.start()
         return True, "Training started."
@@ -340,12 +347,52 @@ class RunManager:
             action(self._control)
         return message
 
-    def _run(self, settings: Any, state: RunState, control: Control) -> None:
+    # -- the job queue ------------------------------------------------------------------------------
+    def attach_queue(self, queue: Any) -> list[str]:
+        """Run ``queue``'s jobs from now on: those a dead app left running first (``JobQueue.recover``), then
+        the waiting ones. Returns what recovery did, a line per job."""
+        self.queue = queue
+        notes = queue.recover()
+        for note in notes:
+            log.info("queue: %s", note)
+        self.run_queue()
+        return notes
+
+    def run_queue(self) -> tuple[bool, str]:
+        """Start the queue's next waiting job, unless a run is going."""
+        if self.queue is None:
+            return False, "No job queue."
+        with self._queue_lock:
+            if self._is_alive():
+                return False, "The queue's next job starts when this run ends."
+            job = self.queue.claim_next()  # checks it again: a job that fails the check is marked failed
+            if job is None:
+                return False, "No job is waiting in the queue."
+            notes = (f"Queue job {job.name}" + (f", going on from {job.resume}" if job.resume else ""),)
+            started, text = self.start(job.settings(), notes, job=job)
+            if not started:
+                self.queue.update(job.id, state="waiting", pid=0)
+            return started, f"Started queue job {job.name}." if started else text
+
+    def _start_next_job(self, run_thread: threading.Thread) -> None:
+        run_thread.join()  # the run that ended must no longer count as going
+        self.run_queue()
+
+    def _record_job(self, job: Any, snap: RunSnapshot) -> None:
+        try:
+            self.queue.update(job.id, elapsed_s=round(job.elapsed_s + snap.elapsed_s(), 1),
+                              **({"step": snap.step} if snap.step else {}))
+            self.queue.end(job.id, snap.status, snap.error.message if snap.error else "")
+        except Exception:  # a queue file that cannot be written must not take the GUI down
+            log.exception("could not record the end of queue job %s", job.name)
+
+    def _run(self, settings: Any, state: RunState, control: Control, job: Any = None) -> None:
         capture = _ThreadLogCapture(state)
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).addHandler(capture)
+        sink = state.apply if job is None else _both(JobProgress(self.queue, job), state.apply)
         try:
-            self._train_fn(settings, state.apply, control)
+            self._train_fn(settings, sink, control)
         except Exception as exc:  # the page must say what went wrong, not only the console
             log.exception("training failed")
             if state.snapshot().status != "error":
@@ -354,6 +401,19 @@ class RunManager:
             for name in LIBRARY_LOGGERS:
                 logging.getLogger(name).removeHandler(capture)
             state.end()
+            if job is not None:
+                self._record_job(job, state.snapshot())
+            if self.queue is not None and state.snapshot().status != "stopped":  # Stop stops the queue too
+                threading.Thread(target=self._start_next_job, args=(threading.current_thread(),),
+                                 name="nekoya-queue-next", daemon=True).start()
+
+
+def _both(first: Callable[[Any], None], second: Callable[[Any], None]) -> Callable[[Any], None]:
+    def sink(event: Any) -> None:
+        first(event)
+        second(event)
+
+    return sink
 
 
 def extend_source(snap: RunSnapshot) -> str | None:

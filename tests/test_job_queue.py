@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from types import SimpleNamespace
@@ -198,3 +199,42 @@ def test_queue_run_killed_mid_job_and_run_again_finishes_every_job(tiny_sd1_dir,
     assert [j["step"] for j in jobs] == [2, 8, 2]
     for name in ("first", "second", "third"):
         assert (tmp_path / name / f"{name}.safetensors").is_file()
+
+
+# ---- the GUI's RunManager runs the queue --------------------------------------------------------------------------
+
+def wait_until(predicate, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_run_manager_runs_waiting_jobs_one_after_another_and_stop_halts_the_queue(queue, tmp_path):
+    from app.run_manager import RunManager
+    from test_gui_run import scripted_trainer
+
+    trained, gate = [], threading.Event()
+    script = scripted_trainer(total=3, gate=gate)
+
+    def train(settings, sink, control):
+        trained.append(settings.output_name)
+        return script(settings, sink, control)
+
+    for name in ("a", "b", "c"):
+        queue.add(settings_for(tmp_path, name))
+    runs = RunManager(train)
+    runs.attach_queue(queue)  # at app start: the waiting jobs go on
+    gate.set()
+    wait_until(lambda: [j.state for j in queue.jobs()] == ["done"] * 3)
+    assert trained == ["a", "b", "c"] and [j.step for j in queue.jobs()] == [3, 3, 3]
+    gate.clear()
+    queue.add(settings_for(tmp_path, "d"))
+    queue.add(settings_for(tmp_path, "e"))
+    assert runs.run_queue()[0] and not runs.run_queue()[0]  # one run at a time
+    wait_until(lambda: runs.snapshot().status == "running")
+    runs.stop()
+    gate.set()
+    wait_until(lambda: queue.jobs()[3].state == "stopped")
+    time.sleep(0.3)
+    assert [j.state for j in queue.jobs()][3:] == ["stopped", "waiting"] and not runs.busy  # Stop stops the queue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from trainer.problems import NekoyaError
 from trainer.safety import atomic_write_text, pid_alive
 from trainer.settings import settings_from_dict, settings_to_dict
 
+log = logging.getLogger(__name__)
 STATES = ("waiting", "running", "done", "failed", "stopped")
 DIED_WITHOUT_STATE = "the app stopped while it ran and it saved no state"
 PROGRESS_EVERY_S = 2.0  # how often a running job's steps and time are written to disk
@@ -237,7 +239,10 @@ class JobProgress:
 
     def _write(self, step: int, total: int) -> None:
         self.written = time.monotonic()
-        self.queue.update(self.job.id, step=int(step), total_steps=int(total), elapsed_s=self.elapsed_s())
+        try:
+            self.queue.update(self.job.id, step=int(step), total_steps=int(total), elapsed_s=self.elapsed_s())
+        except (OSError, QueueError) as exc:  # the queue's figures lag; the run itself goes on
+            log.warning("could not record the progress of job %s: %s", self.job.name, exc)
 
     def elapsed_s(self) -> float:
         return round(self.job.elapsed_s + time.monotonic() - self.began, 1)
