@@ -128,9 +128,20 @@ def _m9_model_list(d: dict, notes: list[str]) -> None:
         d["model_list"] = CUSTOM
 
 
+def _m10_conv_block_names(d: dict, notes: list[str]) -> None:
+    # kohya_ss v21-v22 called the per-block conv ranks conv_dims / conv_alphas (later conv_block_dims/alphas)
+    for old, new in (("conv_dims", "conv_block_dims"), ("conv_alphas", "conv_block_alphas")):
+        if old in d:
+            value = d.pop(old)
+            if value not in (None, "") and not d.get(new):
+                d[new] = value
+                notes.append(f"{old} became {new}.")
+
+
 MIGRATIONS: tuple[Callable[[dict, list[str]], None], ...] = (
     _m1_lora_network_weights, _m2_use_wandb, _m3_xformers_bool, _m4_stop_te_pct,
     _m5_use_8bit_adam, _m6_locon_name, _m7_save_model_as, _m8_numeric_text_defaults, _m9_model_list,
+    _m10_conv_block_names,
 )
 
 
