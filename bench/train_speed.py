@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache_latents_to_disk: latents kept next to the images, so a later run (see --again) reads them")
     p.add_argument("--mixed-precision", default=None, help="no/fp16/bf16 (default: bf16 on CUDA, no on CPU)")
     p.add_argument("--network-dim", type=int, default=8)
+    p.add_argument("--lora-type", default="Standard", help="kohya_ss's LoRA type, e.g. 'LyCORIS/LoHa'")
+    p.add_argument("--conv-dim", type=int, default=0, help="conv rank of LoCon-style types (0: none)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "none"),
                    help="CrossAttention (kohya's xformers setting): sdpa (default), xformers, or none (plain attention)")
     p.add_argument("--again", action="store_true",
@@ -101,7 +103,8 @@ def bench_settings(args: argparse.Namespace, model: Path, images: Path, cuda: bo
         optimizer=args.optimizer, cache_latents=args.cache_latents or args.cache_to_disk,
         cache_latents_to_disk=args.cache_to_disk, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"), network_dim=args.network_dim,
-        network_alpha=args.network_dim, lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
+        network_alpha=args.network_dim, LoRA_type=args.lora_type, conv_dim=args.conv_dim, conv_alpha=args.conv_dim or 1,
+        lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
         caption_extension=".txt", sdxl=family == "sdxl", v2=family.startswith("sd2"),
         v_parameterization=family == "sd2v", xformers=args.attention,
         **({"text_encoder_lr": 0.0, "sdxl_cache_text_encoder_outputs": True} if args.unet_only else {}),
@@ -140,7 +143,8 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         again = round(stamps[first_run_steps] - called, 2)
         del stamps[first_run_steps:]
     result = {
-        "size": args.size, "resolution": args.resolution, "batch": args.batch, "optimizer": args.optimizer,
+        "size": args.size, "lora_type": args.lora_type, "conv_dim": args.conv_dim,
+        "resolution": args.resolution, "batch": args.batch, "optimizer": args.optimizer,
         "unet_only": args.unet_only,
         "gradient_checkpointing": args.gradient_checkpointing, "cache_latents": args.cache_latents,
         "steps": len(stamps), "s_per_step": round(gaps, 4) if gaps else None,
