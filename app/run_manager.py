@@ -352,7 +352,11 @@ class RunManager:
         """Run ``queue``'s jobs from now on: those a dead app left running first (``JobQueue.recover``), then
         the waiting ones. Returns what recovery did, a line per job."""
         self.queue = queue
-        notes = queue.recover()
+        try:
+            notes = queue.recover()
+        except Exception as exc:  # an unreadable queue file must not keep the app from starting
+            log.error("the job queue is not run: %s", exc)
+            return []
         for note in notes:
             log.info("queue: %s", note)
         self.run_queue()

@@ -51,6 +51,7 @@ class RunColumn:
     page_run: gr.State  # id of the run this page started: its own second click is ignored quietly
     shown: gr.State
     below_buttons: Any  # what ``build_run_column``'s below_buttons built (e.g. Print training command)
+    add_to_queue: gr.Button  # wired by app.queue_panel
 
 
 def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
@@ -60,6 +61,7 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
         with gr.Row(equal_height=True):
             start = gr.Button("Start training", variant="primary", elem_id="start_training", scale=3, interactive=not snap.active)
             stop = gr.Button("Stop training", variant="stop", elem_id="stop_training", scale=2)
+            add_to_queue = gr.Button("Add to queue", elem_id="add_to_queue", scale=2)
         with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
             pause = gr.Button("Pause", size="sm", elem_id="pause_training", interactive=_can_pause(snap))
             pause_free = gr.Button("Pause and free GPU memory", size="sm", elem_id="pause_free_memory",
@@ -89,7 +91,7 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
         page_run, shown = gr.State(0), gr.State(NOTHING_SHOWN)
     return RunColumn(start, stop, pause, resume, pause_free, save_now, sample_now, message, save_kept_row, save_kept_path,
                      save_kept, train_more_row, train_more_amount, train_more_unit, train_more, live, gallery, plan,
-                     output, page_run, shown, extra)
+                     output, page_run, shown, extra, add_to_queue)
 
 
 # ---- decisions, as plain Python -----------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from trainer.families import FLAG_KEYS
+from trainer.job_queue import JobQueue
 from trainer.settings import TrainingSettings
 
 from .binding import SettingsForm
@@ -22,6 +23,7 @@ from .path_picker import note_html
 from .plan_panel import wire_plan
 from .presets import PRESETS_DIR, PresetFolders, default_user_presets_dir
 from .presets_panel import build_presets_panel, wire_presets
+from .queue_panel import build_queue_panel, wire_queue_panel
 from .run_manager import RunManager
 from .run_panel import build_run_column, wire_run_column
 from .train_command import build_train_command_panel, wire_train_command
@@ -38,9 +40,13 @@ def build_app(
     user_presets_dir: str | Path | None = None,
     headless: bool = False,
     defaults: TrainingSettings | None = None,
+    job_queue: JobQueue | None = None,
 ) -> gr.Blocks:
-    """``defaults``: the form's starting values (kohya_ss's config.toml through ``launch.py --config``)."""
+    """``defaults``: the form's starting values (kohya_ss's config.toml through ``launch.py --config``);
+    ``job_queue``: the queue the page shows and runs (default: ``$NEKOYA_QUEUE_DIR`` or ``<repo>/queue``)."""
     runs = run_manager or RunManager()
+    if runs.queue is None:  # at app start: jobs a dead app left running, then the waiting ones, go on
+        runs.attach_queue(job_queue or JobQueue())
     folders = PresetFolders(Path(presets_dir), Path(user_presets_dir) if user_presets_dir else default_user_presets_dir())
     defaults = defaults or TrainingSettings()
     with gr.Blocks(title=TITLE, analytics_enabled=False, fill_width=True) as demo:
@@ -56,7 +62,13 @@ def build_app(
                         sections: dict = {}
                         components = build_settings_tabs(defaults, after_tab={"Source Model": lambda: notes.update(model=gr.HTML(elem_id="model_note"))},
                                                          sections=sections)
-                    column = build_run_column(runs, form_values(defaults), below_buttons=build_train_command_panel)
+                    panels: dict = {}
+
+                    def below_start():
+                        panels["queue"] = build_queue_panel(runs.queue)
+                        return build_train_command_panel()
+
+                    column = build_run_column(runs, form_values(defaults), below_buttons=below_start)
             extra_tabs = build_extra_tabs()  # Dataset Preparation, Try it, Tools
         form = SettingsForm(components, kept)
         wire_presets(presets, form, folders)
@@ -64,6 +76,7 @@ def build_app(
         wire_plan(form, column.plan)
         _wire_model_pick(form, notes["model"])
         wire_run_column(demo, form, runs, column)
+        wire_queue_panel(demo, form, runs, panels["queue"], column.add_to_queue)
         wire_train_command(column.below_buttons, form)
         wire_extra_tabs(extra_tabs, form.components, runs, column.start)
         demo.load(lambda: _running_form(form, runs), outputs=form.outputs(), show_progress="hidden")

@@ -238,3 +238,31 @@ def test_the_run_manager_runs_waiting_jobs_one_after_another_and_stop_halts_the_
     wait_until(lambda: queue.jobs()[3].state == "stopped")
     time.sleep(0.3)
     assert [j.state for j in queue.jobs()][3:] == ["stopped", "waiting"] and not runs.busy  # Stop stops the queue
+
+
+def test_an_empty_queue_writes_no_file(tmp_path):
+    queue = JobQueue(str(tmp_path / "q"), check=no_errors)
+    assert queue.recover() == [] and not (tmp_path / "q").exists()
+
+
+# ---- the panel's decisions ------------------------------------------------------------------------------------------
+
+def test_the_panel_lists_jobs_and_forwards_clicks(queue, tmp_path):
+    from app.queue_panel import add_request, job_action, job_choices, render_queue
+    from app.run_manager import RunManager
+
+    runs = RunManager(lambda settings, sink, control: None)
+    runs.queue = queue  # attached without starting anything
+    runs.run_queue = lambda: (False, "busy")
+    values = {"output_dir": str(tmp_path), "output_name": "from_form", "network_dim": 8}
+    assert "Added from_form to the queue." in add_request(queue, runs, values, {})
+    assert "Not added" in add_request(queue, runs, {**values, "network_dim": "many"}, {})
+    job = queue.jobs()[0]
+    assert job.config["network_dim"] == 8 and job_choices([job]) == [("1. from_form", job.id)]
+    table = render_queue(queue.jobs())
+    assert 'data-state="waiting"' in table and "from_form" in table and os.path.join(str(tmp_path), "from_form") in table
+    text, copy = job_action(queue, "duplicate", job.id)
+    assert "Duplicated" in text and names(queue) == ["from_form", "from_form (copy)"]
+    assert job_action(queue, "up", copy) == ("", copy) and names(queue)[0] == "from_form (copy)"
+    assert "Pick a job first" in job_action(queue, "remove", None)[0]
+    assert job_action(queue, "remove", copy)[1] is None and names(queue) == ["from_form"]

@@ -105,8 +105,10 @@ class JobQueue:
     def _change(self, change: Callable[[list[Job]], Any]) -> Any:
         with self._lock:
             jobs = self.jobs()
+            before = list(jobs)
             result = change(jobs)
-            self._save(jobs)
+            if jobs != before:  # nothing changed: no file written (an empty queue makes no folder)
+                self._save(jobs)
             return result
 
     def _check(self, settings) -> list[str]:
