@@ -226,7 +226,7 @@ EXPECTED = {
     "DyLoRA-Adafactor-toml": {},
     "LoKR-AdamW8bit-toml": {},
     "locon-AdamW8bit-toml": {},
-    "locon-AdamW8bit-masked_loss-toml": {"masked_loss": "true"},
+    "locon-AdamW8bit-masked_loss-toml": {},  # masked_loss applies (the alpha channel weights the loss)
     "loha-Prodigy": {},
     "t5clrs": {},  # its --optimizer_args apply, and bucket_reso_steps 256, which sd-scripts takes
 }
@@ -285,8 +285,8 @@ def test_the_step_plan_says_every_setting_applies_for_a_plain_config(folder):
 
 
 @pytest.mark.parametrize("ignored, line", [
-    ({"masked_loss": True}, "Settings: 1 kohya_ss setting is not applied: see the warnings."),
-    ({"masked_loss": True, "weighted_captions": True, "additional_parameters": "--max_grad_norm=0"},
+    ({"weighted_captions": True}, "Settings: 1 kohya_ss setting is not applied: see the warnings."),
+    ({"mem_eff_attn": True, "weighted_captions": True, "additional_parameters": "--max_grad_norm=0"},
      "Settings: 2 kohya_ss settings are not applied: see the warnings."),
 ])
 def test_the_step_plan_counts_the_settings_not_applied(folder, ignored, line):

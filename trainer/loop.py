@@ -194,7 +194,7 @@ class _Run:
         target = schedule.target(latents, noise, timesteps)
         snr = schedule.snr(timesteps)
         c = huber_c(s.loss_type, s.huber_schedule, s.huber_c, s.huber_scale, snr, timesteps)
-        per_sample = per_sample_loss(pred, target, s.loss_type, c)
+        per_sample = per_sample_loss(pred, target, s.loss_type, c, getattr(batch, "masks", None))
         loss = training_loss(per_sample, batch.loss_weights.to(self.device), snr, self.weighting)
         self.stepper.backward(loss)
         value = loss.detach().item()  # after backward, so the device is busy while Python waits

@@ -47,12 +47,23 @@ LOSS_FUNCTIONS = {"l2": _l2, "l1": _l1, "huber": _huber, "smooth_l1": _smooth_l1
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
-                    c: torch.Tensor | None = None) -> torch.Tensor:
-    """Element loss in fp32, averaged over every dimension but the batch: shape (B,)."""
+                    c: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Element loss in fp32, averaged over every dimension but the batch: shape (B,).
+
+    ``mask`` (B, H, W) in [0, 1] (masked_loss) weights each latent pixel, as sd-scripts' ``apply_masked_loss``:
+    area-downsampled to the latent size and multiplied into the element loss before the mean (the mean is
+    still over every element, so a half-masked image counts half)."""
     if loss_type not in LOSS_FUNCTIONS:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_FUNCTIONS)}")
     loss = LOSS_FUNCTIONS[loss_type](pred.float(), target.float(), c)
+    if mask is not None:
+        loss = loss * latent_mask(mask, loss.shape[2:]).to(loss.device)
     return loss.mean(dim=tuple(range(1, loss.dim())))
+
+
+def latent_mask(mask: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) pixel mask -> (B, 1, h, w) at the latent size, by area averaging (sd-scripts' ``mode="area"``)."""
+    return F.interpolate(mask.float().unsqueeze(1), size=tuple(size), mode="area")
 
 
 @dataclass(frozen=True)

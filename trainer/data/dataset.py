@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from trainer.data.buckets import Size
 from trainer.data.captions import CaptionConfig, process_caption
-from trainer.data.images import BadImageError, prepare_image, to_tensor
+from trainer.data.images import BadImageError, prepare_image, prepare_mask, to_tensor
 from trainer.data.samples import Entry, count_batches, group_by_bucket
 from trainer.problems import NekoyaError
 
@@ -52,6 +53,7 @@ class DatasetConfig:
     captions: CaptionConfig = CaptionConfig()
     skip_bad_images: bool = True  # False: a bad image stops the run
     workers: int = 0  # threads decoding upcoming batches; 0 decodes on the caller's thread
+    masked_loss: bool = False  # batches carry each image's alpha mask (sd-scripts' masked_loss with alpha_mask)
 
     @classmethod
     def from_settings(cls, settings: Any, *, skip_bad_images: bool = True) -> "DatasetConfig":
@@ -68,6 +70,7 @@ class DatasetConfig:
             captions=_caption_rules(settings),
             skip_bad_images=skip_bad_images,
             workers=max(0, int(settings.max_data_loader_n_workers or 0)),
+            masked_loss=bool(getattr(settings, "masked_loss", False)),
         )
 
 
@@ -87,6 +90,7 @@ class Batch:
     images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     latents: torch.Tensor | None = None  # (B, C, H/8, W/8), unscaled VAE output
     bad_images: list[BadImageError] = field(default_factory=list)
+    masks: torch.Tensor | None = None  # (B, H, W) loss masks in [0, 1] at the bucket's pixel size (masked_loss)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -203,7 +207,7 @@ class TrainingDataset:
         rng = self.sample_rng(epoch, index)
         bucket = self.entries[members[0]].choice.bucket
         batch = Batch(epoch, index, bucket, [], [], [], torch.empty(0), [], [], [], [])
-        pixels, latents, weights = [], [], []
+        pixels, latents, weights, masks = [], [], [], []
         for member in members:
             entry = self.entries[member]
             rules = _SampleRules.of(entry, self.config)
@@ -213,8 +217,14 @@ class TrainingDataset:
             except BadImageError as error:
                 batch.bad_images.append(error)
                 continue
-            (latents if isinstance(sample, CachedLatents) else pixels).append(sample)
             original, crop_left_top = sample.original_size, sample.crop_left_top
+            if self.config.masked_loss:  # recomputed from the file, so cached latents keep their masks
+                try:
+                    masks.append(prepare_mask(entry.item.path, entry.choice, flip=flipped, crop_left_top=crop_left_top))
+                except BadImageError as error:
+                    batch.bad_images.append(error)
+                    continue
+            (latents if isinstance(sample, CachedLatents) else pixels).append(sample)
             batch.paths.append(entry.item.path)
             batch.captions.append(process_caption(entry.item.caption, rules.captions, epoch, rng))
             batch.is_reg.append(entry.item.is_reg)
@@ -228,6 +238,8 @@ class TrainingDataset:
             batch.images = to_tensor([p.pixels for p in pixels])
         if latents:
             batch.latents = torch.stack([c.latents for c in latents])
+        if masks:
+            batch.masks = torch.from_numpy(np.stack(masks))
         return batch
 
     def _load_sample(self, entry: Entry, flipped: bool, rng: random.Random):

@@ -53,6 +53,43 @@ class PreparedImage:
 
 def load_rgb(path: Path | str) -> Image.Image:
     """Decode an image as RGB, upright, with transparency flattened onto white."""
+    image = _decode(path)
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def load_alpha(path: Path | str) -> Image.Image | None:
+    """The image's alpha channel (mode ``L``, upright), or None when it has none."""
+    image = _decode(path)
+    return image.convert("RGBA").getchannel("A") if has_alpha(image) else None
+
+
+def prepare_mask(path: Path | str, choice: BucketChoice, *, flip: bool, crop_left_top: Size) -> np.ndarray:
+    """The loss mask of one prepared sample, as sd-scripts' ``alpha_mask``: the alpha channel in [0, 1], resized,
+    flipped and cropped like the image (``crop_left_top`` as the image's PreparedImage or cached latents report
+    it, after any flip); all ones for an image without alpha (sd-scripts reads it as opaque).
+    float32, (height, width) of the bucket."""
+    alpha = load_alpha(path)
+    width, height = choice.bucket
+    if alpha is None:
+        return np.ones((height, width), dtype=np.float32)
+    alpha = resize(alpha, choice.resized)
+    if flip:
+        alpha = ImageOps.mirror(alpha)
+    left, top = crop_left_top
+    alpha = alpha.crop((left, top, left + width, top + height))
+    return np.asarray(alpha, dtype=np.float32) / 255.0
+
+
+def _decode(path: Path | str) -> Image.Image:
+    """Decode an image, upright (EXIF orientation applied)."""
     try:
         with warnings.catch_warnings(), Image.open(path) as opened:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # under MAX_IMAGE_PIXELS: allowed
@@ -62,11 +99,7 @@ def load_rgb(path: Path | str) -> Image.Image:
         raise BadImageError(path, too_large_reason(path)) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImageError(path, f"cannot decode image: {exc}") from exc
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return image
 
 
 def too_large_reason(path: Path | str) -> str:

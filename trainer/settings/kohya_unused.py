@@ -100,7 +100,6 @@ ROWS: tuple[KohyaKey, ...] = (
     _sd("extra_accelerate_launch_args", "Nekoya does not run accelerate launch", off=TEXT_OFF),
     # --- Advanced ----------------------------------------------------------------------------------
     _sd("highvram", "Nekoya frees GPU memory as usual " + _SAME_RESULT),
-    _sd("masked_loss", "the whole image counts in the loss (no mask)"),
     _sd("mem_eff_attn", "attention runs as CrossAttention says, not as sd-scripts' memory-efficient attention "
         + _SAME_RESULT, fix="choose CrossAttention sdpa or xformers to save memory"),
     _sd("skip_cache_check", "the latent cache on disk is checked as usual " + _SAME_RESULT),

@@ -78,6 +78,11 @@ class AdvancedSettings(BaseModel):
     huber_scale: float = setting(1.0, label="Huber scale", tab=TAB, section=LOSS, ge=0, le=10, visible_when=HUBER_LOSS, ss_key="ss_huber_scale")
     scale_v_pred_loss_like_noise_pred: bool = setting(False, label="Scale v prediction loss", tab=TAB, section=LOSS)
     debiased_estimation_loss: bool = setting(False, label="Debiased Estimation loss", tab=TAB, section=LOSS, ss_key="ss_debiased_estimation")
+    masked_loss: bool = setting(
+        False, label="Masked loss", tab=TAB, section=LOSS,
+        help="Weight the loss by each image's alpha channel: transparent parts do not count (sd-scripts' "
+             "masked_loss with alpha_mask). Every training image needs transparency.",
+    )
     v_pred_like_loss: float = setting(0, label="V Pred like loss", tab=TAB, section=LOSS, ge=0, le=1, step=0.01,
                                       help="Add a v-prediction-like loss term with this weight (0 = off), as sd-scripts.")
     nan_loss_policy: str = setting(
