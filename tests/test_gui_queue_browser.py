@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from test_gui_browser import (CHROMIUM, CHROMIUM_ARGS, TRAINING_TIMEOUT_MS, VIEWPORT, box, expect, free_port, live,
-                              needs_trainer, open_app, playwright_api, show_tab, type_into, wait_for_status)
+from test_gui_browser import (CHROMIUM, CHROMIUM_ARGS, TRAINING_TIMEOUT_MS, VIEWPORT, expect, free_port, needs_trainer,
+                              open_app, playwright_api, show_tab, type_into, wait_for_status)
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 120

@@ -7,15 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from test_train import images, tiny_settings  # noqa: F401  (images: a fixture)
-from trainer.job_queue import DIED_WITHOUT_STATE, Job, JobQueue, QueueError, run_job
+from trainer.job_queue import DIED_WITHOUT_STATE, JobQueue, QueueError, run_job
 from trainer.settings import TrainingSettings, save_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

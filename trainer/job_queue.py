@@ -22,7 +22,6 @@ from trainer.safety import atomic_write_text, pid_alive
 from trainer.settings import settings_from_dict, settings_to_dict
 
 log = logging.getLogger(__name__)
-STATES = ("waiting", "running", "done", "failed", "stopped")
 DIED_WITHOUT_STATE = "the app stopped while it ran and it saved no state"
 PROGRESS_EVERY_S = 2.0  # how often a running job's steps and time are written to disk
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +40,7 @@ class Job:
     id: str
     name: str
     config: dict  # kohya_ss settings, frozen when added
-    state: str = "waiting"
+    state: str = "waiting"  # waiting, running, done, failed or stopped
     step: int = 0
     total_steps: int = 0
     elapsed_s: float = 0.0
