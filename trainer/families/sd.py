@@ -123,6 +123,17 @@ class StableDiffusionFamily:
         encoder = self.text_encoders[0]
         return encode_chunks(encoder, tokens.to(encoder.device), clip_skip)
 
+    def tokenize_weighted(self, captions: list[str], max_token_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokenize``'s ids for captions with ``(word:1.2)`` weights, and the per-token weights (weighted_captions)."""
+        from trainer.families.prompts import tokenize_weighted
+
+        return tokenize_weighted(self.tokenizer, captions, max_token_length)
+
+    def weight_prompt(self, cond: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from trainer.families.prompts import weight_hidden_states
+
+        return weight_hidden_states(cond, weights)
+
     def select_prompt(self, cond: torch.Tensor, index: int) -> torch.Tensor:
         return cond[index]
 

@@ -101,6 +101,19 @@ class SDXLFamily(StableDiffusionFamily):
                            dim=-1)
         return SDXLConditioning(hidden, pooled.reshape(batch, n_chunks, -1)[:, 0])  # pooled of the first chunk
 
+    def tokenize_weighted(self, captions: list[str], max_token_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2, n_chunks, 77) ids of both tokenizers and the per-token weights (weighted_captions); the two
+        tokenizers share one vocabulary, so the weights are the same for both halves of the hidden states."""
+        from trainer.families.prompts import tokenize_weighted
+
+        both = [tokenize_weighted(t, captions, max_token_length) for t in self.tokenizers]
+        return torch.stack([ids for ids, _ in both], dim=1), both[0][1]
+
+    def weight_prompt(self, cond: SDXLConditioning, weights: torch.Tensor) -> SDXLConditioning:
+        from trainer.families.prompts import weight_hidden_states
+
+        return SDXLConditioning(weight_hidden_states(cond.hidden_states, weights), cond.pooled)
+
     def select_prompt(self, cond: SDXLConditioning, index: int) -> SDXLConditioning:
         return SDXLConditioning(cond.hidden_states[index], cond.pooled[index])
 
