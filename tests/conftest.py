@@ -28,6 +28,19 @@ def nekoya_cache_dir(tmp_path_factory):
         os.environ["NEKOYA_CACHE_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nekoya_queue_dir(tmp_path_factory):
+    """Apps built by tests keep their job queue in a per-session temp dir, never a developer's own queue."""
+    path = tmp_path_factory.mktemp("nekoya_queue")
+    previous = os.environ.get("NEKOYA_QUEUE_DIR")
+    os.environ["NEKOYA_QUEUE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("NEKOYA_QUEUE_DIR", None)
+    else:
+        os.environ["NEKOYA_QUEUE_DIR"] = previous
+
+
 # ---- tiny random models (trainer.devtools.synthetic) -------------------------
 
 def _tiny_dir(tmp_path_factory, family):
