@@ -198,3 +198,69 @@ def test_a_fully_transparent_dataset_trains_with_zero_loss(tiny_sd1_dir, tmp_pat
     result = train(settings, recorder, noise=FixedNoise)
     assert result.status == "finished", result.error
     assert [s.loss for s in recorder.of(ev.Step)] == [0.0, 0.0]
+
+
+# --- masks from a dataset config's conditioning_data_dir ---------------------------------------------------------
+
+
+def _toml_dataset(tmp_path, masks: dict[str, np.ndarray], images=("a", "b")):
+    image_dir, mask_dir = tmp_path / "img", tmp_path / "masks"
+    image_dir.mkdir()
+    mask_dir.mkdir()
+    for name in images:
+        Image.new("RGB", (64, 64), (10, 200, 30)).save(image_dir / f"{name}.jpg")
+        (image_dir / f"{name}.txt").write_text("a caption")
+    for name, red in masks.items():
+        pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+        pixels[..., 0] = red
+        pixels[..., 1] = 255 - red  # only the red channel counts
+        Image.fromarray(pixels, "RGB").save(mask_dir / f"{name}.png")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 64\nbatch_size = 2\n\n  [[datasets.subsets]]\n"
+                    f"  image_dir = '{image_dir}'\n  num_repeats = 1\n  caption_extension = '.txt'\n"
+                    f"  conditioning_data_dir = '{mask_dir}'\n")
+    return toml, image_dir, mask_dir
+
+
+def _toml_settings(toml, **values):
+    from trainer.settings.kohya_json import settings_from_dict
+
+    return settings_from_dict({"dataset_config": str(toml), "max_resolution": "64,64", **values}).settings
+
+
+def test_conditioning_data_dir_is_refused_without_masked_loss_and_read_with_it(tmp_path):
+    from trainer.data.dataset_config import DatasetConfigError, load_dataset_config
+
+    toml, _, mask_dir = _toml_dataset(tmp_path, {})
+    with pytest.raises(DatasetConfigError, match="conditioning_data_dir: a ControlNet subset is not supported"):
+        load_dataset_config(_toml_settings(toml))
+    [subset] = load_dataset_config(_toml_settings(toml, masked_loss=True)).subsets
+    assert subset.conditioning_data_dir == mask_dir
+
+
+def test_a_mask_folder_gives_each_image_the_red_channel_of_its_mask(tmp_path):
+    from trainer.data.plan import plan_steps
+
+    left = np.zeros((64, 64), dtype=np.uint8)
+    left[:, :32] = 255
+    toml, _, _ = _toml_dataset(tmp_path, {"a": left, "b": 255 - left})
+    settings = _toml_settings(toml, masked_loss=True)
+    plan = plan_steps(settings)
+    assert not plan.errors
+    dataset = TrainingDataset(plan.entries, DatasetConfig.from_settings(settings))
+    [batch] = list(dataset.iter_epoch(1))
+    for path, mask in zip(batch.paths, batch.masks):
+        counted = mask[:, :32] if path.stem == "a" else mask[:, 32:]
+        assert (counted == 1).all() and (mask.sum() == 64 * 32)
+
+
+def test_the_check_names_images_without_a_mask_in_the_folder(tmp_path):
+    from trainer.preflight import check
+
+    toml, image_dir, _ = _toml_dataset(tmp_path, {"a": np.full((64, 64), 255, dtype=np.uint8)})
+    report = check(_toml_settings(toml, masked_loss=True), deep=False, checks=["dataset.masked_loss"])
+    [error] = report.errors
+    assert error.field == "dataset_config" and str(image_dir / "b.jpg") in error.message
+    assert "a.jpg" not in error.message and "alpha" not in error.message
+    (tmp_path / "masks" / "b.png").write_bytes((tmp_path / "masks" / "a.png").read_bytes())
+    assert not check(_toml_settings(toml, masked_loss=True), deep=False, checks=["dataset.masked_loss"]).errors

@@ -31,7 +31,7 @@ import torch
 
 from trainer.data.buckets import Size
 from trainer.data.captions import CaptionConfig, process_caption
-from trainer.data.images import BadImageError, prepare_image, prepare_mask, to_tensor
+from trainer.data.images import BadImageError, mask_file, prepare_image, prepare_mask, to_tensor
 from trainer.data.samples import Entry, count_batches, group_by_bucket
 from trainer.problems import NekoyaError
 
@@ -220,7 +220,8 @@ class TrainingDataset:
             original, crop_left_top = sample.original_size, sample.crop_left_top
             if self.config.masked_loss:  # recomputed from the file, so cached latents keep their masks
                 try:
-                    masks.append(prepare_mask(entry.item.path, entry.choice, flip=flipped, crop_left_top=crop_left_top))
+                    masks.append(prepare_mask(entry.item.path, entry.choice, flip=flipped, crop_left_top=crop_left_top,
+                                              mask_path=_mask_path(entry)))
                 except BadImageError as error:
                     batch.bad_images.append(error)
                     continue
@@ -271,6 +272,17 @@ class _SampleRules:
         subset = entry.item.subset
         source = subset if subset is not None else config
         return _SampleRules(source.captions, source.flip_aug, source.color_aug, source.random_crop)
+
+
+def _mask_path(entry: Entry) -> Path | None:
+    """The image's mask file when its subset has a mask folder (conditioning_data_dir), else None (its alpha)."""
+    folder = getattr(entry.item.subset, "conditioning_data_dir", None)
+    if folder is None:
+        return None
+    found = mask_file(entry.item.path, folder)
+    if found is None:
+        raise BadImageError(entry.item.path, f"no mask of the same name in conditioning_data_dir {folder}")
+    return found
 
 
 def _group_by_dataset_and_bucket(entries: Sequence[Entry]) -> dict[tuple[int, Size], list[int]]:

@@ -9,8 +9,10 @@ The file (TOML, or JSON as sd-scripts also reads) has ``[general]`` defaults, ``
   a dataset's values (resolution, batch size, buckets) come from the dataset, ``[general]``, the settings;
 * ``train_data_dir`` and ``reg_data_dir`` are ignored when a dataset config is given;
 * a key sd-scripts does not know is refused, and so is a subset with ``metadata_file`` (fine-tuning style)
-  or ``conditioning_data_dir`` (ControlNet): Nekoya trains DreamBooth-style subsets (``image_dir`` with
-  caption files, ``class_tokens`` for images without one);
+  or, without ``masked_loss``, ``conditioning_data_dir`` (ControlNet): Nekoya trains DreamBooth-style subsets
+  (``image_dir`` with caption files, ``class_tokens`` for images without one); with ``masked_loss`` a subset's
+  ``conditioning_data_dir`` is its folder of loss masks (as sd-scripts reads it then: the image of the same
+  name, its red channel);
 * each dataset keeps its own buckets and batch size, and balances its regularisation subsets against its
   own training subsets; an epoch is every dataset's batches, drawn in a shuffled order.
 
@@ -59,6 +61,7 @@ class SubsetSpec:
     random_crop: bool
     resolution: Size  # its dataset's
     batch_size: int  # its dataset's: a batch holds images of one dataset only
+    conditioning_data_dir: Path | None = None  # with masked_loss: the loss masks, one per image by file name
 
     @property
     def label(self) -> str:
@@ -139,8 +142,10 @@ NOT_APPLIED = {
 REFUSED_STYLES = {
     "metadata_file": "a fine-tuning style subset (captions from a metadata JSON file) is not supported: Nekoya trains "
                      "DreamBooth-style subsets",
-    "conditioning_data_dir": "a ControlNet subset is not supported: Nekoya trains LoRAs for text-to-image models",
+    "conditioning_data_dir": "a ControlNet subset is not supported: Nekoya trains LoRAs for text-to-image models "
+                             "(with masked_loss on, it is read as the subset's folder of loss masks)",
 }
+MASK_FOLDER = {"conditioning_data_dir": "str"}  # a subset key with masked_loss (sd-scripts' support_controlnet)
 REFUSED_FIX = "give the subset an image_dir with caption files next to the images (and class_tokens for images " \
               "without one), as in a DreamBooth-style subset"
 
@@ -219,7 +224,7 @@ def _check_table(where: _Where, table: str, values: Any, allowed: dict[str, str]
     if not isinstance(values, dict):
         raise where.error(table, None, "must be a table")
     for key, value in values.items():
-        if key in REFUSED_STYLES:
+        if key in REFUSED_STYLES and key not in allowed:
             raise where.error(table, key, REFUSED_STYLES[key], REFUSED_FIX)
         if key not in allowed:
             raise where.error(table, key, "is not a key sd-scripts knows here (sd-scripts refuses it too)",
@@ -268,7 +273,8 @@ def _resolve(raw: dict, file: Path, settings: Any) -> DatasetToml:
         subsets = []
         for s, subset_raw in enumerate(subsets_raw):
             sub_table = f"{table}.subsets[{s}]"
-            subset_values = _check_table(where, sub_table, subset_raw, {**SUBSET_DEFAULTS, **SUBSET_ONLY})
+            masks = MASK_FOLDER if getattr(settings, "masked_loss", False) else {}
+            subset_values = _check_table(where, sub_table, subset_raw, {**SUBSET_DEFAULTS, **SUBSET_ONLY, **masks})
             if "image_dir" not in subset_values:
                 raise where.error(sub_table, "image_dir", "is missing: a DreamBooth-style subset needs the folder of "
                                                           "its images", fix="add image_dir = \"path/to/images\"")
@@ -351,6 +357,7 @@ def _subset(where: _Where, table: str, d: int, s: int, chain: list[dict], settin
         if value(key) < 0:
             raise where.error(table, key, f"must be 0 or more, not {value(key)}")
     image_dir = Path(str(chain[0]["image_dir"])).expanduser()
+    mask_dir = chain[0].get("conditioning_data_dir")
     extension = str(value("caption_extension") or "")
     if extension and not extension.startswith("."):
         extension = "." + extension
@@ -366,6 +373,7 @@ def _subset(where: _Where, table: str, d: int, s: int, chain: list[dict], settin
         is_reg=bool(chain[0].get("is_reg", False)), class_tokens=value("class_tokens"), caption_extension=extension,
         captions=captions, flip_aug=value("flip_aug"), color_aug=value("color_aug"), random_crop=value("random_crop"),
         resolution=resolution, batch_size=batch_size,
+        conditioning_data_dir=Path(str(mask_dir)).expanduser() if mask_dir else None,
     )
 
 

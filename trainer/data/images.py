@@ -71,12 +71,28 @@ def load_alpha(path: Path | str) -> Image.Image | None:
     return image.convert("RGBA").getchannel("A") if has_alpha(image) else None
 
 
-def prepare_mask(path: Path | str, choice: BucketChoice, *, flip: bool, crop_left_top: Size) -> np.ndarray:
+MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def mask_file(image_path: Path | str, folder: Path | str) -> Path | None:
+    """The mask of an image in a mask folder (a subset's ``conditioning_data_dir``): the image file there with the
+    same name (stem), as sd-scripts pairs conditioning images; None when there is none."""
+    stem = Path(image_path).stem
+    for suffix in MASK_EXTENSIONS:
+        for candidate in (Path(folder) / f"{stem}{suffix}", Path(folder) / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def prepare_mask(path: Path | str, choice: BucketChoice, *, flip: bool, crop_left_top: Size,
+                 mask_path: Path | str | None = None) -> np.ndarray:
     """The loss mask of one prepared sample, as sd-scripts' ``alpha_mask``: the alpha channel in [0, 1], resized,
     flipped and cropped like the image (``crop_left_top`` as the image's PreparedImage or cached latents report
-    it, after any flip); all ones for an image without alpha (sd-scripts reads it as opaque).
+    it, after any flip); all ones for an image without alpha (sd-scripts reads it as opaque). With ``mask_path``
+    (a conditioning image) the mask is that image's red channel, as sd-scripts' ``apply_masked_loss`` reads it.
     float32, (height, width) of the bucket."""
-    alpha = load_alpha(path)
+    alpha = _decode(mask_path).convert("RGB").getchannel("R") if mask_path is not None else load_alpha(path)
     width, height = choice.bucket
     if alpha is None:
         return np.ones((height, width), dtype=np.float32)

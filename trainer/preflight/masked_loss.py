@@ -1,7 +1,7 @@
-"""The masked-loss check: with ``masked_loss`` every training image needs a mask, its alpha channel.
+"""The masked-loss check: with ``masked_loss`` every training image needs a mask: its alpha channel, or the image
+of the same name in its subset's ``conditioning_data_dir`` (a dataset config file), as sd-scripts reads them.
 
-sd-scripts weights the loss by the alpha channel (its ``alpha_mask``) or by a conditioning image; Nekoya reads
-the alpha channel. An image without one would train as a whole image while the run means to train a masked
+An image without one would train as a whole image while the run means to train a masked
 part, so the check refuses the run and names those images. Regularisation images without alpha count whole
 (as sd-scripts reads them: opaque). Only the image headers are read.
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from trainer.data.images import mask_file
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 
@@ -38,18 +39,40 @@ def check_masked_loss(ctx: CheckContext):
     plan = ctx.plan
     if plan is None:  # the dataset checks report why
         return
-    entries = getattr(plan, "entries", ())
-    missing = images_without_alpha(e.item.path for e in entries if not e.item.is_reg)
+    entries = list({e.item.path: e for e in getattr(plan, "entries", ())}.values())
+    folders = {getattr(e.item.subset, "conditioning_data_dir", None) for e in entries} - {None}
+    for folder in sorted(folders):
+        if not folder.is_dir():
+            yield Problem("error", "dataset_config", f"masked_loss: the conditioning_data_dir {folder} (the loss "
+                          "masks) is not a folder", fix="set it to the folder of the masks", file=str(folder))
+    in_folders = [e for e in entries if getattr(e.item.subset, "conditioning_data_dir", None) in folders]
+    no_mask = [e.item.path for e in in_folders
+               if e.item.subset.conditioning_data_dir.is_dir() and mask_file(e.item.path, e.item.subset.conditioning_data_dir) is None]
+    if no_mask:
+        yield Problem("error", "dataset_config", f"masked_loss: {_count(no_mask)} no mask of the same name in "
+                      f"its subset's conditioning_data_dir: {_names(no_mask)}",
+                      fix="add a mask image (white: counts, black: does not) named like each image",
+                      file=str(no_mask[0]))
+    by_alpha = [e for e in entries if e not in in_folders]
+    missing = images_without_alpha(e.item.path for e in by_alpha if not e.item.is_reg)
     if missing:
-        named = ", ".join(str(p) for p in missing[:NAMED])
-        more = f" and {len(missing) - NAMED} more" if len(missing) > NAMED else ""
         yield Problem("error", "masked_loss",
-                      f"masked_loss weights the loss by each image's alpha channel, but {len(missing)} training "
-                      f"image{'s have' if len(missing) > 1 else ' has'} none: {named}{more}",
-                      fix="save them as PNG/WebP with transparency where the loss should not count, "
-                          "or turn masked_loss off", file=str(missing[0]))
+                      f"masked_loss weights the loss by each image's alpha channel, but {_count(missing)} none: "
+                      f"{_names(missing)}",
+                      fix="save them as PNG/WebP with transparency where the loss should not count, give their "
+                          "subset a conditioning_data_dir of masks (dataset config), or turn masked_loss off",
+                      file=str(missing[0]))
         return
-    reg = images_without_alpha(e.item.path for e in entries if e.item.is_reg)
+    reg = images_without_alpha(e.item.path for e in by_alpha if e.item.is_reg)
     if reg:
         yield Problem("note", "masked_loss", f"{len(reg)} regularisation image{'s' if len(reg) > 1 else ''} "
                       "without alpha count whole in the masked loss")
+
+
+def _count(paths) -> str:
+    return f"{len(paths)} training image{'s have' if len(paths) > 1 else ' has'}"
+
+
+def _names(paths) -> str:
+    named = ", ".join(str(p) for p in paths[:NAMED])
+    return named + (f" and {len(paths) - NAMED} more" if len(paths) > NAMED else "")

@@ -80,8 +80,8 @@ class AdvancedSettings(BaseModel):
     debiased_estimation_loss: bool = setting(False, label="Debiased Estimation loss", tab=TAB, section=LOSS, ss_key="ss_debiased_estimation")
     masked_loss: bool = setting(
         False, label="Masked loss", tab=TAB, section=LOSS,
-        help="Weight the loss by each image's alpha channel: transparent parts do not count (sd-scripts' "
-             "masked_loss with alpha_mask). Every training image needs transparency.",
+        help="Weight the loss by each image's alpha channel (transparent parts do not count), or by the mask of the "
+             "same name in its subset's conditioning_data_dir (dataset config; black does not count), as sd-scripts.",
     )
     v_pred_like_loss: float = setting(0, label="V Pred like loss", tab=TAB, section=LOSS, ge=0, le=1, step=0.01,
                                       help="Add a v-prediction-like loss term with this weight (0 = off), as sd-scripts.")
