@@ -124,7 +124,7 @@ class StableDiffusionFamily:
         return encode_chunks(encoder, tokens.to(encoder.device), clip_skip)
 
     def tokenize_weighted(self, captions: list[str], max_token_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``tokenize``'s ids for captions with ``(word:1.2)`` weights, and the per-token weights (weighted_captions)."""
+        """``tokenize``'s ids for captions with ``(word:1.2)`` weights, and the weight of each token."""
         from trainer.families.prompts import tokenize_weighted
 
         return tokenize_weighted(self.tokenizer, captions, max_token_length)

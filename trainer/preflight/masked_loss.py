@@ -46,8 +46,8 @@ def check_masked_loss(ctx: CheckContext):
             yield Problem("error", "dataset_config", f"masked_loss: the conditioning_data_dir {folder} (the loss "
                           "masks) is not a folder", fix="set it to the folder of the masks", file=str(folder))
     in_folders = [e for e in entries if getattr(e.item.subset, "conditioning_data_dir", None) in folders]
-    no_mask = [e.item.path for e in in_folders
-               if e.item.subset.conditioning_data_dir.is_dir() and mask_file(e.item.path, e.item.subset.conditioning_data_dir) is None]
+    no_mask = [e.item.path for e in in_folders if (folder := e.item.subset.conditioning_data_dir).is_dir()
+               and mask_file(e.item.path, folder) is None]
     if no_mask:
         yield Problem("error", "dataset_config", f"masked_loss: {_count(no_mask)} no mask of the same name in "
                       f"its subset's conditioning_data_dir: {_names(no_mask)}",
