@@ -7,6 +7,7 @@ part, so the check refuses the run and names those images. Regularisation images
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -18,8 +19,22 @@ from trainer.preflight.report import Problem
 NAMED = 5  # images named in the message; the rest are counted
 
 
+_SEEN: dict[tuple[str, int, int], bool | None] = {}  # (path, mtime, size) -> the answer: the GUI checks often
+
+
 def image_has_alpha(path: Path | str) -> bool | None:
     """Whether the image has an alpha channel (from its header), None when it cannot be opened."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _SEEN:
+        _SEEN[key] = _read_has_alpha(path)
+    return _SEEN[key]
+
+
+def _read_has_alpha(path: Path | str) -> bool | None:
     try:
         with Image.open(path) as image:
             return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
