@@ -285,8 +285,8 @@ def test_the_step_plan_says_every_setting_applies_for_a_plain_config(folder):
 
 
 @pytest.mark.parametrize("ignored, line", [
-    ({"weighted_captions": True}, "Settings: 1 kohya_ss setting is not applied: see the warnings."),
-    ({"mem_eff_attn": True, "weighted_captions": True, "additional_parameters": "--max_grad_norm=0"},
+    ({"log_config": True}, "Settings: 1 kohya_ss setting is not applied: see the warnings."),
+    ({"mem_eff_attn": True, "log_config": True, "additional_parameters": "--max_grad_norm=0"},
      "Settings: 2 kohya_ss settings are not applied: see the warnings."),
 ])
 def test_the_step_plan_counts_the_settings_not_applied(folder, ignored, line):

@@ -124,3 +124,25 @@ def test_the_weights_carry_gradients_to_a_trained_text_encoder(sd1):
     finally:
         encoder.requires_grad_(False)
         encoder.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow
+def test_a_run_with_weighted_captions_encodes_with_weights(tiny_sd1_dir, tmp_path, monkeypatch):
+    from test_train import tiny_settings
+    from trainer import run_setup
+    from trainer.devtools.synthetic import make_image_folder
+    from trainer.loop import train
+
+    images = make_image_folder(tmp_path / "img", {"1_(sks:1.5) dog": 2}, sizes=[(64, 64)], seed=3)
+    made = []
+    original = run_setup.PromptEncoder
+
+    def recording(*args, **kwargs):
+        encoder = original(*args, **kwargs)
+        made.append(encoder)
+        return encoder
+
+    monkeypatch.setattr(run_setup, "PromptEncoder", recording)
+    result = train(tiny_settings(tiny_sd1_dir, images, tmp_path / "out", weighted_captions=True, max_train_steps=1))
+    assert result.status == "finished", result.error
+    assert [encoder.weighted for encoder in made] == [True]

@@ -170,7 +170,8 @@ def prepare_inputs(plan: RunPlan, family: Any, train_te: bool, precision: Precis
     latents = LatentFeed(s, family, entries, seed, log)
     dataset = TrainingDataset(entries, config, latents=latents.cache, on_bad_image=on_bad_image)
     cache_outputs = not train_te and config.captions.is_static
-    prompts = PromptEncoder(family, s.clip_skip, s.max_token_length, cache_outputs, precision.autocast)
+    prompts = PromptEncoder(family, s.clip_skip, s.max_token_length, cache_outputs, precision.autocast,
+                            weighted=bool(s.weighted_captions))
     if cache_outputs:
         count = prompts.precompute(e.item.caption for e in entries)
         family.release_text_encoders()

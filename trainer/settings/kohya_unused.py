@@ -104,8 +104,6 @@ ROWS: tuple[KohyaKey, ...] = (
         + _SAME_RESULT, fix="choose CrossAttention sdpa or xformers to save memory"),
     _sd("skip_cache_check", "the latent cache on disk is checked as usual " + _SAME_RESULT),
     _sd("log_config", "the training config is not logged to the tracker"),
-    _sd("weighted_captions", "(word:1.2) weights in captions are read as plain text",
-        fix="remove the weights from the captions"),
     _sd("huggingface_repo_id", "the LoRA is not uploaded to Hugging Face: it is only written to the Output folder",
         off=TEXT_OFF, fix="upload the file yourself"),
     _sd("resume_from_huggingface", "training does not resume from Hugging Face",

@@ -43,6 +43,11 @@ class AdvancedSettings(BaseModel):
     max_timestep: int = setting(1000, label="Max Timestep", tab=TAB, section=TRAIN, ge=0, le=1000, step=1, widget="slider")
     # --- Captions and augmentation ---------------------------------------------
     shuffle_caption: bool = setting(False, label="Shuffle caption", tab=TAB, section=CAPTION, help="Shuffle comma-separated tags each step (after Keep n tokens).", ss_key="ss_shuffle_caption")
+    weighted_captions: bool = setting(
+        False, label="Weighted captions", tab=TAB, section=CAPTION,
+        help="Read (word:1.2), (word) and [word] in captions as weights on the text encoder's output for those "
+             "tokens, as sd-scripts; off: the brackets are plain text.",
+    )
     keep_tokens: int = setting(0, label="Keep n tokens", tab=TAB, section=CAPTION, ge=0, le=32, step=1, widget="slider", help="The first n tags stay in place when shuffling.", ss_key="ss_keep_tokens")
     caption_dropout_rate: float = setting(0, label="Rate of caption dropout", tab=TAB, section=CAPTION, ge=0, le=1, step=0.01, widget="slider", ss_key="ss_caption_dropout_rate")
     caption_dropout_every_n_epochs: int = setting(0, label="Dropout caption every n epochs", tab=TAB, section=CAPTION, ge=0, ss_key="ss_caption_dropout_every_n_epochs")
