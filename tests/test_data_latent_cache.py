@@ -152,6 +152,18 @@ def test_changed_image_or_encoder_or_flip_re_encodes(image_root):
     assert encoder.images == 10  # flipped latents were missing
 
 
+def test_skip_cache_check_uses_the_disk_entries_as_they_are(image_root):
+    """sd-scripts' --skip_cache_check: a disk entry of the right shape is used even after the image or the VAE
+    changed (what the user asks for to start faster); without it both re-encode (test above)."""
+    _filled(CountingEncoder(), _entries(image_root), to_disk=True, fingerprint="vae-a")
+    changed = image_root / "3_thing" / "im2.png"
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    encoder = CountingEncoder()
+    _, report = _filled(encoder, _entries(image_root), to_disk=True, fingerprint="vae-b", trust_disk=True)
+    assert (report.encoded, report.reused, encoder.images) == (0, 5, 0)
+
+
 def test_a_file_keeps_entries_for_other_bucket_sizes(image_root):
     _filled(CountingEncoder(), _entries(image_root), to_disk=True)
     _filled(CountingEncoder(), _entries(image_root, max_resolution="128", max_bucket_reso=256), to_disk=True)

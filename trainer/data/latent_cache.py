@@ -99,6 +99,8 @@ class CacheSpec:
     downscale: int = 8  # pixels per latent cell
     keep_in_memory: bool = True  # False with to_disk: read the file at every use
     seed: int = 0  # the run seed: with each image's path, bucket and flip, it seeds that image's sampling noise
+    trust_disk: bool = False  # skip_cache_check: a disk entry of the right shape is used as sd-scripts does, even if
+    # the image or the encoder changed since it was written
 
 
 @dataclass
@@ -340,6 +342,11 @@ class LatentCache:
             arrays[f"latents_flipped_{suffix}"] = record.flipped.numpy()
         _write_npz_atomically(path, arrays)
 
+    def _current(self, arrays: dict, suffix: str, stat: os.stat_result) -> bool:
+        """Whether a disk entry was made from this image file and this encoder."""
+        same_file = tuple(arrays[f"nekoya_source_{suffix}"].tolist()) == (stat.st_mtime_ns, stat.st_size)
+        return same_file and str(arrays.get(f"nekoya_fingerprint_{suffix}", "")) == self._fingerprint()
+
     def _read_disk(self, entry: Entry) -> _Record | None:
         """The cached record if it matches the image file, the bucket and the encoder; else None."""
         latent_h, latent_w = self._latent_size(entry)
@@ -354,9 +361,7 @@ class LatentCache:
             wanted.append(f"latents_flipped_{suffix}")
         if any(key not in arrays for key in wanted):
             return None
-        if tuple(arrays[f"nekoya_source_{suffix}"].tolist()) != (stat.st_mtime_ns, stat.st_size):
-            return None
-        if str(arrays.get(f"nekoya_fingerprint_{suffix}", "")) != self._fingerprint():
+        if not self.spec.trust_disk and not self._current(arrays, suffix, stat):
             return None
         latents = torch.from_numpy(arrays[f"latents_{suffix}"])
         if tuple(latents.shape[1:]) != (latent_h, latent_w):

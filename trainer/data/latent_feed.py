@@ -29,6 +29,7 @@ class LatentFeed:
             encode=family.encode_images, seed=seed, to_disk=bool(settings.cache_latents_to_disk),
             flip=bool(settings.flip_aug), batch_size=max(1, int(settings.vae_batch_size or 1)),
             suffix=family.cache_suffix, fingerprint=family.fingerprint(),
+            trust_disk=bool(getattr(settings, "skip_cache_check", False)),
         ))
         report = self.cache.prepare(entries, self._progress_logger())
         if report.pending:

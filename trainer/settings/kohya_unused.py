@@ -102,7 +102,6 @@ ROWS: tuple[KohyaKey, ...] = (
     _sd("highvram", "Nekoya frees GPU memory as usual " + _SAME_RESULT),
     _sd("mem_eff_attn", "attention runs as CrossAttention says, not as sd-scripts' memory-efficient attention "
         + _SAME_RESULT, fix="choose CrossAttention sdpa or xformers to save memory"),
-    _sd("skip_cache_check", "the latent cache on disk is checked as usual " + _SAME_RESULT),
     _sd("log_config", "the training config is not logged to the tracker"),
     _sd("huggingface_repo_id", "the LoRA is not uploaded to Hugging Face: it is only written to the Output folder",
         off=TEXT_OFF, fix="upload the file yourself"),

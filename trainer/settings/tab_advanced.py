@@ -99,6 +99,11 @@ class AdvancedSettings(BaseModel):
     save_last_n_steps: int = setting(0, label="Save last N steps", tab=TAB, section=SAVE, ge=0)
     save_last_n_epochs: int = setting(0, label="Save last N epochs", tab=TAB, section=SAVE, ge=0, help="0 = keep every epoch file.")
     save_last_n_epochs_state: int = setting(0, label="Save last N epochs state", tab=TAB, section=SAVE, ge=0)
+    skip_cache_check: bool = setting(
+        False, label="Skip cache check", tab=TAB, section=SAVE,
+        help="Use latents cached on disk without checking that the image and the VAE are still the same (as "
+             "sd-scripts' --skip_cache_check); off: a changed image or VAE is encoded again.",
+    )
     save_last_n_steps_state: int = setting(
         0, label="Save last N steps state", tab=TAB, section=SAVE, ge=0,
         help="Keep only the step state folders of the last N steps (0 = follow Save last N steps), as sd-scripts.",
