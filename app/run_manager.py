@@ -295,6 +295,8 @@ class RunManager:
         return started, " ".join(extension.notes[:1]) + "." if started else text
 
     def request_save(self) -> str:
+        if self._state is not None and self._state.snapshot().status == "paused":
+            return self._request(lambda c: c.request_save(), "The paused run saves its LoRA now; Try it lists it.")
         return self._request(lambda c: c.request_save(), "The trainer saves the LoRA after the current step.")
 
     def request_sample(self) -> str:

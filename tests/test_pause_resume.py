@@ -64,6 +64,24 @@ def test_pause_waits_until_resume_and_leaves_the_pause_out_of_the_speed():
     assert run.meter.it_per_s() > 20  # the step after the pause took no time of its own
 
 
+def test_save_now_while_paused_writes_the_lora_and_stays_paused():
+    """Save the LoRA now works during a pause, so Try it can load the paused run's current LoRA."""
+    control, rec = Control(), Recorder()
+    saved = []
+    run = fake_run(rec)
+    run.epoch = 2
+    run.outputs = SimpleNamespace(save=lambda kind, step, epoch: saved.append((kind, step, epoch)))
+    control.request_pause()
+    thread, _ = hold_in_thread(control, run)
+    wait_for(lambda: rec.of(ev.Paused))
+    control.request_save()
+    wait_for(lambda: saved)
+    assert saved == [("step", 5, 2)] and thread.is_alive() and not control.take_save_request()
+    control.request_resume()
+    thread.join(5)
+    assert not thread.is_alive() and len(rec.of(ev.Resumed)) == 1
+
+
 def test_stop_while_paused_stops():
     control, rec = Control(), Recorder()
     control.request_pause()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from trainer.saving import KeptWeights
 
 KEEP, FREE = "keep", "free"  # the two pauses: keep the weights where they are, or move them to the CPU
+SAVE = "save"  # a paused run's wake-up for Save now: its LoRA is written (Try it can then load it)
 
 
 class PausableRun(Protocol):
@@ -31,6 +32,8 @@ class PausableRun(Protocol):
     family: Any
     network: Any
     stepper: Any  # its ``optimizer`` holds the state that a pause with free memory moves
+    outputs: Any  # trainer.saving.RunOutputs: Save now while paused writes the step's LoRA
+    epoch: int
 
 
 class Control:
@@ -72,6 +75,7 @@ class Control:
 
     def request_save(self) -> None:
         self._save.set()
+        self._notify()  # a paused run saves at once
 
     # -- from the training thread -------------------------------------------
     @property
@@ -89,8 +93,11 @@ class Control:
         if self._pause == KEEP:
             run.sink(ev.Paused(run.step, note="model, optimizer and data stay loaded"))
         try:
-            while self._wait_while_paused(offloaded is not None) == FREE:
-                offloaded = self._free_memory(run)
+            while (wake := self._wait_while_paused(offloaded is not None)) in (FREE, SAVE):
+                if wake == SAVE and _take(self._save):
+                    run.outputs.save("step", run.step, run.epoch)
+                elif wake == FREE:
+                    offloaded = self._free_memory(run)
         finally:
             if offloaded:
                 offloaded.restore()
@@ -99,11 +106,15 @@ class Control:
         run.sink(ev.Resumed(run.step, paused))
 
     def _wait_while_paused(self, freed: bool) -> str | None:
-        """Block until there is something to do: FREE (free memory now) or None (resume or stop)."""
+        """Block until there is something to do: SAVE (Save now), FREE (free memory now) or None (resume or
+        stop)."""
         with self._changed:
-            while not self._stop.is_set() and (self._pause == KEEP or (self._pause == FREE and freed)):
+            while (not self._stop.is_set() and not self._save.is_set()
+                   and (self._pause == KEEP or (self._pause == FREE and freed))):
                 self._changed.wait()
-            return None if self._stop.is_set() else self._pause
+            if self._stop.is_set():
+                return None
+            return SAVE if self._save.is_set() else self._pause
 
     def _free_memory(self, run: PausableRun) -> Any:
         """Move the weights to the CPU and say so; returns what to restore (False: nothing moved)."""
