@@ -20,7 +20,7 @@ STATUS_TEXT = {
     "pausing": "Pausing…", "paused": "Paused",
     "finished": "Finished", "stopped": "Stopped", "error": "Failed",
 }
-CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 200, 52, 12, 12, 26
+CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 180, 52, 12, 12, 26  # wide and low: a laptop screen shows it all
 MAX_CHART_POINTS = 400
 CHART_MARGIN = 0.08  # of the loss range, between the curve and the lowest/highest gridline
 LOG_TAIL = 60  # lines, not log entries: an entry may hold several

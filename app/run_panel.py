@@ -62,15 +62,14 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
             start = gr.Button("Start training", variant="primary", elem_id="start_training", scale=3, interactive=not snap.active)
             stop = gr.Button("Stop training", variant="stop", elem_id="stop_training", scale=2)
             add_to_queue = gr.Button("Add to queue", elem_id="add_to_queue", scale=2)
-        with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
-            pause = gr.Button("Pause", size="sm", elem_id="pause_training", interactive=_can_pause(snap))
-            pause_free = gr.Button("Pause and free GPU memory", size="sm", elem_id="pause_free_memory",
+        with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):  # one row: the live panel stays in view
+            pause = gr.Button("Pause", size="sm", elem_id="pause_training", interactive=_can_pause(snap), min_width=60)
+            pause_free = gr.Button("Pause + free VRAM", size="sm", elem_id="pause_free_memory", min_width=60,
                                    interactive=_can_pause(snap) or _can_resume(snap))
-            resume = gr.Button("Resume", size="sm", elem_id="resume_training", interactive=_can_resume(snap))
-        with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
-            save_now = gr.Button("Save the LoRA now", size="sm", elem_id="save_now")
-            sample_now = gr.Button("Make samples now", size="sm", elem_id="sample_now")
-        extra = below_buttons()
+            resume = gr.Button("Resume", size="sm", elem_id="resume_training", interactive=_can_resume(snap),
+                               min_width=60)
+            save_now = gr.Button("Save LoRA now", size="sm", elem_id="save_now", min_width=60)
+            sample_now = gr.Button("Samples now", size="sm", elem_id="sample_now", min_width=60)
         message = gr.HTML(elem_id="run_message", visible=False)  # shown once there is something to say
         with gr.Row(visible=_kept_waiting(snap), elem_id="nk-save-kept", equal_height=True) as save_kept_row:
             save_kept_path = gr.Textbox(label="Folder or .safetensors file on a disk with free space", scale=4,
@@ -88,6 +87,8 @@ def build_run_column(runs: RunManager, form_defaults: Mapping[str, Any],
         gr.HTML('<div class="nk-section-title">Step plan and checks</div>', elem_id="nk-plan-title")
         plan = gr.HTML(plan_html(form_defaults), elem_id="nk-plan")
         output = gr.HTML(render_run_output(snap), elem_id="nk-run-output")
+        with gr.Column(elem_id="nk-run-extras"):  # queue, training command, TensorBoard: after what a run shows
+            extra = below_buttons()
         page_run, shown = gr.State(0), gr.State(NOTHING_SHOWN)
     return RunColumn(start, stop, pause, resume, pause_free, save_now, sample_now, message, save_kept_row, save_kept_path,
                      save_kept, train_more_row, train_more_amount, train_more_unit, train_more, live, gallery, plan,
