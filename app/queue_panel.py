@@ -41,7 +41,7 @@ class QueuePanel:
 
 def build_queue_panel(queue: JobQueue) -> QueuePanel:
     jobs = _jobs(queue)
-    with gr.Accordion("Job queue", open=bool(jobs), elem_id="nk-queue"):  # closed while empty: less to scroll
+    with gr.Accordion("Job queue", open=True, elem_id="nk-queue"):
         table = gr.HTML(render_queue(jobs), elem_id="queue_table")
         pick = gr.Dropdown(job_choices(jobs), value=None, label="Job", elem_id="queue_pick", interactive=True)
         with gr.Row(equal_height=True, elem_classes=["nk-small-buttons"]):
