@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import DropoutDraws
+from .module import DropoutDraws, WrappedLayer
 
 
-class DyLoRAModule(nn.Module):
+class DyLoRAModule(WrappedLayer):
     def __init__(self, lora_name: str, org_module: nn.Module, rank: int, alpha: float | None, unit: int = 1,
                  init_generator: torch.Generator | None = None) -> None:
-        super().__init__()
+        super().__init__(org_module)
         self.lora_name = lora_name
         self.rank, self.unit = int(rank), int(unit)
         if self.unit < 1 or self.rank % self.unit:
@@ -52,28 +52,12 @@ class DyLoRAModule(nn.Module):
         self.scale = self.alpha.item() / self.rank
         self.register_load_state_dict_post_hook(lambda module, _keys: module._rescale())
         self.multiplier = 1.0
-        self._org = [org_module]
-        self._org_forward = None
         self.draws: DropoutDraws | None = None  # the run's draws (LoRANetwork.set_dropout_generator)
         self.draw_key = 0
         self.last_block: int | None = None  # the first trained row of the last training forward (for tests)
 
     def _rescale(self) -> None:
         self.scale = self.alpha.item() / self.rank
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        if self._org_forward is not None:
-            self.org_module.forward = self._org_forward
-            self._org_forward = None
 
     def trained_block(self) -> int:
         """sd-scripts' draw: ``randint(0, rank - 1)`` rounded down to a multiple of unit; from the batch's seed

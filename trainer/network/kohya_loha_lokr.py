@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import DropoutDraws, _module_draw
+from .module import DropoutDraws, WrappedLayer, _module_draw
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -74,12 +74,12 @@ def rebuild_tucker(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> 
     return torch.einsum("i j ..., i p, j r -> p r ...", core, w_a, w_b)
 
 
-class _WeightDeltaModule(nn.Module):
+class _WeightDeltaModule(WrappedLayer):
     """What LoHa and LoKr share: the wrapped layer, its geometry, alpha, dropouts and the forward."""
 
     def __init__(self, lora_name: str, org_module: nn.Module, rank: int, alpha: float | None, rank_dropout: float,
                  module_dropout: float, use_tucker: bool) -> None:
-        super().__init__()
+        super().__init__(org_module)
         self.lora_name = lora_name
         self.rank = int(rank)
         self.is_conv = isinstance(org_module, nn.Conv2d)
@@ -100,8 +100,6 @@ class _WeightDeltaModule(nn.Module):
         self.multiplier = 1.0
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-        self._org = [org_module]  # not a child: the base layer stays out of this module's state dict
-        self._org_forward = None
         self.draws: DropoutDraws | None = None
         self.draw_key = 0
         self._mask_generator: torch.Generator | None = None
@@ -109,20 +107,6 @@ class _WeightDeltaModule(nn.Module):
     def _rescale(self) -> None:
         """alpha may come from a weights file."""
         self.scale = self.alpha.item() / self.rank
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        if self._org_forward is not None:
-            self.org_module.forward = self._org_forward
-            self._org_forward = None
 
     def diff_weight(self) -> torch.Tensor:
         """ΔW shaped as the layer's weight for Linear and 3x3 convs, (out, in) for 1x1 convs; alpha / rank in."""

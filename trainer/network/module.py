@@ -41,7 +41,33 @@ def _uninitialised(layer_class, *args, **kwargs) -> nn.Module:
     return layer
 
 
-class LoRAModule(nn.Module):
+class WrappedLayer(nn.Module):
+    """Wraps a frozen Linear/Conv2d's ``forward`` (sd-scripts' way): the base layer is held in a list so it is
+    not a child (its weights stay out of this module's state dict) and its module tree stays as it was."""
+
+    def __init__(self, org_module: nn.Module) -> None:
+        super().__init__()
+        self._org = [org_module]
+        self._org_forward = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    def apply_to(self) -> None:
+        """Route the base layer's forward through this module."""
+        if self._org_forward is None:
+            self._org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        """Give the base layer its own forward back."""
+        if self._org_forward is not None:
+            self.org_module.forward = self._org_forward
+            self._org_forward = None
+
+
+class LoRAModule(WrappedLayer):
     """``y = org(x) + up(down(x)) * multiplier * alpha / rank``; the update is 0 at init."""
 
     def __init__(
@@ -55,7 +81,7 @@ class LoRAModule(nn.Module):
         module_dropout: float = 0.0,
         init_generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(org_module)
         self.lora_name = lora_name
         self.rank = int(rank)
         # built on the meta device: the layers' default init would draw from the global RNG (both are
@@ -77,9 +103,6 @@ class LoRAModule(nn.Module):
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-        # Held in a list so the base layer is not registered as a child (no double state dict).
-        self._org = [org_module]
-        self._org_forward = None
         self._linear = isinstance(org_module, nn.Linear)
         # samples in the current batch, shared by the network's modules (LoRANetwork.set_batch_size): the lean
         # models feed their Linears tokens as rows (batch * tokens, features), and rank dropout masks per sample
@@ -89,22 +112,6 @@ class LoRAModule(nn.Module):
         self.draws: DropoutDraws | None = None
         self.draw_key = 0
         self._mask_generator: torch.Generator | None = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the base layer's forward through this module."""
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        """Give the base layer its own forward back."""
-        if self._org_forward is not None:
-            self.org_module.forward = self._org_forward
-            self._org_forward = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
