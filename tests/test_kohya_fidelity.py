@@ -78,10 +78,9 @@ KOHYA_LORA_TAB_KEYS = """
 
 # Keys that do not apply to SD 1.x/2.x/SDXL: kohya_ss passes them to sd-scripts only for another family.
 NOT_FOR_SD = {
+    # the Flux.1 keys Nekoya applies are settings (trainer/settings/tab_flux.py); these it does not apply yet
     "Flux.1 (flux_train_network.py, networks.lora_flux)": """
-        flux1_cache_text_encoder_outputs flux1_cache_text_encoder_outputs_to_disk model_type ae clip_l t5xxl
-        discrete_flow_shift model_prediction_type timestep_sampling split_mode train_blocks t5xxl_max_token_length
-        enable_all_linear guidance_scale mem_eff_save apply_t5_attn_mask split_qkv train_t5xxl
+        flux1_cache_text_encoder_outputs_to_disk enable_all_linear mem_eff_save split_qkv
         cpu_offload_checkpointing single_blocks_to_swap double_blocks_to_swap img_attn_dim img_mlp_dim img_mod_dim
         single_dim txt_attn_dim txt_mlp_dim txt_mod_dim single_mod_dim in_dims train_double_block_indices
         train_single_block_indices fp8_base_unet train_lora_ggpo ggpo_sigma ggpo_beta""",
@@ -111,6 +110,7 @@ CHANGES_NO_SD_RUN = {
     "save_state_to_huggingface": "an upload detail; huggingface_repo_id warns",
     "async_upload": "an upload detail; huggingface_repo_id warns",
     "persistent_data_loader_workers": "Nekoya's data workers are threads: no processes to keep",
+    "train_blocks": "kohya_ss passes train_blocks=single only with split_mode, which Nekoya applies",
 }
 
 # What makes a key matter where another setting can make it do nothing.

@@ -16,6 +16,8 @@ KOHYA_LOKR = "networks.lokr"
 KOHYA_DYLORA = "networks.dylora"
 LORA_FA = "networks.lora_fa"
 KOHYA_OWN_MODULES = (KOHYA_LOHA, KOHYA_LOKR, KOHYA_DYLORA, LORA_FA)
+# sd-scripts' FLUX.1 LoRA: Nekoya's own LoRA modules on the FLUX family's BFL-layout blocks (its keys)
+FLUX_LORA = "networks.lora_flux"
 # kohya_ss refuses Kohya LoHa/LoKr unless the SDXL (or Anima) checkbox is ticked: sd-scripts' networks.loha and
 # networks.lokr detect only those architectures
 SDXL_ONLY_TYPES = ("Kohya LoHa", "Kohya LoKr")
@@ -79,10 +81,11 @@ TYPES: dict[str, LoraType] = {t.name: t for t in (
                                                          "rank_dropout", "module_dropout")),
     # kohya_ss passes no conv_dim to networks.lora_fa (its convolution row is shown but not used)
     LoraType("LoRA-FA", LORA_FA, conv=False, args=(*_BLOCK_ARGS, "rank_dropout", "module_dropout")),
+    LoraType("Flux1", FLUX_LORA),
 )}
 
 # kohya_ss's other types: loaded and saved as they are, refused by the check until Nekoya trains them
-NOT_YET = ("Flux1", "Flux1 OFT")
+NOT_YET = ("Flux1 OFT",)
 ALL_TYPES = tuple(TYPES) + NOT_YET
 
 # kohya_ss shows the convolution row for these (for LoRA-FA too, although it does not pass conv_dim)

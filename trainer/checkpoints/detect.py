@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.checkpoints.errors import CheckpointError
-from trainer.checkpoints.layouts import SD1, SD2, SDXL
+from trainer.checkpoints.layouts import FLUX1, SD1, SD2, SDXL
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES
 from trainer.checkpoints.reader import TensorSource
 from trainer.checkpoints.weight_files import UnreadableIndex, component_weight_files
@@ -75,6 +75,8 @@ def detect(path) -> ModelInfo:
 def detect_from_keys(path: Path, fmt: str, shapes: dict[str, tuple], metadata: dict | None = None) -> ModelInfo:
     """Family and problems of a single file, from its key names and tensor shapes."""
     keys = list(shapes)
+    if is_bfl_flux(shapes):  # the encoders and AE are separate files (the Flux.1 settings name them)
+        return ModelInfo(path, fmt, FLUX1, False, "checkpoint", ())
     if UNET_PROBE not in shapes:
         kind, reason = _not_a_base_model(keys)
         return ModelInfo(path, fmt, None, None, kind, (reason,))
@@ -82,6 +84,12 @@ def detect_from_keys(path: Path, fmt: str, shapes: dict[str, tuple], metadata: d
     problems += _missing_parts(keys, shapes)
     v_param = _v_parameterization(keys, metadata or {}, family)
     return ModelInfo(path, fmt, family if family else None, v_param, "checkpoint", tuple(problems))
+
+
+def is_bfl_flux(shapes: dict) -> bool:
+    """A FLUX.1 transformer in Black Forest Labs' layout (as BFL, kohya_ss and ComfyUI store it)."""
+    prefix = "model.diffusion_model." if "model.diffusion_model.img_in.weight" in shapes else ""
+    return prefix + "img_in.weight" in shapes and any(k.startswith(prefix + "double_blocks.") for k in shapes)
 
 
 def _not_a_base_model(keys: list[str]) -> tuple[str, str]:
@@ -154,6 +162,8 @@ def detect_diffusers_folder(folder: Path) -> ModelInfo:
 
 def _folder_family(folder: Path, index: dict) -> str | None:
     cls = index.get("_class_name", "")
+    if cls == "FluxPipeline":
+        return FLUX1
     if cls == "StableDiffusionXLPipeline":
         return SDXL
     if cls != "StableDiffusionPipeline":
@@ -164,7 +174,7 @@ def _folder_family(folder: Path, index: dict) -> str | None:
 
 
 def _components(index: dict) -> list[str]:
-    wanted = ("unet", "vae", "text_encoder", "text_encoder_2")
+    wanted = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
     return [name for name in wanted if isinstance(index.get(name), list) and index[name][0] is not None]
 
 

@@ -87,6 +87,9 @@ class ImageGenerator:
 
     def denoise(self, spec: ImageSpec, cond: Any, guided: bool, progress: ProgressFn | None) -> torch.Tensor:
         family, unet = self.family, self.family.unet
+        own_sampler = getattr(family, "denoise", None)  # a family with its own formulation (flow matching)
+        if own_sampler is not None:
+            return own_sampler(spec, cond, progress, self.device, self.autocast)
         scheduler = make_scheduler(spec.sampler, family.v_prediction, self.clip_sample, family.spec.schedule)
         scheduler.set_timesteps(spec.steps, device=self.device)
         generator = torch.Generator("cpu").manual_seed(int(spec.seed))

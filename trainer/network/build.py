@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from trainer.lora_blocks import BLOCK_KEYS
-from trainer.lora_types import KOHYA_OWN_MODULES, arg_text
+from trainer.lora_types import FLUX_LORA, KOHYA_OWN_MODULES, arg_text
 
 from .network import LoRANetwork, NetworkConfigError, NetworkSpec
 from .targets import Role
@@ -70,6 +70,11 @@ def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
             args["rank_dropout"] = str(spec.rank_dropout)
         if spec.module_dropout:
             args["module_dropout"] = str(spec.module_dropout)
+    if spec.network_module == FLUX_LORA:  # kohya_ss's Flux1 variables
+        if getattr(settings, "split_mode", False):
+            args["train_blocks"] = "single"
+        if getattr(settings, "train_t5xxl", False):
+            args["train_t5xxl"] = "True"
     for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
         if getattr(settings, key, 0):  # kohya_ss appends the LoRA+ ratios that are not 0
             args[key] = arg_text(getattr(settings, key))

@@ -71,8 +71,8 @@ def _family(family: str, *keys: str) -> list[KohyaKey]:
     return [KohyaKey(k, f"a {family} setting: kohya_ss uses it only when training {family}", OTHER) for k in keys]
 
 
-_FAMILY_CHECKBOX = ("Nekoya trains SD 1.x, SD 2.x and SDXL only: the run follows the v2 and SDXL checkboxes "
-                    "and the model file, not {}")
+_FAMILY_CHECKBOX = ("Nekoya trains SD 1.x, SD 2.x, SDXL and FLUX.1 only: the run follows the v2, SDXL and Flux.1 "
+                    "checkboxes and the model file, not {}")
 _ONE_DEVICE = "Nekoya trains in one process on one device"
 _NO_DYNAMO = (("dynamo_backend", ("no", "")),)
 _SAME_RESULT = "(the trained LoRA is the same; only speed or memory use differ)"
@@ -82,7 +82,7 @@ ROWS: tuple[KohyaKey, ...] = (
     _sd("train_inpainting", "the model is trained as a text-to-image model: the UNet gets no mask or masked image",
         fix="train inpainting LoRAs with kohya_ss"),
     *(_sd(key, _FAMILY_CHECKBOX.format(name)) for key, name in (
-        ("flux1_checkbox", "Flux.1"), ("sd3_checkbox", "SD3"), ("hunyuan_image_checkbox", "HunyuanImage-2.1"),
+        ("sd3_checkbox", "SD3"), ("hunyuan_image_checkbox", "HunyuanImage-2.1"),
         ("anima_checkbox", "Anima"), ("lumina_checkbox", "Lumina"))),
     # --- accelerate launch -------------------------------------------------------------------------
     _sd("num_processes", _ONE_DEVICE + " (kohya_ss's N processes each train a batch: N times the batch per step)",
@@ -118,13 +118,14 @@ ROWS: tuple[KohyaKey, ...] = (
     *_none("Nekoya's data workers are threads: there are no worker processes to keep between epochs",
            "persistent_data_loader_workers"),
     # --- keys of other model families ---------------------------------------------------------------
-    *_family("Flux.1", "flux1_cache_text_encoder_outputs", "flux1_cache_text_encoder_outputs_to_disk", "model_type",
-             "ae", "clip_l", "t5xxl", "discrete_flow_shift", "model_prediction_type", "timestep_sampling", "split_mode",
-             "train_blocks", "t5xxl_max_token_length", "enable_all_linear", "guidance_scale", "mem_eff_save",
-             "apply_t5_attn_mask", "split_qkv", "train_t5xxl", "cpu_offload_checkpointing", "single_blocks_to_swap",
+    # FLUX.1 keys Nekoya does not apply yet (tab_flux.py declares the ones it applies)
+    *_family("Flux.1", "flux1_cache_text_encoder_outputs_to_disk", "enable_all_linear", "mem_eff_save",
+             "split_qkv", "cpu_offload_checkpointing", "single_blocks_to_swap",
              "double_blocks_to_swap", "img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim", "txt_attn_dim",
              "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims", "train_double_block_indices",
              "train_single_block_indices", "fp8_base_unet", "train_lora_ggpo", "ggpo_sigma", "ggpo_beta"),
+    *_none("kohya_ss does not pass it to sd-scripts (it sends train_blocks=single only with split_mode, which Nekoya "
+           "applies the same way)", "train_blocks"),
     *_family("Flux.1 or SD3", "t5xxl_lr"),
     *_family("SD3", "sd3_cache_text_encoder_outputs", "sd3_cache_text_encoder_outputs_to_disk",
              "sd3_fused_backward_pass", "clip_g", "clip_g_dropout_rate", "sd3_clip_l", "sd3_clip_l_dropout_rate",
@@ -169,7 +170,7 @@ _COVERED_PREFIXES = ("huggingface_", "wandb_")
 def kohya_key(key: str) -> KohyaKey | None:
     """The row for ``key``, also for keys of a prefix the table covers; None for a key kohya_ss does not write."""
     row = KOHYA_KEYS.get(key)
-    if row is None and key.startswith(_FAMILY_PREFIXES):
+    if row is None and key.startswith(_FAMILY_PREFIXES) and not _declared(key):  # flux1_* keys Nekoya applies
         row = KohyaKey(key, "a setting of another model family: kohya_ss uses it only when training that family",
                        OTHER)
     elif row is None and key.startswith(_COVERED_PREFIXES) and not _declared(key):

@@ -1,0 +1,188 @@
+"""FLUX.1 without training: the BFL-layout model against diffusers, the key maps, sd-scripts' LoRA module list,
+the flow-matching schedule, settings, detection and the check."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.families import spec_for_settings
+from trainer.families.flow_matching import FlowConfig, FlowMatchingSchedule
+from trainer.families.flux_spec import DOUBLE_BLOCKS, FLUX1, SINGLE_BLOCKS
+from trainer.families.flux_weights import config_from_bfl_shapes, config_from_diffusers, diffusers_to_bfl
+from trainer.models.flux import Flux, FluxConfig, image_ids, pack_latents, unpack_latents
+from trainer.settings import TrainingSettings
+
+from flux_support import tiny_flux_dir, tiny_flux_files  # noqa: F401  (fixtures)
+
+DOUBLE_LINEARS = ("mod_lin", "attn_qkv", "attn_proj", "mlp_0", "mlp_2")
+SINGLE_LINEARS = ("linear1", "linear2", "modulation_lin")
+CLIP_LINEARS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+
+
+def sd_scripts_module_names(double: int, single: int, clip_layers: int = 0, single_only: bool = False) -> set[str]:
+    """What networks.lora_flux's target rules give: every Linear of each DoubleStreamBlock (img_/txt_ mod.lin,
+    attn.qkv, attn.proj, mlp.0, mlp.2) and SingleStreamBlock (linear1, linear2, modulation.lin), and CLIP-L's
+    attention and MLP Linears under lora_te1 (written from BFL's architecture, not from Nekoya's modules)."""
+    names = {f"lora_unet_single_blocks_{i}_{m}" for i in range(single) for m in SINGLE_LINEARS}
+    if not single_only:
+        names |= {f"lora_unet_double_blocks_{i}_{s}_{m}" for i in range(double) for s in ("img", "txt")
+                  for m in DOUBLE_LINEARS}
+    names |= {f"lora_te1_text_model_encoder_layers_{i}_{m}" for i in range(clip_layers) for m in CLIP_LINEARS}
+    return names
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusers_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    from trainer.devtools.tiny_flux import TINY_TRANSFORMER
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embeds=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def test_bfl_layout_model_computes_what_diffusers_flux_computes(tiny_diffusers_transformer):
+    reference = tiny_diffusers_transformer
+    state = diffusers_to_bfl(reference.state_dict())
+    config = config_from_bfl_shapes({k: tuple(v.shape) for k, v in state.items()})
+    assert config == config_from_diffusers(reference.config)
+    model = Flux(config).eval()
+    model.load_state_dict(state, strict=True)
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    txt, y = torch.randn(2, 7, 32, generator=generator), torch.randn(2, 32, generator=generator)
+    t, g = torch.tensor([0.3, 0.8]), torch.tensor([3.5, 1.0])
+    img, ids, txt_ids = pack_latents(latents), image_ids(2, 4, 4), torch.zeros(2, 7, 3)
+    with torch.no_grad():
+        ours = model(img, ids, txt, txt_ids, t, y, g)
+        theirs = reference(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                           img_ids=ids[0], txt_ids=txt_ids[0], guidance=g).sample
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert torch.equal(unpack_latents(img, 4, 4), latents)
+
+
+def test_key_map_is_the_inverse_of_diffusers_converter_at_flux1_width():
+    """diffusers' own BFL->diffusers converter (full width only) takes our map's output back to diffusers' keys."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    with torch.device("meta"):
+        full = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+    original = full.state_dict()
+    bfl = diffusers_to_bfl(original)
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert set(back) == set(original)
+    assert all(back[k].shape == original[k].shape for k in original)
+
+
+def test_full_size_lora_targets_are_sd_scripts_modules_and_the_spec_figure():
+    from trainer.families.flux import FluxFamily
+    from trainer.network.targets import find_target_layers
+
+    family = FluxFamily(TrainingSettings(flux1_checkbox=True, flux1_cache_text_encoder_outputs=True))
+    with torch.device("meta"):
+        family.unet = Flux(FluxConfig())
+    [target] = [t for t in _unet_only(family.lora_targets())]
+    layers = find_target_layers(target, with_conv=False)
+    assert {layer.lora_name for layer in layers} == sd_scripts_module_names(DOUBLE_BLOCKS, SINGLE_BLOCKS)
+    per_rank = sum(layer.module.in_features + layer.module.out_features for layer in layers)
+    assert per_rank == FLUX1.unet_lora_per_rank
+    assert sum(p.numel() for p in family.unet.parameters()) == FLUX1.unet_params
+
+
+def _unet_only(targets):
+    return [t for t in targets if t.prefix == "lora_unet"]
+
+
+def test_flow_matching_noise_target_and_prediction_types():
+    latents, noise = torch.full((2, 4, 2, 2), 2.0), torch.full((2, 4, 2, 2), -1.0)
+    timesteps = torch.tensor([250.0, 1000.0])
+    schedule = FlowMatchingSchedule(FlowConfig(model_prediction_type="sigma_scaled"))
+    noisy = schedule.add_noise(latents, noise, timesteps)
+    assert torch.allclose(noisy[0], torch.full((4, 2, 2), 0.75 * 2 - 0.25)) and torch.allclose(noisy[1], noise[1])
+    assert torch.equal(schedule.target(latents, noise, timesteps), noise - latents)
+    pred = torch.ones_like(latents)
+    assert torch.allclose(schedule.apply_prediction_type(pred, noisy, timesteps)[0], noisy[0] - 0.25)
+    raw = FlowMatchingSchedule(FlowConfig(model_prediction_type="raw"))
+    assert torch.equal(raw.apply_prediction_type(pred, noisy, timesteps), pred)
+    additive = FlowMatchingSchedule(FlowConfig(model_prediction_type="additive"))
+    assert torch.equal(additive.apply_prediction_type(pred, noisy, timesteps), pred + noisy)
+
+
+@pytest.mark.parametrize("sampling", ["sigma", "uniform", "sigmoid", "shift", "flux_shift"])
+def test_timestep_sampling_draws_sd_scripts_distributions(sampling):
+    config = FlowConfig(timestep_sampling=sampling, discrete_flow_shift=3.0, image_tokens=1024)
+    schedule = FlowMatchingSchedule(config)
+    t = schedule.sample_timesteps(4000, None, torch.Generator().manual_seed(0), "cpu")
+    sigmas = t / 1000
+    assert t.dtype == torch.float32 and t.shape == (4000,) and 0 < sigmas.min() and sigmas.max() <= 1
+    median = sigmas.median().item()
+    expected = {  # the median of each distribution: uniform/sigmoid 0.5; shifted ones 3*0.5/(1+2*0.5)
+        "uniform": 0.5, "sigmoid": 0.5, "shift": 0.75, "sigma": 0.75,
+        "flux_shift": math.exp(0.5 + 0.65 * (1024 - 256) / 3840) / (math.exp(0.5 + 0.65 * (1024 - 256) / 3840) + 1),
+    }[sampling]
+    assert abs(median - expected) < 0.03, (sampling, median, expected)
+
+
+def test_logit_normal_and_mode_weighting_change_the_sigma_draws():
+    base = FlowMatchingSchedule(FlowConfig(timestep_sampling="sigma", weighting_scheme="logit_normal", logit_mean=2.0))
+    draws = base.sample_timesteps(2000, None, torch.Generator().manual_seed(0), "cpu") / 1000
+    uniform = FlowMatchingSchedule(FlowConfig()).sample_timesteps(2000, None, torch.Generator().manual_seed(0), "cpu")
+    assert draws.median() < uniform.median() / 1000  # u shifted up picks smaller sigmas of the descending table
+
+
+def test_the_flux_checkbox_selects_the_family_and_its_settings_show():
+    from trainer.settings import setting_info
+
+    settings = TrainingSettings(flux1_checkbox=True)
+    assert spec_for_settings(settings) is FLUX1 and spec_for_settings(TrainingSettings()) is not FLUX1
+    for key in ("ae", "clip_l", "t5xxl", "guidance_scale", "timestep_sampling", "discrete_flow_shift"):
+        info = setting_info(key)
+        assert info.is_visible({"flux1_checkbox": True}) and not info.is_visible({"flux1_checkbox": False})
+    assert setting_info("timestep_sampling").choices == ("flux_shift", "sigma", "shift", "sigmoid", "uniform")
+    assert (settings.discrete_flow_shift, settings.model_prediction_type, settings.guidance_scale,
+            settings.t5xxl_max_token_length) == (3.0, "sigma_scaled", 3.5, 512)
+
+
+def test_detection_finds_flux_folders_and_bfl_files(tiny_flux_dir, tiny_flux_files):
+    from trainer.checkpoints import detect
+
+    assert detect(tiny_flux_dir).family == FLUX1.layout
+    info = detect(tiny_flux_files["transformer"])
+    assert info.family == FLUX1.layout and info.ok
+    assert detect(tiny_flux_files["ae"]).family is None  # an AE alone is not a base model
+
+
+def test_single_files_load_the_same_weights_as_the_folder(tiny_flux_dir, tiny_flux_files):
+    from trainer.families.flux_load import load_flux
+
+    folder = load_flux(TrainingSettings(flux1_checkbox=True, pretrained_model_name_or_path=str(tiny_flux_dir)),
+                       torch.float32)
+    files = load_flux(flux_file_settings(tiny_flux_files), torch.float32)
+    for a, b in ((folder.transformer, files.transformer), (folder.clip, files.clip), (folder.t5, files.t5),
+                 (folder.vae, files.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def flux_file_settings(files, **overrides) -> TrainingSettings:
+    return TrainingSettings(flux1_checkbox=True, pretrained_model_name_or_path=str(files["transformer"]),
+                            clip_l=str(files["clip_l"]), t5xxl=str(files["t5xxl"]), ae=str(files["ae"]), **overrides)
+
+
+def test_the_check_names_missing_flux_files_before_loading(tiny_flux_files, tmp_path):
+    from trainer.preflight import check
+
+    settings = flux_file_settings(tiny_flux_files, LoRA_type="Flux1").model_copy(
+        update={"t5xxl": "", "clip_l": str(tiny_flux_files["ae"]), "output_dir": str(tmp_path)})
+    errors = {p.field: p for p in check(settings, deep=False).errors}
+    assert "t5xxl is empty" in errors["t5xxl"].message and "t5xxl_fp16" in errors["t5xxl"].fix
+    assert "is not a CLIP-L file" in errors["clip_l"].message
+    wrong_type = check(flux_file_settings(tiny_flux_files, LoRA_type="Standard", output_dir=str(tmp_path)), deep=False)
+    assert any(p.field == "LoRA_type" and "Flux1" in p.fix for p in wrong_type.errors)

@@ -1,0 +1,90 @@
+"""FLUX.1 checks: the separate encoder/AE files kohya_ss's Flux fields name, the LoRA type, and the settings
+sd-scripts' FLUX trainer reads differently. Only file headers are read; nothing is loaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.lora_types import FLUX_LORA, TYPES
+from trainer.preflight.registry import CheckContext, preflight_check
+from trainer.preflight.report import Problem
+
+FLUX_FILES = {"clip_l": ("CLIP-L", "clip_l.safetensors", "embeddings.token_embedding.weight"),
+              "t5xxl": ("T5-XXL", "t5xxl_fp16.safetensors", "shared.weight"),
+              "ae": ("AE", "ae.safetensors", "decoder.conv_in.weight")}
+# sd-scripts' FLUX trainer keeps the loss as it is (FluxNetworkTrainer.post_process_loss)
+SD_LOSS_SETTINGS = ("min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss")
+
+
+def _flux(ctx: CheckContext) -> bool:
+    return bool(getattr(ctx.settings, "flux1_checkbox", False))
+
+
+@preflight_check("model.flux_files")
+def check_flux_files(ctx: CheckContext):
+    if not _flux(ctx) or ctx.model is None or ctx.model.info.format == "diffusers":
+        return  # a diffusers FLUX folder holds every part; an empty field takes the folder's
+    for key, (name, example, probe) in FLUX_FILES.items():
+        value = str(getattr(ctx.settings, key) or "").strip()
+        if not value:
+            yield Problem("error", key, f"a FLUX transformer file needs the {name} file too, and {key} is empty",
+                          fix=f"set {key} to your {example}")
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            yield Problem("error", key, f"{path} does not exist", fix=f"set {key} to your {example}", file=value)
+            continue
+        problem = _header_problem(path, probe, name)
+        if problem:
+            yield Problem("error", key, problem, fix=f"set {key} to your {example}", file=value)
+
+
+def _header_problem(path: Path, probe: str, name: str) -> str:
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return ""
+    from trainer.checkpoints.integrity import read_safetensors_header
+
+    try:
+        shapes = read_safetensors_header(path).shapes
+    except Exception as exc:  # a damaged or foreign file: say which
+        return f"{path.name} cannot be read as .safetensors ({exc})"
+    if not any(k == probe or k.endswith("." + probe) or k == "text_model." + probe or
+               k == "encoder.embed_tokens.weight" and probe == "shared.weight" for k in shapes):
+        return f"{path.name} is not a {name} file (it has no {probe})"
+    return ""
+
+
+@preflight_check("network.flux_type")
+def check_flux_lora_type(ctx: CheckContext):
+    s = ctx.settings
+    lora_type = TYPES.get(s.LoRA_type)
+    flux_type = lora_type is not None and lora_type.network_module == FLUX_LORA
+    if _flux(ctx) and not flux_type:
+        yield Problem("error", "LoRA_type", f"LoRA type {s.LoRA_type!r} does not train FLUX.1 models (kohya_ss refuses it "
+                      "with the Flux.1 checkbox)", fix="choose LoRA type Flux1")
+    elif flux_type and not _flux(ctx):
+        yield Problem("error", "LoRA_type", "LoRA type Flux1 trains FLUX.1 models only",
+                      fix="tick Flux.1 and choose a FLUX.1 model, or choose LoRA type Standard")
+
+
+@preflight_check("training.flux_settings")
+def check_flux_settings(ctx: CheckContext):
+    s = ctx.settings
+    if not _flux(ctx):
+        return
+    if s.model_type != "flux":
+        yield Problem("error", "model_type", f"Base Model Type {s.model_type!r} (Chroma) is not trained by Nekoya yet",
+                      fix="choose flux, or train Chroma with kohya_ss")
+    for key in SD_LOSS_SETTINGS:
+        if getattr(s, key, 0):
+            yield Problem("warning", key, f"{key} is ignored by sd-scripts' FLUX trainer (kohya_ss's run keeps the "
+                          "loss as it is); Nekoya applies it with the flow-matching SNR ((1-sigma)/sigma)^2, so the "
+                          "LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train as kohya_ss does")
+    if s.noise_offset_type == "Multires" and s.multires_noise_iterations or s.noise_offset_type != "Multires" and (
+            s.noise_offset or s.adaptive_noise_scale):
+        key = "multires_noise_iterations" if s.noise_offset_type == "Multires" else "noise_offset"
+        yield Problem("warning", key, f"{key} is not used by sd-scripts' FLUX trainer (it draws plain Gaussian noise); "
+                      "Nekoya applies it, so the LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train as "
+                      "kohya_ss does")
+    if s.train_t5xxl and s.flux1_cache_text_encoder_outputs:
+        yield Problem("error", "train_t5xxl", "Train T5-XXL needs the text encoders' outputs, which "
+                      "Cache Text Encoder Outputs stores once", fix="untick one of the two")

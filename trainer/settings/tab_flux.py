@@ -1,0 +1,83 @@
+"""FLUX.1 settings: kohya_ss's Flux.1 accordion (``kohya_gui/class_flux1.py``), shown when the family is picked.
+
+Labels, defaults and choices are kohya_ss's. The keys of that accordion Nekoya does not apply yet stay in
+``kohya_unused.py`` (kept and written back; the check names them when they are set).
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .field import setting
+
+TAB = "Parameters"
+SECTION = "Flux.1"
+ONLY_FLUX = {"flux1_checkbox": (True,)}  # shown when kohya's Flux.1 checkbox is ticked
+
+
+class FluxSettings(BaseModel):
+    flux1_checkbox: bool = setting(
+        False, label="Flux.1", tab="Source Model",
+        help="Tick for FLUX.1 dev or schnell models (a BFL transformer file with the CLIP-L, T5-XXL and AE files "
+        "below, or a diffusers FLUX folder).",
+    )
+    model_type: str = setting(
+        "flux", label="Base Model Type", tab=TAB, section=SECTION, choices=("flux", "chroma"), visible_when=ONLY_FLUX,
+        help="flux: FLUX.1 dev or schnell. chroma is not trained by Nekoya yet.",
+    )
+    ae: str = setting(
+        "", label="VAE Path", tab=TAB, section=SECTION, widget="file", visible_when=ONLY_FLUX,
+        help="The FLUX autoencoder (ae.safetensors). Not needed for a diffusers FLUX folder.",
+    )
+    clip_l: str = setting(
+        "", label="CLIP-L Path", tab=TAB, section=SECTION, widget="file", visible_when=ONLY_FLUX,
+        help="The CLIP-L text encoder (clip_l.safetensors). Not needed for a diffusers FLUX folder.",
+    )
+    t5xxl: str = setting(
+        "", label="T5-XXL Path", tab=TAB, section=SECTION, widget="file", visible_when=ONLY_FLUX,
+        help="The T5-XXL text encoder (t5xxl_fp16.safetensors or fp8). Its tokenizer is read from the same folder "
+        "(tokenizer.json or spiece.model) or the local Hugging Face cache of google/t5-v1_1-xxl.",
+    )
+    discrete_flow_shift: float = setting(
+        3.0, label="Discrete Flow Shift", tab=TAB, section=SECTION, ge=-1024, le=1024, visible_when=ONLY_FLUX,
+        help="Discrete flow shift for the Euler Discrete Scheduler, default is 3.0",
+    )
+    model_prediction_type: str = setting(
+        "sigma_scaled", label="Model Prediction Type", tab=TAB, section=SECTION,
+        choices=("raw", "additive", "sigma_scaled"), visible_when=ONLY_FLUX,
+        help="How the prediction is read, as sd-scripts: raw (as is), additive (plus the noisy input), "
+        "sigma_scaled (times -sigma plus the noisy input).",
+    )
+    timestep_sampling: str = setting(
+        "sigma", label="Timestep Sampling", tab=TAB, section=SECTION,
+        choices=("flux_shift", "sigma", "shift", "sigmoid", "uniform"), visible_when=ONLY_FLUX,
+        help="How timesteps are drawn: sigma (the shifted scheduler table), uniform, sigmoid of a normal, "
+        "shift (sigmoid shifted by Discrete Flow Shift), flux_shift (FLUX.1's resolution-dependent shift).",
+    )
+    sigmoid_scale: float = setting(
+        1.0, label="Sigmoid Scale", tab=TAB, section=SECTION, ge=0.0001, le=100, visible_when=ONLY_FLUX,
+        help="sd-scripts' --sigmoid_scale: scale of the normal draw for sigmoid, shift and flux_shift sampling.",
+    )
+    apply_t5_attn_mask: bool = setting(
+        False, label="Apply T5 Attention Mask", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
+        help="Apply attention mask to T5-XXL encode and FLUX double blocks ",
+    )
+    split_mode: bool = setting(
+        False, label="Split Mode", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
+        help="Split mode for Flux1: as kohya_ss, only the single blocks are trained (train_blocks=single).",
+    )
+    train_t5xxl: bool = setting(
+        False, label="Train T5-XXL", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
+        help="Train T5-XXL model (its LoRA keys are lora_te3_...; needs a text encoder learning rate)",
+    )
+    guidance_scale: float = setting(
+        3.5, label="Guidance Scale", tab=TAB, section=SECTION, ge=0, le=1024, visible_when=ONLY_FLUX,
+        help="Guidance scale for Flux1 (the guidance embedding of FLUX.1 dev, in training and samples)",
+    )
+    t5xxl_max_token_length: int = setting(
+        512, label="T5-XXL Max Token Length", tab=TAB, section=SECTION, ge=0, le=4096, visible_when=ONLY_FLUX,
+        help="Max token length for T5-XXL",
+    )
+    flux1_cache_text_encoder_outputs: bool = setting(
+        False, label="Cache Text Encoder Outputs", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
+        help="Encode captions once; the text encoders are then not trained and leave GPU memory.",
+    )
