@@ -169,6 +169,10 @@ def test_single_files_load_the_same_weights_as_the_folder(tiny_flux_dir, tiny_fl
                  (folder.vae, files.vae)):
         sa, sb = a.state_dict(), b.state_dict()
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert not any(t.is_meta for t in b.buffers())  # non-persistent buffers (CLIP's position ids) are filled
+    ids = folder.clip_tokenizer(["a photo of sks dog"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(folder.clip(ids).pooler_output, files.clip(ids).pooler_output)
 
 
 def flux_file_settings(files, **overrides) -> TrainingSettings:

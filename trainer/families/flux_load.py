@@ -101,7 +101,19 @@ def _fill(model: torch.nn.Module, state: dict, what: str, tied: tuple[str, ...] 
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise FluxLoadError(f"{what}: tensors missing {missing[:3]} or unexpected {unexpected[:3]}")
+    _fill_position_ids(model)
     return model
+
+
+def _fill_position_ids(model: torch.nn.Module) -> None:
+    """Non-persistent buffers of a model built on the meta device (CLIP's position ids) get their values."""
+    for name, buffer in list(model.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        if not name.endswith("position_ids"):
+            raise FluxLoadError(f"{type(model).__name__}: buffer {name} has no value")
+        owner = model.get_submodule(name.rpartition(".")[0])
+        owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
 
 
 # -- the transformer -----------------------------------------------------------------------------------

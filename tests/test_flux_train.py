@@ -1,0 +1,95 @@
+"""FLUX.1 end to end on tiny random models: train 2 steps from a diffusers folder and from kohya_ss's four fp8 files
+through ``trainer.loop.train``, resume from the state, sample images, sd-scripts' key set and metadata, and
+kohya_ss's own Flux preset through the check."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from flux_support import tiny_flux_dir, tiny_flux_files, tiny_flux_fp8_files  # noqa: F401  (fixtures)
+from test_flux_family import sd_scripts_module_names
+from test_train import images, tiny_settings  # noqa: F401  (images is a fixture)
+from trainer.loop import train
+from trainer.preflight import check
+from trainer.settings import read_settings_file
+
+pytestmark = pytest.mark.slow
+PRESET = Path(__file__).parent / "data" / "kohya_ss_presets" / "flux" / "flux1D - adamw8bit fp8.json"
+SAMPLE = "a photo of sks dog --w 64 --h 64 --s 3 --d 7"
+
+
+def flux_settings(model, images, out, **overrides):
+    values = dict(flux1_checkbox=True, LoRA_type="Flux1", max_train_steps=2, t5xxl_max_token_length=16)
+    values.update(overrides)
+    return tiny_settings(model, images, out, **values)
+
+
+def lora_keys(path) -> tuple[set[str], dict]:
+    with safe_open(str(path), "pt") as f:
+        return {k.split(".")[0] for k in f.keys()}, f.metadata()
+
+
+@pytest.fixture(scope="module")
+def folder_run(tiny_flux_dir, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flux_run") / "out"
+    settings = flux_settings(tiny_flux_dir, images, out, save_state=True, sample_prompts=SAMPLE, sample_every_n_steps=2)
+    return settings, train(settings)
+
+
+def test_trains_from_a_diffusers_folder_with_sd_scripts_keys_and_metadata(folder_run):
+    settings, result = folder_run
+    assert result.status == "finished" and result.step == 2, result.error
+    names, meta = lora_keys(Path(settings.output_dir) / "tiny.safetensors")
+    assert names == sd_scripts_module_names(double=2, single=2, clip_layers=2)
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["ss_network_module"] == "networks.lora_flux"
+
+
+def test_samples_are_made_during_training(folder_run):
+    settings, _ = folder_run
+    samples = list((Path(settings.output_dir) / "sample").glob("tiny_000002_00_*.png"))
+    assert len(samples) == 1 and samples[0].stat().st_size > 0
+
+
+def test_resumes_from_the_saved_state(folder_run, tmp_path):
+    settings, result = folder_run
+    [state] = [f for f in result.files if os.path.isdir(f)]
+    more = settings.model_copy(update={"resume": state, "max_train_steps": 3, "output_dir": str(tmp_path),
+                                       "save_state": False, "sample_prompts": ""})
+    resumed = train(more)
+    assert resumed.status == "finished" and resumed.step == 3, resumed.error
+
+
+def test_trains_from_kohya_ss_four_fp8_files_single_blocks_only(tiny_flux_fp8_files, images, tmp_path):
+    files = tiny_flux_fp8_files
+    settings = flux_settings(files["transformer"], images, tmp_path, clip_l=str(files["clip_l"]),
+                             t5xxl=str(files["t5xxl"]), ae=str(files["ae"]), split_mode=True, text_encoder_lr=0,
+                             apply_t5_attn_mask=True, timestep_sampling="flux_shift", model_prediction_type="raw")
+    report = check(settings, deep=False)
+    assert not report.errors, [p.message for p in report.errors]
+    result = train(settings)
+    assert result.status == "finished", result.error
+    names, meta = lora_keys(tmp_path / "tiny.safetensors")
+    assert names == sd_scripts_module_names(double=2, single=2, single_only=True)
+    assert json.loads(meta["ss_network_args"]) == {"train_blocks": "single"}
+
+
+def test_kohya_ss_flux_preset_loads_and_passes_the_check(tiny_flux_files, images, tmp_path):
+    report = read_settings_file(PRESET)
+    files = tiny_flux_files
+    # only what ties the preset to its author's machine changes: the four model files, folders and image size
+    settings = report.settings.model_copy(update={
+        "pretrained_model_name_or_path": str(files["transformer"]), "clip_l": str(files["clip_l"]),
+        "t5xxl": str(files["t5xxl"]), "ae": str(files["ae"]), "train_data_dir": str(images),
+        "output_dir": str(tmp_path / "out"), "logging_dir": "", "max_resolution": "64,64",
+        "min_bucket_reso": 64, "max_bucket_reso": 128,
+    })
+    assert settings.flux1_checkbox and settings.LoRA_type == "Flux1"
+    result = check(settings, deep=False)
+    assert not result.errors, [(p.field, p.message) for p in result.errors]
+    warned = {p.field for p in result.warnings}
+    assert {"min_snr_gamma", "noise_offset"} <= warned  # sd-scripts' FLUX trainer ignores both: the check says so
