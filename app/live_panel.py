@@ -116,7 +116,8 @@ def _stats(snap: RunSnapshot, now: float) -> str:
         ("Elapsed", format_duration(snap.elapsed_s(now))),
         ("Learning rate", _lrs(step) if step else "–"),
     ]
-    items = "".join(_stat_cell(k, v) for k, v in cells) + _stat_cell(*memory_cell(snap.memory), elem_id="nk-memory-cell")
+    memory = memory_cell(snap.memory, step.ranks if step else ())
+    items = "".join(_stat_cell(k, v) for k, v in cells) + _stat_cell(*memory, elem_id="nk-memory-cell")
     return f'<div class="nk-stats">{items}</div>'
 
 
@@ -261,8 +262,13 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def memory_cell(mem: Memory | None) -> tuple[str, str]:
-    """(title, value): GPU allocated / reserved of total on CUDA, the process's RAM otherwise."""
+def memory_cell(mem: Memory | None, ranks: tuple[Memory, ...] = ()) -> tuple[str, str]:
+    """(title, value): GPU allocated / reserved of total on CUDA, the process's RAM otherwise; for a run of
+    several processes, each one's ("rank 0: 3.10 GiB · rank 1: 3.08 GiB")."""
+    if len(ranks) > 1:
+        kind = "GPU memory" if ranks[0].allocated_mb is not None else "RAM"
+        each = (_gib(m.allocated_mb if m.allocated_mb is not None else m.rss_mb) for m in ranks)
+        return f"{kind} of {len(ranks)} processes", " · ".join(f"rank {i}: {v}" for i, v in enumerate(each))
     if mem is None:
         return "Memory", "–"
     if mem.allocated_mb is not None:

@@ -4,6 +4,7 @@
     python bench/train_speed.py --size sd15 --steps 4 --resolution 512 --gradient-checkpointing \
         --optimizer AdamW8bit --cache-latents
     python bench/train_speed.py --size sdxl --gradient-checkpointing --optimizer AdamW8bit --unet-only  # GPU
+    python bench/train_speed.py --size sd15 --processes 2  # a torchrun group against one process: scaling
 
 Builds a random-initialised model of that size from configs (``sdxl`` is the real SDXL base
 architecture, ~14 GB of fp32 files: for GPU machines; ``sd15`` is the real
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache_latents_to_disk: latents kept next to the images, so a later run (see --again) reads them")
     p.add_argument("--mixed-precision", default=None, help="no/fp16/bf16 (default: bf16 on CUDA, no on CPU)")
     p.add_argument("--network-dim", type=int, default=8)
+    p.add_argument("--processes", type=int, default=1,
+                   help="train as a group of N processes (one per GPU; gloo on a CPU), and one process for comparison: "
+                        "prints samples per second of both and the scaling efficiency")
+    p.add_argument("--threads", type=int, default=2, help="num_cpu_threads_per_process")
     p.add_argument("--lora-type", default="Standard", help="kohya_ss's LoRA type, e.g. 'LyCORIS/LoHa'")
     p.add_argument("--conv-dim", type=int, default=0, help="conv rank of LoCon-style types (0: none)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "none"),
@@ -106,9 +111,18 @@ def bench_settings(args: argparse.Namespace, model: Path, images: Path, cuda: bo
         network_alpha=args.network_dim, LoRA_type=args.lora_type, conv_dim=args.conv_dim, conv_alpha=args.conv_dim or 1,
         lr_scheduler="constant", lr_warmup=0, seed=1, enable_bucket=False,
         caption_extension=".txt", sdxl=family == "sdxl", v2=family.startswith("sd2"),
-        v_parameterization=family == "sd2v", xformers=args.attention,
+        v_parameterization=family == "sd2v", xformers=args.attention, num_processes=args.processes,
+        num_cpu_threads_per_process=args.threads, main_process_port=_free_port(),
         **({"text_encoder_lr": 0.0, "sdxl_cache_text_encoder_outputs": True} if args.unet_only else {}),
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
@@ -126,10 +140,12 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
     settings = bench_settings(args, model, images, cuda)
     stamps: list[float] = []
     cpu_stamps: list[float] = []
+    walls: list[float] = []  # when each Step event arrived here
 
     def sink(event) -> None:
-        if isinstance(event, Step):
-            stamps.append(time.time())
+        if isinstance(event, Step):  # a group's steps arrive through the launcher: rank 0's clock times them
+            walls.append(time.time())
+            stamps.append(walls[-1] if args.processes == 1 else started + event.elapsed_s)
             cpu_stamps.append(time.process_time())
 
     encodes = _time_latent_encoding()
@@ -140,7 +156,8 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         first_run_steps = len(stamps)
         called = time.time()
         train(settings.model_copy(update={"output_dir": tempfile.mkdtemp(prefix="bench-out-")}), sink)
-        again = round(stamps[first_run_steps] - called, 2)
+        again = round(walls[first_run_steps] - called, 2)
+        del walls[first_run_steps:]
         del stamps[first_run_steps:]
     result = {
         "size": args.size, "lora_type": args.lora_type, "conv_dim": args.conv_dim,
@@ -151,7 +168,7 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         "latent_encode_s": round(sum(end - start for start, end in encodes.wall), 2),
         # process CPU seconds per step (all threads): less sensitive than wall time to a shared machine
         "cpu_s_per_step": round(cpu_gaps, 4) if cpu_gaps else None,
-        "time_to_first_step_s": round(stamps[0] - started, 2) if stamps else None,
+        "time_to_first_step_s": round(walls[0] - started, 2) if walls else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1), "device": "cuda" if cuda else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
@@ -163,6 +180,8 @@ def child(args: argparse.Namespace, model: Path, images: Path) -> dict:
         result["again_time_to_first_step_s"] = again
     if result["s_per_step"]:
         result["it_per_s"] = round(1 / result["s_per_step"], 3)
+        result["processes"] = args.processes
+        result["samples_per_s"] = round(args.batch * args.processes / result["s_per_step"], 3)
     return result
 
 
@@ -222,11 +241,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     prepare(args)
     argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-    proc = subprocess.run([sys.executable, __file__, *argv, "--child"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        return proc.returncode
-    print(proc.stdout.strip().splitlines()[-1])
+    runs = []
+    for processes in ([1, args.processes] if args.processes > 1 else [1]):
+        proc = subprocess.run([sys.executable, __file__, *argv, "--processes", str(processes), "--child"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            return proc.returncode
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if len(runs) == 2 and runs[0].get("samples_per_s") and runs[1].get("samples_per_s"):
+        one, group = runs
+        print(json.dumps({**group, "one_process_samples_per_s": one["samples_per_s"],
+                          "scaling_efficiency": round(group["samples_per_s"] / (args.processes * one["samples_per_s"]), 3)}))
+    else:
+        print(json.dumps(runs[-1]))
     return 0
 
 

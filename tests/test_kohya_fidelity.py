@@ -102,7 +102,6 @@ NOT_FOR_SD_KEYS = {key: why for why, keys in NOT_FOR_SD.items() for key in keys.
 CHANGES_NO_SD_RUN = {
     "lowvram": "kohya_ss no longer passes it to sd-scripts",
     "stop_text_encoder_training": "kohya_ss resets it to 0 for LoRA; the network check notes it",
-    "main_process_port": "only multi-process runs use it; num_processes and multi_gpu warn",
     "huggingface_token": "an upload detail; huggingface_repo_id warns",
     "huggingface_repo_type": "an upload detail; huggingface_repo_id warns",
     "huggingface_repo_visibility": "an upload detail; huggingface_repo_id warns",

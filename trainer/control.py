@@ -44,6 +44,7 @@ class Control:
         self._changed = threading.Condition()  # wakes a paused run on Resume, Stop or a switch to FREE
         self._pause: str | None = None  # KEEP or FREE while a pause is asked for
         self.kept_weights: KeptWeights | None = None  # set by the trainer when it could not write them
+        self.rank_memory: tuple[ev.Memory, ...] = ()  # a group's processes' memory (trainer.distributed.sync)
 
     # -- from the UI thread -------------------------------------------------
     def request_stop(self) -> None:

@@ -48,6 +48,7 @@ class Step:
     elapsed_s: float
     eta_s: float
     memory: Memory
+    ranks: tuple[Memory, ...] = ()  # a run of several processes: each one's memory (rank 0 first)
 
 
 @dataclass(frozen=True)

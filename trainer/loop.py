@@ -7,8 +7,8 @@ predict, target, loss, backward, step, log, save. Progress leaves only as events
 """
 from __future__ import annotations
 
+import math
 import os
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -18,26 +18,26 @@ import torch
 from trainer import events as ev
 from trainer.control import Control
 from trainer.device_lease import TRAINING, take as take_device
+from trainer.distributed.group import Group, join_group
+from trainer.distributed.launcher import starts_group, train_group
 from trainer.loss import LossWeighting, huber_c, per_sample_loss, training_loss
 from trainer.model_libraries import import_model_libraries
 from trainer.network.build import learning_rates
 from trainer.network.run_metadata import RunMetadata
-from trainer.noise import NoiseConfig, noisy_latents
-from trainer.noise_sampling import NoiseSamplerFactory, RandomNoise
+from trainer.noise import NoiseConfig
+from trainer.noise_sampling import NoiseSamplerFactory, RandomNoise, row_generator
 from trainer.optim.precision import Precision, pick_device
 from trainer.problems import is_user_error
 from trainer.run_errors import TrainingError, failure_problem
 from trainer.run_plan import RunPlan
 from trainer.run_resume import continue_run
-from trainer.run_setup import build_lora, build_stepper, load_model, load_resume, pick_seed, plan_run, prepare_inputs, tell_plan
+from trainer.run_setup import (build_lora, build_stepper, load_model, load_resume, open_outputs, pick_seed, plan_run,
+                               prepare_inputs, tell_plan)
 from trainer.run_rescue import keep_after_failure
 from trainer.safety import BadImagePolicy, NanGuard
-from trainer.saving import RunOutputs, epoch_state_name, final_state_name, step_state_name
-from trainer.settings import save_settings
+from trainer.saving import epoch_state_name, final_state_name, step_state_name
 from trainer.state import ProgressMeter, memory_snapshot, rng_state
 from trainer.state_folder import Position, save_state
-from trainer.inference.training_samples import TrainingSamples
-from trainer.tb_log import open_log
 
 __all__ = ["train", "TrainResult", "TrainingError"]
 SNAPSHOT_EVERY_STEPS = 10  # a CPU copy of finite weights this often, for a NaN stop to fall back to
@@ -56,9 +56,11 @@ class TrainResult:
 
 def train(settings: Any, sink: ev.EventSink = ev.ignore, control: Control | None = None, *,
           plan: RunPlan | None = None, noise: NoiseSamplerFactory = RandomNoise) -> TrainResult:
-    """Train a LoRA as the settings say (or as ``plan``, a full preflight check's ``run_plan``, says),
-    reporting through ``sink``; stop between steps on request. ``noise`` makes the step's noise sampler
-    (an overfit test passes ``trainer.noise_sampling.FixedNoise``)."""
+    """Train a LoRA as the settings (or ``plan``, a full check's ``run_plan``) say, reporting through ``sink``;
+    stop between steps on request. ``noise``: the noise sampler (tests: ``FixedNoise``). Several processes:
+    a torchrun group (``trainer.distributed``)."""
+    if starts_group(settings):
+        return train_group(settings, sink, control or Control())
     run = _Run(settings, sink, control or Control(), noise)
     try:
         run.setup(plan)
@@ -81,14 +83,14 @@ class _Run:
         self.step, self.epoch, self.batches_done = 0, 1, 0
         self.start_epoch, self.start_batch = 1, 0  # where the step loop begins (later when resuming)
         self.files: list[str] = []
-        self.device = pick_device()
+        self.device, self.group = pick_device(), Group()
         self._release_device = lambda: None  # the device's lease, taken in setup()
         # made by setup(), in this order (the parts: trainer.run_setup)
         self.plan: RunPlan | None = None
         self.precision: Precision | None = None
         self.metadata: RunMetadata | None = None
         self.resume = self.generator = self.family = self.schedule = self.weighting = self.noise_config = None
-        self.noise = self.network = self.stepper = self.image_policy = self.nan_guard = None
+        self.noise = self.network = self.stepper = self.image_policy = self.nan_guard = self.predict = None
         self.latents = self.dataset = self.prompts = self.outputs = self.log_writer = self.samples = self.meter = None
         self.seed, self.lrs, self.train_te = 0, {}, False
 
@@ -100,6 +102,8 @@ class _Run:
         self.plan = plan = plan or plan_run(self.settings, self.log)
         self.settings = s = plan.settings
         tell_plan(plan, self.log)
+        self.group = join_group()  # torchrun's group, or this process alone
+        self.device = self.group.device(self.device, s.gpu_ids)
         self._release_device = take_device(self.device, TRAINING, wait_log=self.log,
                                            cpu_threads=s.num_cpu_threads_per_process).release
         self.precision = Precision.of(plan.precision, self.device)
@@ -113,17 +117,18 @@ class _Run:
         self.schedule = self.family.noise_schedule(self.device)
         self.weighting = LossWeighting.from_settings(s, self.family.v_prediction)
         self.noise_config = NoiseConfig.from_settings(s)
-        self.noise = self.noise_factory(self.noise_config, self.generator, self.seed)
+        self.noise = self.noise_factory(self.noise_config, self.schedule, self.seed)
         self.lrs = learning_rates(s)
         self.network, self.train_te = build_lora(plan, self.family, self.lrs, self.precision, self.seed, self.log)
+        self.predict = self.group.prediction(self.family, self.network, self.device)  # DDP in a group
         self.stepper = build_stepper(plan, self.network, self.lrs, self.precision, self.log)
         self.image_policy, self.nan_guard = BadImagePolicy(s.bad_image_policy), NanGuard(s.nan_loss_policy, settings=s)
         self.latents, self.dataset, self.prompts = prepare_inputs(plan, self.family, self.train_te, self.precision,
-                                                                  self.seed, self.log, self._bad_image)
+                                                                  self.seed, self.log, self._bad_image, self.group)
         self._prepare_outputs()
         if self.resume is not None:
-            self.step, self.start_epoch, self.start_batch = continue_run(self.resume, self.network, self.stepper,
-                                                                         self.generator, s.resume, self.log)
+            self.step, self.start_epoch, self.start_batch = continue_run(
+                self.resume, self.network, self.stepper, self.generator, s.resume, self.log, self.group.processes)
 
     def _bad_image(self, error) -> None:
         decision = self.image_policy.handle(error.path, error)
@@ -132,14 +137,10 @@ class _Run:
         self.log(decision.message, "warning")
 
     def _prepare_outputs(self) -> None:
-        s = self.settings
         self.metadata.describe(self.family.version_metadata(), self.lrs, self.seed)
-        self.outputs = RunOutputs(s, self.network.lora_state_dict, self.metadata, self._saved, self.log)
-        os.makedirs(self.outputs.folder, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.metadata.started_at))
-        save_settings(s, os.path.join(self.outputs.folder, f"{s.output_name}_{stamp}.json"))  # as kohya_ss does
-        self.log_writer = open_log(s.logging_dir, s.log_prefix or s.output_name, s)
-        self.samples = TrainingSamples(s, self.family, self.network, self.device, self.precision.autocast, self.sink)
+        self.outputs, self.log_writer, self.samples = open_outputs(self.plan, self.family, self.network, self.metadata,
+                                                                   self.precision, self.sink, self._saved, self.log,
+                                                                   self.group)
 
     # -- the step loop ----------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -180,31 +181,31 @@ class _Run:
         return False
 
     def _train_step(self, batch) -> float:
-        s, family, schedule = self.settings, self.family, self.schedule
+        s, schedule = self.settings, self.schedule
         self.network.set_batch_size(len(batch))  # rank dropout masks per sample
         self.network.next_dropout_draws()
         with self.precision.autocast():
             latents = self._latents(batch)
             cond = self.prompts(batch.captions, self.train_te)
-            noise, timesteps = self.noise(latents)
-            noisy = noisy_latents(schedule, latents, noise, timesteps, self.noise_config, self.generator)
+            draw = self.noise(latents, batch.row_keys)  # per sample: the same draws however batches are split
+            noisy = schedule.add_noise(latents, draw.input_noise, draw.timesteps)
             if s.gradient_checkpointing:
                 noisy.requires_grad_(True)  # checkpointed blocks need an input that requires grad
-            pred = family.predict(noisy, timesteps, cond, batch)
-        target = schedule.target(latents, noise, timesteps)
-        snr = schedule.snr(timesteps)
-        c = huber_c(s.loss_type, s.huber_schedule, s.huber_c, s.huber_scale, snr, timesteps)
+            pred = self.predict(noisy, draw.timesteps, cond, batch)
+        target = schedule.target(latents, draw.noise, draw.timesteps)
+        snr = schedule.snr(draw.timesteps)
+        c = huber_c(s.loss_type, s.huber_schedule, s.huber_c, s.huber_scale, snr, draw.timesteps)
         per_sample = per_sample_loss(pred, target, s.loss_type, c, getattr(batch, "masks", None))
         loss = training_loss(per_sample, batch.loss_weights.to(self.device), snr, self.weighting)
         self.stepper.backward(loss)
-        value = loss.detach().item()  # after backward, so the device is busy while Python waits
-        return value if _finite(value) else self._bad_loss(value)
+        value = self.group.mean(loss.detach())  # after backward (the group's mean: a NaN anywhere stops all)
+        return value if math.isfinite(value) else self._bad_loss(value)
 
     def _latents(self, batch) -> torch.Tensor:
         if batch.latents is not None:
             latents = batch.latents.to(self.device)
         else:
-            latents = self.family.encode_images(batch.images, self.generator)
+            latents = self.family.encode_images(batch.images, [row_generator(k) for k in batch.row_keys])
         return self.family.scale_latents(latents).to(self.precision.base_dtype)
 
     def _bad_loss(self, value: float) -> float:
@@ -216,7 +217,7 @@ class _Run:
         return float("nan")
 
     def _optimizer_step(self, loss: float) -> None:
-        if not _finite(loss):
+        if not math.isfinite(loss):
             return  # a skipped NaN step
         self.stepper.step()
         if self.settings.scale_weight_norms:
@@ -229,7 +230,7 @@ class _Run:
             step=self.step, total_steps=self.plan.steps.total_steps, epoch=self.epoch, total_epochs=self.plan.steps.epochs,
             loss=loss, avg_loss=self.meter.avg_loss, lr=next(iter(lrs.values()), 0.0), lrs=lrs,
             it_per_s=self.meter.it_per_s(), elapsed_s=self.meter.elapsed(), eta_s=self.meter.eta(self.step, encoding_left_s),
-            memory=memory_snapshot(self.device),
+            memory=memory_snapshot(self.device), ranks=self.control.rank_memory,
         ))
         self.log_writer.step(self.step, loss, self.meter.avg_loss, lrs)
         if self.outputs.step_due(self.step, self.plan.steps.total_steps) or self.control.take_save_request():
@@ -272,14 +273,17 @@ class _Run:
 
     def save_what_exists(self) -> None:
         """After a failure mid-run: keep the trained steps (``trainer.run_rescue``). Never raises."""
-        if self.step and self.outputs is not None:
+        if self.step and self.outputs is not None and self.group.is_main:
             kind = "final" if self.step >= self.plan.steps.total_steps else "stopped"
             keep_after_failure(self.outputs, self.step, self.epoch, kind, SNAPSHOT_EVERY_STEPS, self.control, self.sink)
 
     def _save_state(self, folder: str, next_epoch: bool = False) -> None:
+        if not self.group.is_main:  # rank 0 writes a group's state
+            return
         epoch, batches = (self.epoch + 1, 0) if next_epoch else (self.epoch, self.batches_done)
         save_state(folder, self.network.lora_state_dict(torch.float32), self.stepper.state_dict(),
-                   rng_state(self.generator, self.network.dropout_generator), Position(self.step, epoch, batches, self.seed))
+                   rng_state(self.generator, self.network.dropout_generator),
+                   Position(self.step, epoch, batches, self.seed, self.group.processes))
         self._saved(folder, "state", self.step, self.epoch)
 
     def _saved(self, path: str, kind: str, step: int, epoch: int) -> None:
@@ -294,7 +298,3 @@ class _Run:
         self._release_device()
         if self.metadata is not None:
             self.metadata.close()
-
-
-def _finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))

@@ -18,8 +18,16 @@ class TrainingError(NekoyaError):
         self.field, self.fix = field, fix
 
 
+# what gloo and NCCL raise in a process whose partner process ended
+_LOST_PEER_TYPES = ("DistBackendError", "DistNetworkError", "DistStoreError")
+_LOST_PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted")
+
+
 def failure_problem(exc: Exception, settings: Any) -> Problem:
     """The failure as the Error event tells it; out of memory and NaN weights get advice for these settings."""
+    if type(exc).__name__ in _LOST_PEER_TYPES or any(text in str(exc) for text in _LOST_PEER_TEXT):
+        return Problem("error", None, "another process of the group stopped (its own message says why); this "
+                       "process saved what the run had trained")
     if is_out_of_memory(exc):
         return Problem("error", "train_batch_size", "out of GPU memory", memory_advice(settings))
     problem = problem_of(exc)

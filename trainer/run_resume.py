@@ -14,8 +14,10 @@ from trainer.run_setup import resume_from
 
 
 def continue_run(state: Any, network: Any, stepper: Any, generator: torch.Generator, path: str,
-                 log: Callable[..., None]) -> tuple[int, int, int]:
-    """Load ``state`` into the run; returns where it goes on: (step, epoch, batches done in that epoch)."""
+                 log: Callable[..., None], processes: int = 1) -> tuple[int, int, int]:
+    """Load ``state`` into the run; returns where it goes on: (step, epoch, batches done in that epoch). A
+    state saved by a run of another number of processes goes on from the start of its epoch (its batches
+    were of another size)."""
     if state.stepper_state:
         position = resume_from(state, network, stepper, generator, path, log)
     else:
@@ -25,6 +27,16 @@ def continue_run(state: Any, network: Any, stepper: Any, generator: torch.Genera
         log(f"went on from the LoRA weights in {path} at step {p.step} (epoch {p.epoch}) with a fresh optimizer: "
             "the run saved no training state, so the optimizer's moments start again from zero")
     continue_schedule(stepper.scheduler, position[0], stepper.optimizer, log)
+    saved_by = getattr(state.position, "processes", 1)
+    if saved_by != processes and position[2]:
+        log(f"{path} was saved by a run of {saved_by} process(es), this run has {processes}: each step's batch is "
+            f"now {processes}/{saved_by} of what it was, so the weights, optimizer and step count ({position[0]}) go "
+            f"on, epoch {position[1]} starts again from its first batch, and the step plan is the one for the new "
+            "batch", "warning")
+        position = (position[0], position[1], 0)
+    elif saved_by != processes:
+        log(f"{path} was saved by a run of {saved_by} process(es), this run has {processes}: the weights, optimizer "
+            "and step count go on with the new batch size per step", "warning")
     return position
 
 

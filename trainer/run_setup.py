@@ -6,6 +6,7 @@ import contextlib
 
 import os
 import random
+import time
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -13,6 +14,7 @@ import torch
 
 from trainer.data.dataset import DatasetConfig, TrainingDataset
 from trainer.data.latent_feed import LatentFeed
+from trainer.distributed.group import Group
 from trainer.families import create_family
 from trainer.families.prompts import PromptEncoder
 from trainer.network.build import build_network
@@ -23,6 +25,7 @@ from trainer.optim.stepper import OptimizerStepper
 from trainer.preflight import check
 from trainer.run_errors import TrainingError
 from trainer.run_plan import RunPlan
+from trainer.saving import RunOutputs
 from trainer.state import network_generator, restore_rng
 from trainer.optim.table import optimizer_facts
 from trainer.sd_scripts_state import (SD_SCRIPTS_MARK, apply_sd_scripts_optimizer, is_sd_scripts_state,
@@ -162,11 +165,12 @@ def build_stepper(plan: RunPlan, network: Any, lrs: dict[Role, float], precision
 
 
 def prepare_inputs(plan: RunPlan, family: Any, train_te: bool, precision: Precision, seed: int, log: Log,
-                   on_bad_image: Callable) -> tuple[LatentFeed, TrainingDataset, PromptEncoder]:
-    """The dataset (with latents cached when possible) and the caption encoder (outputs cached when the text
-    encoder is not trained and captions never change)."""
+                   on_bad_image: Callable, group: Group) -> tuple[LatentFeed, TrainingDataset, PromptEncoder]:
+    """The dataset (with latents cached when possible; this process's share of each batch in a group) and the
+    caption encoder (outputs cached when the text encoder is not trained and captions never change)."""
     s, entries = plan.settings, plan.steps.entries
-    config = replace(DatasetConfig.from_settings(s, skip_bad_images=s.bad_image_policy == "skip"), seed=seed)
+    config = replace(DatasetConfig.from_settings(s, skip_bad_images=s.bad_image_policy == "skip"), seed=seed,
+                     processes=group.processes, rank=group.rank)
     latents = LatentFeed(s, family, entries, seed, log)
     dataset = TrainingDataset(entries, config, latents=latents.cache, on_bad_image=on_bad_image)
     cache_outputs = not train_te and config.captions.is_static
@@ -177,3 +181,38 @@ def prepare_inputs(plan: RunPlan, family: Any, train_te: bool, precision: Precis
         family.release_text_encoders()
         log(f"text encoder outputs cached for {count} captions (text encoder not trained)")
     return latents, dataset, prompts
+
+
+def open_outputs(plan: RunPlan, family: Any, network: Any, metadata: Any, precision: Precision, sink: Any,
+                 on_saved: Callable, log: Log, group: Group) -> tuple[Any, Any, Any]:
+    """The run's LoRA files, logs and samples. Only rank 0 of a group writes: the other processes get
+    stand-ins that write nothing."""
+    from trainer.inference.training_samples import TrainingSamples
+    from trainer.settings import save_settings
+    from trainer.tb_log import NoLog, open_log
+
+    s = plan.settings
+    if not group.is_main:
+        return _Unwritten(s, network.lora_state_dict, metadata, on_saved, log), NoLog(), _NoSamples()
+    outputs = RunOutputs(s, network.lora_state_dict, metadata, on_saved, log)
+    os.makedirs(outputs.folder, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(metadata.started_at))
+    save_settings(s, os.path.join(outputs.folder, f"{s.output_name}_{stamp}.json"))  # as kohya_ss does
+    samples = TrainingSamples(s, family, network, precision.device, precision.autocast, sink)
+    return outputs, open_log(s.logging_dir, s.log_prefix or s.output_name, s), samples
+
+
+class _NoSamples:
+    def before_training(self, *args: Any, **kwargs: Any) -> None: ...
+    def after_step(self, *args: Any, **kwargs: Any) -> None: ...
+    def after_epoch(self, *args: Any, **kwargs: Any) -> None: ...
+
+
+class _Unwritten(RunOutputs):
+    """A group's other processes: the same saving schedule, no files."""
+
+    def save(self, kind: str, step: int, epoch: int) -> str:
+        return ""
+
+    def snapshot(self, *args: Any, **kwargs: Any) -> None: ...
+    def drop_old_epoch_state(self, *args: Any, **kwargs: Any) -> None: ...

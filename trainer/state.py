@@ -76,7 +76,7 @@ def memory_snapshot(device: torch.device) -> Memory:
     mib = 2**20
     return Memory(
         f"cuda:{torch.cuda.current_device()}", rss, torch.cuda.memory_allocated() / mib,
-        torch.cuda.memory_reserved() / mib, torch.cuda.get_device_properties(0).total_memory / mib,
+        torch.cuda.memory_reserved() / mib, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / mib,
         torch.cuda.max_memory_allocated() / mib,
     )
 

@@ -43,6 +43,7 @@ class Position:
     epoch: int = 1  # 1-based epoch in progress (or just finished)
     batches_done: int = 0  # batches of ``epoch`` already trained
     seed: int = 0
+    processes: int = 1  # of the run that saved it: batches_done counts that many processes' batches
 
 
 class StateError(NekoyaError, ValueError):
@@ -179,6 +180,7 @@ def load_state(folder: str) -> LoadedState:
         epoch=int(info.get("epoch", info.get("current_epoch", 1))),
         batches_done=int(info.get("batches_done", 0)),
         seed=int(info.get("seed", 0)),
+        processes=int(info.get("processes", 1)),
     )
     return LoadedState(
         position=position,

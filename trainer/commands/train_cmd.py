@@ -94,8 +94,14 @@ def run(settings, out: TextIO | None = None, err: TextIO | None = None, ask: Cal
     from trainer.control import Control
     from trainer.loop import train
 
+    from trainer.distributed.rules import in_worker
+
     out, err = out or sys.stdout, err or sys.stderr
     printer = ProgressPrinter(out, err)
+    if in_worker():  # one process of a torchrun group
+        from trainer.distributed.worker import run_worker
+
+        return {"finished": EXIT_OK, "stopped": EXIT_STOPPED}.get(run_worker(settings, printer), EXIT_FAILED)
     control = Control()
     with _ctrl_c_requests_stop(control, printer):
         result = train(settings, printer, control)

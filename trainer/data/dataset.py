@@ -54,6 +54,8 @@ class DatasetConfig:
     skip_bad_images: bool = True  # False: a bad image stops the run
     workers: int = 0  # threads decoding upcoming batches; 0 decodes on the caller's thread
     masked_loss: bool = False  # batches carry each image's alpha mask (sd-scripts' masked_loss with alpha_mask)
+    processes: int = 1  # a run of several processes: each step's batch is split between them ...
+    rank: int = 0  # ... and this process trains its share
 
     @classmethod
     def from_settings(cls, settings: Any, *, skip_bad_images: bool = True) -> "DatasetConfig":
@@ -71,6 +73,7 @@ class DatasetConfig:
             skip_bad_images=skip_bad_images,
             workers=max(0, int(settings.max_data_loader_n_workers or 0)),
             masked_loss=bool(getattr(settings, "masked_loss", False)),
+            processes=max(1, int(getattr(settings, "num_processes", 1) or 1)),
         )
 
 
@@ -91,6 +94,9 @@ class Batch:
     latents: torch.Tensor | None = None  # (B, C, H/8, W/8), unscaled VAE output
     bad_images: list[BadImageError] = field(default_factory=list)
     masks: torch.Tensor | None = None  # (B, H, W) loss masks in [0, 1] at the bucket's pixel size (masked_loss)
+    # each sample's place in the step's whole batch (all processes), "seed/epoch/batch/position": its random
+    # draws (augmentations, noise, timesteps) are seeded from it, so they do not depend on who trains it
+    row_keys: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -143,6 +149,7 @@ class TrainingDataset:
         else:
             self.buckets = group_by_bucket(self.entries)
             self.batch_sizes = [config.batch_size] * len(self.buckets)
+        self.batch_sizes = [size * max(1, config.processes) for size in self.batch_sizes]  # every process's share
         self.batches_per_epoch = sum(count_batches([len(indices)], size)
                                      for indices, size in zip(self.buckets.values(), self.batch_sizes))
         self.bad_paths: set[Path] = set()
@@ -191,9 +198,28 @@ class TrainingDataset:
             if own_executor:
                 executor.shutdown(wait=True, cancel_futures=True)
 
-    def sample_rng(self, epoch: int, batch_index: int) -> random.Random:
+    def row_key(self, epoch: int, batch_index: int, position: int) -> str:
+        return f"{self.config.seed}/{epoch}/{batch_index}/{position}"
+
+    def sample_rng(self, row_key: str) -> random.Random:
         # a string seed is hashed with SHA-512 by random.Random: stable across processes
-        return random.Random(f"{self.config.seed}/{epoch}/{batch_index}")
+        return random.Random(row_key)
+
+    def rank_share(self, members: list[int]) -> list[tuple[int, int, float]]:
+        """This process's part of a step's batch: (position in the batch, entry, loss scale) per sample.
+
+        The batch is split as evenly as it goes; each share's loss is scaled so that the processes' averaged
+        gradients equal one process training the whole batch. A process left without a sample (a bucket's
+        last, small batch) trains the first one with scale 0, so every process takes part in the step.
+        """
+        processes, rank, count = max(1, self.config.processes), self.config.rank, len(members)
+        if processes == 1:
+            return [(i, m, 1.0) for i, m in enumerate(members)]
+        start = rank * (count // processes) + min(rank, count % processes)
+        size = count // processes + (1 if rank < count % processes else 0)
+        if size == 0:
+            return [(0, members[0], 0.0)]
+        return [(start + i, members[start + i], size * processes / count) for i in range(size)]
 
     def _report_bad(self, error: BadImageError) -> None:
         first_time = error.path not in self.bad_paths
@@ -204,12 +230,12 @@ class TrainingDataset:
             raise error
 
     def _build_batch(self, epoch: int, index: int, members: list[int]) -> Batch:
-        rng = self.sample_rng(epoch, index)
         bucket = self.entries[members[0]].choice.bucket
         batch = Batch(epoch, index, bucket, [], [], [], torch.empty(0), [], [], [], [])
         pixels, latents, weights, masks = [], [], [], []
-        for member in members:
-            entry = self.entries[member]
+        for position, member, scale in self.rank_share(members):
+            entry, row_key = self.entries[member], self.row_key(epoch, index, position)
+            rng = self.sample_rng(row_key)
             rules = _SampleRules.of(entry, self.config)
             flipped = rules.flip_aug and rng.random() < 0.5
             try:
@@ -229,7 +255,8 @@ class TrainingDataset:
             batch.paths.append(entry.item.path)
             batch.captions.append(process_caption(entry.item.caption, rules.captions, epoch, rng))
             batch.is_reg.append(entry.item.is_reg)
-            weights.append(self.config.prior_loss_weight if entry.item.is_reg else 1.0)
+            weights.append((self.config.prior_loss_weight if entry.item.is_reg else 1.0) * scale)
+            batch.row_keys.append(row_key)
             batch.flipped.append(flipped)
             batch.original_sizes_hw.append((original[1], original[0]))
             batch.crop_top_lefts.append((crop_left_top[1], crop_left_top[0]))

@@ -36,11 +36,14 @@ class PlanConfig:
     epochs: int = 1
     max_train_epochs: int = 0
     max_train_steps: int = 0
+    processes: int = 1  # batch_size is the whole step's: train_batch_size from each of them
 
     @classmethod
     def from_settings(cls, settings: Any) -> "PlanConfig":
+        processes = max(1, int(getattr(settings, "num_processes", 1) or 1))
         return cls(
-            batch_size=max(1, int(settings.train_batch_size)),
+            batch_size=max(1, int(settings.train_batch_size)) * processes,
+            processes=processes,
             grad_accum=max(1, int(settings.gradient_accumulation_steps)),
             epochs=max(1, int(settings.epoch)),
             max_train_epochs=max(0, int(settings.max_train_epochs or 0)),
@@ -339,7 +342,7 @@ def _formula(plan: StepPlan, config: PlanConfig) -> str:
         samples += " × 2 (reg)"
     elif plan.reg_samples:
         samples = f"({samples} + {plan.reg_samples} reg samples)"
-    divisors = f" ÷ batch {config.batch_size}" + (f" ÷ grad accum {config.grad_accum}" if config.grad_accum > 1 else "")
+    divisors = f" ÷ batch {config.batch_size}{_per_process(config.batch_size, config.processes)}" + (f" ÷ grad accum {config.grad_accum}" if config.grad_accum > 1 else "")
     per_epoch = (plan.train_samples + plan.reg_samples) / config.batch_size / config.grad_accum
     steps_set = config.max_train_epochs <= 0 and config.max_train_steps > 0
     rounding = "" if per_epoch == plan.steps_per_epoch else _rounding_note(plan, config, per_epoch, not steps_set)
@@ -369,6 +372,10 @@ def _rounding_note(plan: StepPlan, config: PlanConfig, per_epoch: float, with_ep
         detail += f", × {_count(plan.epochs, 'epoch')} = {plan.total_steps}"
     return (f" (not exact: {_decimal(per_epoch)} steps per epoch, but a batch never mixes buckets, so each bucket's "
             f"last batch is rounded up: {detail})")
+
+
+def _per_process(batch_size: int, processes: int) -> str:
+    return f" ({batch_size // processes} per process × {processes} processes)" if processes > 1 else ""
 
 
 def _decimal(x: float) -> str:
@@ -432,6 +439,7 @@ def plan_from_dataset_config(toml: DatasetToml, train: ScanResult, reg: ScanResu
         train_items = [item for item in train.images if item.dataset == dataset.index]
         reg_items = [item for item in (reg.images if reg is not None else []) if item.dataset == dataset.index]
         own, unbucketable = build_entries(train_items, reg_items, Bucketer(dataset.buckets))
+        batch_size = dataset.batch_size * config.processes  # the step's whole batch
         skipped.extend(unbucketable)
         entries.extend(own)
         buckets = group_by_bucket(own)
@@ -440,15 +448,15 @@ def plan_from_dataset_config(toml: DatasetToml, train: ScanResult, reg: ScanResu
         own_concepts = [c for c in concepts if c.subset is not None and c.subset.dataset_index == dataset.index]
         subset_lines = _subset_lines(own_concepts, own, [skip for scan in scans for skip in scan.skipped])
         lines.append(DatasetLine(
-            index=dataset.index, resolution=dataset.resolution, batch_size=dataset.batch_size,
+            index=dataset.index, resolution=dataset.resolution, batch_size=batch_size,
             enable_bucket=dataset.buckets.enable_bucket, bucket_text=_bucket_text(dataset.buckets),
-            samples=sum(e.repeats for e in own), batches=count_batches((len(v) for v in buckets.values()), dataset.batch_size),
+            samples=sum(e.repeats for e in own), batches=count_batches((len(v) for v in buckets.values()), batch_size),
             buckets=tuple((bucket, len(indices)) for bucket, indices in buckets.items()), subsets=tuple(subset_lines)))
-        if dataset.batch_size > 1:
-            partial = sum(1 for indices in buckets.values() if len(indices) % dataset.batch_size)
+        if batch_size > 1:
+            partial = sum(1 for indices in buckets.values() if len(indices) % batch_size)
             if partial:
                 warnings.append(f"dataset {dataset.index + 1}: {partial} of {len(buckets)} buckets end with a partial "
-                                f"batch (fewer than {dataset.batch_size} samples)")
+                                f"batch (fewer than {batch_size} samples)")
     batches = sum(line.batches for line in lines)
     steps_per_epoch, epochs, total = schedule(batches, config)
     train_samples = sum(e.repeats for e in entries if not e.item.is_reg)
@@ -519,8 +527,8 @@ def _datasets_formula(plan: StepPlan, config: PlanConfig) -> str:
     for dataset in plan.datasets:
         exact = dataset.samples / dataset.batch_size
         note = "" if exact == dataset.batches else f" (each bucket's last batch rounded up from {_decimal(exact)})"
-        parts.append(f"dataset {dataset.index + 1}: {_dataset_samples(dataset)} ÷ batch {dataset.batch_size} = "
-                     f"{_batches(dataset.batches)}{note}")
+        parts.append(f"dataset {dataset.index + 1}: {_dataset_samples(dataset)} ÷ batch {dataset.batch_size}"
+                     f"{_per_process(dataset.batch_size, config.processes)} = {_batches(dataset.batches)}{note}")
     epoch = " + ".join(parts)
     batches = _batches(plan.batches_per_epoch) + (" per epoch" if len(parts) > 1 else "")
     accum = f" ÷ grad accum {config.grad_accum} = {_count(plan.steps_per_epoch, 'step')} (rounded up)" \

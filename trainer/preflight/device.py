@@ -28,6 +28,7 @@ class DeviceInfo:
     source: str  # how we found out: "torch", "nvidia-smi", "psutil"
     native_bf16: bool = False  # a CPU with AVX512-BF16 or AMX instructions (see cpu_has_native_bf16)
     gpu_bf16: bool = True  # an NVIDIA GPU with bf16 (Ampere and later); assumed when torch is not imported
+    gpu_count: int = 0  # NVIDIA GPUs this process sees
 
     @property
     def is_gpu(self) -> bool:
@@ -80,7 +81,7 @@ def _from_torch(torch) -> DeviceInfo:
             props = torch.cuda.get_device_properties(0)
             free, total = torch.cuda.mem_get_info(0)
             return DeviceInfo("cuda", props.name, int(total), int(free), "torch",
-                              gpu_bf16=bool(torch.cuda.is_bf16_supported()))
+                              gpu_bf16=bool(torch.cuda.is_bf16_supported()), gpu_count=torch.cuda.device_count())
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             cpu = _cpu()  # unified memory: the GPU shares system RAM
@@ -110,7 +111,8 @@ def _from_nvidia_smi() -> DeviceInfo | None:
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout
         name, total_mib, free_mib = (part.strip() for part in out.splitlines()[0].split(","))
-        return DeviceInfo("cuda", name, int(float(total_mib)) * 1024**2, int(float(free_mib)) * 1024**2, "nvidia-smi")
+        return DeviceInfo("cuda", name, int(float(total_mib)) * 1024**2, int(float(free_mib)) * 1024**2, "nvidia-smi",
+                          gpu_count=len([line for line in out.splitlines() if line.strip()]))
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 

@@ -73,7 +73,6 @@ def _family(family: str, *keys: str) -> list[KohyaKey]:
 
 _FAMILY_CHECKBOX = ("Nekoya trains SD 1.x, SD 2.x, SDXL and FLUX.1 only: the run follows the v2, SDXL and Flux.1 "
                     "checkboxes and the model file, not {}")
-_ONE_DEVICE = "Nekoya trains in one process on one device"
 _NO_DYNAMO = (("dynamo_backend", ("no", "")),)
 _SAME_RESULT = "(the trained LoRA is the same; only speed or memory use differ)"
 
@@ -85,19 +84,12 @@ ROWS: tuple[KohyaKey, ...] = (
         ("sd3_checkbox", "SD3"), ("hunyuan_image_checkbox", "HunyuanImage-2.1"),
         ("anima_checkbox", "Anima"), ("lumina_checkbox", "Lumina"))),
     # --- accelerate launch -------------------------------------------------------------------------
-    _sd("num_processes", _ONE_DEVICE + " (kohya_ss's N processes each train a batch: N times the batch per step)",
-        off=(1, 0, "", None)),
-    _sd("num_machines", _ONE_DEVICE, off=(1, 0, "", None)),
-    _sd("multi_gpu", _ONE_DEVICE),
-    _sd("gpu_ids", "Nekoya trains on the first visible GPU", off=("", "0", None),
-        fix="start Nekoya with CUDA_VISIBLE_DEVICES set to the GPU to use"),
     _sd("dynamo_mode", "torch.compile runs in its default mode", off=("default", "", None),
         moot_when=_NO_DYNAMO),
     _sd("dynamo_use_fullgraph", "torch.compile may split the UNet into several graphs",
         moot_when=_NO_DYNAMO),
     _sd("dynamo_use_dynamic", "torch.compile decides itself whether shapes are dynamic",
         moot_when=_NO_DYNAMO),
-    _sd("extra_accelerate_launch_args", "Nekoya does not run accelerate launch", off=TEXT_OFF),
     # --- Advanced ----------------------------------------------------------------------------------
     _sd("highvram", "Nekoya frees GPU memory as usual " + _SAME_RESULT),
     _sd("mem_eff_attn", "attention runs as CrossAttention says, not as sd-scripts' memory-efficient attention "
@@ -110,8 +102,6 @@ ROWS: tuple[KohyaKey, ...] = (
     *_none("the Hugging Face upload's detail, which huggingface_repo_id's warning covers",
            "huggingface_token", "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_path_in_repo",
            "save_state_to_huggingface", "async_upload"),
-    *_none("used only by runs of several processes, which num_processes and multi_gpu warn about",
-           "main_process_port"),
     *_none("kohya_ss no longer passes it to sd-scripts", "lowvram"),
     *_none("kohya_ss does not apply it to LoRA either (it resets it to 0); the network check notes it",
            "stop_text_encoder_training"),

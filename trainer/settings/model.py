@@ -13,6 +13,7 @@ from pydantic import ConfigDict, ValidationInfo, field_validator
 
 from .coerce import coerce, parse_key_value_args
 from .field import TABS, SettingInfo, info_from_field
+from .tab_accelerate import AccelerateSettings
 from .tab_advanced import AdvancedSettings, SampleSettings
 from .tab_flux import FluxSettings
 from .tab_parameters import ParameterSettings
@@ -25,7 +26,7 @@ _CAPTION_EXTENSION = re.compile(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class TrainingSettings(
-    SampleSettings, FluxSettings, AdvancedSettings, ParameterSettings, MetadataSettings, FolderSettings, SourceModelSettings
+    SampleSettings, FluxSettings, AdvancedSettings, AccelerateSettings, ParameterSettings, MetadataSettings, FolderSettings, SourceModelSettings
 ):
     # extra="allow": kohya keys Nekoya does not use are kept and written back on save.
     model_config = ConfigDict(extra="allow", validate_default=True)
