@@ -11,9 +11,14 @@ a typical dim-16 FLUX LoRA). ``tests/test_flux_family.py`` recounts them on the 
 Activations (GiB per 512x512 sample, bf16; the estimate scales them by pixels): a 512 px image is
 1024 image tokens plus 512 T5 tokens at width 3072. Checkpointing keeps each of the 57 blocks' inputs
 (57 x 1536 x 3072 x 2 bytes = 0.54 GB) plus one block recomputed: 0.8. Without it every block keeps about
-25 tensors of its width: 13. With these, fp8 weights (``fp8_base``), ``blocks_to_swap`` 16, AdamW8bit,
-rank 16 and 1024 px the estimate is about 12 GiB, beside sd-scripts' documented "12GB VRAM: use
---blocks_to_swap 16 and 8bit AdamW" (docs/flux_train_network.md, 6.1) (``tests/test_flux_preflight.py``).
+25 tensors of its width: 13.
+
+Beside sd-scripts' documented "12GB VRAM: use --blocks_to_swap 16 and 8bit AdamW" (with --fp8_base,
+docs/flux_train_network.md 6.1): for that run (1024 px, batch 1, rank 16, cached text-encoder outputs)
+Nekoya estimates about 17.8 GiB, its peak being the caption caching with the transformer on the GPU. The
+step with sd-scripts' swap of 8 double and 16 single blocks (4.6 GiB of fp8 weights kept on the CPU) comes
+to about 11.6 GiB by the same figures; Nekoya applies neither the swap nor the move of the transformer off the
+GPU while captions are encoded yet (``tests/test_flux_preflight.py``).
 """
 from __future__ import annotations
 

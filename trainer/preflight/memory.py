@@ -7,7 +7,8 @@
 * Frozen weights: UNet + text encoders + VAE, counted in the model file's header (``model_size.py``;
   the family's nominal counts in ``families.py`` for a .ckpt or an unreadable file), at
   2 bytes (fp16/bf16 mixed precision on a GPU, bf16 on a CPU with bf16 instructions)
-  or 4 bytes (no mixed precision, or a CPU where it runs in fp32). Cached latents move the VAE off the device;
+  or 4 bytes (no mixed precision, or a CPU where it runs in fp32); the UNet (FLUX's transformer) and
+  the text encoders at 1 byte with fp8_base on a GPU. Cached latents move the VAE off the device;
   cached text-encoder outputs move the text encoders off (SDXL's setting, or any
   family whose text encoders are not trained and whose captions never change),
   after they encoded the captions once before the first step.
@@ -83,13 +84,15 @@ class MemoryEstimate:
 def estimate_memory(settings, family: FamilySpec, device: DeviceInfo) -> MemoryEstimate:
     size = model_size(settings.pretrained_model_name_or_path, family)
     family = size.apply_to(family)  # the model file's own parameter counts where its header can be read
-    runs = device.precision(settings).mode
+    choice = device.precision(settings)
+    runs = choice.mode
     half = runs != "no"
     weight_bytes = 2 if half else 4
+    frozen_bytes = 1 if choice.fp8_base else weight_bytes  # fp8_base: UNet/transformer and text encoders in float8
     te_cached = text_encoder_outputs_cached(settings, family)
 
-    base = family.unet_params * weight_bytes
-    base += 0 if te_cached else sum(family.text_encoder_params) * weight_bytes
+    base = family.unet_params * frozen_bytes
+    base += 0 if te_cached else sum(family.text_encoder_params) * frozen_bytes
     vae_bytes = 4 if (not half or (family.fp16_vae_overflows and settings.sdxl_no_half_vae)) else 2
     base += family.vae_params * vae_bytes  # cached latents are encoded on first use: the VAE stays for epoch 1
 
@@ -99,7 +102,7 @@ def estimate_memory(settings, family: FamilySpec, device: DeviceInfo) -> MemoryE
     parts = {
         "base model": int(base),
         "LoRA + optimizer": int(lora),
-        "activations or encoding": int(_working_bytes(settings, family, half, te_cached) * ALLOCATOR_SLACK),
+        "activations or encoding": int(_working_bytes(settings, family, half, te_cached, frozen_bytes) * ALLOCATOR_SLACK),
         "runtime": int(RUNTIME_GIB[device.kind] * GIB),
     }
     # the precision actually used is in the first line; the preflight's precision check says why it differs
@@ -107,7 +110,7 @@ def estimate_memory(settings, family: FamilySpec, device: DeviceInfo) -> MemoryE
     return MemoryEstimate(device, parts, runs if half else "fp32", trainable, family.label, tuple(notes))
 
 
-def _working_bytes(settings, family: FamilySpec, half: bool, te_cached: bool) -> float:
+def _working_bytes(settings, family: FamilySpec, half: bool, te_cached: bool, encoder_bytes: int | None = None) -> float:
     """The largest of what runs on top of the weights: a step's activations, a VAE encode, or the text
     encoders while they cache their outputs before the first step."""
     width, height = settings.resolution
@@ -119,7 +122,7 @@ def _working_bytes(settings, family: FamilySpec, half: bool, te_cached: bool) ->
     latents_cached = settings.cache_latents and not (settings.color_aug or settings.random_crop)
     encoded = max(1, int(settings.vae_batch_size or 1)) * width * height / REFERENCE_PIXELS if latents_cached else samples
     vae_encode = VAE_ENCODE_GIB_PER_SAMPLE * GIB * encoded * precision_factor
-    encoders = sum(family.text_encoder_params) * (2 if half else 4) if te_cached else 0
+    encoders = sum(family.text_encoder_params) * (encoder_bytes or (2 if half else 4)) if te_cached else 0
     return max(activations, vae_encode, encoders)
 
 

@@ -75,16 +75,21 @@ def _count(path: Path, family: FamilySpec, nominal: str) -> ModelSize:
 
 def _single_file_counts(path: Path, family: FamilySpec) -> ModelSize | None:
     shapes = read_safetensors_header(path).shapes
+    if family.layout not in SINGLE_FILE_LAYOUTS:  # a transformer file alone (FLUX.1: its encoders are other files)
+        return _size({"unet": sum(math.prod(shape) for shape in shapes.values())}, f"from {path.name}'s header")
     counts = {component: sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefix))
-              for component, (prefix, _) in SINGLE_FILE_LAYOUTS[family.name].items()}
+              for component, (prefix, _) in SINGLE_FILE_LAYOUTS[family.layout].items()}
     return _size(counts, f"from {path.name}'s header")
 
 
 def _diffusers_counts(folder: Path) -> ModelSize | None:
     counts = {}
-    for component in ("unet", "vae", *DIFFUSERS_TEXT_ENCODERS):
+    for component in ("unet", "transformer", "vae", *DIFFUSERS_TEXT_ENCODERS):
+        if not (folder / component).is_dir():
+            continue
         files = [f for f in component_weight_files(folder / component) if f.suffix.lower() == ".safetensors"]
         counts[component] = sum(math.prod(shape) for f in files for shape in read_safetensors_header(f).shapes.values())
+    counts["unet"] = counts.get("unet") or counts.get("transformer", 0)  # a transformer denoiser (FLUX.1)
     return _size(counts, f"from the .safetensors headers in {folder.name}")
 
 
