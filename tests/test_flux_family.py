@@ -190,3 +190,19 @@ def test_the_check_names_missing_flux_files_before_loading(tiny_flux_files, tmp_
     assert "is not a CLIP-L file" in errors["clip_l"].message
     wrong_type = check(flux_file_settings(tiny_flux_files, LoRA_type="Standard", output_dir=str(tmp_path)), deep=False)
     assert any(p.field == "LoRA_type" and "Flux1" in p.fix for p in wrong_type.errors)
+
+
+def test_flux_keys_nekoya_does_not_apply_yet_warn_in_flux_runs_only(tmp_path):
+    from trainer.preflight import check
+    from trainer.preflight.report import SettingNotApplied
+
+    def not_applied(**values):
+        report = check(TrainingSettings(output_dir=str(tmp_path), blocks_to_swap=16, split_qkv=True, **values),
+                       deep=False)
+        return {p.field: p for p in report.warnings if isinstance(p, SettingNotApplied)}
+
+    flux = not_applied(flux1_checkbox=True, LoRA_type="Flux1")
+    assert "blocks_to_swap = 16 is not applied: Nekoya does not apply it to FLUX.1 runs yet" in flux["blocks_to_swap"].message
+    assert "the LoRA file would differ" in flux["split_qkv"].message
+    sd = not_applied()
+    assert "blocks_to_swap" not in sd and "split_qkv" not in sd

@@ -2,7 +2,8 @@
 
 A kohya_ss config trains as kohya_ss would, or the check says by name what differs: one warning per
 key of ``trainer.settings.kohya_unused`` (scope "sd") and per declared setting marked ``unused=``
-whose value is not an off value. Keys of other model families and keys that change no run stay quiet.
+whose value is not an off value. Keys of other model families and keys that change no run stay quiet, except
+a family's keys Nekoya does not apply to that family yet while its checkbox is ticked (Flux.1's).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def check_settings_not_applied(ctx: CheckContext) -> Iterator[SettingNotApplied]
         if row is None and key in declared_unused:  # a declared setting the table does not explain further
             info = declared_unused[key]
             row = KohyaKey(key, info.unused, off=(info.default, *OFF))
-        if row is not None and row.scope == SD and not row.is_off(value) and not row.is_moot(values):
+        applies = row is not None and (row.scope == SD or row.family_flag and bool(values.get(row.family_flag)))
+        if applies and not row.is_off(value) and not row.is_moot(values):
             yield _warning(row, value)
 
 

@@ -30,6 +30,9 @@ class KohyaKey:
     off: tuple = OFF  # values at which nothing is lost (the first is kohya_ss's default)
     fix: str = ""  # how to get kohya_ss's behaviour, where Nekoya has a way
     moot_when: tuple[tuple[str, tuple], ...] = ()  # (key, values): it does nothing while that key has one of them
+    # a family's key ("other"): it warns all the same while this kohya checkbox setting is ticked (Flux.1's keys
+    # that Nekoya does not apply to FLUX.1 runs yet)
+    family_flag: str = ""
 
     def is_off(self, value: Any) -> bool:
         return same_value(value, self.off)
@@ -65,6 +68,14 @@ def _sd(key: str, instead: str, **kw: Any) -> KohyaKey:
 
 def _none(why: str, *keys: str) -> list[KohyaKey]:
     return [KohyaKey(k, why, NONE) for k in keys]
+
+
+def _flux(instead: str, *keys: str) -> list[KohyaKey]:
+    """kohya_ss's Flux.1 keys Nekoya does not apply yet: quiet for SD runs, a warning in FLUX.1 runs."""
+    return [KohyaKey(k, instead, OTHER, family_flag="flux1_checkbox") for k in keys]
+
+
+_NOT_FOR_FLUX_YET = "Nekoya does not apply it to FLUX.1 runs yet"
 
 
 def _family(family: str, *keys: str) -> list[KohyaKey]:
@@ -108,21 +119,25 @@ ROWS: tuple[KohyaKey, ...] = (
     *_none("Nekoya's data workers are threads: there are no worker processes to keep between epochs",
            "persistent_data_loader_workers"),
     # --- keys of other model families ---------------------------------------------------------------
-    # FLUX.1 keys Nekoya does not apply yet (tab_flux.py declares the ones it applies)
-    *_family("Flux.1", "flux1_cache_text_encoder_outputs_to_disk", "enable_all_linear", "mem_eff_save",
-             "split_qkv", "cpu_offload_checkpointing", "single_blocks_to_swap",
-             "double_blocks_to_swap", "img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim", "txt_attn_dim",
-             "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims", "train_double_block_indices",
-             "train_single_block_indices", "fp8_base_unet", "train_lora_ggpo", "ggpo_sigma", "ggpo_beta"),
+    # FLUX.1 keys Nekoya does not apply yet (tab_flux.py declares the ones it applies): they warn in FLUX.1 runs
+    *_flux("the text-encoder outputs are cached in memory, not on disk " + _SAME_RESULT,
+           "flux1_cache_text_encoder_outputs_to_disk"),
+    *_flux(_NOT_FOR_FLUX_YET + " " + _SAME_RESULT, "mem_eff_save", "cpu_offload_checkpointing", "fp8_base_unet",
+           "single_blocks_to_swap", "double_blocks_to_swap", "blocks_to_swap"),
+    *_flux(_NOT_FOR_FLUX_YET + " (the LoRA file would differ)", "split_qkv", "train_lora_ggpo"),
+    *_flux("T5-XXL's LoRA (Train T5-XXL) learns at the Text Encoder learning rate", "t5xxl_lr"),
+    *_flux(_NOT_FOR_FLUX_YET + ": every module of every block gets the Network Rank", "img_attn_dim", "img_mlp_dim",
+           "img_mod_dim", "single_dim", "txt_attn_dim", "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims",
+           "train_double_block_indices", "train_single_block_indices"),
+    *_family("Flux.1", "enable_all_linear", "ggpo_sigma", "ggpo_beta"),  # Flux1 OFT's; train_lora_ggpo's details
     *_none("kohya_ss does not pass it to sd-scripts (it sends train_blocks=single only with split_mode, which Nekoya "
            "applies the same way)", "train_blocks"),
-    *_family("Flux.1 or SD3", "t5xxl_lr"),
     *_family("SD3", "sd3_cache_text_encoder_outputs", "sd3_cache_text_encoder_outputs_to_disk",
              "sd3_fused_backward_pass", "clip_g", "clip_g_dropout_rate", "sd3_clip_l", "sd3_clip_l_dropout_rate",
              "sd3_disable_mmap_load_safetensors", "sd3_enable_scaled_pos_embed", "logit_mean", "logit_std",
              "mode_scale", "pos_emb_random_crop_rate", "save_clip", "save_t5xxl", "sd3_t5_dropout_rate", "sd3_t5xxl",
              "t5xxl_device", "t5xxl_dtype", "sd3_text_encoder_batch_size", "weighting_scheme"),
-    *_family("Flux.1, SD3, HunyuanImage, Anima or Lumina", "blocks_to_swap", "show_timesteps",
+    *_family("Flux.1, SD3, HunyuanImage, Anima or Lumina", "show_timesteps",
              "show_timesteps_resolution"),
     *_family("HunyuanImage-2.1", "hunyuan_image_cache_text_encoder_outputs",
              "hunyuan_image_cache_text_encoder_outputs_to_disk", "hunyuan_text_encoder", "hunyuan_byt5", "hunyuan_vae",
