@@ -206,3 +206,17 @@ def test_flux_keys_nekoya_does_not_apply_yet_warn_in_flux_runs_only(tmp_path):
     assert "the LoRA file would differ" in flux["split_qkv"].message
     sd = not_applied()
     assert "blocks_to_swap" not in sd and "split_qkv" not in sd
+
+
+def test_the_run_noise_sampler_draws_timesteps_through_the_flux_schedule():
+    from trainer.families.flux import FluxFamily
+    from trainer.noise import NoiseConfig
+    from trainer.noise_sampling import RandomNoise
+
+    family = FluxFamily(TrainingSettings(flux1_checkbox=True, timestep_sampling="shift", discrete_flow_shift=3.0))
+    sampler = RandomNoise(NoiseConfig(), family.noise_schedule("cpu"), seed=1)
+    draw = sampler(torch.zeros(400, 16, 2, 2), [f"1/row/{i}" for i in range(400)])
+    sigmas = draw.timesteps / 1000
+    assert draw.timesteps.dtype == torch.float32 and (sigmas > 0).all() and (sigmas <= 1).all()
+    assert (draw.timesteps != draw.timesteps.round()).any()  # floats, not DDPM's integer steps
+    assert abs(sigmas.median().item() - 0.75) < 0.05  # shift 3 moves the sigmoid's median 0.5 to 0.75
