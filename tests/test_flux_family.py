@@ -220,3 +220,24 @@ def test_the_run_noise_sampler_draws_timesteps_through_the_flux_schedule():
     assert draw.timesteps.dtype == torch.float32 and (sigmas > 0).all() and (sigmas <= 1).all()
     assert (draw.timesteps != draw.timesteps.round()).any()  # floats, not DDPM's integer steps
     assert abs(sigmas.median().item() - 0.75) < 0.05  # shift 3 moves the sigmoid's median 0.5 to 0.75
+
+
+def test_fp8_storage_keeps_norms_and_t5_output_layer_and_the_transformer_still_runs(tiny_flux_dir):
+    """fp8_base's storage (a CUDA feature) on the FLUX family, checked under the CPU's bf16 autocast."""
+    from trainer.families.flux import FluxFamily
+    from trainer.fp8 import FP8, store_frozen_weights_in_fp8
+
+    settings = TrainingSettings(flux1_checkbox=True, pretrained_model_name_or_path=str(tiny_flux_dir),
+                                t5xxl_max_token_length=16)
+    family = FluxFamily(settings)
+    family.load(settings, torch.bfloat16, torch.device("cpu"), lambda *args: None)
+    assert store_frozen_weights_in_fp8(family, torch.bfloat16) > 0
+    transformer, t5 = family.unet, family.text_encoders[1]
+    assert transformer.double_blocks[0].img_attn.qkv.weight.dtype == FP8
+    assert transformer.double_blocks[0].img_attn.norm.query_norm.scale.dtype == torch.bfloat16
+    assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.bfloat16
+    assert t5.encoder.final_layer_norm.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = family.encode_prompt(family.tokenize(["a photo of sks dog"]))
+        pred = family.predict(torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), torch.tensor([500.0]), cond, None)
+    assert pred.shape == (1, 16, 8, 8) and torch.isfinite(pred).all()

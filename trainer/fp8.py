@@ -13,6 +13,12 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 KEPT = (nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+# RMS norms of other libraries and models (T5's T5LayerNorm, FLUX's RMSNorm): multiplied by their weight outside
+# autocast's casting, so they stay in the training precision too
+KEPT_NAMES = ("LayerNorm", "RMSNorm")
+# transformers' T5 feed-forward casts its input to the dtype of ``wo``'s weight before it (fp8 would round the
+# activations); sd-scripts patches that forward, Nekoya keeps ``wo`` in the training precision instead
+KEPT_CHILDREN = {"T5DenseGatedActDense": "wo", "T5DenseActDense": "wo"}
 
 
 def store_frozen_weights_in_fp8(family: Any, keep_dtype: torch.dtype) -> int:
@@ -23,8 +29,10 @@ def store_frozen_weights_in_fp8(family: Any, keep_dtype: torch.dtype) -> int:
         before += _bytes(model)
         model.to(FP8)
         for module in model.modules():
-            if isinstance(module, KEPT):
+            if isinstance(module, KEPT) or type(module).__name__.endswith(KEPT_NAMES):
                 module.to(keep_dtype)
+            elif type(module).__name__ in KEPT_CHILDREN:
+                getattr(module, KEPT_CHILDREN[type(module).__name__]).to(keep_dtype)
         after += _bytes(model)
     return before - after
 

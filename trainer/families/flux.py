@@ -141,7 +141,7 @@ class FluxFamily:
         from trainer.models.flux import image_ids, pack_latents, unpack_latents
 
         batch, _, height, width = noisy.shape
-        device, dtype = noisy.device, self.unet.dtype
+        device, dtype = noisy.device, noisy.dtype  # the run's precision (the weights may be stored in fp8)
         t5 = cond.t5.to(device)
         sigmas = (timesteps.float() / self.flow.num_train_timesteps).reshape(-1).expand(batch).to(device)
         out = self.unet(
