@@ -101,7 +101,8 @@ def run(settings, out: TextIO | None = None, err: TextIO | None = None, ask: Cal
     if in_worker():  # one process of a torchrun group
         from trainer.distributed.worker import run_worker
 
-        return {"finished": EXIT_OK, "stopped": EXIT_STOPPED}.get(run_worker(settings, printer), EXIT_FAILED)
+        # a stopped worker exits 0: torchrun takes any other code for a failure and ends the group
+        return EXIT_FAILED if run_worker(settings, printer) == "failed" else EXIT_OK
     control = Control()
     with _ctrl_c_requests_stop(control, printer):
         result = train(settings, printer, control)
