@@ -223,3 +223,38 @@ def test_killing_one_process_stops_the_other_names_its_rank_and_keeps_what_was_t
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
     saved = list((tmp_path / "out").glob("tiny-step*.safetensors"))
     assert len(saved) == 1 and saved[0] in map(Path, result.files)  # rank 0 saved the steps it had
+
+
+def _wait_for(recorder, kind, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not recorder.of(kind):
+        assert time.monotonic() < deadline, recorder.logs()
+        time.sleep(0.05)
+    return recorder.of(kind)[-1]
+
+
+@pytest.mark.slow
+def test_save_pause_resume_and_stop_reach_every_process_of_a_group(tiny_sd1_dir, four_images, tmp_path):
+    control = Control()
+    settings = _group_settings(tiny_sd1_dir, four_images, tmp_path / "out", epoch=5000)
+    recorder, box, thread = _start_in_thread(settings, control)
+    _wait_for_step(recorder, 2)
+    control.request_save()
+    saved = _wait_for(recorder, ev.Saved)
+    assert saved.kind == "step" and Path(saved.path).is_file()
+    control.request_pause()
+    paused = _wait_for(recorder, ev.Paused)
+    assert "all 2 processes wait" in paused.note
+    time.sleep(1.0)
+    held = recorder.of(ev.Step)[-1].step
+    time.sleep(1.0)
+    assert recorder.of(ev.Step)[-1].step == held == paused.step  # neither process goes on
+    control.request_resume()
+    _wait_for(recorder, ev.Resumed)
+    _wait_for_step(recorder, held + 2)
+    control.request_stop()
+    thread.join(120)
+    result = box["result"]
+    assert result.status == "stopped", result.error
+    assert len(result.files) == 2 and all(Path(f).is_file() for f in result.files)  # Save now, then the stop's
+    assert not [p for p in _workers() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
