@@ -190,6 +190,10 @@ def test_the_check_names_missing_flux_files_before_loading(tiny_flux_files, tmp_
     assert "is not a CLIP-L file" in errors["clip_l"].message
     wrong_type = check(flux_file_settings(tiny_flux_files, LoRA_type="Standard", output_dir=str(tmp_path)), deep=False)
     assert any(p.field == "LoRA_type" and "Flux1" in p.fix for p in wrong_type.errors)
+    refused = check(flux_file_settings(tiny_flux_files, LoRA_type="Flux1", output_dir=str(tmp_path), model_type="chroma",
+                                       weighted_captions=True, train_t5xxl=True, flux1_cache_text_encoder_outputs=True),
+                    deep=False)
+    assert {"model_type", "weighted_captions", "train_t5xxl"} <= {p.field for p in refused.errors}
 
 
 def test_flux_keys_nekoya_does_not_apply_yet_warn_in_flux_runs_only(tmp_path):
@@ -241,3 +245,15 @@ def test_fp8_storage_keeps_norms_and_t5_output_layer_and_the_transformer_still_r
         cond = family.encode_prompt(family.tokenize(["a photo of sks dog"]))
         pred = family.predict(torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), torch.tensor([500.0]), cond, None)
     assert pred.shape == (1, 16, 8, 8) and torch.isfinite(pred).all()
+
+
+def test_the_gui_model_pick_ticks_flux_for_flux_models_and_unticks_it_for_sd(tiny_flux_dir, tiny_flux_files,
+                                                                              tiny_sd1_dir):
+    from app.model_pick import on_model_path
+
+    for model in (tiny_flux_dir, tiny_flux_files["transformer"]):
+        values, note = on_model_path(str(model))
+        assert values["flux1_checkbox"] is True and not values["sdxl"] and not values["v2"]
+        assert note == "Detected FLUX.1 from the model."
+    values, _ = on_model_path(str(tiny_sd1_dir))
+    assert values["flux1_checkbox"] is False

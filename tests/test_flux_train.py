@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from flux_support import tiny_flux_dir, tiny_flux_files, tiny_flux_fp8_files  # noqa: F401  (fixtures)
+from flux_support import tiny_flux_dir, tiny_flux_files, tiny_flux_fp8_files, tiny_schnell_dir  # noqa: F401
 from test_flux_family import sd_scripts_module_names
 from test_train import images, tiny_settings  # noqa: F401  (images is a fixture)
 from trainer.loop import train
@@ -55,6 +55,20 @@ def test_samples_are_made_during_training(folder_run):
     assert len(samples) == 1 and samples[0].stat().st_size > 0
 
 
+def test_try_it_applies_the_lora_to_the_flux_folder(folder_run, tiny_flux_dir):
+    import numpy as np
+
+    from trainer.inference import GenerateRequest, LoraChoice, TryIt
+
+    settings, _ = folder_run
+    request = GenerateRequest(base_model=str(tiny_flux_dir), prompt="a photo of sks dog", width=64, height=64, steps=3,
+                              seed=11, cfg_scale=1.0, sampler="euler")
+    base, with_lora, base_again = TryIt(device="cpu").compare(request, [
+        LoraChoice(None), LoraChoice(str(Path(settings.output_dir) / "tiny.safetensors"), 1.0), LoraChoice(None)])
+    pixels = [np.asarray(images[0], dtype=np.float64) for images in (base, with_lora, base_again)]
+    assert np.abs(pixels[1] - pixels[0]).mean() > 0 and np.array_equal(pixels[0], pixels[2])
+
+
 def test_resumes_from_the_saved_state(folder_run, tmp_path):
     settings, result = folder_run
     [state] = [f for f in result.files if os.path.isdir(f)]
@@ -76,6 +90,27 @@ def test_trains_from_kohya_ss_four_fp8_files_single_blocks_only(tiny_flux_fp8_fi
     names, meta = lora_keys(tmp_path / "tiny.safetensors")
     assert names == sd_scripts_module_names(double=2, single=2, single_only=True)
     assert json.loads(meta["ss_network_args"]) == {"train_blocks": "single"}
+
+
+def test_trains_t5xxl_with_gradient_checkpointing_under_sd_scripts_te3_names(tiny_flux_dir, images, tmp_path):
+    settings = flux_settings(tiny_flux_dir, images, tmp_path, train_t5xxl=True, gradient_checkpointing=True,
+                             apply_t5_attn_mask=True)
+    result = train(settings)
+    assert result.status == "finished", result.error
+    names, meta = lora_keys(tmp_path / "tiny.safetensors")
+    t5 = {f"lora_te3_encoder_block_{i}_layer_0_SelfAttention_{m}" for i in range(2) for m in "qkvo"}
+    t5 |= {f"lora_te3_encoder_block_{i}_layer_1_DenseReluDense_{m}" for i in range(2) for m in ("wi_0", "wi_1", "wo")}
+    assert names == sd_scripts_module_names(double=2, single=2, clip_layers=2) | t5
+    assert json.loads(meta["ss_network_args"]) == {"train_t5xxl": "True"}
+
+
+def test_schnell_trains_samples_and_says_schnell(tiny_schnell_dir, images, tmp_path):
+    settings = flux_settings(tiny_schnell_dir, images, tmp_path, sample_prompts=SAMPLE, sample_every_n_steps=2,
+                             timestep_sampling="sigmoid")
+    result = train(settings)
+    assert result.status == "finished", result.error
+    assert lora_keys(tmp_path / "tiny.safetensors")[1]["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert len(list((tmp_path / "sample").glob("*.png"))) == 1
 
 
 def test_kohya_ss_flux_preset_loads_and_passes_the_check(tiny_flux_files, images, tmp_path):

@@ -85,6 +85,9 @@ def check_flux_settings(ctx: CheckContext):
         yield Problem("warning", key, f"{key} is not used by sd-scripts' FLUX trainer (it draws plain Gaussian noise); "
                       "Nekoya applies it, so the LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train as "
                       "kohya_ss does")
+    if s.weighted_captions:
+        yield Problem("error", "weighted_captions", "Weighted captions are not supported for FLUX.1 (sd-scripts' FLUX "
+                      "tokenizer has no weighted form either; its run stops)", fix="untick Weighted captions")
     if s.train_t5xxl and s.flux1_cache_text_encoder_outputs:
         yield Problem("error", "train_t5xxl", "Train T5-XXL needs the text encoders' outputs, which "
                       "Cache Text Encoder Outputs stores once", fix="untick one of the two")
