@@ -70,6 +70,45 @@ def test_each_steps_batch_is_split_between_the_ranks(tmp_path):
                 assert [float(w) for w in parts[1].loss_weights] == [0.0] and [w for *_, w in real] == [2.0]
 
 
+def test_a_share_emptied_by_a_bad_image_trains_a_stand_in_with_weight_0(tmp_path):
+    from trainer.data.plan import plan_steps
+    from trainer.devtools.synthetic import make_image_folder
+
+    images = make_image_folder(tmp_path / "img", {"1_a": 2}, sizes=[(64, 64)], seed=1)
+    entries = plan_steps(tiny_settings(tmp_path, images, tmp_path / "out")).entries
+    ranks = [_dataset(entries, 2, rank, 1) for rank in (0, 1)]
+    members = ranks[0].epoch_batches(1)[0]
+    bad = entries[members[1]].item.path  # rank 1's only sample breaks after the plan was made
+    bad.write_bytes(b"not an image")
+    first, second = (next(iter(r.iter_epoch(1))) for r in ranks)
+    # rank 0 cannot know that rank 1's image failed: its share keeps its weight, the bad slot counts as 0
+    assert first.paths == [entries[members[0]].item.path] and float(first.loss_weights[0]) == 1.0
+    assert second.paths == first.paths and float(second.loss_weights[0]) == 0.0  # both take part in the step
+    assert [e.path for e in second.bad_images] == [bad]
+
+
+def test_the_check_counts_gpus_ids_and_nccl(tmp_path, tiny_sd1_dir, image_folder, monkeypatch):
+    from trainer.preflight import device as device_module, processes
+    from trainer.preflight.device import DeviceInfo
+
+    gpus = DeviceInfo("cuda", "GPU", 24 * 2**30, 24 * 2**30, "test", gpu_count=2)
+    monkeypatch.setattr(device_module, "probe_device", lambda: gpus)
+    monkeypatch.setattr(processes, "_nccl_available", lambda: False)
+
+    def problems(**overrides):
+        values = {"num_processes": 2, "main_process_port": free_port(), **overrides}
+        report = check(tiny_settings(tiny_sd1_dir, image_folder, tmp_path, **values), deep=False)
+        return {(p.severity, p.field): p.message for p in report.problems if p.field in
+                ("num_processes", "gpu_ids", "multi_gpu", "main_process_port")}
+
+    fine = problems()
+    assert ("error", "num_processes") not in fine and ("error", "gpu_ids") not in fine
+    assert "NCCL is not available" in fine[("warning", "multi_gpu")]
+    assert "need a GPU each, but this machine has 2" in problems(num_processes=3)[("error", "num_processes")]
+    assert "names GPU 5, but this machine has 2" in problems(gpu_ids="0,5")[("error", "gpu_ids")]
+    assert "lists 1 GPUs but 2 processes" in problems(gpu_ids="1")[("error", "gpu_ids")]
+
+
 def test_step_events_cross_processes_with_every_ranks_memory():
     step = ev.Step(3, 10, 1, 2, 0.5, 0.6, 1e-4, {"unet": 1e-4}, 2.0, 1.5, 5.0, ev.Memory("cuda:0", 900.0, 1.0, 2.0),
                    (ev.Memory("cuda (rank 0)", 900.0, 1.0), ev.Memory("cuda (rank 1)", 800.0, 1.5)))
@@ -258,3 +297,43 @@ def test_save_pause_resume_and_stop_reach_every_process_of_a_group(tiny_sd1_dir,
     assert result.status == "stopped", result.error
     assert len(result.files) == 2 and all(Path(f).is_file() for f in result.files)  # Save now, then the stop's
     assert not [p for p in _workers() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _lora_of(result) -> dict:
+    return load_file(next(f for f in result.files if os.path.basename(f) == "tiny.safetensors"))  # the final file
+
+
+def _worst(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(_relative(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_in_a_group_steps_as_one_process_does(tiny_sd1_dir, four_images, tmp_path):
+    common = dict(optimizer="SGDNesterov", gradient_accumulation_steps=2, epoch=3)
+    single = train(_group_settings(tiny_sd1_dir, four_images, tmp_path / "one", num_processes=1, train_batch_size=2,
+                                   **common))
+    group = train(_group_settings(tiny_sd1_dir, four_images, tmp_path / "two", **common))
+    assert single.status == group.status == "finished" and single.step == group.step == 3
+    assert _worst(_lora_of(single), _lora_of(group)) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_group_resumes_from_its_state_and_says_what_a_new_process_count_changes(tiny_sd1_dir, four_images,
+                                                                                  tmp_path):
+    common = dict(optimizer="SGDNesterov", epoch=4, save_every_n_epochs=1, save_state=True)
+    straight = train(_group_settings(tiny_sd1_dir, four_images, tmp_path / "straight", **common))
+    assert straight.status == "finished", straight.error
+    state = tmp_path / "straight" / "tiny-000002-state"
+    assert state.is_dir()
+    recorder = Recorder()
+    resumed = train(_group_settings(tiny_sd1_dir, four_images, tmp_path / "resumed", resume=str(state), **common),
+                    recorder)
+    assert resumed.status == "finished" and resumed.step == 8, resumed.error
+    assert _worst(_lora_of(straight), _lora_of(resumed)) < 1e-4
+    assert recorder.of(ev.Started)[0].start_step == 4
+    alone = Recorder()
+    single = train(_group_settings(tiny_sd1_dir, four_images, tmp_path / "alone", resume=str(state), num_processes=1,
+                                   train_batch_size=2, **common), alone)
+    assert single.status == "finished" and single.step == 8
+    assert "was saved by a run of 2 process(es), this run has 1" in alone.logs()

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILY_KEY = re.compile(r'"(sd1|sd2|sdxl|sd2v)"')
+FAMILY_KEY = re.compile(r'"(sd1|sd2|sdxl|sd2v|flux1)"')
 # (file, line): kohya's setting field `sdxl`, not the family key
 KOHYA_BOUNDARY = {("trainer/settings/tab_parameters.py", 'ONLY_SDXL = {"sdxl": (True,)}')}
 

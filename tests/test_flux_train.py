@@ -69,6 +69,18 @@ def test_try_it_applies_the_lora_to_the_flux_folder(folder_run, tiny_flux_dir):
     assert np.abs(pixels[1] - pixels[0]).mean() > 0 and np.array_equal(pixels[0], pixels[2])
 
 
+def test_inspect_names_the_family_and_verify_matches_every_module(folder_run, tiny_flux_dir):
+    from trainer.tools import verify_lora
+    from trainer.tools.lora_file import read_lora
+    from trainer.tools.lora_info import family_from_keys
+
+    settings, _ = folder_run
+    path = Path(settings.output_dir) / "tiny.safetensors"
+    assert family_from_keys(read_lora(path)) == "flux1"
+    report = verify_lora(path, tiny_flux_dir)
+    assert report.ok and "38 of 38 modules match FLUX.1 model" in report.format()
+
+
 def test_resumes_from_the_saved_state(folder_run, tmp_path):
     settings, result = folder_run
     [state] = [f for f in result.files if os.path.isdir(f)]

@@ -125,7 +125,10 @@ class _Run:
         self.image_policy, self.nan_guard = BadImagePolicy(s.bad_image_policy), NanGuard(s.nan_loss_policy, settings=s)
         self.latents, self.dataset, self.prompts = prepare_inputs(plan, self.family, self.train_te, self.precision,
                                                                   self.seed, self.log, self._bad_image, self.group)
-        self._prepare_outputs()
+        self.metadata.describe(self.family.version_metadata(), self.lrs, self.seed)
+        self.outputs, self.log_writer, self.samples = open_outputs(self.plan, self.family, self.network, self.metadata,
+                                                                   self.precision, self.sink, self._saved, self.log,
+                                                                   self.group)
         if self.resume is not None:
             self.step, self.start_epoch, self.start_batch = continue_run(
                 self.resume, self.network, self.stepper, self.generator, s.resume, self.log, self.group.processes)
@@ -135,12 +138,6 @@ class _Run:
         if decision.action == "stop":
             raise TrainingError(decision.message, "bad_image_policy")
         self.log(decision.message, "warning")
-
-    def _prepare_outputs(self) -> None:
-        self.metadata.describe(self.family.version_metadata(), self.lrs, self.seed)
-        self.outputs, self.log_writer, self.samples = open_outputs(self.plan, self.family, self.network, self.metadata,
-                                                                   self.precision, self.sink, self._saved, self.log,
-                                                                   self.group)
 
     # -- the step loop ----------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -168,9 +165,11 @@ class _Run:
         losses: list[float] = []
         vae_guard = self.latents.vae_guard()
         for batch in self.dataset.iter_epoch(epoch, first_batch):
-            losses.append(self._train_step(batch))
             self.batches_done += 1
-            if self.batches_done % accum and self.batches_done < len(self.dataset):
+            stepping = not (self.batches_done % accum and self.batches_done < len(self.dataset))
+            with self.group.gradient_sync(self.predict, stepping):  # a group averages the stepping batch's only
+                losses.append(self._train_step(batch))
+            if not stepping:
                 continue  # accumulate more gradients before stepping
             with vae_guard:
                 self._optimizer_step(sum(losses) / len(losses))

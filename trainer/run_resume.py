@@ -29,10 +29,9 @@ def continue_run(state: Any, network: Any, stepper: Any, generator: torch.Genera
     continue_schedule(stepper.scheduler, position[0], stepper.optimizer, log)
     saved_by = getattr(state.position, "processes", 1)
     if saved_by != processes and position[2]:
-        log(f"{path} was saved by a run of {saved_by} process(es), this run has {processes}: each step's batch is "
-            f"now {processes}/{saved_by} of what it was, so the weights, optimizer and step count ({position[0]}) go "
-            f"on, epoch {position[1]} starts again from its first batch, and the step plan is the one for the new "
-            "batch", "warning")
+        log(f"{path} was saved by a run of {saved_by} process(es), this run has {processes}: the weights, optimizer "
+            f"and step count ({position[0]}) go on, but the epoch's batches are split differently, so epoch "
+            f"{position[1]} starts again from its first batch (the step plan is this run's)", "warning")
         position = (position[0], position[1], 0)
     elif saved_by != processes:
         log(f"{path} was saved by a run of {saved_by} process(es), this run has {processes}: the weights, optimizer "

@@ -230,45 +230,52 @@ class TrainingDataset:
             raise error
 
     def _build_batch(self, epoch: int, index: int, members: list[int]) -> Batch:
-        bucket = self.entries[members[0]].choice.bucket
-        batch = Batch(epoch, index, bucket, [], [], [], torch.empty(0), [], [], [], [])
-        pixels, latents, weights, masks = [], [], [], []
+        batch = Batch(epoch, index, self.entries[members[0]].choice.bucket, [], [], [], torch.empty(0), [], [], [], [])
+        parts = _BatchParts()
         for position, member, scale in self.rank_share(members):
-            entry, row_key = self.entries[member], self.row_key(epoch, index, position)
-            rng = self.sample_rng(row_key)
-            rules = _SampleRules.of(entry, self.config)
-            flipped = rules.flip_aug and rng.random() < 0.5
-            try:
-                sample = self._load_sample(entry, flipped, rng)
-            except BadImageError as error:
-                batch.bad_images.append(error)
-                continue
+            self._add_sample(batch, parts, position, member, scale)
+        if not batch.paths and self.config.processes > 1:
+            # every process takes part in every step: when bad images emptied this share, the first good sample of
+            # the whole batch stands in with weight 0 (no good sample anywhere: every process skips the batch)
+            for position, member in enumerate(members):
+                if self._add_sample(batch, parts, position, member, 0.0):
+                    break
+        batch.loss_weights = torch.tensor(parts.weights, dtype=torch.float32)
+        if parts.pixels:
+            batch.images = to_tensor([p.pixels for p in parts.pixels])
+        if parts.latents:
+            batch.latents = torch.stack([c.latents for c in parts.latents])
+        if parts.masks:
+            batch.masks = torch.from_numpy(np.stack(parts.masks))
+        return batch
+
+    def _add_sample(self, batch: Batch, parts: "_BatchParts", position: int, member: int, scale: float) -> bool:
+        """Load one sample into the batch; False (its error noted in the batch) when its image is bad."""
+        entry, row_key = self.entries[member], self.row_key(batch.epoch, batch.index, position)
+        rng = self.sample_rng(row_key)
+        rules = _SampleRules.of(entry, self.config)
+        flipped = rules.flip_aug and rng.random() < 0.5
+        try:
+            sample = self._load_sample(entry, flipped, rng)
             original, crop_left_top = sample.original_size, sample.crop_left_top
             if self.config.masked_loss:  # recomputed from the file, so cached latents keep their masks
-                try:
-                    masks.append(prepare_mask(entry.item.path, entry.choice, flip=flipped, crop_left_top=crop_left_top,
-                                              mask_path=_mask_path(entry)))
-                except BadImageError as error:
-                    batch.bad_images.append(error)
-                    continue
-            (latents if isinstance(sample, CachedLatents) else pixels).append(sample)
-            batch.paths.append(entry.item.path)
-            batch.captions.append(process_caption(entry.item.caption, rules.captions, epoch, rng))
-            batch.is_reg.append(entry.item.is_reg)
-            weights.append((self.config.prior_loss_weight if entry.item.is_reg else 1.0) * scale)
-            batch.row_keys.append(row_key)
-            batch.flipped.append(flipped)
-            batch.original_sizes_hw.append((original[1], original[0]))
-            batch.crop_top_lefts.append((crop_left_top[1], crop_left_top[0]))
-            batch.target_sizes_hw.append((bucket[1], bucket[0]))
-        batch.loss_weights = torch.tensor(weights, dtype=torch.float32)
-        if pixels:
-            batch.images = to_tensor([p.pixels for p in pixels])
-        if latents:
-            batch.latents = torch.stack([c.latents for c in latents])
-        if masks:
-            batch.masks = torch.from_numpy(np.stack(masks))
-        return batch
+                parts.masks.append(prepare_mask(entry.item.path, entry.choice, flip=flipped,
+                                                crop_left_top=crop_left_top, mask_path=_mask_path(entry)))
+        except BadImageError as error:
+            batch.bad_images.append(error)
+            return False
+        bucket = batch.bucket
+        (parts.latents if isinstance(sample, CachedLatents) else parts.pixels).append(sample)
+        batch.paths.append(entry.item.path)
+        batch.captions.append(process_caption(entry.item.caption, rules.captions, batch.epoch, rng))
+        batch.is_reg.append(entry.item.is_reg)
+        parts.weights.append((self.config.prior_loss_weight if entry.item.is_reg else 1.0) * scale)
+        batch.row_keys.append(row_key)
+        batch.flipped.append(flipped)
+        batch.original_sizes_hw.append((original[1], original[0]))
+        batch.crop_top_lefts.append((crop_left_top[1], crop_left_top[0]))
+        batch.target_sizes_hw.append((bucket[1], bucket[0]))
+        return True
 
     def _load_sample(self, entry: Entry, flipped: bool, rng: random.Random):
         if entry.item.path in self.bad_paths:
@@ -283,6 +290,16 @@ class TrainingDataset:
             crop_rng=rng if rules.random_crop else None,
             color_rng=rng if rules.color_aug else None,
         )
+
+
+@dataclass
+class _BatchParts:
+    """A batch's samples while it is built."""
+
+    pixels: list = field(default_factory=list)
+    latents: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    masks: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

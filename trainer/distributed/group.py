@@ -5,6 +5,7 @@ loop reads the same either way. NCCL carries the collectives between NVIDIA GPUs
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -69,6 +70,12 @@ class Group:
         from trainer.distributed.ddp import group_prediction
 
         return group_prediction(self, family, network, device)
+
+    def gradient_sync(self, prediction, sync: bool):
+        """Around a batch's forward and backward: DDP averages gradients only when ``sync`` (the batch the
+        optimizer steps after), so accumulated batches cost no communication."""
+        no_sync = getattr(prediction, "no_sync", None)
+        return contextlib.nullcontext() if sync or no_sync is None else no_sync()
 
     def leave(self) -> None:
         if self.several and torch.distributed.is_initialized():

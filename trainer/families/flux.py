@@ -58,6 +58,13 @@ class FluxFamily:
         return bool(self.unet.config.guidance_embed)
 
     # -- loading ------------------------------------------------------------------------
+    @staticmethod
+    def empty_models(path) -> tuple:
+        """(transformer, text encoders) of the model at ``path`` without weights (the LoRA tools' checks)."""
+        from trainer.families.flux_load import empty_flux_models
+
+        return empty_flux_models(path)
+
     def load(self, settings: Any, base_dtype: torch.dtype, device: torch.device, log: LogFn) -> None:
         from trainer.families.flux_load import load_flux
 
@@ -80,15 +87,24 @@ class FluxFamily:
         return self._fingerprint
 
     def lora_targets(self) -> list[LoraTarget]:
+        """What this run trains: the blocks (single only with split_mode), CLIP-L unless its outputs are cached,
+        T5 with train_t5xxl."""
         blocks = (SINGLE_BLOCK,) if self.single_blocks_only else (DOUBLE_BLOCK, SINGLE_BLOCK)
         targets = [LoraTarget("lora_unet", self.unet, blocks, Role.UNET)]
         if self.cache_text_encoder_outputs:  # cached outputs cannot carry text-encoder gradients
             return targets
-        clip, t5 = self.text_encoders
-        targets.append(LoraTarget("lora_te1", clip, CLIP_CLASSES, Role.TEXT_ENCODER,
-                                  path_prefix="" if hasattr(clip, "text_model") else "text_model."))
-        if self.train_t5xxl:
-            targets.append(LoraTarget("lora_te3", t5, T5_CLASSES, Role.TEXT_ENCODER))
+        return targets + self._text_targets(t5=self.train_t5xxl)
+
+    def all_lora_targets(self) -> list[LoraTarget]:
+        """Every target a FLUX.1 LoRA file may name (the LoRA tools': T5's too)."""
+        return [LoraTarget("lora_unet", self.unet, (DOUBLE_BLOCK, SINGLE_BLOCK), Role.UNET), *self._text_targets(t5=True)]
+
+    def _text_targets(self, t5: bool) -> list[LoraTarget]:
+        clip = self.text_encoders[0]
+        targets = [LoraTarget("lora_te1", clip, CLIP_CLASSES, Role.TEXT_ENCODER,
+                              path_prefix="" if hasattr(clip, "text_model") else "text_model.")]
+        if t5 and len(self.text_encoders) > 1:
+            targets.append(LoraTarget("lora_te3", self.text_encoders[1], T5_CLASSES, Role.TEXT_ENCODER))
         return targets
 
     def version_metadata(self) -> VersionInfo:

@@ -263,3 +263,26 @@ def ae_config(shapes: dict[str, tuple]) -> dict:
         "norm_num_groups": 32, "scaling_factor": AE_SCALING, "shift_factor": AE_SHIFT,
         "use_quant_conv": "quant_conv.weight" in shapes, "use_post_quant_conv": "post_quant_conv.weight" in shapes,
     }
+
+
+# -- models without weights (the LoRA tools' key and shape checks) -------------------------------------
+def empty_flux_models(path: Path) -> tuple[torch.nn.Module, tuple]:
+    """(transformer, (CLIP-L, T5)) of a FLUX folder or transformer file on the meta device: only configs and
+    header shapes are read. A transformer file's CLIP-L is FLUX.1's (OpenAI CLIP-L), its T5 left out."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from trainer.checkpoints.integrity import read_safetensors_header
+    from trainer.checkpoints.shipped import shipped_config_source
+    from trainer.models.flux import Flux
+
+    path = Path(path)
+    with torch.device("meta"):
+        if path.is_dir():
+            transformer = Flux(config_from_diffusers(json.loads((path / "transformer" / "config.json").read_text())))
+            clip = CLIPTextModel(CLIPTextConfig.from_pretrained(str(path / "text_encoder")))
+            t5 = T5EncoderModel(T5Config.from_pretrained(str(path / "text_encoder_2")))
+            return transformer, (clip, t5)
+        shapes = strip_prefix(dict(read_safetensors_header(path).shapes))
+        transformer = Flux(config_from_bfl_shapes(shapes))
+        clip = CLIPTextModel(CLIPTextConfig.from_pretrained(str(shipped_config_source("sd15") / "text_encoder")))
+        return transformer, (clip,)

@@ -53,6 +53,15 @@ def spec_for_checkpoint(layout: str) -> FamilySpec:
     raise ValueError(f"no model family loads {layout!r} checkpoints; known: {', '.join(SPECS)}")
 
 
+def spec_for_lora_keys(names) -> FamilySpec | None:
+    """The family whose own LoRA key prefixes (``FamilySpec.lora_key_markers``) the module names carry."""
+    names = list(names)
+    for spec in reversed(SPECS.values()):
+        if spec.lora_key_markers and any(name.startswith(spec.lora_key_markers) for name in names):
+            return spec
+    return None
+
+
 def spec_for_lora(sgm_names: bool, conditioning_width: int | None = None) -> FamilySpec | None:
     """The family a LoRA file was trained for: from SGM key names, else from its conditioning width."""
     for spec in reversed(SPECS.values()):

@@ -49,6 +49,7 @@ class FamilySpec:
     conditioning_width: int  # text conditioning channels (the UNet's cross-attention input); LoRAs tell it
     # capabilities
     sgm_lora_names: bool = False  # its LoRAs name UNet modules in the original (SGM) layout, as sd-scripts
+    lora_key_markers: tuple[str, ...] = ()  # key prefixes only this family's LoRAs carry ("lora_unet_double_blocks_")
     v_prediction_models: bool = True  # v-prediction checkpoints of this family exist
     files_tell_prediction: bool = True  # a single file without metadata still says epsilon or v (not SD2's)
     te_output_cache_setting: str | None = None  # the setting that caches text-encoder outputs, if any

@@ -52,9 +52,15 @@ def family_adapter(family: str, unet: nn.Module, text_encoders: tuple, v_paramet
     return adapter
 
 
+def lora_targets_of(adapter) -> list[LoraTarget]:
+    """Every target a LoRA file of the adapter's family may name (a family that trains fewer than that by default,
+    FLUX.1's T5, lists them all in ``all_lora_targets``)."""
+    return getattr(adapter, "all_lora_targets", adapter.lora_targets)()
+
+
 def base_modules(family: str, unet: nn.Module, text_encoders: tuple, with_conv: bool = True) -> BaseModules:
     """Every layer a LoRA of ``family`` can patch; ``with_conv`` adds the ResNet/sampler layers (LoCon)."""
-    targets = family_adapter(family, unet, text_encoders).lora_targets()
+    targets = lora_targets_of(family_adapter(family, unet, text_encoders))
     layers = _named_layers(targets, with_conv)
     unet_target = next(t for t in targets if t.prefix == "lora_unet")
     aliases = {}
@@ -79,8 +85,12 @@ def empty_models(path) -> tuple[str, nn.Module, tuple]:
 
     path = resolve_model_path(path)
     info = detect(path).require_usable()
+    spec = spec_for_checkpoint(info.family)
+    own = getattr(spec.adapter_class(), "empty_models", None)  # a family whose models are not SD components
+    if own is not None:
+        return (spec.key, *own(path))
     config_dir = path if info.format == "diffusers" else infer_config_dir(path)
-    return (spec_for_checkpoint(info.family).key, *empty_models_from_configs(config_dir))
+    return (spec.key, *empty_models_from_configs(config_dir))
 
 
 def empty_models_from_configs(config_dir) -> tuple[nn.Module, tuple]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from trainer.network.targets import TargetLayer, layer_kind, lora_name
-from trainer.tools.base_modules import BaseModules, base_modules, family_adapter
+from trainer.tools.base_modules import BaseModules, base_modules, family_adapter, lora_targets_of
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ModelLayers:
 def model_layers(family: str, unet: nn.Module, text_encoders: tuple) -> ModelLayers:
     """The layers of these models by kohya name (SDXL: sd-scripts' SGM names, diffusers names as aliases)."""
     base = base_modules(family, unet, text_encoders, with_conv=True)
-    return ModelLayers(base, _other_layers(base, family_adapter(family, unet, text_encoders).lora_targets()))
+    return ModelLayers(base, _other_layers(base, lora_targets_of(family_adapter(family, unet, text_encoders))))
 
 
 def as_model_layers(modules) -> ModelLayers:

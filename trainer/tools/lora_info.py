@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from trainer.families import family_spec, spec_for_lora
+from trainer.families import family_spec, spec_for_lora, spec_for_lora_keys
 from trainer.tools.lora_file import LoraFile, read_lora, role_of, shapes_fit
 
 # ss_base_model_version -> what people call it
@@ -196,6 +196,9 @@ def _lycoris_info(module) -> ModuleInfo:
 def family_from_keys(lora: LoraFile) -> str | None:
     """SGM-named (SDXL) from its key names, else from the text-encoder or cross-attention width
     (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024)."""
+    own = spec_for_lora_keys(lora.names())  # a family with key names of its own (FLUX.1's blocks)
+    if own is not None:
+        return own.key
     if any(name.startswith(SGM_MARKERS) for name in lora.names()):
         spec = spec_for_lora(sgm_names=True)
         return spec.key if spec else None
