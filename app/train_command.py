@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import gradio as gr
 
+from trainer.distributed.rules import GroupLayout, node_command
 from trainer.safety import atomic_write_text
 from trainer.settings import SettingsError, TrainingSettings, settings_to_json
 
@@ -65,6 +66,7 @@ class TrainCommand:
     config: Path
     train: str  # the shell line that trains with the config
     check: str  # the shell line that runs the preflight check only
+    nodes: str = ""  # several machines: what each machine runs (torchrun)
 
 
 def print_train_command(values: Mapping[str, Any], kept: Mapping[str, Any] | None, target: str = "",
@@ -81,7 +83,9 @@ def print_train_command(values: Mapping[str, Any], kept: Mapping[str, Any] | Non
     else:
         path = _write_auto_named(settings, content, now)
     path = path.resolve()
-    return TrainCommand(path, shell_line("train", path), shell_line("check", path))
+    layout = GroupLayout.of(settings)
+    nodes = node_command(layout, shlex.quote(str(path))) if layout.machines > 1 else ""
+    return TrainCommand(path, shell_line("train", path), shell_line("check", path), nodes)
 
 
 def shell_line(command: str, config: Path) -> str:
@@ -94,7 +98,12 @@ def shell_line(command: str, config: Path) -> str:
 
 def result_html(result: TrainCommand) -> str:
     intro = status_html([f"Wrote {result.config}. Run the same training headless with:"], [])
-    return intro + report_html(f"{result.train}\n\n# only the preflight check:\n{result.check}", "nk-report nk-command")
+    lines = f"{result.train}\n\n# only the preflight check:\n{result.check}"
+    if result.nodes:
+        lines = (f"# on every machine, from the Nekoya folder (R = 0 on the machine at HOST, 1, 2 … on the "
+                 f"others; the config, model and images at the same paths):\n{result.nodes}\n\n"
+                 f"# only the preflight check:\n{result.check}")
+    return intro + report_html(lines, "nk-report nk-command")
 
 
 def refusal_html(err: Exception) -> str:

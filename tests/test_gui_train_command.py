@@ -95,3 +95,11 @@ def test_refusals_name_what_to_fix(app, tiny_sd1_dir, images, tmp_path):
     bad = press(app, {**form_of(tiny_sd1_dir, images, tmp_path / "out"), "network_dim": 0})
     assert "No command printed" in bad and "network_dim" in bad
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_on_several_machines_prints_what_each_machine_runs(app, tiny_sd1_dir, images, tmp_path):
+    values = form_of(tiny_sd1_dir, images, tmp_path / "out", num_processes=4, num_machines=2, main_process_port=29400)
+    shown = html.unescape(press(app, values))
+    config = re.search(r"Wrote (\S+\.json)", shown).group(1)
+    assert (f"torchrun --nnodes 2 --nproc_per_node 2 --node_rank R --rdzv-backend c10d --rdzv-endpoint HOST:29400 "
+            f"-m trainer train --config {config}") in shown
