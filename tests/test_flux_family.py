@@ -257,3 +257,14 @@ def test_the_gui_model_pick_ticks_flux_for_flux_models_and_unticks_it_for_sd(tin
         assert note == "Detected FLUX.1 from the model."
     values, _ = on_model_path(str(tiny_sd1_dir))
     assert values["flux1_checkbox"] is False
+
+
+def test_sample_prompts_take_sd_scripts_guidance_option():
+    from trainer.families.flux_sampling import SAMPLE_GUIDANCE, flux_schedule
+    from trainer.inference.prompts import parse_prompt_line, prompt_from_dict
+
+    assert parse_prompt_line("a dog --g 2.5 --l 1 --s 4").guidance == 2.5
+    assert parse_prompt_line("a dog --s 4").guidance is None and SAMPLE_GUIDANCE == 3.5
+    assert prompt_from_dict({"prompt": "a dog", "guidance_scale": 4}).guidance == 4
+    dev, schnell = flux_schedule(4, 1024, shift=True), flux_schedule(4, 1024, shift=False)
+    assert dev[0] == schnell[0] == 1.0 and dev[-1] == schnell[-1] == 0.0 and dev[2] > schnell[2] == 0.5

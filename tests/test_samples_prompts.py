@@ -42,7 +42,7 @@ def test_steps_are_clamped(given, expected):
 
 def test_unknown_and_malformed_options_are_ignored():
     p = parse_prompt_line("x --cn control.png --g 3.5 --l 7..5 --w wide --d -1 --foo bar")
-    assert p == SamplePrompt("x")
+    assert p == SamplePrompt("x", guidance=3.5)  # --g is read: FLUX.1 dev's embedded guidance
 
 
 def test_ss_is_not_read_as_steps():

@@ -2,8 +2,9 @@
 ``flux_train_utils.denoise``) with the model being trained.
 
 dev shifts its schedule by the image size (mu 0.5 at 256 tokens to 1.15 at 4096) and is guided by its
-guidance embedding at ``guidance_scale``; schnell runs the plain linear schedule. No classifier-free
-guidance pass: sd-scripts' FLUX samples use the embedding only unless a negative CFG scale is asked for.
+guidance embedding (a prompt's ``--g``, else sd-scripts' sample default 3.5); schnell runs the plain linear
+schedule. No classifier-free guidance pass (sd-scripts runs one only for a prompt's ``--l`` other than 1, its
+FLUX default; Nekoya does not yet).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 
 from trainer.families.flow_matching import flux_mu, time_shift
+
+SAMPLE_GUIDANCE = 3.5  # sd-scripts' sample_image_inference: prompt_dict.get("guidance_scale", 3.5)
 
 
 def flux_schedule(steps: int, image_tokens: int, shift: bool) -> list[float]:
@@ -30,10 +33,11 @@ def euler_sample(family: Any, spec: Any, cond: Any, progress, device, autocast) 
     channels = int(family.vae.config.latent_channels)
     latents = torch.randn((1, channels, height, width), generator=generator, dtype=torch.float32).to(device)
     sigmas = flux_schedule(spec.steps, (height // 2) * (width // 2), shift=family.guidance_embed)
+    guidance = SAMPLE_GUIDANCE if getattr(spec, "guidance", None) is None else float(spec.guidance)
     for index, (current, following) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         t = torch.tensor([current * family.flow.num_train_timesteps], device=device)
         with autocast():
-            pred = family.transformer_output(latents, t, cond, family.guidance_scale).float()
+            pred = family.transformer_output(latents, t, cond, guidance).float()
         latents = latents + (following - current) * pred
         if progress is not None:
             progress(index + 1, len(sigmas) - 1)

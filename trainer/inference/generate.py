@@ -36,6 +36,7 @@ class ImageSpec:
     scale: float = 7.5  # CFG; 1 or less: no guidance (no negative pass)
     seed: int = 0
     sampler: str = "euler_a"
+    guidance: float | None = None  # embedded guidance of a guidance-distilled model (FLUX.1 dev); None: its default
 
     def parameters_text(self) -> str:
         """A1111-style generation parameters (PNG text chunk), so an image says how it was made."""

@@ -35,6 +35,7 @@ class SamplePrompt:
     steps: int = DEFAULT_STEPS
     sampler: str | None = None  # None: the run's sample_sampler
     index: int = 0  # position in the prompt list (the ``_00`` of the file name)
+    guidance: float | None = None  # ``--g``: a guidance-distilled model's embedded guidance (FLUX.1 dev; 3.5 if None)
 
     def normalized(self) -> "SamplePrompt":
         """Sizes and steps brought into sd-scripts' ranges."""
@@ -55,13 +56,14 @@ _OPTIONS: tuple[tuple[re.Pattern, str, type], ...] = (
     (re.compile(r"d (\d+)", re.I), "seed", int),
     (re.compile(r"s (\d+)", re.I), "steps", int),
     (re.compile(r"l ([\d.]+)", re.I), "scale", float),
+    (re.compile(r"g ([\d.]+)", re.I), "guidance", float),
     (re.compile(r"n (.+)", re.I), "negative_prompt", str),
     (re.compile(r"ss (.+)", re.I), "sampler", str),
 )
 
 
 def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt:
-    """One prompt line; unknown options (``--cn``, ``--g``...) and malformed values are ignored, as sd-scripts does."""
+    """One prompt line; unknown options (``--cn``...) and malformed values are ignored, as sd-scripts does."""
     prompt, *options = line.strip().split(" --")
     values: dict = {}
     for option in options:
@@ -86,7 +88,7 @@ def parse_prompt_text(text: str) -> list[SamplePrompt]:
 # keys of a prompt dict in sd-scripts' .json/.toml files -> SamplePrompt field
 _DICT_KEYS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-    "seed": "seed", "scale": "scale", "sample_steps": "steps", "sample_sampler": "sampler",
+    "seed": "seed", "scale": "scale", "sample_steps": "steps", "sample_sampler": "sampler", "guidance_scale": "guidance",
 }
 
 

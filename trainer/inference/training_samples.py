@@ -93,7 +93,7 @@ class TrainingSamples:
 
         seed = prompt.seed if prompt.seed is not None else random.SystemRandom().randint(0, 2**31 - 1)
         spec = ImageSpec(prompt.prompt, prompt.negative_prompt, prompt.width, prompt.height, prompt.steps,
-                         prompt.scale, seed, prompt.sampler or self.default_sampler)
+                         prompt.scale, seed, prompt.sampler or self.default_sampler, prompt.guidance)
         image = self.generator.generate(spec)
         path = self._free_path(sample_file_name(self.output_name, step, name_epoch, prompt.index, prompt.seed))
         atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=_png_text(image)))
