@@ -138,6 +138,16 @@ def test_the_check_names_processes_ports_machines_and_arguments(tmp_path, tiny_s
     assert any(p.field == "num_processes" and "divide evenly" in p.message for p in odd.errors)
 
 
+def test_a_group_that_cannot_start_says_why_before_any_process_starts(tmp_path, tiny_sd1_dir, image_folder):
+    recorder = Recorder()
+    with socket_bound() as port:
+        result = train(tiny_settings(tiny_sd1_dir, image_folder, tmp_path, num_processes=2, main_process_port=port),
+                       recorder)
+    assert result.status == "failed" and result.field == "main_process_port"
+    assert f"port {port} is in use" in result.error and "process rank" not in result.error
+    assert [type(e) for e in recorder.events] == [ev.Error] and not _workers()
+
+
 class socket_bound:
     def __enter__(self) -> int:
         import socket

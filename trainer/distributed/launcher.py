@@ -29,8 +29,22 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 
 
 def train_group(settings: Any, sink: ev.EventSink, control: Control):
-    """Train with ``settings.num_processes`` processes on this machine; returns a ``trainer.loop.TrainResult``."""
+    """Train with ``settings.num_processes`` processes on this machine; returns a ``trainer.loop.TrainResult``.
+    The preflight check runs here first, so a run that cannot start says why once, before any process starts."""
     from trainer.loop import TrainResult
+    from trainer.run_errors import failure_problem
+    from trainer.run_setup import plan_run
+
+    try:
+        plan_run(settings, lambda message, level="info": None)  # each process tells the findings in its log
+        return _launch(settings, sink, control, TrainResult)
+    except Exception as exc:  # a refusal, or torchrun that cannot be started: one Error event, as any run ends
+        problem = failure_problem(exc, settings)
+        sink(ev.Error.of(problem))
+        return TrainResult("failed", 0, (), problem.message, problem.field)
+
+
+def _launch(settings: Any, sink: ev.EventSink, control: Control, result_type: type):
     from trainer.settings import save_settings
 
     layout = GroupLayout.of(settings)
@@ -51,7 +65,7 @@ def train_group(settings: Any, sink: ev.EventSink, control: Control):
             relay.pass_on()
         with open(log_path, encoding="utf-8", errors="replace") as f:
             output = f.read()
-        return relay.result(process.returncode, output, TrainResult)
+        return relay.result(process.returncode, output, result_type)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
