@@ -148,6 +148,26 @@ def test_a_group_that_cannot_start_says_why_before_any_process_starts(tmp_path, 
     assert [type(e) for e in recorder.events] == [ev.Error] and not _workers()
 
 
+def test_on_a_cpu_the_memory_check_counts_every_process(tmp_path, tiny_sd1_dir, image_folder, monkeypatch):
+    from trainer.families.registry import spec_for_settings
+    from trainer.preflight import device as device_module
+    from trainer.preflight.device import DeviceInfo
+    from trainer.preflight.memory import estimate_memory
+
+    settings = tiny_settings(tiny_sd1_dir, image_folder, tmp_path, main_process_port=free_port())
+    one = estimate_memory(settings, spec_for_settings(settings), DeviceInfo("cpu", "CPU", None, None, "test")).total_bytes
+    cpu = DeviceInfo("cpu", "CPU", int(one * 1.5), int(one * 1.5), "test")
+    monkeypatch.setattr(device_module, "probe_device", lambda: cpu)
+
+    def memory_warnings(processes):
+        report = check(settings.model_copy(update={"num_processes": processes}), deep=False)
+        return [p.message for p in report.problems if p.severity == "warning" and "GiB" in p.message]
+
+    assert memory_warnings(1) == []
+    (warning,) = memory_warnings(2)
+    assert "(2 processes × " in warning and "more than this computer's memory" in warning
+
+
 class socket_bound:
     def __enter__(self) -> int:
         import socket

@@ -40,6 +40,7 @@ from trainer.families import FamilySpec
 from trainer.preflight.memory_advice import memory_advice
 from trainer.preflight.model_size import model_size
 from trainer.optim.table import optimizer_facts
+from trainer.distributed.rules import GroupLayout
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
 from trainer.settings.tab_parameters import LOCON_TYPES
@@ -155,21 +156,25 @@ def lora_parameter_count(settings, family: FamilySpec, te_cached: bool = False) 
 def check_memory(ctx: CheckContext):
     estimate = ctx.memory
     device = estimate.device
-    need = estimate.total_bytes / GIB
-    if estimate.exceeds_device:
+    # a group's processes on a CPU each hold the whole run in the same memory (on GPUs: one card each)
+    copies = GroupLayout.of(ctx.settings).per_machine if device.kind != "cuda" else 1
+    need_bytes = estimate.total_bytes * copies
+    need = need_bytes / GIB
+    times = f" ({copies} processes × {estimate.total_bytes / GIB:.1f} GiB)" if copies > 1 else ""
+    if device.total_bytes is not None and need_bytes > device.total_bytes:
         have = device.total_bytes / GIB
         what = "the card's VRAM" if device.kind == "cuda" else "this computer's memory"
         yield Problem(
             "warning", None,
-            f"this run needs about {need:.1f} GiB, more than {what} ({have:.1f} GiB on {device.name}); "
+            f"this run needs about {need:.1f} GiB{times}, more than {what} ({have:.1f} GiB on {device.name}); "
             "it will probably stop with out of memory",
             fix=memory_advice(ctx.settings, device, short=True),
         )
-    elif device.available_bytes is not None and estimate.total_bytes > device.available_bytes:
+    elif device.available_bytes is not None and need_bytes > device.available_bytes:
         free = device.available_bytes / GIB
         yield Problem(
             "warning", None,
-            f"this run needs about {need:.1f} GiB but only {free:.1f} GiB is free on {device.name} right now; "
+            f"this run needs about {need:.1f} GiB{times} but only {free:.1f} GiB is free on {device.name} right now; "
             "other programs are using the rest",
             fix="close other programs that use the GPU (or memory), or " + memory_advice(ctx.settings, device, short=True),
         )
