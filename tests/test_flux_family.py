@@ -194,6 +194,16 @@ def test_the_check_names_missing_flux_files_before_loading(tiny_flux_files, tmp_
                                        weighted_captions=True, train_t5xxl=True, flux1_cache_text_encoder_outputs=True),
                     deep=False)
     assert {"model_type", "weighted_captions", "train_t5xxl"} <= {p.field for p in refused.errors}
+    sizes = check(flux_file_settings(tiny_flux_files, LoRA_type="Flux1", output_dir=str(tmp_path),
+                                     max_resolution="72,64", enable_bucket=True, bucket_reso_steps=48), deep=False)
+    assert {"max_resolution", "bucket_reso_steps"} <= {p.field for p in sizes.errors}
+
+
+def test_caching_text_encoder_outputs_to_disk_turns_caching_on_as_in_sd_scripts():
+    from trainer.families.flux import FluxFamily
+
+    family = FluxFamily(TrainingSettings(flux1_checkbox=True, flux1_cache_text_encoder_outputs_to_disk=True))
+    assert family.cache_text_encoder_outputs
 
 
 def test_flux_keys_nekoya_does_not_apply_yet_warn_in_flux_runs_only(tmp_path):

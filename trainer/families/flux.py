@@ -41,7 +41,9 @@ class FluxFamily:
         self.guidance_scale = float(settings.guidance_scale)
         self.t5_max_length = int(settings.t5xxl_max_token_length or 512)
         self.apply_t5_attn_mask = bool(settings.apply_t5_attn_mask)
-        self.cache_text_encoder_outputs = bool(settings.flux1_cache_text_encoder_outputs)
+        # caching to disk turns caching on in sd-scripts (Nekoya caches in memory either way)
+        self.cache_text_encoder_outputs = bool(settings.flux1_cache_text_encoder_outputs or
+                                               getattr(settings, "flux1_cache_text_encoder_outputs_to_disk", False))
         self.train_t5xxl = bool(settings.train_t5xxl)
         self.single_blocks_only = bool(settings.split_mode)  # kohya_ss: split_mode sends train_blocks=single
         self.unet = self.vae = self.tokenizer = self.t5_tokenizer = None

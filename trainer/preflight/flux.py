@@ -85,9 +85,24 @@ def check_flux_settings(ctx: CheckContext):
         yield Problem("warning", key, f"{key} is not used by sd-scripts' FLUX trainer (it draws plain Gaussian noise); "
                       "Nekoya applies it, so the LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train as "
                       "kohya_ss does")
+    yield from _sizes(s)
     if s.weighted_captions:
         yield Problem("error", "weighted_captions", "Weighted captions are not supported for FLUX.1 (sd-scripts' FLUX "
                       "tokenizer has no weighted form either; its run stops)", fix="untick Weighted captions")
     if s.train_t5xxl and s.flux1_cache_text_encoder_outputs:
         yield Problem("error", "train_t5xxl", "Train T5-XXL needs the text encoders' outputs, which "
                       "Cache Text Encoder Outputs stores once", fix="untick one of the two")
+
+
+def _sizes(s):
+    """FLUX packs 2x2 latent patches: image sides must be multiples of 16; sd-scripts' FLUX trainer also wants the
+    bucket step to be a multiple of 32 (verify_bucket_reso_steps(32))."""
+    width, height = s.resolution
+    if width % 16 or height % 16:
+        yield Problem("error", "max_resolution", f"FLUX.1 needs image sides that are multiples of 16 "
+                      f"({width}x{height} is not): its latents are packed in 2x2 patches",
+                      fix=f"set max_resolution to {width // 16 * 16},{height // 16 * 16}")
+    if s.enable_bucket and int(s.bucket_reso_steps) % 32:
+        yield Problem("error", "bucket_reso_steps", f"sd-scripts' FLUX trainer needs a bucket resolution step that is "
+                      f"a multiple of 32 (it is {s.bucket_reso_steps}; kohya_ss's run stops on it)",
+                      fix="set bucket_reso_steps to 64")
