@@ -367,3 +367,24 @@ def test_a_group_resumes_from_its_state_and_says_what_a_new_process_count_change
                                    train_batch_size=2, **common), alone)
     assert single.status == "finished" and single.step == 8
     assert "was saved by a run of 2 process(es), this run has 1" in alone.logs()
+
+
+@pytest.mark.slow
+def test_a_process_that_fails_is_named_with_its_reason_and_the_run_keeps_what_it_trained(tiny_sd1_dir, tmp_path):
+    from trainer.devtools.synthetic import make_image_folder
+
+    images = make_image_folder(tmp_path / "img", {"1_sks dog": 4}, sizes=[(64, 64)], seed=3)
+    settings = _group_settings(tiny_sd1_dir, images, tmp_path / "out", epoch=5000, cache_latents=False,
+                               bad_image_policy="stop")
+    recorder, box, thread = _start_in_thread(settings, Control())
+    _wait_for_step(recorder, 3)
+    broken = next(p for p in sorted((images / "1_sks dog").iterdir()) if p.suffix != ".txt")
+    broken.write_bytes(b"not an image any more")  # read again each step (latents are not cached)
+    thread.join(180)
+    result = box["result"]
+    assert result.status == "failed"
+    assert "process rank " in result.error and " of 2: " in result.error and broken.name in result.error
+    assert "every process of the run stopped" in result.error
+    saved = list((tmp_path / "out").glob("tiny-step*.safetensors"))
+    assert len(saved) == 1 and saved[0] in map(Path, result.files)
+    assert not [p for p in _workers() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
