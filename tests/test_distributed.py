@@ -225,6 +225,7 @@ def test_two_processes_with_batch_1_train_the_lora_of_one_process_with_batch_2(o
     assert all(abs(a - b) < 1e-5 * max(1.0, abs(a)) for a, b in losses)  # the group logs the whole batch's loss
     started = two.of(ev.Started)[0]
     assert started.steps_per_epoch == 2 and "(1 per process × 2 processes)" in started.plan
+    assert started.device == "cpu × 2 processes (gloo)"
     assert [m.device for m in two.of(ev.Step)[-1].ranks] == ["cpu (rank 0)", "cpu (rank 1)"]
     assert not list((tmp_path / "group").glob("*.tmp*"))
 

@@ -143,7 +143,7 @@ class _Run:
     def train(self) -> TrainResult:
         plan, start_epoch, start_batch = self.plan.steps, self.start_epoch, self.start_batch
         self.meter = ProgressMeter(plan.total_steps, self.step, window=plan.steps_per_epoch)
-        self.sink(ev.Started(plan.total_steps, plan.epochs, plan.steps_per_epoch, plan.summary(), str(self.device),
+        self.sink(ev.Started(plan.total_steps, plan.epochs, plan.steps_per_epoch, plan.summary(), self.group.where(self.device),
                              self.step))
         self.samples.before_training(self.step)
         for epoch in range(start_epoch, plan.epochs + 1):

@@ -45,6 +45,10 @@ class Group:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
 
+    def where(self, device: torch.device) -> str:
+        """Where the run trains, as the live view says it: "cuda:0", or "cuda × 4 processes (nccl)"."""
+        return f"{device.type} × {self.processes} processes ({self.backend})" if self.several else str(device)
+
     def _collective_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
