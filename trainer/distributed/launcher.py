@@ -35,9 +35,14 @@ def train_group(settings: Any, sink: ev.EventSink, control: Control):
     from trainer.run_errors import failure_problem
     from trainer.run_setup import plan_run
 
+    from trainer.device_lease import TRAINING, take
+    from trainer.optim.precision import pick_device
+
     try:
         plan_run(settings, lambda message, level="info": None)  # each process tells the findings in its log
-        return _launch(settings, sink, control, TrainResult)
+        # the group's processes use this machine's GPUs (or cores): no Try it or image job beside them meanwhile
+        with take(pick_device(), TRAINING, wait_log=lambda message: sink(ev.Log(message))):
+            return _launch(settings, sink, control, TrainResult)
     except Exception as exc:  # a refusal, or torchrun that cannot be started: one Error event, as any run ends
         problem = failure_problem(exc, settings)
         sink(ev.Error.of(problem))
