@@ -179,7 +179,13 @@ def number(value: Any, label: str, cast: Callable[[Any], Any] = int):
         raise ValueError(f"{label} must be a number, not {value!r}") from None
 
 
+MODEL_FILE_SETTINGS = ("clip_l", "t5xxl", "ae")  # kohya_ss's Flux fields: a transformer file's separate parts
+
+
 def model_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """clip_skip and v_parameterization of image generation, from the settings form's values."""
+    """clip_skip, v_parameterization and a FLUX transformer file's separate part files of image generation, from
+    the settings form's values."""
+    files = tuple((name, str(flags.get(name) or "").strip()) for name in MODEL_FILE_SETTINGS)
     return {"clip_skip": max(1, int(flags.get("clip_skip") or 1)),
-            "v_parameterization": True if flags.get("v_parameterization") else None}
+            "v_parameterization": True if flags.get("v_parameterization") else None,
+            "model_files": tuple((name, value) for name, value in files if value and flags.get("flux1_checkbox"))}

@@ -17,9 +17,9 @@ import gradio as gr
 from trainer.inference.requests import TryItRequest
 from trainer.settings.field import request_infos
 
-from .tab_common import (LORA_LIST_INFO, REFRESH_LABEL, USER_ERRORS, ImageModels, NamedFields, done, follow,
-                         lora_files, model_flags, number, problem, progress_reporter, saved_lora_paths, status_box,
-                         text)
+from .tab_common import (LORA_LIST_INFO, MODEL_FILE_SETTINGS, REFRESH_LABEL, USER_ERRORS, ImageModels, NamedFields,
+                         done, follow, lora_files, model_flags, number, problem, progress_reporter, saved_lora_paths,
+                         status_box, text)
 from .widgets import build_component, build_options
 
 TAB_NAME = "Try it"
@@ -167,7 +167,8 @@ def _caption(image) -> str:
 def wire_tryit(tab: TryItTab, form_components: dict, runs, models: ImageModels) -> None:
     """``form_components``: the settings widgets by kohya key (Source Model path, flags, output folder)."""
     source, output_dir = form_components["pretrained_model_name_or_path"], form_components["output_dir"]
-    flags = {"clip_skip": form_components["clip_skip"], "v_parameterization": form_components["v_parameterization"]}
+    flags = {"clip_skip": form_components["clip_skip"], "v_parameterization": form_components["v_parameterization"],
+             **{name: form_components[name] for name in ("flux1_checkbox", *MODEL_FILE_SETTINGS)}}
     fields = tab.fields
 
     def refresh(data):

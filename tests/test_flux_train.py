@@ -69,6 +69,22 @@ def test_try_it_applies_the_lora_to_the_flux_folder(folder_run, tiny_flux_dir):
     assert np.abs(pixels[1] - pixels[0]).mean() > 0 and np.array_equal(pixels[0], pixels[2])
 
 
+def test_try_it_loads_kohya_ss_four_files_from_the_form(folder_run, tiny_flux_files):
+    from app.tab_common import model_flags
+    from trainer.inference import GenerateRequest, LoraChoice, TryIt
+
+    settings, _ = folder_run
+    files = tiny_flux_files
+    form = {"flux1_checkbox": True, "clip_skip": 1, "v_parameterization": False, "clip_l": str(files["clip_l"]),
+            "t5xxl": str(files["t5xxl"]), "ae": str(files["ae"])}
+    request = GenerateRequest(base_model=str(files["transformer"]), prompt="a photo of sks dog", width=64, height=64,
+                              steps=2, seed=3, cfg_scale=1.0, sampler="euler", **model_flags(form))
+    assert dict(request.model_files) == {k: str(files[k]) for k in ("clip_l", "t5xxl", "ae")}
+    [[image]] = TryIt(device="cpu").compare(request, [LoraChoice(str(Path(settings.output_dir) / "tiny.safetensors"))])
+    assert image.size == (64, 64)
+    assert model_flags({**form, "flux1_checkbox": False})["model_files"] == ()  # only for FLUX models
+
+
 def test_inspect_names_the_family_and_verify_matches_every_module(folder_run, tiny_flux_dir):
     from trainer.tools import verify_lora
     from trainer.tools.lora_file import read_lora

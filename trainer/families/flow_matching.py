@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+SD3_SAMPLING = "sd3"  # sd-scripts' SD3 draw (``sd3_train_utils.get_noisy_model_input_and_timesteps``), not a kohya choice
 PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
 
@@ -33,6 +34,8 @@ class FlowConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     image_tokens: int = 4096  # packed latent tokens for flux_shift: (H/16)*(W/16) of the training resolution
+    training_shift: float = 1.0  # sd-scripts' SD3 --training_shift, applied to the density's u ("sd3" sampling)
+    sample_target: bool = False  # SD3: the preconditioned prediction is x_0 and the target the latents
 
     @classmethod
     def from_settings(cls, settings: Any) -> "FlowConfig":
@@ -99,8 +102,8 @@ class FlowMatchingSchedule:
         return ((1.0 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """sd-scripts' FLUX target whatever the prediction type: ε - x_0 ("flow matching loss")."""
-        return noise - latents
+        """sd-scripts' FLUX target whatever the prediction type: ε - x_0 ("flow matching loss"); SD3's: x_0."""
+        return latents if self.config.sample_target else noise - latents
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """((1-σ)/σ)², for loss settings that ask; sd-scripts applies none of them to FLUX (the check says so)."""
@@ -110,6 +113,8 @@ class FlowMatchingSchedule:
     def sample_timesteps(self, count: int, config: Any, generator: torch.Generator, device) -> torch.Tensor:
         """Float timesteps σ·1000 as ``timestep_sampling`` draws σ (``config``, the noise settings, is not used)."""
         c, n = self.config, self.num_train_timesteps
+        if c.timestep_sampling == SD3_SAMPLING:
+            return self.sd3_timesteps(count, config, generator, device)
         if c.timestep_sampling in ("uniform", "sigmoid"):
             sigmas = (torch.sigmoid(c.sigmoid_scale * torch.randn(count, generator=generator))
                       if c.timestep_sampling == "sigmoid" else torch.rand(count, generator=generator))
@@ -123,6 +128,15 @@ class FlowMatchingSchedule:
             indices = (density_samples(c, count, generator) * n).long().clamp(0, n - 1)
             sigmas = self.scheduler_sigmas()[indices]
         return (sigmas * n).to(device=device, dtype=torch.float32)
+
+    def sd3_timesteps(self, count: int, config: Any, generator: torch.Generator, device) -> torch.Tensor:
+        """SD3's integer timesteps: the density's u, shifted by training_shift, scaled into [min, max) timestep."""
+        c = self.config
+        u = density_samples(c, count, generator)
+        u = (u * c.training_shift) / (1 + (c.training_shift - 1) * u)
+        low = int(getattr(config, "min_timestep", 0) or 0)
+        high = int(getattr(config, "max_timestep", self.num_train_timesteps) or self.num_train_timesteps)
+        return (u * (high - low) + low).long().to(device=device, dtype=torch.float32)
 
     def scheduler_sigmas(self) -> torch.Tensor:
         """diffusers' FlowMatchEulerDiscreteScheduler(shift=discrete_flow_shift) training sigmas, 1 down to ~0."""
@@ -141,6 +155,7 @@ class FlowMatchingSchedule:
 
     def prediction_weighting(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights of sigma_scaled predictions; None when they are all one."""
-        if self.config.model_prediction_type != "sigma_scaled" or self.config.weighting_scheme not in ("sigma_sqrt", "cosmap"):
+        config = self.config
+        if config.model_prediction_type != "sigma_scaled" or config.weighting_scheme not in ("sigma_sqrt", "cosmap"):
             return None
         return loss_weighting(self.config.weighting_scheme, self.sigmas(timesteps))

@@ -109,8 +109,8 @@ def diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def config_from_bfl_shapes(shapes: Mapping[str, tuple]) -> FluxConfig:
     """The architecture of a BFL-layout state dict (its keys and shapes; no weights needed)."""
     hidden, in_channels = shapes["img_in.weight"]
-    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0] if "double_blocks.0.img_attn.norm.query_norm.scale" in shapes \
-        else shapes["single_blocks.0.norm.query_norm.scale"][0]
+    norm = "double_blocks.0.img_attn.norm.query_norm.scale"
+    head_dim = shapes[norm][0] if norm in shapes else shapes["single_blocks.0.norm.query_norm.scale"][0]
     mlp = shapes["double_blocks.0.img_mlp.0.weight"][0] if "double_blocks.0.img_mlp.0.weight" in shapes \
         else shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
     return FluxConfig(

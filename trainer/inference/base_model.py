@@ -40,17 +40,20 @@ def inference_device_and_dtype(device: str | torch.device | None = None) -> tupl
     return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def model_key(path: str, v_parameterization: bool | None, device: torch.device, dtype: torch.dtype) -> tuple:
+def model_key(path: str, v_parameterization: bool | None, device: torch.device, dtype: torch.dtype,
+              model_files: tuple = ()) -> tuple:
     from trainer.checkpoints import resolve_model_path
 
     resolved = resolve_model_path(path)
-    return str(resolved.resolve()), _mtime(resolved), v_parameterization, str(device), str(dtype)
+    files = tuple((name, value, _mtime(value)) for name, value in model_files)
+    return str(resolved.resolve()), _mtime(resolved), v_parameterization, str(device), str(dtype), files
 
 
 def load_base_model(path: str, v_parameterization: bool | None = None, device: str | torch.device | None = None,
-                    log: LogFn | None = None) -> BaseModel:
+                    log: LogFn | None = None, model_files: dict[str, str] | None = None) -> BaseModel:
     """Load every component of ``path`` for inference. ``v_parameterization`` None: as the model says
-    (epsilon when it does not say, e.g. an SD2 single file without metadata)."""
+    (epsilon when it does not say, e.g. an SD2 single file without metadata). ``model_files``: the separate
+    part files of a model that has them, by setting (a FLUX transformer file's clip_l, t5xxl, ae)."""
     from trainer.checkpoints import detect, resolve_model_path
     from trainer.families import spec_for_checkpoint
     from trainer.settings import TrainingSettings
@@ -61,7 +64,8 @@ def load_base_model(path: str, v_parameterization: bool | None = None, device: s
     info = detect(resolve_model_path(path)).require_usable()
     v_pred = bool(info.v_parameterization) if v_parameterization is None else bool(v_parameterization)
     spec = spec_for_checkpoint(info.family)
-    settings = TrainingSettings(pretrained_model_name_or_path=str(path), v_parameterization=v_pred, **spec.flags)
+    settings = TrainingSettings(pretrained_model_name_or_path=str(path), v_parameterization=v_pred, **spec.flags,
+                                **(model_files or {}))
     family = spec.adapter_class()(settings)
     family.load(settings, dtype, device, log)
     family.set_attention("sdpa", log)

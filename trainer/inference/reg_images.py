@@ -35,7 +35,7 @@ def generate_reg_images(base_model: str, reg_folder, class_prompt: str, count: i
                         size: tuple[int, int] = (FORM.width, FORM.height), *, negative_prompt: str = "",
                         steps: int = FORM.steps, cfg_scale: float = FORM.cfg_scale, sampler: str = FORM.sampler,
                         seed: int = -1, clip_skip: int = 1,
-                        v_parameterization: bool | None = None, tryit: TryIt | None = None,
+                        v_parameterization: bool | None = None, model_files: tuple = (), tryit: TryIt | None = None,
                         progress: RegProgress | None = None,
                         should_stop: Callable[[], bool] | None = None) -> list[Path]:
     """Fill ``reg_folder`` up to ``count`` images; returns the new files (empty when enough exist).
@@ -54,7 +54,7 @@ def generate_reg_images(base_model: str, reg_folder, class_prompt: str, count: i
     first_seed = seed if seed >= 0 else random.SystemRandom().randint(0, MAX_SEED)
     request = GenerateRequest(base_model, class_prompt, negative_prompt, width=size[0], height=size[1], steps=steps,
                               cfg_scale=cfg_scale, sampler=sampler, clip_skip=clip_skip,
-                              v_parameterization=v_parameterization)
+                              v_parameterization=v_parameterization, model_files=model_files)
     tryit = tryit or TryIt()
     made: list[Path] = []
     if progress is not None:

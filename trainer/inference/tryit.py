@@ -52,6 +52,8 @@ class GenerateRequest:
     count: int = FORM.count  # images, with seeds seed, seed+1, ...
     clip_skip: int = 1
     v_parameterization: bool | None = None  # None: as the model says
+    # a model whose parts are separate files (kohya_ss's Flux fields): (setting, path) pairs, e.g. ("clip_l", ...)
+    model_files: tuple[tuple[str, str], ...] = ()
 
     def with_lora(self, choice: LoraChoice) -> "GenerateRequest":
         return replace(self, lora=choice.path or None, weight=choice.weight)
@@ -76,7 +78,7 @@ class TryIt:
         seed = request.seed if request.seed >= 0 else random.SystemRandom().randint(0, MAX_SEED)
         specs = [self._spec(request, seed + i) for i in range(max(1, request.count))]
         with self.hold_device(), self._lock:
-            model = self._load(request.base_model, request.v_parameterization)
+            model = self._load(request.base_model, request.v_parameterization, request.model_files)
             steps = _Progress(progress, len(choices) * len(specs))
             return [self._with_lora(model, request, choice, specs, steps) for choice in choices]
 
@@ -99,16 +101,16 @@ class TryIt:
             _free_device_memory()
 
     # -- internals ----------------------------------------------------------------------------------------
-    def _load(self, base_model: str, v_parameterization: bool | None):
+    def _load(self, base_model: str, v_parameterization: bool | None, model_files: tuple = ()):
         from trainer.inference.base_model import inference_device_and_dtype, load_base_model, model_key
 
         device, dtype = inference_device_and_dtype(self.device)
-        key = model_key(base_model, v_parameterization, device, dtype)
+        key = model_key(base_model, v_parameterization, device, dtype, model_files)
         if self.model is None or self.model.key != key:
             self.model, self._loras = None, {}
             _free_device_memory()
             self.log(f"loading {base_model}", "info")
-            self.model = load_base_model(base_model, v_parameterization, self.device, self.log)
+            self.model = load_base_model(base_model, v_parameterization, self.device, self.log, dict(model_files))
         return self.model
 
     def _with_lora(self, model, request: GenerateRequest, choice: LoraChoice, specs: list[ImageSpec],
