@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from flux_support import tiny_flux_dir, tiny_flux_files, tiny_flux_fp8_files, tiny_schnell_dir  # noqa: F401
@@ -95,6 +96,28 @@ def test_inspect_names_the_family_and_verify_matches_every_module(folder_run, ti
     assert family_from_keys(read_lora(path)) == "flux1"
     report = verify_lora(path, tiny_flux_dir)
     assert report.ok and "38 of 38 modules match FLUX.1 model" in report.format()
+
+
+def test_merge_into_the_transformer_file_adds_each_module_delta(folder_run, tiny_flux_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.checkpoints import detect
+    from trainer.tools.errors import ToolError
+    from trainer.tools.merge import merge_into_checkpoint
+
+    settings, _ = folder_run
+    lora = Path(settings.output_dir) / "tiny.safetensors"
+    with pytest.raises(ToolError, match="12 of 38 modules match no layer"):  # CLIP-L's: not in a transformer file
+        merge_into_checkpoint(tiny_flux_files["transformer"], [lora], tmp_path / "refused.safetensors")
+    result = merge_into_checkpoint(tiny_flux_files["transformer"], [(lora, 0.5)], tmp_path / "merged.safetensors",
+                                   allow_unmatched=True)
+    assert result.loras[0].merged == 26 and detect(tmp_path / "merged.safetensors").family == "flux1"
+    base, merged, weights = (load_file(str(p)) for p in (tiny_flux_files["transformer"], tmp_path / "merged.safetensors",
+                                                         lora))
+    name = "lora_unet_single_blocks_0_linear1"
+    down, up, alpha = weights[f"{name}.lora_down.weight"], weights[f"{name}.lora_up.weight"], weights[f"{name}.alpha"]
+    expected = base["single_blocks.0.linear1.weight"] + 0.5 * alpha / down.shape[0] * up @ down
+    assert torch.allclose(merged["single_blocks.0.linear1.weight"], expected, atol=1e-6)
 
 
 def test_resumes_from_the_saved_state(folder_run, tmp_path):

@@ -67,6 +67,16 @@ class FluxFamily:
 
         return empty_flux_models(path)
 
+    @staticmethod
+    def denoiser_for_merge(path) -> torch.nn.Module:
+        """The transformer alone, in fp32, for merging LoRAs into it: FLUX.1 checkpoints are saved as BFL
+        transformer files (as sd-scripts' flux_merge_lora), the text encoders being files of their own."""
+        from pathlib import Path
+
+        from trainer.families.flux_load import load_transformer
+
+        return load_transformer(Path(path), torch.float32)
+
     def load(self, settings: Any, base_dtype: torch.dtype, device: torch.device, log: LogFn) -> None:
         from trainer.families.flux_load import load_flux
 
@@ -102,6 +112,8 @@ class FluxFamily:
         return [LoraTarget("lora_unet", self.unet, (DOUBLE_BLOCK, SINGLE_BLOCK), Role.UNET), *self._text_targets(t5=True)]
 
     def _text_targets(self, t5: bool) -> list[LoraTarget]:
+        if not self.text_encoders:  # the transformer alone (merging into a transformer file)
+            return []
         clip = self.text_encoders[0]
         targets = [LoraTarget("lora_te1", clip, CLIP_CLASSES, Role.TEXT_ENCODER,
                               path_prefix="" if hasattr(clip, "text_model") else "text_model.")]

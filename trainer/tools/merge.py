@@ -104,6 +104,9 @@ def merge_into_checkpoint(base, loras: Sequence, out_path, *, half: bool = False
     out = check_output_path(out_path, (".safetensors", ".ckpt"), inputs=[base, *(w.path for w in wanted)],
                             overwrite=overwrite)
     files = [read_lora(w.path) for w in wanted]
+    own = _denoiser_only(base)
+    if own is not None:  # a family saved as its denoiser alone (FLUX.1's transformer file)
+        return _merge_into_denoiser(base, own, wanted, files, out, half, allow_unmatched, log, started)
     log(f"loading {base}")
     components = load_pipeline_components(base, dtype=torch.float32, v_parameterization=v_parameterization)
     modules = model_layers(components.family, components.unet, components.text_encoders)
@@ -123,6 +126,49 @@ def merge_into_checkpoint(base, loras: Sequence, out_path, *, half: bool = False
     write_tokenizer_sidecar(components, out)
     return MergeResult(str(base), components.family, str(out), merged, str(dtype).replace("torch.", ""),
                        len(state_dict), time.perf_counter() - started, metadata)
+
+
+def _denoiser_only(base):
+    """(family spec, loader) when the base model's family merges into its denoiser alone, else None."""
+    from trainer.checkpoints import detect, resolve_model_path
+    from trainer.families import spec_for_checkpoint
+
+    spec = spec_for_checkpoint(detect(resolve_model_path(base)).require_usable().family)
+    loader = getattr(spec.adapter_class(), "denoiser_for_merge", None)
+    return None if loader is None else (spec, loader)
+
+
+def _merge_into_denoiser(base, own, wanted, files, out: Path, half: bool, allow_unmatched: bool, log,
+                         started: float) -> MergeResult:
+    """Merge into the denoiser and save it alone, in its own layout; text-encoder modules match no layer here."""
+    from trainer.network.metadata import MODELSPEC_VERSION
+    from trainer.tools.base_modules import family_adapter
+    from trainer.tools.checkpoint_file import cast_floats, save_checkpoint
+    from trainer.tools.layer_index import model_layers
+
+    spec, loader = own
+    log(f"loading {base}")
+    denoiser = loader(base)
+    modules = model_layers(spec.key, denoiser, ())
+    merged = []
+    with torch.no_grad():
+        for want, file in zip(wanted, files):
+            layers, unmatched, built = _plan(file, modules, allow_unmatched)
+            log(f"merging {file.path.name} at ratio {want.ratio:g} ({len(layers)} modules)")
+            for name, layer in layers.items():
+                _add_delta(file, name, layer.module, want.ratio, built.get(name))
+            merged.append(MergedLora(str(file.path), want.ratio, len(layers), unmatched))
+    version = family_adapter(spec.key, denoiser, ()).version_metadata()
+    metadata = {"modelspec.sai_model_spec": MODELSPEC_VERSION, "modelspec.architecture": version.architecture,
+                "modelspec.implementation": version.implementation, "modelspec.title": out.stem,
+                "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+                "modelspec.description": "Nekoya merge: " + ", ".join(f"{Path(m.path).name} x{m.ratio:g}" for m in merged)}
+    state_dict = denoiser.state_dict()
+    dtype = HALF if half else torch.float32
+    log(f"saving {out}")
+    save_checkpoint(cast_floats(state_dict, dtype), out, metadata)
+    return MergeResult(str(base), spec.key, str(out), merged, str(dtype).replace("torch.", ""), len(state_dict),
+                       time.perf_counter() - started, metadata)
 
 
 def _add_delta(file: LoraFile, name: str, layer, ratio: float, lycoris_module) -> None:
