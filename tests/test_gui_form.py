@@ -212,10 +212,12 @@ def test_typed_model_path_moves_the_quick_pick(tmp_path):
 
 def test_detected_family_sets_flags_for_a_custom_path(tiny_sdxl_dir, tiny_sd2v_dir):
     values, note = model_pick.on_model_path(str(tiny_sdxl_dir))
-    assert values == {"model_list": "custom", "v2": False, "v_parameterization": False, "sdxl": True}
+    assert values == {"model_list": "custom", "v2": False, "v_parameterization": False, "sdxl": True,
+                      "flux1_checkbox": False}
     assert "SDXL" in note
     values, note = model_pick.on_model_path(str(tiny_sd2v_dir))
-    assert values == {"model_list": "custom", "v2": True, "v_parameterization": True, "sdxl": False}
+    assert values == {"model_list": "custom", "v2": True, "v_parameterization": True, "sdxl": False,
+                      "flux1_checkbox": False}
 
 
 def test_a_lora_file_typed_as_the_model_is_explained(tmp_path):
@@ -232,10 +234,11 @@ def test_detector_results_become_flags():
     class Info:
         family, v_parameterization = "sd2", None
 
-    assert model_pick._flags_of(Info()) == {"v2": True, "sdxl": False}  # SD2 file that does not say: v-pred kept
+    off = {"flux1_checkbox": False}  # an SD model unticks Flux.1
+    assert model_pick._flags_of(Info()) == {"v2": True, "sdxl": False, **off}  # SD2 file that does not say: v-pred kept
     Info.v_parameterization = True
-    assert model_pick._flags_of(Info()) == {"v2": True, "v_parameterization": True, "sdxl": False}
-    assert model_pick._flags_of("sdxl") == {"v2": False, "v_parameterization": False, "sdxl": True}
+    assert model_pick._flags_of(Info()) == {"v2": True, "v_parameterization": True, "sdxl": False, **off}
+    assert model_pick._flags_of("sdxl") == {"v2": False, "v_parameterization": False, "sdxl": True, **off}
     assert model_pick._flags_of(None) == {} and model_pick._flags_of(object()) == {}
 
 
