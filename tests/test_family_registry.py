@@ -129,4 +129,4 @@ def test_family_records_load_without_torch():
     code = ("import sys, trainer.families, trainer.preflight.families, app.model_pick; "
             "print(sorted(trainer.families.SPECS), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['flux1', 'sd1', 'sd2', 'sdxl'] False"
+    assert out.strip() == "['flux1', 'sd1', 'sd2', 'sd3', 'sdxl'] False"

@@ -85,11 +85,11 @@ NOT_FOR_SD = {
         single_dim txt_attn_dim txt_mlp_dim txt_mod_dim single_mod_dim in_dims train_double_block_indices
         train_single_block_indices fp8_base_unet train_lora_ggpo ggpo_sigma ggpo_beta""",
     "T5-XXL learning rate: sd-scripts' networks.lora reads only the first text encoder lr": "t5xxl_lr",
+    # the SD3 keys Nekoya applies are settings (trainer/settings/tab_sd3.py); these it does not apply yet
     "SD3 (sd3_train_network.py)": """
-        sd3_cache_text_encoder_outputs sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass clip_g
-        clip_g_dropout_rate sd3_clip_l sd3_clip_l_dropout_rate sd3_disable_mmap_load_safetensors
-        sd3_enable_scaled_pos_embed logit_mean logit_std mode_scale pos_emb_random_crop_rate save_clip save_t5xxl
-        sd3_t5_dropout_rate sd3_t5xxl t5xxl_device t5xxl_dtype sd3_text_encoder_batch_size weighting_scheme""",
+        sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass clip_g_dropout_rate sd3_clip_l_dropout_rate
+        sd3_disable_mmap_load_safetensors sd3_enable_scaled_pos_embed pos_emb_random_crop_rate save_clip save_t5xxl
+        sd3_t5_dropout_rate t5xxl_device t5xxl_dtype sd3_text_encoder_batch_size""",
     "passed only with the Flux.1/SD3/HunyuanImage/Anima/Lumina checkbox": "blocks_to_swap show_timesteps "
                                                                           "show_timesteps_resolution",
     "HunyuanImage-2.1": " ".join(k for k in KOHYA_LORA_TAB_KEYS if k.startswith("hunyuan_") and "checkbox" not in k),

@@ -110,7 +110,7 @@ def test_current_kohya_config_loads_and_reports_unused_keys():
         if key == "model_list" and value == "":
             continue
         assert _same(got, value), (key, got, value)
-    assert set(report.unused_keys) >= {"sd3_checkbox", "huggingface_repo_id"}  # flux1_checkbox and gpu_ids apply
+    assert set(report.unused_keys) >= {"huggingface_repo_id"}  # flux1_checkbox, sd3_checkbox and gpu_ids apply
     assert report.unknown_keys == []
     assert s.optimizer_kwargs() == {"d_coef": "1.0", "weight_decay": "0.01", "safeguard_warmup": "False"}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.checkpoints.errors import CheckpointError
-from trainer.checkpoints.layouts import FLUX1, SD1, SD2, SDXL
+from trainer.checkpoints.layouts import FLUX1, SD1, SD2, SD3, SDXL
 from trainer.checkpoints.ldm_keys import LDM_PREFIXES
 from trainer.checkpoints.reader import TensorSource
 from trainer.checkpoints.weight_files import UnreadableIndex, component_weight_files
@@ -77,6 +77,8 @@ def detect_from_keys(path: Path, fmt: str, shapes: dict[str, tuple], metadata: d
     keys = list(shapes)
     if is_bfl_flux(shapes):  # the encoders and AE are separate files (the Flux.1 settings name them)
         return ModelInfo(path, fmt, FLUX1, False, "checkpoint", ())
+    if is_sai_sd3(shapes):  # its text encoders may be in the file or separate files (the SD3 settings name them)
+        return ModelInfo(path, fmt, SD3, False, "checkpoint", ())
     if UNET_PROBE not in shapes:
         kind, reason = _not_a_base_model(keys)
         return ModelInfo(path, fmt, None, None, kind, (reason,))
@@ -90,6 +92,12 @@ def is_bfl_flux(shapes: dict) -> bool:
     """A FLUX.1 transformer in Black Forest Labs' layout (as BFL, kohya_ss and ComfyUI store it)."""
     prefix = "model.diffusion_model." if "model.diffusion_model.img_in.weight" in shapes else ""
     return prefix + "img_in.weight" in shapes and any(k.startswith(prefix + "double_blocks.") for k in shapes)
+
+
+def is_sai_sd3(shapes: dict) -> bool:
+    """An SD 3 / 3.5 MMDiT in Stability AI's layout (joint_blocks; ``model.diffusion_model.`` in a full file)."""
+    prefix = "model.diffusion_model." if "model.diffusion_model.x_embedder.proj.weight" in shapes else ""
+    return prefix + "x_embedder.proj.weight" in shapes and prefix + "joint_blocks.0.x_block.attn.qkv.weight" in shapes
 
 
 def _not_a_base_model(keys: list[str]) -> tuple[str, str]:
@@ -164,6 +172,8 @@ def _folder_family(folder: Path, index: dict) -> str | None:
     cls = index.get("_class_name", "")
     if cls == "FluxPipeline":
         return FLUX1
+    if cls == "StableDiffusion3Pipeline":
+        return SD3
     if cls == "StableDiffusionXLPipeline":
         return SDXL
     if cls != "StableDiffusionPipeline":

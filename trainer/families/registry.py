@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from trainer.families.flux_spec import FLUX1
+from trainer.families.sd3_spec import SD3
 from trainer.families.spec import FamilySpec
 from trainer.families.stable_diffusion import STABLE_DIFFUSION_SPECS
 
 SPECS: dict[str, FamilySpec] = {}
 # kohya_ss's model checkboxes, in the order the GUI's model pick sets them
-FLAG_KEYS = ("v2", "v_parameterization", "sdxl", "flux1_checkbox")
+FLAG_KEYS = ("v2", "v_parameterization", "sdxl", "flux1_checkbox", "sd3_checkbox")
 
 
 def register_spec(spec: FamilySpec) -> FamilySpec:
@@ -42,7 +43,7 @@ def spec_for_flags(flags: Mapping[str, Any]) -> FamilySpec:
     for spec in reversed(SPECS.values()):
         if spec.selected_by(flags):
             return spec
-    raise ValueError("no model family matches the v2 / SDXL / Flux.1 checkboxes")
+    raise ValueError("no model family matches the v2 / SDXL / Flux.1 / SD3 checkboxes")
 
 
 def spec_for_checkpoint(layout: str) -> FamilySpec:
@@ -85,5 +86,5 @@ def create_family(settings: Any):
     return spec.adapter_class()(settings)
 
 
-for _spec in (*STABLE_DIFFUSION_SPECS, FLUX1):
+for _spec in (*STABLE_DIFFUSION_SPECS, FLUX1, SD3):
     register_spec(_spec)

@@ -30,7 +30,7 @@ from trainer.families.tiny_models import TINY_SD1, TINY_SD2, TINY_SD2V, TINY_SDX
 # the built-in families are keyed by the checkpoint layout each loads (trainer.checkpoints.layouts reads it here)
 SD1 = FamilySpec(
     "sd1", "Stable Diffusion 1.x", "SD 1.x", "trainer.families.sd:SD1Family",
-    flags={"v2": False, "sdxl": False, "flux1_checkbox": False}, selecting_flags=("v2", "sdxl"),
+    flags={"v2": False, "sdxl": False, "flux1_checkbox": False, "sd3_checkbox": False}, selecting_flags=("v2", "sdxl"),
     unet_params=859_520_964, text_encoder_params=(123_060_480,), vae_params=83_653_863,
     unet_lora_per_rank=423_936, unet_conv_per_rank=544_000, text_encoder_lora_per_rank=165_888,
     activations_gib=1.2, checkpointed_activations_gib=0.2, native_resolution=512,
@@ -38,7 +38,7 @@ SD1 = FamilySpec(
 )
 SD2 = FamilySpec(
     "sd2", "Stable Diffusion 2.x", "SD 2.x", "trainer.families.sd:SD2Family",
-    flags={"v2": True, "sdxl": False, "flux1_checkbox": False}, selecting_flags=("v2", "sdxl"),
+    flags={"v2": True, "sdxl": False, "flux1_checkbox": False, "sd3_checkbox": False}, selecting_flags=("v2", "sdxl"),
     unet_params=865_910_724, text_encoder_params=(340_387_840,), vae_params=83_653_863,
     unet_lora_per_rank=432_128, unet_conv_per_rank=544_000, text_encoder_lora_per_rank=423_936,
     activations_gib=1.2, checkpointed_activations_gib=0.2, native_resolution=768,
@@ -47,7 +47,7 @@ SD2 = FamilySpec(
 )
 SDXL = FamilySpec(
     "sdxl", "Stable Diffusion XL", "SDXL", "trainer.families.sdxl:SDXLFamily",
-    flags={"v2": False, "sdxl": True, "flux1_checkbox": False}, selecting_flags=("sdxl",),
+    flags={"v2": False, "sdxl": True, "flux1_checkbox": False, "sd3_checkbox": False}, selecting_flags=("sdxl",),
     unet_params=2_567_463_684, text_encoder_params=(123_060_480, 694_659_840), vae_params=83_653_863,
     unet_lora_per_rank=2_659_840, unet_conv_per_rank=355_840, text_encoder_lora_per_rank=903_168,
     activations_gib=1.95, checkpointed_activations_gib=0.26, native_resolution=1024,

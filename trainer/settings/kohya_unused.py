@@ -78,12 +78,20 @@ def _flux(instead: str, *keys: str) -> list[KohyaKey]:
 _NOT_FOR_FLUX_YET = "Nekoya does not apply it to FLUX.1 runs yet"
 
 
+def _sd3(instead: str, *keys: str) -> list[KohyaKey]:
+    """kohya_ss's SD3 keys Nekoya does not apply yet: quiet for other runs, a warning in SD3 runs."""
+    return [KohyaKey(k, instead, OTHER, family_flag="sd3_checkbox") for k in keys]
+
+
+_NOT_FOR_SD3_YET = "Nekoya does not apply it to SD3 runs yet"
+
+
 def _family(family: str, *keys: str) -> list[KohyaKey]:
     return [KohyaKey(k, f"a {family} setting: kohya_ss uses it only when training {family}", OTHER) for k in keys]
 
 
-_FAMILY_CHECKBOX = ("Nekoya trains SD 1.x, SD 2.x, SDXL and FLUX.1 only: the run follows the v2, SDXL and Flux.1 "
-                    "checkboxes and the model file, not {}")
+_FAMILY_CHECKBOX = ("Nekoya trains SD 1.x, SD 2.x, SDXL, SD3 and FLUX.1 only: the run follows the v2, SDXL, SD3 and "
+                    "Flux.1 checkboxes and the model file, not {}")
 _NO_DYNAMO = (("dynamo_backend", ("no", "")),)
 _SAME_RESULT = "(the trained LoRA is the same; only speed or memory use differ)"
 
@@ -92,7 +100,7 @@ ROWS: tuple[KohyaKey, ...] = (
     _sd("train_inpainting", "the model is trained as a text-to-image model: the UNet gets no mask or masked image",
         fix="train inpainting LoRAs with kohya_ss"),
     *(_sd(key, _FAMILY_CHECKBOX.format(name)) for key, name in (
-        ("sd3_checkbox", "SD3"), ("hunyuan_image_checkbox", "HunyuanImage-2.1"),
+        ("hunyuan_image_checkbox", "HunyuanImage-2.1"),
         ("anima_checkbox", "Anima"), ("lumina_checkbox", "Lumina"))),
     # --- accelerate launch -------------------------------------------------------------------------
     _sd("dynamo_mode", "torch.compile runs in its default mode", off=("default", "", None),
@@ -132,11 +140,17 @@ ROWS: tuple[KohyaKey, ...] = (
     *_family("Flux.1", "enable_all_linear", "ggpo_sigma", "ggpo_beta"),  # Flux1 OFT's; train_lora_ggpo's details
     *_none("kohya_ss does not pass it to sd-scripts (it sends train_blocks=single only with split_mode, which Nekoya "
            "applies the same way)", "train_blocks"),
-    *_family("SD3", "sd3_cache_text_encoder_outputs", "sd3_cache_text_encoder_outputs_to_disk",
-             "sd3_fused_backward_pass", "clip_g", "clip_g_dropout_rate", "sd3_clip_l", "sd3_clip_l_dropout_rate",
-             "sd3_disable_mmap_load_safetensors", "sd3_enable_scaled_pos_embed", "logit_mean", "logit_std",
-             "mode_scale", "pos_emb_random_crop_rate", "save_clip", "save_t5xxl", "sd3_t5_dropout_rate", "sd3_t5xxl",
-             "t5xxl_device", "t5xxl_dtype", "sd3_text_encoder_batch_size", "weighting_scheme"),
+    # SD3 keys Nekoya does not apply yet (tab_sd3.py declares the ones it applies): they warn in SD3 runs
+    *_sd3("the text-encoder outputs are cached in memory, not on disk " + _SAME_RESULT,
+          "sd3_cache_text_encoder_outputs_to_disk"),
+    *_sd3(_NOT_FOR_SD3_YET + " (the LoRA would differ: no caption embedding is dropped)", "clip_g_dropout_rate",
+          "sd3_clip_l_dropout_rate", "sd3_t5_dropout_rate"),
+    *_sd3(_NOT_FOR_SD3_YET + " (the LoRA would differ: the position table is cropped at its centre, unscaled)",
+          "sd3_enable_scaled_pos_embed", "pos_emb_random_crop_rate"),
+    *_sd3(_NOT_FOR_SD3_YET + " " + _SAME_RESULT, "sd3_fused_backward_pass", "sd3_disable_mmap_load_safetensors",
+          "sd3_text_encoder_batch_size"),
+    *(KohyaKey(k, "sd-scripts' SD3 trainer does not apply it either (its help says [DOES NOT WORK])", OTHER)
+      for k in ("save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype")),
     *_family("Flux.1, SD3, HunyuanImage, Anima or Lumina", "show_timesteps",
              "show_timesteps_resolution"),
     *_family("HunyuanImage-2.1", "hunyuan_image_cache_text_encoder_outputs",

@@ -17,6 +17,7 @@ from .tab_accelerate import AccelerateSettings
 from .tab_advanced import AdvancedSettings, SampleSettings
 from .tab_flux import FluxSettings
 from .tab_parameters import ParameterSettings
+from .tab_sd3 import SD3Settings
 from .tab_source_folders import FolderSettings, MetadataSettings, SourceModelSettings
 
 # Characters Windows, macOS or Linux refuse in a file name, and control characters.
@@ -26,7 +27,7 @@ _CAPTION_EXTENSION = re.compile(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class TrainingSettings(
-    SampleSettings, FluxSettings, AdvancedSettings, AccelerateSettings, ParameterSettings, MetadataSettings, FolderSettings, SourceModelSettings
+    SampleSettings, SD3Settings, FluxSettings, AdvancedSettings, AccelerateSettings, ParameterSettings, MetadataSettings, FolderSettings, SourceModelSettings
 ):
     # extra="allow": kohya keys Nekoya does not use are kept and written back on save.
     model_config = ConfigDict(extra="allow", validate_default=True)
