@@ -27,6 +27,7 @@ JOINT_STREAM = "SingleDiTBlock"
 T5_CLASSES = ("T5Attention", "T5DenseGatedActDense")
 CLIP_TOKENS = 77
 T5_TOKENS = 256  # sd-scripts' SD3 --t5xxl_max_token_length default (kohya_ss passes its field to FLUX runs only)
+SD3_LORA = "networks.lora_sd3"  # kohya_ss runs sd-scripts' networks.lora_sd3 for a Standard LoRA with SD3 ticked
 SD3_IMPLEMENTATION = "diffusers"  # sd-scripts' determine_implementation for an SD3 LoRA
 
 
@@ -120,7 +121,7 @@ class SD3Family:
 
     def version_metadata(self) -> VersionInfo:
         return VersionInfo(base_model_version="sd3", v2=False, architecture=f"stable-diffusion-3-{self.model_type}",
-                           implementation=SD3_IMPLEMENTATION, prediction_type="epsilon")
+                           implementation=SD3_IMPLEMENTATION, prediction_type="epsilon", lora_module=SD3_LORA)
 
     # -- the diffusion formulation ------------------------------------------------------
     def noise_schedule(self, device: torch.device | str) -> FlowMatchingSchedule:

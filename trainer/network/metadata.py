@@ -28,6 +28,8 @@ class VersionInfo:
     architecture: str  # modelspec.architecture without the "/lora" suffix
     implementation: str  # modelspec.implementation
     prediction_type: str  # "epsilon" or "v"
+    # sd-scripts' module for this family's Standard LoRA where it has its own (networks.lora_sd3), for ss_network_module
+    lora_module: str | None = None
 
 
 @dataclass(frozen=True)

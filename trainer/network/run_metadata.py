@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from trainer.lora_types import KOHYA_LORA
 from trainer.network.build import network_args
 from trainer.network.metadata import (dataset_facts, model_file_hashes, modelspec_metadata, saved_metadata,
                                       training_metadata)
@@ -33,7 +34,7 @@ class RunMetadata:
             "max_train_steps": plan.steps.total_steps, "lr_warmup_steps": plan.scheduler.warmup_steps,
             "mixed_precision": plan.precision.mode, "optimizer": plan.optimizer.description(),
             "unet_lr": lrs[Role.UNET], "text_encoder_lr": lrs[Role.TEXT_ENCODER],
-            "network_args": network_args(s, plan.network), "network_module": plan.network.network_module,
+            "network_args": network_args(s, plan.network), "network_module": _network_module(plan.network, version),
             "seed": seed,
         }
         self._version = version
@@ -49,6 +50,12 @@ class RunMetadata:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _network_module(network: Any, version: Any) -> str:
+    """kohya_ss's Standard LoRA is the family's own sd-scripts module where it has one (SD3: networks.lora_sd3)."""
+    own = getattr(version, "lora_module", None)
+    return own if own and network.network_module == KOHYA_LORA else network.network_module
 
 
 def _model_hashes(path: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from trainer.optim import OptimConfigError
 from trainer.run_plan import make_run_plan
 
 # Importing a concern module registers its checks, in this order.
-from trainer.preflight import dataset, model, network, lycoris, network_types, blocks, client_support, optimizer, training, additional_parameters, output, memory, ignored_settings, logging_check, masked_loss, processes, flux  # noqa: E402,F401,E501
+from trainer.preflight import dataset, model, network, lycoris, network_types, blocks, client_support, optimizer, training, additional_parameters, output, memory, ignored_settings, logging_check, masked_loss, processes, flux, sd3  # noqa: E402,F401,E501
 
 __all__ = ["check", "CHECKS", "Problem", "PreflightReport"]
 

@@ -1,0 +1,94 @@
+"""SD 3 / 3.5 checks: the text encoders a SAI file lacks (kohya_ss's SD3 fields name them), the LoRA type, and the
+settings sd-scripts' SD3 trainer reads differently. Only file headers are read; nothing is loaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.lora_types import KOHYA_LORA, TYPES
+from trainer.preflight.registry import CheckContext, preflight_check
+from trainer.preflight.report import Problem
+
+# setting -> (name, example file, a key the file has, the prefix a SAI file keeps this encoder under)
+SD3_ENCODERS = {
+    "sd3_clip_l": ("CLIP-L", "clip_l.safetensors", "text_model.embeddings.token_embedding.weight",
+                   "text_encoders.clip_l.transformer."),
+    "clip_g": ("CLIP-G", "clip_g.safetensors", "text_model.embeddings.token_embedding.weight",
+               "text_encoders.clip_g.transformer."),
+    "sd3_t5xxl": ("T5-XXL", "t5xxl_fp16.safetensors", "shared.weight", "text_encoders.t5xxl.transformer."),
+}
+SD_LOSS_SETTINGS = ("min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss")
+POST_WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
+
+
+def _sd3(ctx: CheckContext) -> bool:
+    return bool(getattr(ctx.settings, "sd3_checkbox", False))
+
+
+@preflight_check("model.sd3_encoders")
+def check_sd3_encoders(ctx: CheckContext):
+    if not _sd3(ctx) or ctx.model is None or ctx.model.info.format == "diffusers":
+        return  # a diffusers SD3 folder holds every encoder; a set field replaces the folder's
+    own = _header_keys(Path(ctx.model.info.path))
+    for key, (name, example, probe, prefix) in SD3_ENCODERS.items():
+        value = str(getattr(ctx.settings, key) or "").strip()
+        if not value:
+            if own is not None and not any(k.startswith(prefix) for k in own):
+                yield Problem("error", key, f"the model file has no {name} text encoder ({prefix}*) and {key} is "
+                              "empty", fix=f"set {key} to your {example}", file=str(ctx.model.info.path))
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            yield Problem("error", key, f"{path} does not exist", fix=f"set {key} to your {example}", file=value)
+            continue
+        keys = _header_keys(path)
+        if keys is not None and not any(k == probe or k.endswith("." + probe) or
+                                        probe == "shared.weight" and k.endswith("embed_tokens.weight") for k in keys):
+            yield Problem("error", key, f"{path.name} is not a {name} file (it has no {probe})",
+                          fix=f"set {key} to your {example}", file=value)
+
+
+def _header_keys(path: Path) -> list[str] | None:
+    """The tensor names of a .safetensors file; None for other files or an unreadable one (other checks say)."""
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return None
+    from trainer.checkpoints.integrity import read_safetensors_header
+
+    try:
+        return list(read_safetensors_header(path).shapes)
+    except Exception:  # a damaged file: the model checks name it
+        return None
+
+
+@preflight_check("network.sd3_type")
+def check_sd3_lora_type(ctx: CheckContext):
+    s = ctx.settings
+    lora_type = TYPES.get(s.LoRA_type)
+    if _sd3(ctx) and lora_type is not None and lora_type.network_module != KOHYA_LORA:
+        yield Problem("error", "LoRA_type", f"LoRA type {s.LoRA_type!r} does not train SD3 models in Nekoya (kohya_ss "
+                      "runs sd-scripts' networks.lora_sd3 for Standard)", fix="choose LoRA type Standard")
+
+
+@preflight_check("training.sd3_settings")
+def check_sd3_settings(ctx: CheckContext):
+    s = ctx.settings
+    if not _sd3(ctx):
+        return
+    if s.weighting_scheme in POST_WEIGHTED_SCHEMES:
+        yield Problem("warning", "weighting_scheme", f"weighting scheme {s.weighting_scheme} draws timesteps uniformly "
+                      "and sd-scripts then weights each sample's loss by its sigma; Nekoya draws them the same way but "
+                      "does not weight the loss yet, so the LoRA will differ from kohya_ss's",
+                      fix="choose logit_normal (kohya_ss's default) or mode, which Nekoya trains as sd-scripts does")
+    for key in SD_LOSS_SETTINGS:
+        if getattr(s, key, 0):
+            yield Problem("warning", key, f"{key} is ignored by sd-scripts' SD3 trainer (kohya_ss's run keeps the loss "
+                          "as it is); Nekoya applies it with the flow-matching SNR ((1-sigma)/sigma)^2, so the LoRA "
+                          "will differ from kohya_ss's", fix=f"set {key} to 0 to train as kohya_ss does")
+    if s.noise_offset_type == "Multires" and s.multires_noise_iterations or s.noise_offset_type != "Multires" and (
+            s.noise_offset or s.adaptive_noise_scale):
+        key = "multires_noise_iterations" if s.noise_offset_type == "Multires" else "noise_offset"
+        yield Problem("warning", key, f"{key} is not used by sd-scripts' SD3 trainer (it draws plain Gaussian noise); "
+                      "Nekoya applies it, so the LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train "
+                      "as kohya_ss does")
+    if s.weighted_captions:
+        yield Problem("error", "weighted_captions", "Weighted captions are not supported for SD3 (sd-scripts' SD3 "
+                      "trainer refuses them too)", fix="untick Weighted captions")
