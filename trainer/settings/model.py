@@ -13,12 +13,12 @@ from pydantic import ConfigDict, ValidationInfo, field_validator
 
 from .coerce import coerce, parse_key_value_args
 from .field import TABS, SettingInfo, info_from_field
-from .tab_accelerate import AccelerateSettings
 from .tab_advanced import AdvancedSettings, SampleSettings
 from .tab_flux import FluxSettings
 from .tab_parameters import ParameterSettings
 from .tab_sd3 import SD3Settings
 from .tab_source_folders import FolderSettings, MetadataSettings, SourceModelSettings
+from .tab_accelerate import AccelerateSettings  # noqa: I001  (declared last: its section ends the Parameters tab)
 
 # Characters Windows, macOS or Linux refuse in a file name, and control characters.
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
