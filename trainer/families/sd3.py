@@ -70,6 +70,15 @@ class SD3Family:
 
         return empty_sd3_models(path)
 
+    @staticmethod
+    def denoiser_for_merge(path) -> torch.nn.Module:
+        """The MMDiT alone, in fp32, for merging LoRAs into it: the result is a SAI-layout MMDiT file (which
+        ComfyUI's diffusion-model loader and Nekoya load with the separate encoder files); the text-encoder modules
+        are reported as not merged."""
+        from trainer.families.sd3_load import load_mmdit
+
+        return load_mmdit(path, torch.float32)
+
     def load(self, settings: Any, base_dtype: torch.dtype, device: torch.device, log: LogFn) -> None:
         from trainer.families.sd3_load import load_sd3
 

@@ -125,6 +125,17 @@ def _fill(model: torch.nn.Module, state: dict, what: str, field: str, tied: tupl
 
 
 # -- the MMDiT ----------------------------------------------------------------------------------------
+def load_mmdit(path: Path, dtype):
+    """The MMDiT alone, of a diffusers SD3 folder or a SAI file (with or without ``model.diffusion_model.``)."""
+    path = Path(path)
+    if is_diffusers_sd3(path):
+        config = config_from_diffusers(json.loads((path / "transformer" / "config.json").read_text()))
+        return _build_mmdit(config, diffusers_to_sai(_folder_tensors(path / "transformer", dtype)),
+                            f"{path.name}: the transformer", dtype)
+    tensors = read_tensors(path, dtype)
+    return _mmdit(strip_prefix(tensors) or tensors, f"{path.name}: the MMDiT", dtype)
+
+
 def _mmdit(state: dict, what: str, dtype):
     return _build_mmdit(config_from_sai_shapes({k: tuple(v.shape) for k, v in state.items()}), state, what, dtype)
 
