@@ -1,12 +1,14 @@
 """FLUX.1 settings: kohya_ss's Flux.1 accordion (``kohya_gui/class_flux1.py``), shown when the family is picked.
 
-Labels, defaults and choices are kohya_ss's. The keys of that accordion Nekoya does not apply yet stay in
+Labels, defaults and choices are kohya_ss's. The family's checkbox, ``flux1_checkbox``, sits with the other model
+checkboxes (``tab_source_folders.py``). The keys of that accordion Nekoya does not apply yet stay in
 ``kohya_unused.py`` (kept and written back; the check names them when they are set).
 """
 from __future__ import annotations
 
 from pydantic import BaseModel
 
+from . import tab_parameters  # noqa: F401  (declared first: the GUI shows the Flux.1 section after its sections)
 from .field import setting
 
 TAB = "Parameters"
@@ -15,11 +17,6 @@ ONLY_FLUX = {"flux1_checkbox": (True,)}  # shown when kohya's Flux.1 checkbox is
 
 
 class FluxSettings(BaseModel):
-    flux1_checkbox: bool = setting(
-        False, label="Flux.1", tab="Source Model",
-        help="Tick for FLUX.1 dev or schnell models (a BFL transformer file with the CLIP-L, T5-XXL and AE files "
-        "below, or a diffusers FLUX folder).",
-    )
     model_type: str = setting(
         "flux", label="Base Model Type", tab=TAB, section=SECTION, choices=("flux", "chroma"), visible_when=ONLY_FLUX,
         help="flux: FLUX.1 dev or schnell. chroma is not trained by Nekoya yet.",

@@ -28,6 +28,11 @@ class SourceModelSettings(BaseModel):
         help="Tick for v-prediction models (SD 2.x 768, some fine-tunes).",
     )
     sdxl: bool = setting(False, label="SDXL Model", tab=SRC, help="Tick for SDXL base models.")
+    flux1_checkbox: bool = setting(
+        False, label="Flux.1", tab=SRC,
+        help="Tick for FLUX.1 dev or schnell models (a BFL transformer file with the CLIP-L, T5-XXL and AE files "
+        "of the Flux.1 section, or a diffusers FLUX folder).",
+    )
     save_model_as: str = setting(
         "safetensors", label="Save trained model as", tab=SRC, choices=("ckpt", "safetensors"), widget="radio",
         help="File format of the LoRA. safetensors is safe to share and loads everywhere.",
