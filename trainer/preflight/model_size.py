@@ -17,7 +17,8 @@ from trainer.checkpoints.ldm_keys import SINGLE_FILE_LAYOUTS
 from trainer.checkpoints.weight_files import component_weight_files
 from trainer.families import FamilySpec
 
-DIFFUSERS_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+DIFFUSERS_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # SD3: T5-XXL is the third
+DENOISER_PREFIX = "model.diffusion_model."  # a full file's denoiser (SAI's SD3 files keep text_encoders.* beside it)
 
 _cache: dict[tuple, "ModelSize"] = {}
 
@@ -75,8 +76,9 @@ def _count(path: Path, family: FamilySpec, nominal: str) -> ModelSize:
 
 def _single_file_counts(path: Path, family: FamilySpec) -> ModelSize | None:
     shapes = read_safetensors_header(path).shapes
-    if family.layout not in SINGLE_FILE_LAYOUTS:  # a transformer file alone (FLUX.1: its encoders are other files)
-        return _size({"unet": sum(math.prod(shape) for shape in shapes.values())}, f"from {path.name}'s header")
+    if family.layout not in SINGLE_FILE_LAYOUTS:  # a transformer file (FLUX.1), or one with its encoders (SD3)
+        denoiser = {k: v for k, v in shapes.items() if k.startswith(DENOISER_PREFIX)} or shapes
+        return _size({"unet": sum(math.prod(shape) for shape in denoiser.values())}, f"from {path.name}'s header")
     counts = {component: sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefix))
               for component, (prefix, _) in SINGLE_FILE_LAYOUTS[family.layout].items()}
     return _size(counts, f"from {path.name}'s header")
