@@ -179,3 +179,45 @@ def test_the_check_accepts_sd3_and_estimates_its_memory(tiny_sd3_dir, images, tm
     assert "GiB" in text or report.memory is not None
     refused = check(sd3_settings(tiny_sd3_dir, images, tmp_path, LoRA_type="LyCORIS/LoHa"), deep=False)
     assert any(p.field == "LoRA_type" and "SD3" in p.message for p in refused.errors)
+
+
+def test_try_it_applies_the_lora_to_the_sd3_folder(folder_run, tiny_sd3_dir):
+    import numpy as np
+
+    from trainer.inference import GenerateRequest, LoraChoice, TryIt
+
+    settings, _ = folder_run
+    request = GenerateRequest(base_model=str(tiny_sd3_dir), prompt="a photo of sks dog", width=64, height=64, steps=3,
+                              seed=11, cfg_scale=4.0, sampler="euler", negative_prompt="blue")
+    base, with_lora, base_again = TryIt(device="cpu").compare(request, [
+        LoraChoice(None), LoraChoice(str(Path(settings.output_dir) / "tiny.safetensors"), 1.0), LoraChoice(None)])
+    pixels = [np.asarray(images[0], dtype=np.float64) for images in (base, with_lora, base_again)]
+    assert np.abs(pixels[1] - pixels[0]).mean() > 0 and np.array_equal(pixels[0], pixels[2])
+
+
+def test_inspect_names_the_family_and_verify_matches_every_module(folder_run, tiny_sd3_dir, tiny_sd3_files):
+    from trainer.tools import verify_lora
+    from trainer.tools.lora_file import read_lora
+    from trainer.tools.lora_info import family_from_keys
+
+    settings, _ = folder_run
+    path = Path(settings.output_dir) / "tiny.safetensors"
+    count = len(lora_keys(path)[0])
+    assert family_from_keys(read_lora(path)) == "sd3"
+    for base in (tiny_sd3_dir, tiny_sd3_files["full"]):
+        report = verify_lora(path, base)
+        assert report.ok and f"{count} of {count} modules match" in report.format(), report.format()
+
+
+def test_trains_headless_from_a_config_file(tiny_sd3_files, images, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    settings = sd3_settings(tiny_sd3_files["full"], images, tmp_path / "out", max_train_steps=1)
+    config = tmp_path / "sd3.json"
+    config.write_text(json.dumps(settings.model_dump(mode="json")))
+    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--config", str(config)], capture_output=True,
+                          text=True, cwd=Path(__file__).parent.parent, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert lora_keys(tmp_path / "out" / "tiny.safetensors")[1]["ss_network_module"] == "networks.lora_sd3"
