@@ -179,4 +179,3 @@ def test_kohya_ss_flux_preset_loads_and_passes_the_check(tiny_flux_files, images
     assert not result.errors, [(p.field, p.message) for p in result.errors]
     warned = {p.field for p in result.warnings}
     assert {"min_snr_gamma", "noise_offset"} <= warned  # sd-scripts' FLUX trainer ignores both: the check says so
-    assert "flux1_cache_text_encoder_outputs_to_disk" in warned  # cached in memory here

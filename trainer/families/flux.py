@@ -43,7 +43,7 @@ class FluxFamily:
         self.apply_t5_attn_mask = bool(settings.apply_t5_attn_mask)
         # caching to disk turns caching on in sd-scripts (Nekoya caches in memory either way)
         self.cache_text_encoder_outputs = bool(settings.flux1_cache_text_encoder_outputs or
-                                               getattr(settings, "flux1_cache_text_encoder_outputs_to_disk", False))
+                                               settings.flux1_cache_text_encoder_outputs_to_disk)
         self.train_t5xxl = bool(settings.train_t5xxl)
         self.single_blocks_only = bool(settings.split_mode)  # kohya_ss: split_mode sends train_blocks=single
         self.unet = self.vae = self.tokenizer = self.t5_tokenizer = None

@@ -128,8 +128,6 @@ ROWS: tuple[KohyaKey, ...] = (
            "persistent_data_loader_workers"),
     # --- keys of other model families ---------------------------------------------------------------
     # FLUX.1 keys Nekoya does not apply yet (tab_flux.py declares the ones it applies): they warn in FLUX.1 runs
-    *_flux("the text-encoder outputs are cached in memory, not on disk " + _SAME_RESULT,
-           "flux1_cache_text_encoder_outputs_to_disk"),
     *_flux(_NOT_FOR_FLUX_YET + " " + _SAME_RESULT, "mem_eff_save", "cpu_offload_checkpointing", "fp8_base_unet",
            "single_blocks_to_swap", "double_blocks_to_swap", "blocks_to_swap"),
     *_flux(_NOT_FOR_FLUX_YET + " (the LoRA file would differ)", "split_qkv", "train_lora_ggpo"),

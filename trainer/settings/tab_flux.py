@@ -78,3 +78,7 @@ class FluxSettings(BaseModel):
         False, label="Cache Text Encoder Outputs", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
         help="Encode captions once; the text encoders are then not trained and leave GPU memory.",
     )
+    flux1_cache_text_encoder_outputs_to_disk: bool = setting(
+        False, label="Cache Text Encoder Outputs to Disk", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
+        help="Turns caching on, as in sd-scripts; Nekoya keeps the outputs in memory (the LoRA is the same).",
+    )
