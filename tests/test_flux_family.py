@@ -188,6 +188,13 @@ def test_the_check_names_missing_flux_files_before_loading(tiny_flux_files, tmp_
     errors = {p.field: p for p in check(settings, deep=False).errors}
     assert "t5xxl is empty" in errors["t5xxl"].message and "t5xxl_fp16" in errors["t5xxl"].fix
     assert "is not a CLIP-L file" in errors["clip_l"].message
+    import shutil
+
+    lone = tmp_path / "lone" / "t5xxl.safetensors"  # a t5xxl file without its tokenizer
+    lone.parent.mkdir()
+    shutil.copy(tiny_flux_files["t5xxl"], lone)
+    errors = {p.field: p for p in check(settings.model_copy(update={"t5xxl": str(lone)}), deep=False).errors}
+    assert "no T5 tokenizer for t5xxl.safetensors" in errors["t5xxl"].message and "tokenizer.json" in errors["t5xxl"].fix
     wrong_type = check(flux_file_settings(tiny_flux_files, LoRA_type="Standard", output_dir=str(tmp_path)), deep=False)
     assert any(p.field == "LoRA_type" and "Flux1" in p.fix for p in wrong_type.errors)
     refused = check(flux_file_settings(tiny_flux_files, LoRA_type="Flux1", output_dir=str(tmp_path), model_type="chroma",

@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
+from trainer.families.flux_files import T5_TOKENIZER_FIX, TOKENIZER_SIDECAR, find_t5_tokenizer
 from trainer.families.flux_weights import config_from_bfl_shapes, config_from_diffusers, diffusers_to_bfl, strip_prefix
 from trainer.problems import NekoyaError
 
-TOKENIZER_SIDECAR = ".tokenizers"
-T5_HUB_ID = "google/t5-v1_1-xxl"
 # the FLUX.1 AE's latent normalisation (diffusers' FLUX vae/config.json; not stored in ae.safetensors)
 AE_SCALING, AE_SHIFT = 0.3611, 0.1159
 
@@ -211,25 +210,10 @@ def load_t5(source: Path | None, dtype):
 def _t5_tokenizer(source: Path):
     from transformers import AutoTokenizer
 
-    candidates = [source] if source.is_dir() else [Path(str(source) + TOKENIZER_SIDECAR), source.parent]
-    for folder in candidates:
-        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    cached = _hub_cache(T5_HUB_ID)
-    if cached is not None:
-        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
-    raise FluxLoadError(
-        f"no T5 tokenizer for {source.name}: Nekoya never downloads. Put T5's tokenizer files (tokenizer.json or "
-        f"spiece.model) next to the t5xxl file, or have {T5_HUB_ID} in the local Hugging Face cache", "t5xxl")
-
-
-def _hub_cache(repo_id: str) -> Path | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached
-        return None
+    folder = find_t5_tokenizer(source)
+    if folder is None:
+        raise FluxLoadError(f"no T5 tokenizer for {source.name}: Nekoya never downloads; {T5_TOKENIZER_FIX}", "t5xxl")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 # -- the AE ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.families.flux_files import T5_TOKENIZER_FIX, find_t5_tokenizer
 from trainer.lora_types import FLUX_LORA, TYPES
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
@@ -36,6 +37,9 @@ def check_flux_files(ctx: CheckContext):
         problem = _header_problem(path, probe, name)
         if problem:
             yield Problem("error", key, problem, fix=f"set {key} to your {example}", file=value)
+        elif key == "t5xxl" and find_t5_tokenizer(path) is None:
+            yield Problem("error", key, f"no T5 tokenizer for {path.name}: Nekoya never downloads it",
+                          fix=T5_TOKENIZER_FIX, file=value)
 
 
 def _header_problem(path: Path, probe: str, name: str) -> str:
