@@ -285,3 +285,16 @@ def test_sample_prompts_take_sd_scripts_guidance_option():
     assert prompt_from_dict({"prompt": "a dog", "guidance_scale": 4}).guidance == 4
     dev, schnell = flux_schedule(4, 1024, shift=True), flux_schedule(4, 1024, shift=False)
     assert dev[0] == schnell[0] == 1.0 and dev[-1] == schnell[-1] == 0.0 and dev[2] > schnell[2] == 0.5
+
+
+def test_network_args_are_kohya_ss_flux1_ones():
+    from trainer.network.build import network_args
+    from trainer.network_spec import NetworkSpec
+
+    settings = TrainingSettings(flux1_checkbox=True, LoRA_type="Flux1", block_dims="1,2,3", rank_dropout=0.1,
+                                split_mode=True, train_t5xxl=True, loraplus_lr_ratio=4)
+    spec = NetworkSpec.from_settings(settings)
+    assert spec.network_module == "networks.lora_flux" and spec.blocks is None
+    # kohya_ss: the Flux1 variables, rank/module dropout and LoRA+; no block settings (networks.lora_flux has none)
+    assert network_args(settings, spec) == {"rank_dropout": "0.1", "train_blocks": "single", "train_t5xxl": "True",
+                                            "loraplus_lr_ratio": "4"}

@@ -63,8 +63,8 @@ def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
         args = {}
         if spec.conv_rank:
             args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))
-        for key in BLOCK_KEYS:  # kohya_ss passes the block settings that are filled in, as written
-            if str(getattr(settings, key, "") or "").strip():
+        for key in BLOCK_KEYS:  # kohya_ss passes the block settings that are filled in, as written (not to Flux1)
+            if spec.network_module != FLUX_LORA and str(getattr(settings, key, "") or "").strip():
                 args[key] = str(getattr(settings, key)).strip()
         if spec.rank_dropout:
             args["rank_dropout"] = str(spec.rank_dropout)
