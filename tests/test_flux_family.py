@@ -296,5 +296,6 @@ def test_network_args_are_kohya_ss_flux1_ones():
     spec = NetworkSpec.from_settings(settings)
     assert spec.network_module == "networks.lora_flux" and spec.blocks is None
     # kohya_ss: the Flux1 variables, rank/module dropout and LoRA+; no block settings (networks.lora_flux has none)
-    assert network_args(settings, spec) == {"rank_dropout": "0.1", "train_blocks": "single", "train_t5xxl": "True",
-                                            "loraplus_lr_ratio": "4"}
+    args = network_args(settings, spec)
+    assert args == {"train_blocks": "single", "train_t5xxl": "True", "rank_dropout": "0.1", "loraplus_lr_ratio": "4"}
+    assert list(args) == ["train_blocks", "train_t5xxl", "rank_dropout", "loraplus_lr_ratio"]  # kohya_ss's order

@@ -60,7 +60,7 @@ def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
     elif spec.lycoris:
         args = dict(spec.lycoris_args)
     else:
-        args = {}
+        args = _flux_args(settings) if spec.network_module == FLUX_LORA else {}
         if spec.conv_rank:
             args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))
         for key in BLOCK_KEYS:  # kohya_ss passes the block settings that are filled in, as written (not to Flux1)
@@ -70,12 +70,17 @@ def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
             args["rank_dropout"] = str(spec.rank_dropout)
         if spec.module_dropout:
             args["module_dropout"] = str(spec.module_dropout)
-    if spec.network_module == FLUX_LORA:  # kohya_ss's Flux1 variables
-        if getattr(settings, "split_mode", False):
-            args["train_blocks"] = "single"
-        if getattr(settings, "train_t5xxl", False):
-            args["train_t5xxl"] = "True"
     for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
         if getattr(settings, key, 0):  # kohya_ss appends the LoRA+ ratios that are not 0
             args[key] = arg_text(getattr(settings, key))
+    return args
+
+
+def _flux_args(settings: Any) -> dict[str, str]:
+    """kohya_ss's Flux1 variables (before the dropouts it appends): split_mode trains single blocks only."""
+    args = {}
+    if getattr(settings, "split_mode", False):
+        args["train_blocks"] = "single"
+    if getattr(settings, "train_t5xxl", False):
+        args["train_t5xxl"] = "True"
     return args
