@@ -299,3 +299,25 @@ def test_network_args_are_kohya_ss_flux1_ones():
     args = network_args(settings, spec)
     assert args == {"train_blocks": "single", "train_t5xxl": "True", "rank_dropout": "0.1", "loraplus_lr_ratio": "4"}
     assert list(args) == ["train_blocks", "train_t5xxl", "rank_dropout", "loraplus_lr_ratio"]  # kohya_ss's order
+
+
+def test_t5xxl_lr_gives_the_t5_lora_its_own_optimizer_group(tiny_flux_dir, tmp_path):
+    from trainer.families.flux import FluxFamily
+    from trainer.network.build import learning_rates
+    from trainer.network.network import LoRANetwork
+    from trainer.network_spec import NetworkSpec
+    from trainer.preflight import check
+
+    settings = TrainingSettings(flux1_checkbox=True, LoRA_type="Flux1", pretrained_model_name_or_path=str(tiny_flux_dir),
+                                train_t5xxl=True, unet_lr=1e-4, text_encoder_lr=5e-5, t5xxl_lr=2e-5)
+    family = FluxFamily(settings)
+    family.load(settings, torch.float32, torch.device("cpu"), lambda *args: None)
+    spec = NetworkSpec.from_settings(settings)
+    network = LoRANetwork.build(family.lora_targets(), spec)
+    groups = {g["name"]: (g["lr"], len(g["params"])) for g in network.param_groups(learning_rates(settings),
+                                                                                   prefix_lrs=spec.prefix_lrs)}
+    # 2 double blocks x 10 Linears, 2 single x 3, CLIP-L 2 layers x 6, T5 2 blocks x 7; lora_down and lora_up each
+    assert groups == {"unet": (1e-4, 2 * 10 * 2 + 2 * 3 * 2), "textencoder": (5e-5, 2 * 6 * 2),
+                      "textencoder lora_te3": (2e-5, 2 * 7 * 2)}
+    refused = check(settings.model_copy(update={"text_encoder_lr": 0, "output_dir": str(tmp_path)}), deep=False)
+    assert any(p.field == "t5xxl_lr" for p in refused.errors)

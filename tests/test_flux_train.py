@@ -145,9 +145,11 @@ def test_trains_from_kohya_ss_four_fp8_files_single_blocks_only(tiny_flux_fp8_fi
 
 def test_trains_t5xxl_with_gradient_checkpointing_under_sd_scripts_te3_names(tiny_flux_dir, images, tmp_path):
     settings = flux_settings(tiny_flux_dir, images, tmp_path, train_t5xxl=True, gradient_checkpointing=True,
-                             apply_t5_attn_mask=True)
-    result = train(settings)
+                             apply_t5_attn_mask=True, t5xxl_lr=5e-4)
+    steps = []
+    result = train(settings, lambda event: steps.append(event) if type(event).__name__ == "Step" else None)
     assert result.status == "finished", result.error
+    assert steps[-1].lrs == {"unet": 1e-2, "textencoder lora_te3": 5e-4, "textencoder": 1e-3}  # t5xxl_lr for T5
     names, meta = lora_keys(tmp_path / "tiny.safetensors")
     t5 = {f"lora_te3_encoder_block_{i}_layer_0_SelfAttention_{m}" for i in range(2) for m in "qkvo"}
     t5 |= {f"lora_te3_encoder_block_{i}_layer_1_DenseReluDense_{m}" for i in range(2) for m in ("wi_0", "wi_1", "wo")}

@@ -84,7 +84,6 @@ NOT_FOR_SD = {
         cpu_offload_checkpointing single_blocks_to_swap double_blocks_to_swap img_attn_dim img_mlp_dim img_mod_dim
         single_dim txt_attn_dim txt_mlp_dim txt_mod_dim single_mod_dim in_dims train_double_block_indices
         train_single_block_indices fp8_base_unet train_lora_ggpo ggpo_sigma ggpo_beta""",
-    "T5-XXL learning rate: sd-scripts' networks.lora reads only the first text encoder lr": "t5xxl_lr",
     # the SD3 keys Nekoya applies are settings (trainer/settings/tab_sd3.py); these it does not apply yet
     "SD3 (sd3_train_network.py)": """
         sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass clip_g_dropout_rate sd3_clip_l_dropout_rate

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.lora_blocks import BlockPlan, block_plan
-from trainer.lora_types import (KOHYA_DYLORA, KOHYA_LOHA, KOHYA_LOKR, KOHYA_LORA, LORA_FA, LYCORIS, TYPES,
+from trainer.lora_types import (FLUX_LORA, KOHYA_DYLORA, KOHYA_LOHA, KOHYA_LOKR, KOHYA_LORA, LORA_FA, LYCORIS, TYPES,
                                 kohya_own_network_args, lycoris_network_args)
 from trainer.problems import NekoyaError
 
@@ -51,6 +51,8 @@ class NetworkSpec:
     use_tucker: bool = False  # Kohya LoHa/LoKr: 3x3 convs as a Tucker core and two matrices
     lokr_factor: int = -1  # Kohya LoKr: sd-scripts' factorization factor (-1: the most balanced)
     dylora_unit: int = 1  # Kohya DyLoRA: the rank block trained at each step
+    # modules whose names start with a key learn at that lr instead of their role's (FLUX.1's T5: t5xxl_lr)
+    prefix_lrs: dict[str, float] = field(default_factory=dict, compare=False)
 
     def plus_ratios(self) -> dict[str, float]:
         """LoRA+ ratios by optimizer role ("unet", "textencoder": trainer.network.targets.Role values)."""
@@ -96,6 +98,7 @@ class NetworkSpec:
             use_tucker=bool(settings.use_tucker) if lora_type.kohya_own else False,
             lokr_factor=int(settings.factor) if lora_type.kohya_own else -1,
             dylora_unit=int(settings.unit) if dylora else 1,
+            prefix_lrs=_prefix_lrs(settings, lora_type.network_module),
         )
 
     @property
@@ -113,6 +116,15 @@ class NetworkSpec:
         if layer.kind == "linear":  # targets.LayerKind.LINEAR (a str enum; targets imports torch)
             return self.rank, self.alpha
         return self.conv_rank, self.conv_alpha
+
+
+def _prefix_lrs(settings: Any, network_module: str) -> dict[str, float]:
+    """kohya_ss passes [text_encoder_lr, t5xxl_lr] when both are above 0: networks.lora_flux's T5 (lora_te3) learns
+    at the second."""
+    t5_lr = float(getattr(settings, "t5xxl_lr", 0) or 0)
+    if network_module == FLUX_LORA and t5_lr > 0 and float(settings.text_encoder_lr or 0) > 0:
+        return {"lora_te3": t5_lr}
+    return {}
 
 
 def _blocks(settings: Any, conv_dim: int | None) -> BlockPlan | None:

@@ -155,7 +155,7 @@ def build_stepper(plan: RunPlan, network: Any, lrs: dict[Role, float], precision
     s, opt_plan = plan.settings, plan.optimizer
     shown = len(opt_plan.notes)
     optimizer = opt_plan.create(network.param_groups(lrs, plan.network.plus_ratios(), plan.network.blocks,
-                                                      plan.network.plus_parameters))
+                                                      plan.network.plus_parameters, plan.network.prefix_lrs))
     for note in opt_plan.notes[shown:]:  # notes added while creating (one lr for all groups)
         log(note, "warning")
     if optimizer_facts(s.optimizer).schedule_free:  # its eval() weights for samples and files

@@ -120,14 +120,21 @@ class LoRANetwork(nn.Module):
 
     # -- training ---------------------------------------------------------------
     def param_groups(self, lrs: dict[Role, float], plus_ratios: dict[str, float] | None = None,
-                     blocks: BlockPlan | None = None, plus_parameters: tuple[str, ...] = ("lora_up",)) -> list[dict]:
+                     blocks: BlockPlan | None = None, plus_parameters: tuple[str, ...] = ("lora_up",),
+                     prefix_lrs: dict[str, float] | None = None) -> list[dict]:
         """One optimizer group per role with a LoRA and a non-zero learning rate. With a LoRA+ ratio for the
         role, its ``plus_parameters`` (lora_up...) form a second group at lr x ratio (sd-scripts' and LyCORIS's rule).
-        With block lr weights, the UNet's modules are grouped by block at lr x the block's weight."""
+        With block lr weights, the UNet's modules are grouped by block at lr x the block's weight. ``prefix_lrs``:
+        the modules whose names start with a key form their own group at that lr (FLUX.1's T5, t5xxl_lr)."""
         groups = []
         for role in Role:
             lr, ratio = lrs.get(role, 0.0), (plus_ratios or {}).get(role.value, 0.0)
             modules = self.lora_modules(role)
+            for prefix, prefix_lr in (prefix_lrs or {}).items():
+                own = [m for m in modules if getattr(m, "lora_name", "").startswith(prefix)]
+                if own and lr:
+                    modules = [m for m in modules if m not in own]
+                    groups += _module_groups(own, prefix_lr, ratio, f"{role.value} {prefix}", plus_parameters)
             if role is Role.UNET and blocks is not None and blocks.lr_weights is not None:
                 by_block: dict[int, list[nn.Module]] = {}
                 for module in modules:

@@ -93,6 +93,11 @@ def check_flux_settings(ctx: CheckContext):
     if s.weighted_captions:
         yield Problem("error", "weighted_captions", "Weighted captions are not supported for FLUX.1 (sd-scripts' FLUX "
                       "tokenizer has no weighted form either; its run stops)", fix="untick Weighted captions")
+    if s.t5xxl_lr > 0 and not s.text_encoder_lr:
+        yield Problem("error", "t5xxl_lr", "a T5XXL learning rate needs a Text Encoder learning rate above 0 (kohya_ss "
+                      "refuses it otherwise)", fix="set Text Encoder learning rate, or set T5XXL learning rate to 0")
+    elif s.t5xxl_lr > 0 and not s.train_t5xxl:
+        yield Problem("note", "t5xxl_lr", "T5XXL learning rate has no effect without Train T5-XXL (no T5 LoRA)")
     if s.train_t5xxl and s.flux1_cache_text_encoder_outputs:
         yield Problem("error", "train_t5xxl", "Train T5-XXL needs the text encoders' outputs, which "
                       "Cache Text Encoder Outputs stores once", fix="untick one of the two")

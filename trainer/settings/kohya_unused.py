@@ -131,7 +131,6 @@ ROWS: tuple[KohyaKey, ...] = (
     *_flux(_NOT_FOR_FLUX_YET + " " + _SAME_RESULT, "mem_eff_save", "cpu_offload_checkpointing", "fp8_base_unet",
            "single_blocks_to_swap", "double_blocks_to_swap", "blocks_to_swap"),
     *_flux(_NOT_FOR_FLUX_YET + " (the LoRA file would differ)", "split_qkv", "train_lora_ggpo"),
-    *_flux("T5-XXL's LoRA (Train T5-XXL) learns at the Text Encoder learning rate", "t5xxl_lr"),
     *_flux(_NOT_FOR_FLUX_YET + ": every module of every block gets the Network Rank", "img_attn_dim", "img_mlp_dim",
            "img_mod_dim", "single_dim", "txt_attn_dim", "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims",
            "train_double_block_indices", "train_single_block_indices"),

@@ -66,6 +66,11 @@ class FluxSettings(BaseModel):
         False, label="Train T5-XXL", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
         help="Train T5-XXL model (its LoRA keys are lora_te3_...; needs a text encoder learning rate)",
     )
+    t5xxl_lr: float = setting(
+        0, label="T5XXL learning rate", tab=TAB, section=SECTION, ge=0, le=1, visible_when=ONLY_FLUX,
+        help="Flux/SD3 only. The T5-XXL LoRA's learning rate (Train T5-XXL); 0: the Text Encoder learning rate. "
+        "Needs a Text Encoder learning rate above 0, as in kohya_ss.",
+    )
     guidance_scale: float = setting(
         3.5, label="Guidance Scale", tab=TAB, section=SECTION, ge=0, le=1024, visible_when=ONLY_FLUX,
         help="Guidance scale for Flux1 (the guidance embedding of FLUX.1 dev, in training and samples)",
