@@ -179,5 +179,8 @@ def test_kohya_ss_flux_preset_loads_and_passes_the_check(tiny_flux_files, images
     assert settings.flux1_checkbox and settings.LoRA_type == "Flux1"
     result = check(settings, deep=False)
     assert not result.errors, [(p.field, p.message) for p in result.errors]
-    warned = {p.field for p in result.warnings}
-    assert {"min_snr_gamma", "noise_offset"} <= warned  # sd-scripts' FLUX trainer ignores both: the check says so
+    # sd-scripts' FLUX trainer ignores both: off for the run, with a note each
+    notes = {p.field: p for p in result.by_severity("note")}
+    assert "is not used for FLUX.1" in notes["min_snr_gamma"].message and "noise_offset" in notes
+    adjusted = result.adjusted(settings)
+    assert adjusted.min_snr_gamma == 0 and adjusted.noise_offset == 0 and settings.min_snr_gamma == 7

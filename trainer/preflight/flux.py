@@ -13,7 +13,11 @@ FLUX_FILES = {"clip_l": ("CLIP-L", "clip_l.safetensors", "embeddings.token_embed
               "t5xxl": ("T5-XXL", "t5xxl_fp16.safetensors", "shared.weight"),
               "ae": ("AE", "ae.safetensors", "decoder.conv_in.weight")}
 # sd-scripts' FLUX trainer keeps the loss as it is (FluxNetworkTrainer.post_process_loss)
-SD_LOSS_SETTINGS = ("min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss")
+SD_LOSS_SETTINGS = {"min_snr_gamma": 0.0, "debiased_estimation_loss": False, "scale_v_pred_loss_like_noise_pred": False,
+                    "v_pred_like_loss": 0.0}
+# and it draws plain Gaussian noise (no offset or multires noise; ip_noise_gamma does apply)
+SD_NOISE_SETTINGS = {"noise_offset": 0.0, "adaptive_noise_scale": 0.0}
+MULTIRES_SETTINGS = {"multires_noise_iterations": 0}
 
 
 def _flux(ctx: CheckContext) -> bool:
@@ -78,17 +82,7 @@ def check_flux_settings(ctx: CheckContext):
     if s.model_type != "flux":
         yield Problem("error", "model_type", f"Base Model Type {s.model_type!r} (Chroma) is not trained by Nekoya yet",
                       fix="choose flux, or train Chroma with kohya_ss")
-    for key in SD_LOSS_SETTINGS:
-        if getattr(s, key, 0):
-            yield Problem("warning", key, f"{key} is ignored by sd-scripts' FLUX trainer (kohya_ss's run keeps the "
-                          "loss as it is); Nekoya applies it with the flow-matching SNR ((1-sigma)/sigma)^2, so the "
-                          "LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train as kohya_ss does")
-    if s.noise_offset_type == "Multires" and s.multires_noise_iterations or s.noise_offset_type != "Multires" and (
-            s.noise_offset or s.adaptive_noise_scale):
-        key = "multires_noise_iterations" if s.noise_offset_type == "Multires" else "noise_offset"
-        yield Problem("warning", key, f"{key} is not used by sd-scripts' FLUX trainer (it draws plain Gaussian noise); "
-                      "Nekoya applies it, so the LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train as "
-                      "kohya_ss does")
+    yield from _sd_only_settings(s)
     yield from _sizes(s)
     if s.weighted_captions:
         yield Problem("error", "weighted_captions", "Weighted captions are not supported for FLUX.1 (sd-scripts' FLUX "
@@ -115,3 +109,14 @@ def _sizes(s):
         yield Problem("error", "bucket_reso_steps", f"sd-scripts' FLUX trainer needs a bucket resolution step that is "
                       f"a multiple of 32 (it is {s.bucket_reso_steps}; kohya_ss's run stops on it)",
                       fix="set bucket_reso_steps to 64")
+
+
+def _sd_only_settings(s):
+    """Settings sd-scripts' FLUX trainer does not use: off for the run (a note each), so it trains as kohya_ss's."""
+    noise = MULTIRES_SETTINGS if s.noise_offset_type == "Multires" else SD_NOISE_SETTINGS
+    for key, off in {**SD_LOSS_SETTINGS, **noise}.items():
+        value = getattr(s, key)
+        if value:
+            what = "noise (it draws plain Gaussian noise)" if key in noise else "loss (it keeps the loss as it is)"
+            yield Problem("note", key, f"{key} = {value} is not used for FLUX.1: sd-scripts' FLUX trainer does not "
+                          f"apply it to its {what}, so it is off for this run, as in kohya_ss", changes=((key, off),))
