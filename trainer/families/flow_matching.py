@@ -106,7 +106,8 @@ class FlowMatchingSchedule:
         return latents if self.config.sample_target else noise - latents
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """((1-σ)/σ)², for loss settings that ask; sd-scripts applies none of them to FLUX (the check says so)."""
+        """((1-σ)/σ)², for the loss settings that read it; sd-scripts uses none of them for FLUX (a FLUX run turns
+        them off: trainer/preflight/flux.py)."""
         sigma = self.sigmas(timesteps).clamp(min=1e-6)
         return ((1 - sigma) / sigma) ** 2
 
