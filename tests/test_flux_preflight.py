@@ -58,3 +58,21 @@ def test_model_size_counts_a_flux_folder_and_a_transformer_file(tiny_flux_dir, t
         transformer = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     assert model_size(str(tiny_flux_dir), FLUX1).unet == transformer
     assert model_size(str(tiny_flux_files["transformer"]), FLUX1).unet == transformer
+
+
+def test_the_estimate_counts_the_separate_encoder_and_ae_files(tiny_flux_files):
+    from safetensors import safe_open
+
+    from trainer.preflight.model_size import part_files_counted
+
+    def params(path):
+        with safe_open(str(path), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+    files = tiny_flux_files
+    settings = TrainingSettings(flux1_checkbox=True, pretrained_model_name_or_path=str(files["transformer"]),
+                                clip_l=str(files["clip_l"]), t5xxl=str(files["t5xxl"]), ae=str(files["ae"]))
+    counted = part_files_counted(settings, FLUX1)
+    assert counted.text_encoder_params == (params(files["clip_l"]), params(files["t5xxl"]))
+    assert counted.vae_params == params(files["ae"])
+    assert part_files_counted(TrainingSettings(flux1_checkbox=True), FLUX1) is FLUX1  # no files: the nominal sizes

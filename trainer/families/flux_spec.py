@@ -36,4 +36,5 @@ FLUX1 = FamilySpec(
     conditioning_width=4096, v_prediction_models=False, te_output_cache_setting="flux1_cache_text_encoder_outputs",
     schedule=DiffusionSchedule(num_train_timesteps=1000, beta_schedule="flow_matching"),
     checkpoint_layout=FLUX_LAYOUT, lora_key_markers=("lora_unet_double_blocks_", "lora_unet_single_blocks_"),
+    text_encoder_file_settings=("clip_l", "t5xxl"), vae_file_setting="ae",
 )

@@ -50,6 +50,10 @@ class FamilySpec:
     # capabilities
     sgm_lora_names: bool = False  # its LoRAs name UNet modules in the original (SGM) layout, as sd-scripts
     lora_key_markers: tuple[str, ...] = ()  # key prefixes only this family's LoRAs carry ("lora_unet_double_blocks_")
+    # settings naming its text encoders' and VAE's own files when the base model file holds the denoiser alone
+    # (FLUX.1's clip_l, t5xxl, ae): the memory estimate counts their headers
+    text_encoder_file_settings: tuple[str, ...] = ()
+    vae_file_setting: str = ""
     v_prediction_models: bool = True  # v-prediction checkpoints of this family exist
     files_tell_prediction: bool = True  # a single file without metadata still says epsilon or v (not SD2's)
     te_output_cache_setting: str | None = None  # the setting that caches text-encoder outputs, if any

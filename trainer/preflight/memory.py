@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from trainer.preflight.device import GIB, DeviceInfo
 from trainer.families import FamilySpec
 from trainer.preflight.memory_advice import memory_advice
-from trainer.preflight.model_size import model_size
+from trainer.preflight.model_size import model_size, part_files_counted
 from trainer.optim.table import optimizer_facts
 from trainer.distributed.rules import GroupLayout
 from trainer.preflight.registry import CheckContext, preflight_check
@@ -85,6 +85,7 @@ class MemoryEstimate:
 def estimate_memory(settings, family: FamilySpec, device: DeviceInfo) -> MemoryEstimate:
     size = model_size(settings.pretrained_model_name_or_path, family)
     family = size.apply_to(family)  # the model file's own parameter counts where its header can be read
+    family = part_files_counted(settings, family)  # a FLUX transformer file's separate encoder and AE files
     choice = device.precision(settings)
     runs = choice.mode
     half = runs != "no"

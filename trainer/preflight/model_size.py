@@ -58,6 +58,27 @@ def model_size(model_value: str, family: FamilySpec) -> ModelSize:
     return _cache[key]
 
 
+def part_files_counted(settings, family: FamilySpec) -> FamilySpec:
+    """The family with the parameter counts of the separate text-encoder and VAE files its settings name (FLUX.1's
+    clip_l, t5xxl, ae), where their .safetensors headers can be read; the nominal counts otherwise."""
+    encoders = [_file_params(getattr(settings, key, "")) for key in family.text_encoder_file_settings]
+    vae = _file_params(getattr(settings, family.vae_file_setting, "")) if family.vae_file_setting else None
+    if any(count is not None for count in encoders):
+        counted = tuple(c if c is not None else nominal for c, nominal in zip(encoders, family.text_encoder_params))
+        family = replace(family, text_encoder_params=counted)
+    return replace(family, vae_params=vae) if vae else family
+
+
+def _file_params(value) -> int | None:
+    path = Path(str(value or "").strip()).expanduser()
+    if not str(value or "").strip() or path.suffix.lower() not in (".safetensors", ".sft") or not path.is_file():
+        return None
+    try:
+        return sum(math.prod(shape) for shape in read_safetensors_header(path).shapes.values())
+    except (OSError, ValueError, KeyError, TypeError):  # the Flux file checks name an unreadable file
+        return None
+
+
 def _count(path: Path, family: FamilySpec, nominal: str) -> ModelSize:
     try:
         if path.is_dir():
