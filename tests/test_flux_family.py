@@ -321,3 +321,18 @@ def test_t5xxl_lr_gives_the_t5_lora_its_own_optimizer_group(tiny_flux_dir, tmp_p
                       "textencoder lora_te3": (2e-5, 2 * 7 * 2)}
     refused = check(settings.model_copy(update={"text_encoder_lr": 0, "output_dir": str(tmp_path)}), deep=False)
     assert any(p.field == "t5xxl_lr" for p in refused.errors)
+
+
+def test_a_transformer_file_with_the_full_checkpoint_prefix_loads(tiny_flux_files, tmp_path):
+    """Some FLUX files carry BFL's keys under ``model.diffusion_model.``, as full checkpoints do."""
+    from safetensors.torch import load_file, save_file
+
+    from trainer.checkpoints import detect
+    from trainer.families.flux_load import load_transformer
+
+    plain = load_file(str(tiny_flux_files["transformer"]))
+    prefixed = tmp_path / "flux1-prefixed.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in plain.items()}, str(prefixed))
+    assert detect(prefixed).family == "flux1"
+    loaded = load_transformer(prefixed, torch.float32).state_dict()
+    assert set(loaded) == set(plain) and all(torch.equal(loaded[k], plain[k]) for k in plain)

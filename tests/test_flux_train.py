@@ -130,17 +130,24 @@ def test_resumes_from_the_saved_state(folder_run, tmp_path):
 
 
 def test_trains_from_kohya_ss_four_fp8_files_single_blocks_only(tiny_flux_fp8_files, images, tmp_path):
+    """The separate-files layout (fp8 files, upcast) trains, samples and resumes too."""
     files = tiny_flux_fp8_files
-    settings = flux_settings(files["transformer"], images, tmp_path, clip_l=str(files["clip_l"]),
+    settings = flux_settings(files["transformer"], images, tmp_path / "out", clip_l=str(files["clip_l"]),
                              t5xxl=str(files["t5xxl"]), ae=str(files["ae"]), split_mode=True, text_encoder_lr=0,
-                             apply_t5_attn_mask=True, timestep_sampling="flux_shift", model_prediction_type="raw")
+                             apply_t5_attn_mask=True, timestep_sampling="flux_shift", model_prediction_type="raw",
+                             save_state=True, sample_prompts=SAMPLE, sample_every_n_steps=2)
     report = check(settings, deep=False)
     assert not report.errors, [p.message for p in report.errors]
     result = train(settings)
     assert result.status == "finished", result.error
-    names, meta = lora_keys(tmp_path / "tiny.safetensors")
+    names, meta = lora_keys(tmp_path / "out" / "tiny.safetensors")
     assert names == sd_scripts_module_names(double=2, single=2, single_only=True)
     assert json.loads(meta["ss_network_args"]) == {"train_blocks": "single"}
+    assert len(list((tmp_path / "out" / "sample").glob("tiny_000002_00_*.png"))) == 1
+    [state] = [f for f in result.files if os.path.isdir(f)]
+    resumed = train(settings.model_copy(update={"resume": state, "max_train_steps": 3, "save_state": False,
+                                                "sample_prompts": "", "output_dir": str(tmp_path / "more")}))
+    assert resumed.status == "finished" and resumed.step == 3, resumed.error
 
 
 def test_trains_t5xxl_with_gradient_checkpointing_under_sd_scripts_te3_names(tiny_flux_dir, images, tmp_path):
