@@ -389,3 +389,22 @@ def test_a_process_that_fails_is_named_with_its_reason_and_the_run_keeps_what_it
     saved = list((tmp_path / "out").glob("tiny-step*.safetensors"))
     assert len(saved) == 1 and saved[0] in map(Path, result.files)
     assert not [p for p in _workers() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_group_ends_when_the_process_that_started_it_is_killed(tiny_sd1_dir, four_images, tmp_path):
+    config = tmp_path / "run.json"
+    save_settings(_group_settings(tiny_sd1_dir, four_images, tmp_path / "out", epoch=5000), str(config))
+    app = subprocess.Popen([sys.executable, "-m", "trainer", "train", "--config", str(config)], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while len(workers := [p for p in psutil.Process(app.pid).children(recursive=True)
+                          if "torch.distributed.run" not in p.cmdline()]) < 2:
+        assert time.monotonic() < deadline and app.poll() is None
+        time.sleep(0.2)
+    time.sleep(3)  # training
+    app.kill()  # as a crash of the GUI would
+    app.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]

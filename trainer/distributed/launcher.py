@@ -62,7 +62,8 @@ def _launch(settings: Any, sink: ev.EventSink, control: Control, result_type: ty
         log_path = os.path.join(folder, "torchrun.log")
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(command, env=_worker_env(settings, layout, folder), stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=_PROJECT_ROOT, start_new_session=True)
+                                       stderr=subprocess.STDOUT, cwd=_PROJECT_ROOT, start_new_session=True,
+                                       preexec_fn=_end_with_this_process if sys.platform.startswith("linux") else None)
             relay = _Relay(folder, layout.processes, sink, control)
             while process.poll() is None:
                 relay.pass_on()
@@ -73,6 +74,16 @@ def _launch(settings: Any, sink: ev.EventSink, control: Control, result_type: ty
         return relay.result(process.returncode, output, result_type)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end_with_this_process() -> None:
+    """In torchrun's process before it starts (Linux): SIGTERM when the process that started it dies, so a
+    killed GUI leaves no group training on (torchrun then ends its workers)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _worker_env(settings: Any, layout: GroupLayout, folder: str) -> dict[str, str]:
