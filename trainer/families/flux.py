@@ -173,11 +173,12 @@ class FluxFamily:
         batch, _, height, width = noisy.shape
         device, dtype = noisy.device, noisy.dtype  # the run's precision (the weights may be stored in fp8)
         t5 = cond.t5.to(device)
-        sigmas = (timesteps.float() / self.flow.num_train_timesteps).reshape(-1).expand(batch).to(device)
+        # as sd-scripts: timesteps in the run's precision, then / 1000; positions and guidance in fp32
+        timesteps = timesteps.reshape(-1).expand(batch).to(device=device, dtype=dtype)
         out = self.unet(
-            pack_latents(noisy).to(dtype), image_ids(batch, height // 2, width // 2, device).to(dtype), t5,
-            torch.zeros(batch, t5.shape[1], 3, device=device, dtype=dtype), sigmas.to(dtype),
-            cond.pooled.to(device), torch.full((batch,), guidance, device=device, dtype=dtype),
+            pack_latents(noisy), image_ids(batch, height // 2, width // 2, device), t5,
+            torch.zeros(batch, t5.shape[1], 3, device=device), timesteps / self.flow.num_train_timesteps,
+            cond.pooled.to(device), torch.full((batch,), float(guidance), device=device),
             cond.t5_mask.to(device) if self.apply_t5_attn_mask else None,
         )
         return unpack_latents(out, height // 2, width // 2)
