@@ -213,11 +213,11 @@ def test_typed_model_path_moves_the_quick_pick(tmp_path):
 def test_detected_family_sets_flags_for_a_custom_path(tiny_sdxl_dir, tiny_sd2v_dir):
     values, note = model_pick.on_model_path(str(tiny_sdxl_dir))
     assert values == {"model_list": "custom", "v2": False, "v_parameterization": False, "sdxl": True,
-                      "flux1_checkbox": False}
+                      "flux1_checkbox": False, "sd3_checkbox": False}
     assert "SDXL" in note
     values, note = model_pick.on_model_path(str(tiny_sd2v_dir))
     assert values == {"model_list": "custom", "v2": True, "v_parameterization": True, "sdxl": False,
-                      "flux1_checkbox": False}
+                      "flux1_checkbox": False, "sd3_checkbox": False}
 
 
 def test_a_lora_file_typed_as_the_model_is_explained(tmp_path):

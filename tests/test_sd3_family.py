@@ -154,3 +154,26 @@ def test_the_check_names_missing_encoder_fields_before_loading(tiny_sd3_files, t
     assert {"sd3_clip_l", "clip_g", "sd3_t5xxl"} <= fields, [p.message for p in report.errors]
     wrong = next(p for p in report.errors if p.field == "clip_g")
     assert "is not a CLIP-G file" in wrong.message
+
+
+def test_a_picked_sd3_model_ticks_sd3_and_shows_its_section(tiny_sd3_files, tiny_sd3_dir):
+    from app import model_pick
+    from trainer.families import spec_for_settings
+    from trainer.settings import TrainingSettings, setting_infos
+
+    for path in (tiny_sd3_files["bare"], tiny_sd3_dir):
+        values, note = model_pick.on_model_path(str(path))
+        assert values["sd3_checkbox"] and not values["flux1_checkbox"] and not values["sdxl"], values
+        assert "SD 3" in note
+    section = {info.key for info in setting_infos() if info.section == "SD3"}
+    assert {"weighting_scheme", "sd3_clip_l", "clip_g", "sd3_t5xxl"} <= section
+    assert all(setting_infos_by_key(key).is_visible({"sd3_checkbox": True}) and
+               not setting_infos_by_key(key).is_visible({"sd3_checkbox": False}) for key in section)
+    assert spec_for_settings(TrainingSettings(sd3_checkbox=True)).key == "sd3"
+    assert spec_for_settings(TrainingSettings(sdxl=True)).key == "sdxl"
+
+
+def setting_infos_by_key(key: str):
+    from trainer.settings import setting_info
+
+    return setting_info(key)
