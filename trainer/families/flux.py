@@ -14,6 +14,7 @@ import torch
 
 from trainer.families.base import LogFn
 from trainer.families.flow_matching import FlowConfig, FlowMatchingSchedule
+from trainer.families.flux_load import AE_SCALING, AE_SHIFT
 from trainer.families.flux_spec import FLUX1
 from trainer.families.sd import _file_identity, vae_input
 from trainer.network.metadata import VersionInfo
@@ -48,7 +49,7 @@ class FluxFamily:
         self.single_blocks_only = bool(settings.split_mode)  # kohya_ss: split_mode sends train_blocks=single
         self.unet = self.vae = self.tokenizer = self.t5_tokenizer = None
         self.text_encoders: tuple = ()
-        self.latent_scale, self.latent_shift = 0.3611, 0.1159
+        self.latent_scale, self.latent_shift = AE_SCALING, AE_SHIFT  # the AE's config may say otherwise (load)
         self._fingerprint = ""
 
     @property
