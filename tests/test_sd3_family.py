@@ -177,3 +177,13 @@ def setting_infos_by_key(key: str):
     from trainer.settings import setting_info
 
     return setting_info(key)
+
+
+def test_the_check_refuses_sd3_with_another_family_ticked(tiny_sd3_dir, tmp_path):
+    from test_train import tiny_settings
+    from trainer.preflight import check
+
+    (tmp_path / "img" / "1_sks dog").mkdir(parents=True)
+    settings = tiny_settings(tiny_sd3_dir, tmp_path / "img", tmp_path / "out", sd3_checkbox=True, flux1_checkbox=True)
+    errors = check(settings, deep=False).errors
+    assert any(p.field == "flux1_checkbox" and "SD3 and Flux.1 are both ticked" in p.message for p in errors)

@@ -18,6 +18,7 @@ SD3_ENCODERS = {
 }
 SD_LOSS_SETTINGS = ("min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss")
 POST_WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
+OTHER_FAMILY_BOXES = {"v2": "SD 2.x (v2)", "sdxl": "SDXL", "flux1_checkbox": "Flux.1"}
 
 
 def _sd3(ctx: CheckContext) -> bool:
@@ -57,6 +58,18 @@ def _header_keys(path: Path) -> list[str] | None:
         return list(read_safetensors_header(path).shapes)
     except Exception:  # a damaged file: the model checks name it
         return None
+
+
+@preflight_check("model.sd3_with_other_family")
+def check_sd3_alone(ctx: CheckContext):
+    """kohya_ss makes its model checkboxes exclusive; a config with SD3 and another one ticked is ambiguous."""
+    s = ctx.settings
+    if not _sd3(ctx):
+        return
+    for key, name in OTHER_FAMILY_BOXES.items():
+        if getattr(s, key, False):
+            yield Problem("error", key, f"SD3 and {name} are both ticked; a model is one or the other",
+                          fix=f"untick {key} (or untick sd3_checkbox for a {name} model)")
 
 
 @preflight_check("network.sd3_type")
