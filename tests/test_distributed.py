@@ -237,9 +237,11 @@ def test_torchrun_by_hand_trains_with_the_same_config(tiny_sd1_dir, four_images,
     save_settings(settings, str(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "-m", "trainer", "train", "--config", str(config)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    torchrun = Path(sys.executable).with_name("torchrun")  # the console script pip installs with torch
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    done = subprocess.run([*launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "trainer",
+                           "train", "--config", str(config)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert output.count("finished after 4 steps") == 1  # rank 0 reports; rank 1 only would report a failure
