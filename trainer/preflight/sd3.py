@@ -16,7 +16,11 @@ SD3_ENCODERS = {
                "text_encoders.clip_g.transformer."),
     "sd3_t5xxl": ("T5-XXL", "t5xxl_fp16.safetensors", "shared.weight", "text_encoders.t5xxl.transformer."),
 }
-SD_LOSS_SETTINGS = ("min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss")
+# sd-scripts' SD3 trainer keeps the loss as it is (Sd3NetworkTrainer.post_process_loss) and draws plain noise
+SD_LOSS_SETTINGS = {"min_snr_gamma": 0.0, "debiased_estimation_loss": False, "scale_v_pred_loss_like_noise_pred": False,
+                    "v_pred_like_loss": 0.0}
+SD_NOISE_SETTINGS = {"noise_offset": 0.0, "adaptive_noise_scale": 0.0}
+MULTIRES_SETTINGS = {"multires_noise_iterations": 0}
 POST_WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
 OTHER_FAMILY_BOXES = {"v2": "SD 2.x (v2)", "sdxl": "SDXL", "flux1_checkbox": "Flux.1"}
 
@@ -91,17 +95,34 @@ def check_sd3_settings(ctx: CheckContext):
                       "and sd-scripts then weights each sample's loss by its sigma; Nekoya draws them the same way but "
                       "does not weight the loss yet, so the LoRA will differ from kohya_ss's",
                       fix="choose logit_normal (kohya_ss's default) or mode, which Nekoya trains as sd-scripts does")
-    for key in SD_LOSS_SETTINGS:
-        if getattr(s, key, 0):
-            yield Problem("warning", key, f"{key} is ignored by sd-scripts' SD3 trainer (kohya_ss's run keeps the loss "
-                          "as it is); Nekoya applies it with the flow-matching SNR ((1-sigma)/sigma)^2, so the LoRA "
-                          "will differ from kohya_ss's", fix=f"set {key} to 0 to train as kohya_ss does")
-    if s.noise_offset_type == "Multires" and s.multires_noise_iterations or s.noise_offset_type != "Multires" and (
-            s.noise_offset or s.adaptive_noise_scale):
-        key = "multires_noise_iterations" if s.noise_offset_type == "Multires" else "noise_offset"
-        yield Problem("warning", key, f"{key} is not used by sd-scripts' SD3 trainer (it draws plain Gaussian noise); "
-                      "Nekoya applies it, so the LoRA will differ from kohya_ss's", fix=f"set {key} to 0 to train "
-                      "as kohya_ss does")
+    yield from _sd_only_settings(s)
+    yield from _sizes(s)
     if s.weighted_captions:
         yield Problem("error", "weighted_captions", "Weighted captions are not supported for SD3 (sd-scripts' SD3 "
-                      "trainer refuses them too)", fix="untick Weighted captions")
+                      "tokenizer has no weighted form either; its run stops)", fix="untick Weighted captions")
+
+
+def _sd_only_settings(s):
+    """Settings sd-scripts' SD3 trainer does not use (its post_process_loss keeps the loss, its noise is plain
+    Gaussian): off for the run, a note each, so it trains as kohya_ss's."""
+    noise = MULTIRES_SETTINGS if s.noise_offset_type == "Multires" else SD_NOISE_SETTINGS
+    for key, off in {**SD_LOSS_SETTINGS, **noise}.items():
+        value = getattr(s, key)
+        if value:
+            what = "noise (it draws plain Gaussian noise)" if key in noise else "loss (it keeps the loss as it is)"
+            yield Problem("note", key, f"{key} = {value} is not used for SD3: sd-scripts' SD3 trainer does not apply "
+                          f"it to its {what}, so it is off for this run, as in kohya_ss", changes=((key, off),))
+
+
+def _sizes(s):
+    """The MMDiT takes 2x2 patches of 8x-downsampled latents: sides must be multiples of 16; sd-scripts' SD3
+    trainer wants the bucket step to be a multiple of 32 (verify_bucket_reso_steps(32))."""
+    width, height = s.resolution
+    if width % 16 or height % 16:
+        yield Problem("error", "max_resolution", f"SD3 needs image sides that are multiples of 16 ({width}x{height} "
+                      "is not): its latents are cut into 2x2 patches", fix=f"set max_resolution to "
+                      f"{width // 16 * 16},{height // 16 * 16}")
+    if s.enable_bucket and int(s.bucket_reso_steps) % 32:
+        yield Problem("error", "bucket_reso_steps", f"sd-scripts' SD3 trainer needs a bucket resolution step that is "
+                      f"a multiple of 32 (it is {s.bucket_reso_steps}; kohya_ss's run stops on it)",
+                      fix="set bucket_reso_steps to 64")
