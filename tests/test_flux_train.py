@@ -164,6 +164,16 @@ def test_trains_t5xxl_with_gradient_checkpointing_under_sd_scripts_te3_names(tin
     assert json.loads(meta["ss_network_args"]) == {"train_t5xxl": "True"}
 
 
+def test_a_lycoris_type_trains_flux_under_the_same_module_names(tiny_flux_dir, images, tmp_path):
+    """kohya_ss lets LyCORIS types train FLUX.1: LyCORIS knows the BFL blocks (DoubleStreamBlock, SingleStreamBlock)."""
+    settings = flux_settings(tiny_flux_dir, images, tmp_path, LoRA_type="LyCORIS/LoHa", conv_dim=4, conv_alpha=1)
+    result = train(settings)
+    assert result.status == "finished", result.error
+    names, meta = lora_keys(tmp_path / "tiny.safetensors")
+    assert names == sd_scripts_module_names(double=2, single=2, clip_layers=2)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+
+
 def test_schnell_trains_samples_and_says_schnell(tiny_schnell_dir, images, tmp_path):
     settings = flux_settings(tiny_schnell_dir, images, tmp_path, sample_prompts=SAMPLE, sample_every_n_steps=2,
                              timestep_sampling="sigmoid")

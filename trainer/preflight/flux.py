@@ -66,9 +66,10 @@ def check_flux_lora_type(ctx: CheckContext):
     s = ctx.settings
     lora_type = TYPES.get(s.LoRA_type)
     flux_type = lora_type is not None and lora_type.network_module == FLUX_LORA
-    if _flux(ctx) and not flux_type:
+    lycoris = lora_type is not None and lora_type.lycoris  # kohya_ss lets LyCORIS types train FLUX.1 too
+    if _flux(ctx) and not flux_type and not lycoris:
         yield Problem("error", "LoRA_type", f"LoRA type {s.LoRA_type!r} does not train FLUX.1 models (kohya_ss refuses it "
-                      "with the Flux.1 checkbox)", fix="choose LoRA type Flux1")
+                      "with the Flux.1 checkbox)", fix="choose LoRA type Flux1 (or a LyCORIS type)")
     elif flux_type and not _flux(ctx):
         yield Problem("error", "LoRA_type", "LoRA type Flux1 trains FLUX.1 models only",
                       fix="tick Flux.1 and choose a FLUX.1 model, or choose LoRA type Standard")
