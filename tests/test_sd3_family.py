@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd3_support import tiny_sd3_dir, tiny_sd3_files, tiny_sd3_fp8_files  # noqa: F401
+from sd3_support import tiny_sd35_dir, tiny_sd3_dir, tiny_sd3_files, tiny_sd3_fp8_files  # noqa: F401
 from trainer.families.flow_matching import FlowConfig, FlowMatchingSchedule
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=64, num_attention_heads=2,
@@ -203,3 +203,22 @@ def test_settings_sd_scripts_sd3_trainer_does_not_use_are_off_for_the_run(tiny_s
     assert adjusted.min_snr_gamma == 0 and adjusted.noise_offset == 0 and settings.min_snr_gamma == 5
     assert any(p.field == "weighting_scheme" for p in result.warnings)  # sd-scripts' loss weighting: not applied yet
     assert any(p.field == "bucket_reso_steps" for p in result.errors)
+
+
+def test_fp8_storage_keeps_qk_norms_and_the_mmdit_still_runs(tiny_sd35_dir):
+    """fp8_base's storage (a CUDA feature) on an SD 3.5 model, checked under the CPU's bf16 autocast."""
+    from trainer.families.sd3 import SD3Family
+    from trainer.fp8 import FP8, store_frozen_weights_in_fp8
+    from trainer.settings import TrainingSettings
+
+    settings = TrainingSettings(sd3_checkbox=True, pretrained_model_name_or_path=str(tiny_sd35_dir))
+    family = SD3Family(settings)
+    family.load(settings, torch.bfloat16, torch.device("cpu"), lambda *args: None)
+    assert store_frozen_weights_in_fp8(family, torch.bfloat16) > 0
+    block = family.unet.joint_blocks[0].x_block
+    assert block.attn.qkv.weight.dtype == FP8 and block.attn2.qkv.weight.dtype == FP8
+    assert block.attn.ln_q.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = family.encode_prompt(family.tokenize(["a photo of sks dog"]))
+        pred = family.predict(torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), torch.tensor([500.0]), cond, None)
+    assert pred.shape == (1, 16, 8, 8) and torch.isfinite(pred).all()
