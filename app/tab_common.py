@@ -180,12 +180,17 @@ def number(value: Any, label: str, cast: Callable[[Any], Any] = int):
 
 
 MODEL_FILE_SETTINGS = ("clip_l", "t5xxl", "ae")  # kohya_ss's Flux fields: a transformer file's separate parts
+SD3_FILE_SETTINGS = ("sd3_clip_l", "clip_g", "sd3_t5xxl")  # kohya_ss's SD3 fields: a SAI file's separate encoders
+# the model checkbox whose separate part files go with image generation, and those files' settings
+PART_FILES = {"flux1_checkbox": MODEL_FILE_SETTINGS, "sd3_checkbox": SD3_FILE_SETTINGS}
+MODEL_FILE_INPUTS = tuple(name for box, files in PART_FILES.items() for name in (box, *files))  # form values to read
 
 
 def model_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """clip_skip, v_parameterization and a FLUX transformer file's separate part files of image generation, from
-    the settings form's values."""
-    files = tuple((name, str(flags.get(name) or "").strip()) for name in MODEL_FILE_SETTINGS)
+    """clip_skip, v_parameterization and the separate part files of a FLUX transformer file or an SD3 SAI file for
+    image generation, from the settings form's values (only those of the ticked model box)."""
+    files = tuple((name, str(flags.get(name) or "").strip()) for box, names in PART_FILES.items()
+                  if flags.get(box) for name in names)
     return {"clip_skip": max(1, int(flags.get("clip_skip") or 1)),
             "v_parameterization": True if flags.get("v_parameterization") else None,
-            "model_files": tuple((name, value) for name, value in files if value and flags.get("flux1_checkbox"))}
+            "model_files": tuple((name, value) for name, value in files if value)}

@@ -15,7 +15,7 @@ from trainer.inference.requests import RegImagesRequest
 
 from . import captions_actions as captions
 from . import dataset_actions as actions
-from .tab_common import MODEL_FILE_SETTINGS, ImageModels, NamedFields, done, follow, status_box
+from .tab_common import MODEL_FILE_INPUTS, ImageModels, NamedFields, done, follow, status_box
 from .tools_actions import table
 from .widgets import build_options
 
@@ -183,7 +183,7 @@ def _wire_folder_preparation(tab: DatasetTab, form: dict) -> None:
 def _wire_reg_images(tab: DatasetTab, form: dict, models: ImageModels) -> None:
     source = form["pretrained_model_name_or_path"]
     flags = {"clip_skip": form["clip_skip"], "v_parameterization": form["v_parameterization"],
-             **{name: form[name] for name in ("flux1_checkbox", *MODEL_FILE_SETTINGS)}}
+             **{name: form[name] for name in MODEL_FILE_INPUTS}}
 
     def generate(data, progress=gr.Progress()):
         flag_values = {name: data[c] for name, c in flags.items()}

@@ -17,7 +17,7 @@ import gradio as gr
 from trainer.inference.requests import TryItRequest
 from trainer.settings.field import request_infos
 
-from .tab_common import (LORA_LIST_INFO, MODEL_FILE_SETTINGS, REFRESH_LABEL, USER_ERRORS, ImageModels, NamedFields,
+from .tab_common import (LORA_LIST_INFO, MODEL_FILE_INPUTS, REFRESH_LABEL, USER_ERRORS, ImageModels, NamedFields,
                          done, follow, lora_files, model_flags, number, problem, progress_reporter, saved_lora_paths,
                          status_box, text)
 from .widgets import build_component, build_options
@@ -168,7 +168,7 @@ def wire_tryit(tab: TryItTab, form_components: dict, runs, models: ImageModels) 
     """``form_components``: the settings widgets by kohya key (Source Model path, flags, output folder)."""
     source, output_dir = form_components["pretrained_model_name_or_path"], form_components["output_dir"]
     flags = {"clip_skip": form_components["clip_skip"], "v_parameterization": form_components["v_parameterization"],
-             **{name: form_components[name] for name in ("flux1_checkbox", *MODEL_FILE_SETTINGS)}}
+             **{name: form_components[name] for name in MODEL_FILE_INPUTS}}
     fields = tab.fields
 
     def refresh(data):

@@ -221,3 +221,20 @@ def test_trains_headless_from_a_config_file(tiny_sd3_files, images, tmp_path):
                           text=True, cwd=Path(__file__).parent.parent, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert lora_keys(tmp_path / "out" / "tiny.safetensors")[1]["ss_network_module"] == "networks.lora_sd3"
+
+
+def test_try_it_loads_a_sai_file_and_its_separate_encoders_from_the_form(folder_run, tiny_sd3_files):
+    from app.tab_common import model_flags
+    from trainer.inference import GenerateRequest, LoraChoice, TryIt
+
+    settings, _ = folder_run
+    files = tiny_sd3_files
+    form = {"sd3_checkbox": True, "clip_skip": 1, "v_parameterization": False, "sd3_clip_l": str(files["clip_l"]),
+            "clip_g": str(files["clip_g"]), "sd3_t5xxl": str(files["t5xxl"]), "clip_l": "/flux/only/clip_l.safetensors"}
+    request = GenerateRequest(base_model=str(files["bare"]), prompt="a photo of sks dog", width=64, height=64,
+                              steps=2, seed=3, cfg_scale=1.0, sampler="euler", **model_flags(form))
+    assert dict(request.model_files) == {k: str(files[r]) for k, r in (("sd3_clip_l", "clip_l"), ("clip_g", "clip_g"),
+                                                                        ("sd3_t5xxl", "t5xxl"))}
+    [[image]] = TryIt(device="cpu").compare(request, [LoraChoice(str(Path(settings.output_dir) / "tiny.safetensors"))])
+    assert image.size == (64, 64)
+    assert model_flags({**form, "sd3_checkbox": False})["model_files"] == ()  # only for SD3 models
