@@ -186,7 +186,7 @@ def test_the_check_refuses_sd3_with_another_family_ticked(tiny_sd3_dir, tmp_path
     (tmp_path / "img" / "1_sks dog").mkdir(parents=True)
     settings = tiny_settings(tiny_sd3_dir, tmp_path / "img", tmp_path / "out", sd3_checkbox=True, flux1_checkbox=True)
     errors = check(settings, deep=False).errors
-    assert any(p.field == "flux1_checkbox" and "SD3 and Flux.1 are both ticked" in p.message for p in errors)
+    assert any(p.field == "flux1_checkbox" and "SD 3 and FLUX.1 (flux1_checkbox) are both ticked" in p.message for p in errors)
 
 
 def test_settings_sd_scripts_sd3_trainer_does_not_use_are_off_for_the_run(tiny_sd3_dir, tmp_path):

@@ -22,7 +22,6 @@ SD_LOSS_SETTINGS = {"min_snr_gamma": 0.0, "debiased_estimation_loss": False, "sc
 SD_NOISE_SETTINGS = {"noise_offset": 0.0, "adaptive_noise_scale": 0.0}
 MULTIRES_SETTINGS = {"multires_noise_iterations": 0}
 POST_WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
-OTHER_FAMILY_BOXES = {"v2": "SD 2.x (v2)", "sdxl": "SDXL", "flux1_checkbox": "Flux.1"}
 
 
 def _sd3(ctx: CheckContext) -> bool:
@@ -66,14 +65,19 @@ def _header_keys(path: Path) -> list[str] | None:
 
 @preflight_check("model.sd3_with_other_family")
 def check_sd3_alone(ctx: CheckContext):
-    """kohya_ss makes its model checkboxes exclusive; a config with SD3 and another one ticked is ambiguous."""
+    """kohya_ss makes its model checkboxes exclusive; a config with SD3 and another family's box ticked is ambiguous."""
+    from trainer.families import SPECS, spec_for_settings
+
     s = ctx.settings
     if not _sd3(ctx):
         return
-    for key, name in OTHER_FAMILY_BOXES.items():
-        if getattr(s, key, False):
-            yield Problem("error", key, f"SD3 and {name} are both ticked; a model is one or the other",
-                          fix=f"untick {key} (or untick sd3_checkbox for a {name} model)")
+    chosen = spec_for_settings(s)
+    for spec in SPECS.values():
+        for key in spec.selecting_flags:
+            if spec.flags[key] and key not in chosen.selecting_flags and getattr(s, key, False):
+                yield Problem("error", key, f"{chosen.short_label} and {spec.short_label} ({key}) are both ticked; a "
+                              "model is one or the other", fix=f"untick {key} (or untick sd3_checkbox for a "
+                              f"{spec.short_label} model)")
 
 
 @preflight_check("network.sd3_type")
