@@ -222,3 +222,16 @@ def test_fp8_storage_keeps_qk_norms_and_the_mmdit_still_runs(tiny_sd35_dir):
         cond = family.encode_prompt(family.tokenize(["a photo of sks dog"]))
         pred = family.predict(torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), torch.tensor([500.0]), cond, None)
     assert pred.shape == (1, 16, 8, 8) and torch.isfinite(pred).all()
+
+
+def test_model_type_names_sd3_medium_and_both_sd35s_as_sd_scripts():
+    from types import SimpleNamespace
+
+    from trainer.families.sd3 import SD3Family
+
+    family = SD3Family(_settings(weighting_scheme="logit_normal", logit_mean=0, logit_std=1, mode_scale=1.29,
+                                 sd3_cache_text_encoder_outputs=False))
+    for qk_norm, self_attn, expected in ((None, (), "medium"), ("rms", (), "5-large"), ("rms", (0, 1), "5-medium")):
+        family.unet = SimpleNamespace(config=SimpleNamespace(qk_norm=qk_norm, x_block_self_attn_layers=self_attn))
+        version = family.version_metadata()
+        assert version.architecture == f"stable-diffusion-3-{expected}" and version.lora_module == "networks.lora_sd3"

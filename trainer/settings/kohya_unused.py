@@ -138,8 +138,10 @@ ROWS: tuple[KohyaKey, ...] = (
     *_none("kohya_ss does not pass it to sd-scripts (it sends train_blocks=single only with split_mode, which Nekoya "
            "applies the same way)", "train_blocks"),
     # SD3 keys Nekoya does not apply yet (tab_sd3.py declares the ones it applies): they warn in SD3 runs
-    *_sd3("the text-encoder outputs are cached in memory, not on disk " + _SAME_RESULT,
-          "sd3_cache_text_encoder_outputs_to_disk"),
+    *(KohyaKey("sd3_cache_text_encoder_outputs_to_disk", "Nekoya does not cache text-encoder outputs on disk (sd-scripts "
+               "also caches them in memory with it); the text encoders stay loaded and are trained unless Cache Text "
+               "Encoder Outputs is ticked", OTHER, family_flag="sd3_checkbox",
+               fix="tick Cache Text Encoder Outputs to cache them in memory"),),
     *_sd3(_NOT_FOR_SD3_YET + " (the LoRA would differ: no caption embedding is dropped)", "clip_g_dropout_rate",
           "sd3_clip_l_dropout_rate", "sd3_t5_dropout_rate"),
     *_sd3(_NOT_FOR_SD3_YET + " (the LoRA would differ: the position table is cropped at its centre, unscaled)",
