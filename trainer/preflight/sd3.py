@@ -21,6 +21,7 @@ SD_LOSS_SETTINGS = {"min_snr_gamma": 0.0, "debiased_estimation_loss": False, "sc
                     "v_pred_like_loss": 0.0}
 SD_NOISE_SETTINGS = {"noise_offset": 0.0, "adaptive_noise_scale": 0.0}
 MULTIRES_SETTINGS = {"multires_noise_iterations": 0}
+IP_NOISE_SETTINGS = {"ip_noise_gamma": 0.0}  # FLUX's trainer applies it; SD3's get_noisy_model_input... does not
 POST_WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
 
 
@@ -109,7 +110,7 @@ def check_sd3_settings(ctx: CheckContext):
 def _sd_only_settings(s):
     """Settings sd-scripts' SD3 trainer does not use (its post_process_loss keeps the loss, its noise is plain
     Gaussian): off for the run, a note each, so it trains as kohya_ss's."""
-    noise = MULTIRES_SETTINGS if s.noise_offset_type == "Multires" else SD_NOISE_SETTINGS
+    noise = {**(MULTIRES_SETTINGS if s.noise_offset_type == "Multires" else SD_NOISE_SETTINGS), **IP_NOISE_SETTINGS}
     for key, off in {**SD_LOSS_SETTINGS, **noise}.items():
         value = getattr(s, key)
         if value:
