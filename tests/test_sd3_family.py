@@ -236,3 +236,18 @@ def test_model_type_names_sd3_medium_and_both_sd35s_as_sd_scripts():
         family.unet = SimpleNamespace(config=SimpleNamespace(qk_norm=qk_norm, x_block_self_attn_layers=self_attn))
         version = family.version_metadata()
         assert version.architecture == f"stable-diffusion-3-{expected}" and version.lora_module == "networks.lora_sd3"
+
+
+def test_the_vae_setting_replaces_the_models_own(tiny_sd3_dir, tiny_sd3_files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from trainer.families.sd3_load import load_sd3
+
+    vae_file = tmp_path / "sd3_vae.safetensors"
+    state = {k: v * 0.5 for k, v in load_file(str(tiny_sd3_files["full"])).items() if k.startswith("first_stage_model.")}
+    save_file(state, str(vae_file))
+    for base in (tiny_sd3_dir, tiny_sd3_files["full"]):
+        vae = load_sd3(_settings(pretrained_model_name_or_path=str(base), vae=str(vae_file)), torch.float32).vae
+        decoder = vae.decoder.conv_in.weight
+        assert torch.allclose(decoder, state["first_stage_model.decoder.conv_in.weight"])
+        assert vae.config.scaling_factor == 1.5305 and vae.config.shift_factor == 0.0609

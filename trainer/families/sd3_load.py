@@ -96,7 +96,9 @@ def _load_folder(folder: Path, settings: Any, dtype) -> SD3Parts:
         model = cls.from_pretrained(str(folder / sub), local_files_only=True, torch_dtype=dtype)
         tok_cls = AutoTokenizer if role == "t5xxl" else CLIPTokenizer
         loaded[role] = (model, tok_cls.from_pretrained(str(folder / tok_sub), local_files_only=True))
-    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, torch_dtype=dtype)
+    own_vae = _path(getattr(settings, "vae", ""))  # the VAE setting replaces the folder's, as sd-scripts' --vae
+    vae = (_vae_from_file(settings, {}, folder, dtype) if own_vae is not None else
+           AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, torch_dtype=dtype))
     return SD3Parts(transformer, loaded["clip_l"][0], loaded["clip_g"][0], loaded["t5xxl"][0],
                     tuple(loaded[role][1] for role in ENCODERS), vae)
 
@@ -271,6 +273,8 @@ def _t5_tokenizer(source: Path, sidecar_role: str):
 def _vae_from_file(settings: Any, tensors: dict, base: Path, dtype):
     own = _path(getattr(settings, "vae", ""))
     if own is not None:
+        if not own.is_file():
+            raise SD3LoadError(f"vae: {own} does not exist", "vae")
         state, source, field = read_tensors(own, dtype), own, "vae"
         state = strip_prefix(state, "first_stage_model.") or state
     else:
