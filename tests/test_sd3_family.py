@@ -251,3 +251,21 @@ def test_the_vae_setting_replaces_the_models_own(tiny_sd3_dir, tiny_sd3_files, t
         decoder = vae.decoder.conv_in.weight
         assert torch.allclose(decoder, state["first_stage_model.decoder.conv_in.weight"])
         assert vae.config.scaling_factor == 1.5305 and vae.config.shift_factor == 0.0609
+
+
+def test_the_check_names_a_missing_t5_tokenizer_before_loading(tiny_sd3_files, tmp_path):
+    import shutil
+
+    from test_train import tiny_settings
+    from trainer.preflight import check
+
+    (tmp_path / "img" / "1_sks dog").mkdir(parents=True)
+    full = tmp_path / "sd3_incl_clips_t5.safetensors"
+    shutil.copy(tiny_sd3_files["full"], full)  # without its <file>.tokenizers/ folder
+    t5 = tmp_path / "t5" / "t5xxl.safetensors"
+    t5.parent.mkdir()
+    shutil.copy(tiny_sd3_files["t5xxl"], t5)
+    for extra in ({}, {"sd3_t5xxl": str(t5)}):
+        settings = tiny_settings(full, tmp_path / "img", tmp_path / "out", sd3_checkbox=True, **extra)
+        errors = [p for p in check(settings, deep=False).errors if p.field == "sd3_t5xxl"]
+        assert errors and "no T5 tokenizer" in errors[0].message and "never downloads" in errors[0].message

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.families.flux_files import (T5_HUB_ID, T5_TOKENIZER_FIX, TOKENIZER_SIDECAR, find_t5_tokenizer,
+                                         has_tokenizer_files, hub_cache)
 from trainer.lora_types import KOHYA_LORA, TYPES
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
@@ -33,13 +35,18 @@ def _sd3(ctx: CheckContext) -> bool:
 def check_sd3_encoders(ctx: CheckContext):
     if not _sd3(ctx) or ctx.model is None or ctx.model.info.format == "diffusers":
         return  # a diffusers SD3 folder holds every encoder; a set field replaces the folder's
-    own = _header_keys(Path(ctx.model.info.path))
+    model = Path(ctx.model.info.path)
+    own = _header_keys(model)
     for key, (name, example, probe, prefix) in SD3_ENCODERS.items():
         value = str(getattr(ctx.settings, key) or "").strip()
         if not value:
             if own is not None and not any(k.startswith(prefix) for k in own):
                 yield Problem("error", key, f"the model file has no {name} text encoder ({prefix}*) and {key} is "
-                              "empty", fix=f"set {key} to your {example}", file=str(ctx.model.info.path))
+                              "empty", fix=f"set {key} to your {example}", file=str(model))
+            elif key == "sd3_t5xxl" and _embedded_t5_tokenizer(model) is None:
+                yield Problem("error", key, f"no T5 tokenizer for {model.name}'s T5-XXL: Nekoya never downloads it",
+                              fix=f"put T5's tokenizer files in {model.name}{TOKENIZER_SIDECAR}/t5xxl/, or have "
+                              f"{T5_HUB_ID} in the local Hugging Face cache", file=str(model))
             continue
         path = Path(value).expanduser()
         if not path.is_file():
@@ -50,6 +57,19 @@ def check_sd3_encoders(ctx: CheckContext):
                                         probe == "shared.weight" and k.endswith("embed_tokens.weight") for k in keys):
             yield Problem("error", key, f"{path.name} is not a {name} file (it has no {probe})",
                           fix=f"set {key} to your {example}", file=value)
+        elif key == "sd3_t5xxl" and find_t5_tokenizer(path) is None:
+            yield Problem("error", key, f"no T5 tokenizer for {path.name}: Nekoya never downloads it",
+                          fix=T5_TOKENIZER_FIX, file=value)
+
+
+def _embedded_t5_tokenizer(model: Path) -> Path | None:
+    """Where the T5 tokenizer of a SAI file's own T5-XXL loads from (trainer.families.sd3_load's order)."""
+    sidecar = Path(str(model) + TOKENIZER_SIDECAR)
+    for folder in (sidecar / "t5xxl", sidecar):
+        if has_tokenizer_files(folder):
+            return folder
+    cached = hub_cache(T5_HUB_ID)
+    return cached if cached is not None and has_tokenizer_files(cached) else None
 
 
 def _header_keys(path: Path) -> list[str] | None:
