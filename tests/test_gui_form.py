@@ -234,7 +234,7 @@ def test_detector_results_become_flags():
     class Info:
         family, v_parameterization = "sd2", None
 
-    off = {"flux1_checkbox": False}  # an SD model unticks Flux.1
+    off = {"flux1_checkbox": False, "sd3_checkbox": False}  # an SD model unticks Flux.1 and SD3
     assert model_pick._flags_of(Info()) == {"v2": True, "sdxl": False, **off}  # SD2 file that does not say: v-pred kept
     Info.v_parameterization = True
     assert model_pick._flags_of(Info()) == {"v2": True, "v_parameterization": True, "sdxl": False, **off}
