@@ -121,6 +121,7 @@ def check_sd3_settings(ctx: CheckContext):
                       "does not weight the loss yet, so the LoRA will differ from kohya_ss's",
                       fix="choose logit_normal (kohya_ss's default) or mode, which Nekoya trains as sd-scripts does")
     yield from _sd_only_settings(s)
+    yield from _block_settings(s)
     yield from _sizes(s)
     if s.weighted_captions:
         yield Problem("error", "weighted_captions", "Weighted captions are not supported for SD3 (sd-scripts' SD3 "
@@ -137,6 +138,18 @@ def _sd_only_settings(s):
             what = "noise (it draws plain Gaussian noise)" if key in noise else "loss (it keeps the loss as it is)"
             yield Problem("note", key, f"{key} = {value} is not used for SD3: sd-scripts' SD3 trainer does not apply "
                           f"it to its {what}, so it is off for this run, as in kohya_ss", changes=((key, off),))
+
+
+def _block_settings(s):
+    """sd-scripts' networks.lora_sd3 reads no block settings (its blocks are joint blocks, not SD's UNet blocks):
+    off for the run, a note each, so the LoRA is kohya_ss's."""
+    from trainer.lora_blocks import BLOCK_KEYS
+
+    for key in BLOCK_KEYS:
+        value = str(getattr(s, key) or "").strip()
+        if value:
+            yield Problem("note", key, f"{key} = {value!r} is not used for SD3: sd-scripts' networks.lora_sd3 does not "
+                          "read block settings, so it is off for this run, as in kohya_ss", changes=((key, ""),))
 
 
 def _sizes(s):
