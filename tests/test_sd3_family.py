@@ -195,7 +195,8 @@ def test_settings_sd_scripts_sd3_trainer_does_not_use_are_off_for_the_run(tiny_s
 
     (tmp_path / "img" / "1_sks dog").mkdir(parents=True)
     settings = tiny_settings(tiny_sd3_dir, tmp_path / "img", tmp_path / "out", sd3_checkbox=True, min_snr_gamma=5,
-                             noise_offset=0.1, ip_noise_gamma=0.1, down_lr_weight="0,0,0,0,0,0,0,0,0,0,0,0", weighting_scheme="cosmap", bucket_reso_steps=48, enable_bucket=True)
+                             noise_offset=0.1, ip_noise_gamma=0.1, down_lr_weight="0,0,0,0,0,0,0,0,0,0,0,0", weighting_scheme="cosmap", bucket_reso_steps=48, enable_bucket=True,
+                             blocks_to_swap=4)
     result = check(settings, deep=False)
     notes = {p.field: p for p in result.by_severity("note")}
     assert "is not used for SD3" in notes["min_snr_gamma"].message and "noise_offset" in notes
@@ -204,6 +205,7 @@ def test_settings_sd_scripts_sd3_trainer_does_not_use_are_off_for_the_run(tiny_s
     assert adjusted.ip_noise_gamma == 0  # sd-scripts' SD3 noisy input has no input-perturbation noise
     assert adjusted.down_lr_weight == "" and "networks.lora_sd3" in notes["down_lr_weight"].message
     assert any(p.field == "weighting_scheme" for p in result.warnings)  # sd-scripts' loss weighting: not applied yet
+    assert any(p.field == "blocks_to_swap" for p in result.warnings)
     assert any(p.field == "bucket_reso_steps" for p in result.errors)
 
 
