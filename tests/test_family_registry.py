@@ -130,3 +130,11 @@ def test_family_records_load_without_torch():
             "print(sorted(trainer.families.SPECS), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['flux1', 'sd1', 'sd2', 'sd3', 'sdxl'] False"
+
+
+def test_picking_any_family_sets_every_family_checkbox():
+    """A family's flags name every model checkbox, so picking it unticks the others' (a FLUX pick unticks SD3)."""
+    from trainer.families.registry import FLAG_KEYS, SPECS
+
+    for spec in SPECS.values():
+        assert set(FLAG_KEYS) - {"v_parameterization"} <= set(spec.flags), spec.key

@@ -169,3 +169,26 @@ def test_v_pred_like_loss_weight_is_sd_scripts_formula():
     scale = capped / (capped + 1)
     loss = torch.ones(4)
     torch.testing.assert_close(loss * weight, loss + loss / scale * 0.2)  # add_v_prediction_like_loss
+
+
+def test_flow_matching_families_weight_each_samples_loss_by_their_scheme():
+    from trainer.families.flow_matching import FlowConfig, FlowMatchingSchedule
+    from trainer.loss import family_sample_weights
+
+    timesteps = torch.tensor([250.0, 500.0, 800.0])
+    weights = torch.tensor([1.0, 0.5, 1.0])
+    sqrt = FlowMatchingSchedule(FlowConfig(model_prediction_type="sigma_scaled", weighting_scheme="sigma_sqrt"))
+    assert torch.allclose(family_sample_weights(weights, sqrt, timesteps), weights * (timesteps / 1000) ** -2)
+    for plain in (FlowMatchingSchedule(FlowConfig(weighting_scheme="logit_normal")), NoiseSchedule.scaled_linear()):
+        assert torch.equal(family_sample_weights(weights, plain, timesteps), weights)
+
+
+def test_flux_shift_shifts_by_each_samples_own_latent_size():
+    from trainer.families.flow_matching import FlowConfig, FlowMatchingSchedule
+    from trainer.noise_sampling import RandomNoise
+
+    sampler = RandomNoise(NoiseConfig(), FlowMatchingSchedule(FlowConfig(timestep_sampling="flux_shift")), seed=1)
+    keys = [f"k/{i}" for i in range(400)]
+    small = sampler(torch.zeros(400, 16, 32, 32), keys).timesteps  # 256 px: 256 packed tokens, mu 0.5
+    large = sampler(torch.zeros(400, 16, 128, 128), keys).timesteps  # 1024 px: 4096 tokens, mu 1.15
+    assert large.mean() > small.mean() + 50  # a larger image is trained at more noise, as sd-scripts

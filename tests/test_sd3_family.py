@@ -204,7 +204,7 @@ def test_settings_sd_scripts_sd3_trainer_does_not_use_are_off_for_the_run(tiny_s
     assert adjusted.min_snr_gamma == 0 and adjusted.noise_offset == 0 and settings.min_snr_gamma == 5
     assert adjusted.ip_noise_gamma == 0  # sd-scripts' SD3 noisy input has no input-perturbation noise
     assert adjusted.down_lr_weight == "" and "networks.lora_sd3" in notes["down_lr_weight"].message
-    assert any(p.field == "weighting_scheme" for p in result.warnings)  # sd-scripts' loss weighting: not applied yet
+    assert not any(p.field == "weighting_scheme" for p in result.warnings)  # cosmap weights the loss as sd-scripts
     assert any(p.field == "blocks_to_swap" for p in result.warnings)
     assert any(p.field == "bucket_reso_steps" for p in result.errors)
 

@@ -20,7 +20,7 @@ from trainer.control import Control
 from trainer.device_lease import TRAINING, take as take_device
 from trainer.distributed.group import Group, join_group
 from trainer.distributed.launcher import starts_group, train_group
-from trainer.loss import LossWeighting, huber_c, per_sample_loss, training_loss
+from trainer.loss import LossWeighting, family_sample_weights, huber_c, per_sample_loss, training_loss
 from trainer.model_libraries import import_model_libraries
 from trainer.network.build import learning_rates
 from trainer.network.run_metadata import RunMetadata
@@ -195,7 +195,8 @@ class _Run:
         snr = schedule.snr(draw.timesteps)
         c = huber_c(s.loss_type, s.huber_schedule, s.huber_c, s.huber_scale, snr, draw.timesteps)
         per_sample = per_sample_loss(pred, target, s.loss_type, c, getattr(batch, "masks", None))
-        loss = training_loss(per_sample, batch.loss_weights.to(self.device), snr, self.weighting)
+        weights = family_sample_weights(batch.loss_weights.to(self.device), schedule, draw.timesteps)
+        loss = training_loss(per_sample, weights, snr, self.weighting)
         self.stepper.backward(loss)
         value = self.group.mean(loss.detach())  # after backward (the group's mean: a NaN anywhere stops all)
         return value if math.isfinite(value) else self._bad_loss(value)

@@ -3,6 +3,7 @@ debiased estimation, prior loss weight), as sd-scripts computes them. Pure funct
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -113,3 +114,11 @@ def training_loss(per_sample: torch.Tensor, sample_weights: torch.Tensor, snr: t
     if weighting.needs_snr:
         loss = loss * snr_weights(snr, weighting)
     return loss.mean()
+
+
+def family_sample_weights(weights: torch.Tensor, schedule: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """The batch's sample weights times the family's own per-timestep loss weights where its schedule has them
+    (sd-scripts' weighting_scheme sigma_sqrt / cosmap for SD3 and FLUX sigma_scaled predictions)."""
+    extra = getattr(schedule, "prediction_weighting", None)
+    factor = extra(timesteps) if extra is not None else None
+    return weights if factor is None else weights * factor.to(weights)

@@ -54,7 +54,7 @@ class RandomNoise:
         cfg, device = self.config, latent.device
         draw_timesteps = getattr(self.schedule, "sample_timesteps", None)  # a family's own distribution
         if draw_timesteps is not None:
-            timesteps = draw_timesteps(1, cfg, generator, device)
+            timesteps = draw_timesteps(1, cfg, generator, device, latent_hw=tuple(latent.shape[-2:]))
         else:
             timesteps = sample_timesteps(1, cfg.min_timestep, cfg.max_timestep, generator, device)
         noise = sample_noise(latent.detach().cpu(), cfg, generator).to(device=device, dtype=latent.dtype)

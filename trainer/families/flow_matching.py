@@ -111,8 +111,10 @@ class FlowMatchingSchedule:
         sigma = self.sigmas(timesteps).clamp(min=1e-6)
         return ((1 - sigma) / sigma) ** 2
 
-    def sample_timesteps(self, count: int, config: Any, generator: torch.Generator, device) -> torch.Tensor:
-        """Float timesteps σ·1000 as ``timestep_sampling`` draws σ (``config``, the noise settings, is not used)."""
+    def sample_timesteps(self, count: int, config: Any, generator: torch.Generator, device,
+                         latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Float timesteps σ·1000 as ``timestep_sampling`` draws σ (``config``, the noise settings, is not used);
+        ``latent_hw``: the sample's latent size, whose packed tokens flux_shift shifts by (as sd-scripts)."""
         c, n = self.config, self.num_train_timesteps
         if c.timestep_sampling == SD3_SAMPLING:
             return self.sd3_timesteps(count, config, generator, device)
@@ -123,7 +125,8 @@ class FlowMatchingSchedule:
             sigmas = shift_sigmas(torch.sigmoid(torch.randn(count, generator=generator) * c.sigmoid_scale),
                                   c.discrete_flow_shift)
         elif c.timestep_sampling == "flux_shift":
-            sigmas = time_shift(flux_mu(c.image_tokens), 1.0,
+            tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2) if latent_hw else c.image_tokens
+            sigmas = time_shift(flux_mu(tokens), 1.0,
                                 torch.sigmoid(torch.randn(count, generator=generator) * c.sigmoid_scale))
         else:  # "sigma": the FlowMatchEulerDiscreteScheduler's shifted table, indexed by the density's u
             indices = (density_samples(c, count, generator) * n).long().clamp(0, n - 1)

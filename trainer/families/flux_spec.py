@@ -29,7 +29,7 @@ DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38
 
 FLUX1 = FamilySpec(
     "flux1", "FLUX.1", "FLUX.1", "trainer.families.flux:FluxFamily",
-    flags={"v2": False, "sdxl": False, "flux1_checkbox": True}, selecting_flags=("flux1_checkbox",),
+    flags={"v2": False, "sdxl": False, "flux1_checkbox": True, "sd3_checkbox": False}, selecting_flags=("flux1_checkbox",),
     unet_params=11_901_408_320, text_encoder_params=(123_060_480, 4_762_310_656), vae_params=83_819_683,
     unet_lora_per_rank=4_786_176, unet_conv_per_rank=0, text_encoder_lora_per_rank=165_888,
     activations_gib=13.0, checkpointed_activations_gib=0.8, native_resolution=1024,

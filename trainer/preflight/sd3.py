@@ -24,7 +24,6 @@ SD_LOSS_SETTINGS = {"min_snr_gamma": 0.0, "debiased_estimation_loss": False, "sc
 SD_NOISE_SETTINGS = {"noise_offset": 0.0, "adaptive_noise_scale": 0.0}
 MULTIRES_SETTINGS = {"multires_noise_iterations": 0}
 IP_NOISE_SETTINGS = {"ip_noise_gamma": 0.0}  # FLUX's trainer applies it; SD3's get_noisy_model_input... does not
-POST_WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
 
 
 def _sd3(ctx: CheckContext) -> bool:
@@ -115,11 +114,6 @@ def check_sd3_settings(ctx: CheckContext):
     s = ctx.settings
     if not _sd3(ctx):
         return
-    if s.weighting_scheme in POST_WEIGHTED_SCHEMES:
-        yield Problem("warning", "weighting_scheme", f"weighting scheme {s.weighting_scheme} draws timesteps uniformly "
-                      "and sd-scripts then weights each sample's loss by its sigma; Nekoya draws them the same way but "
-                      "does not weight the loss yet, so the LoRA will differ from kohya_ss's",
-                      fix="choose logit_normal (kohya_ss's default) or mode, which Nekoya trains as sd-scripts does")
     yield from _sd_only_settings(s)
     yield from _block_settings(s)
     if int(getattr(s, "blocks_to_swap", 0) or 0):  # kohya_ss passes it to SD3 runs too; its row warns in FLUX's
