@@ -86,9 +86,9 @@ NOT_FOR_SD = {
         train_single_block_indices fp8_base_unet train_lora_ggpo ggpo_sigma ggpo_beta""",
     # the SD3 keys Nekoya applies are settings (trainer/settings/tab_sd3.py); these it does not apply yet
     "SD3 (sd3_train_network.py)": """
-        sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass clip_g_dropout_rate sd3_clip_l_dropout_rate
+        sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass
         sd3_disable_mmap_load_safetensors sd3_enable_scaled_pos_embed pos_emb_random_crop_rate save_clip save_t5xxl
-        sd3_t5_dropout_rate t5xxl_device t5xxl_dtype sd3_text_encoder_batch_size""",
+        t5xxl_device t5xxl_dtype sd3_text_encoder_batch_size""",
     "passed only with the Flux.1/SD3/HunyuanImage/Anima/Lumina checkbox": "blocks_to_swap show_timesteps "
                                                                           "show_timesteps_resolution",
     "HunyuanImage-2.1": " ".join(k for k in KOHYA_LORA_TAB_KEYS if k.startswith("hunyuan_") and "checkbox" not in k),

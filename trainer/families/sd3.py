@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from trainer.families.base import LogFn
 from trainer.families.flow_matching import SD3_SAMPLING, FlowConfig, FlowMatchingSchedule
 from trainer.families.sd import _file_identity, vae_input
+from trainer.families.sd3_dropout import drop_conditioning, dropout_rates, dropped_encoders
 from trainer.families.sd3_spec import SD3
 from trainer.network.metadata import VersionInfo
 from trainer.network.targets import CLIP_CLASSES, LoraTarget, Role
@@ -48,6 +49,7 @@ class SD3Family:
             logit_std=float(settings.logit_std), mode_scale=float(settings.mode_scale),
         ))
         self.cache_text_encoder_outputs = bool(settings.sd3_cache_text_encoder_outputs)
+        self.dropout_rates = dropout_rates(settings)  # CLIP-L, CLIP-G, T5 (trainer.families.sd3_dropout)
         self.unet = self.vae = None
         self.text_encoders: tuple = ()
         self.tokenizers: tuple = ()
@@ -180,8 +182,21 @@ class SD3Family:
         return self.unet(noisy.to(dtype), t.to(dtype), cond.pooled.to(device, dtype), cond.context.to(device, dtype))
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning, batch: Any) -> torch.Tensor:
-        """sd-scripts' preconditioned output pred·(-σ) + x_t: the model's estimate of x_0."""
+        """sd-scripts' preconditioned output pred·(-σ) + x_t: the model's estimate of x_0. A training batch's
+        conditioning first loses the encoders its samples drop (``drop_text_encoders``)."""
+        cond = self.drop_text_encoders(cond, getattr(batch, "row_keys", None) or ())
         return self.flow.apply_prediction_type(self.transformer_output(noisy, timesteps, cond), noisy, timesteps)
+
+    def drop_text_encoders(self, cond: SD3Conditioning, row_keys) -> SD3Conditioning:
+        """The CLIP-L / CLIP-G / T5 dropout rates, per sample as sd-scripts (``trainer.families.sd3_dropout``):
+        here, where the loop hands over the batch and its row keys, so live and cached outputs are dropped alike."""
+        if not any(self.dropout_rates) or not row_keys:
+            return cond
+        clip_l, clip_g = self.text_encoders[0].config, self.text_encoders[1].config
+        context, pooled = drop_conditioning(cond.context, cond.pooled, dropped_encoders(row_keys, self.dropout_rates),
+                                            CLIP_TOKENS, (clip_l.hidden_size, clip_g.hidden_size),
+                                            clip_l.projection_dim)
+        return SD3Conditioning(context, pooled)
 
     def denoise(self, spec: Any, cond: SD3Conditioning, progress, device, autocast) -> torch.Tensor:
         """Sample latents (unscaled by ``unscale_latents`` later): sd-scripts' SD3 Euler loop with CFG

@@ -58,3 +58,18 @@ class SD3Settings(BaseModel):
         False, label="Cache Text Encoder Outputs", tab=TAB, section=SECTION, visible_when=ONLY_SD3,
         help="Cache text encoder outputs to speed up inference (the text encoders are then not trained).",
     )
+    sd3_clip_l_dropout_rate: float = setting(
+        0.0, label="CLIP-L Dropout Rate", tab=TAB, section=SECTION, ge=0, le=1, step=0.01, visible_when=ONLY_SD3,
+        help="Chance that a training sample's CLIP-L output (its hidden states and pooled vector) is replaced by "
+        "zeros, drawn for each sample at each step (sd-scripts' --clip_l_dropout_rate; cached outputs too).",
+    )
+    clip_g_dropout_rate: float = setting(
+        0.0, label="CLIP-G Dropout Rate", tab=TAB, section=SECTION, ge=0, le=1, step=0.01, visible_when=ONLY_SD3,
+        help="Chance that a training sample's CLIP-G output (its hidden states and pooled vector) is replaced by "
+        "zeros, drawn for each sample at each step (sd-scripts' --clip_g_dropout_rate).",
+    )
+    sd3_t5_dropout_rate: float = setting(
+        0.0, label="T5 Dropout Rate", tab=TAB, section=SECTION, ge=0, le=1, step=0.01, visible_when=ONLY_SD3,
+        help="Chance that a training sample's T5-XXL tokens are replaced by zeros, drawn for each sample at each "
+        "step (sd-scripts' --t5_dropout_rate). Sample images are never dropped.",
+    )
