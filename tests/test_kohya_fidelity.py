@@ -87,7 +87,7 @@ NOT_FOR_SD = {
     # the SD3 keys Nekoya applies are settings (trainer/settings/tab_sd3.py); these it does not apply yet
     "SD3 (sd3_train_network.py)": """
         sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass
-        sd3_disable_mmap_load_safetensors sd3_enable_scaled_pos_embed pos_emb_random_crop_rate save_clip save_t5xxl
+        sd3_disable_mmap_load_safetensors save_clip save_t5xxl
         t5xxl_device t5xxl_dtype sd3_text_encoder_batch_size""",
     "passed only with the Flux.1/SD3/HunyuanImage/Anima/Lumina checkbox": "blocks_to_swap show_timesteps "
                                                                           "show_timesteps_resolution",

@@ -50,6 +50,7 @@ class SD3Family:
         ))
         self.cache_text_encoder_outputs = bool(settings.sd3_cache_text_encoder_outputs)
         self.dropout_rates = dropout_rates(settings)  # CLIP-L, CLIP-G, T5 (trainer.families.sd3_dropout)
+        self.pos_crop_rate = float(getattr(settings, "pos_emb_random_crop_rate", 0.0) or 0.0)  # sd3_pos_embed
         self.unet = self.vae = None
         self.text_encoders: tuple = ()
         self.tokenizers: tuple = ()
@@ -95,6 +96,8 @@ class SD3Family:
             model.eval()
             model.to(device)
         self._fingerprint = f"{_file_identity(settings.vae or settings.pretrained_model_name_or_path)}|{base_dtype}"
+        if getattr(settings, "sd3_enable_scaled_pos_embed", False):
+            self._scale_positions(settings, log)
         c = self.unet.config
         kind = "3.5 (q/k norm)" if c.qk_norm else "3"
         extra = f", MMDiT-X self-attention in {len(c.x_block_self_attn_layers)}" if c.x_block_self_attn_layers else ""
@@ -102,6 +105,18 @@ class SD3Family:
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def _scale_positions(self, settings: Any, log: LogFn) -> None:
+        """sd-scripts' enable_scaled_pos_embed: one scaled table per dataset resolution's latent size."""
+        from trainer.data.dataset_config import dataset_config_path, load_dataset_config
+        from trainer.families.sd3_pos_embed import ScaledPositions, latent_sizes
+
+        resolutions = ([d.resolution for d in load_dataset_config(settings).datasets]
+                       if dataset_config_path(settings) else [settings.resolution])
+        sizes = latent_sizes(resolutions)
+        self.unet.scaled_positions = ScaledPositions(self.unet.config.hidden_size, self.unet.config.patch_size, sizes)
+        log(f"SD3 scaled position embeddings for latent sizes {', '.join(map(str, sizes))} "
+            f"(resolutions {', '.join(f'{w}x{h}' for w, h in resolutions)})", "info")
 
     def lora_targets(self) -> list[LoraTarget]:
         """The joint blocks, and CLIP-L and CLIP-G unless their outputs are cached (sd-scripts' SD3 defaults)."""
@@ -175,17 +190,34 @@ class SD3Family:
         with torch.no_grad():
             return self.vae.encode(vae_input(self.vae, pixels)).latent_dist.sample(generator=generator)
 
-    def transformer_output(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning) -> torch.Tensor:
-        """The MMDiT's raw output (a velocity) in the run's precision (the weights may be stored in fp8)."""
+    def transformer_output(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning,
+                           pos_offsets=None) -> torch.Tensor:
+        """The MMDiT's raw output (a velocity) in the run's precision (the weights may be stored in fp8);
+        ``pos_offsets``: per sample, where its position embedding is cropped (None: the centre)."""
         batch, device, dtype = noisy.shape[0], noisy.device, noisy.dtype
         t = timesteps.float().reshape(-1).expand(batch).to(device)
-        return self.unet(noisy.to(dtype), t.to(dtype), cond.pooled.to(device, dtype), cond.context.to(device, dtype))
+        return self.unet(noisy.to(dtype), t.to(dtype), cond.pooled.to(device, dtype), cond.context.to(device, dtype),
+                         pos_offsets=pos_offsets)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning, batch: Any) -> torch.Tensor:
         """sd-scripts' preconditioned output pred·(-σ) + x_t: the model's estimate of x_0. A training batch's
-        conditioning first loses the encoders its samples drop (``drop_text_encoders``)."""
-        cond = self.drop_text_encoders(cond, getattr(batch, "row_keys", None) or ())
-        return self.flow.apply_prediction_type(self.transformer_output(noisy, timesteps, cond), noisy, timesteps)
+        conditioning first loses the encoders its samples drop (``drop_text_encoders``), and its samples' position
+        embeddings are cropped at random places at pos_emb_random_crop_rate (``position_crops``)."""
+        row_keys = getattr(batch, "row_keys", None) or ()
+        cond = self.drop_text_encoders(cond, row_keys)
+        output = self.transformer_output(noisy, timesteps, cond, self.position_crops(noisy, row_keys))
+        return self.flow.apply_prediction_type(output, noisy, timesteps)
+
+    def position_crops(self, noisy: torch.Tensor, row_keys) -> list | None:
+        """Each training sample's crop of the position table (``trainer.families.sd3_pos_embed.crop_offsets``);
+        None (every crop at the centre) without a rate or row keys."""
+        if not self.pos_crop_rate or not row_keys:
+            return None
+        from trainer.families.sd3_pos_embed import crop_offsets
+
+        p = self.unet.config.patch_size
+        h, w = noisy.shape[-2] // p, noisy.shape[-1] // p
+        return crop_offsets(row_keys, self.pos_crop_rate, self.unet.position_table_size(h, w), h, w)
 
     def drop_text_encoders(self, cond: SD3Conditioning, row_keys) -> SD3Conditioning:
         """The CLIP-L / CLIP-G / T5 dropout rates, per sample as sd-scripts (``trainer.families.sd3_dropout``):

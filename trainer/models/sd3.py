@@ -203,6 +203,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(MMDiTBlock(c, i) for i in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self.gradient_checkpointing = False
+        self.scaled_positions = None  # trainer.families.sd3_pos_embed.ScaledPositions: sd-scripts' scaled tables
 
     @property
     def dtype(self) -> torch.dtype:
@@ -215,21 +216,39 @@ class MMDiT(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True
 
-    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """The centre h x w patch positions of the stored max_size x max_size table (SAI's cropped_pos_embed)."""
+    def position_table(self, h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+        """(S, S, D): the table an input of h x w patches is cropped from: the stored max_size x max_size one, or
+        with ``scaled_positions`` set, sd-scripts' scaled table for that size."""
+        if self.scaled_positions is not None:
+            return self.scaled_positions.table(h, w, device or self.pos_embed.device, dtype or torch.float32)
         size = self.config.pos_embed_max_size
         if h > size or w > size:
             raise ValueError(f"{h * self.config.patch_size}x{w * self.config.patch_size} latents exceed this model's "
                              f"position table ({size * self.config.patch_size} latent pixels a side)")
-        top, left = (size - h) // 2, (size - w) // 2
-        table = self.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
-        return table.reshape(1, h * w, -1)
+        return self.pos_embed.reshape(size, size, -1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def position_table_size(self, h: int, w: int) -> int:
+        """How many patches a side the table of an h x w input has (``position_table`` without building it)."""
+        if self.scaled_positions is not None:
+            return self.scaled_positions.table_size(h, w)
+        return self.config.pos_embed_max_size
+
+    def cropped_pos_embed(self, h: int, w: int, offsets=None, device=None, dtype=None) -> torch.Tensor:
+        """(1, h·w, D): the centre h x w patch positions of the table (SAI's cropped_pos_embed); with ``offsets``
+        (one (top, left) or None for the centre per sample, pos_emb_random_crop_rate's) (B, h·w, D)."""
+        table = self.position_table(h, w, device, dtype)
+        size = table.shape[0]
+        centre = ((size - h) // 2, (size - w) // 2)
+        crops = [centre] if offsets is None else [o or centre for o in offsets]
+        dtype = dtype or table.dtype  # cast each crop, not the whole (maybe fp8) table
+        return torch.stack([table[top:top + h, left:left + w, :].reshape(h * w, -1).to(dtype) for top, left in crops])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, context: torch.Tensor,
+                pos_offsets=None) -> torch.Tensor:
         batch, _, height, width = x.shape
         p = self.config.patch_size
         h, w = height // p, width // p
-        x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
+        x = self.x_embedder(x) + self.cropped_pos_embed(h, w, pos_offsets, x.device, x.dtype).to(x.dtype)
         c = self.t_embedder(timestep_embedding(t, 256).to(x.dtype)) + self.y_embedder(y.to(x.dtype))
         context = self.context_embedder(context.to(x.dtype))
         for block in self.joint_blocks:

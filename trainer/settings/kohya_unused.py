@@ -142,8 +142,6 @@ ROWS: tuple[KohyaKey, ...] = (
                "also caches them in memory with it); the text encoders stay loaded and are trained unless Cache Text "
                "Encoder Outputs is ticked", OTHER, family_flag="sd3_checkbox",
                fix="tick Cache Text Encoder Outputs to cache them in memory"),),
-    *_sd3(_NOT_FOR_SD3_YET + " (the LoRA would differ: the position table is cropped at its centre, unscaled)",
-          "sd3_enable_scaled_pos_embed", "pos_emb_random_crop_rate"),
     *_sd3(_NOT_FOR_SD3_YET + " " + _SAME_RESULT, "sd3_fused_backward_pass", "sd3_disable_mmap_load_safetensors",
           "sd3_text_encoder_batch_size"),
     *(KohyaKey(k, "sd-scripts' SD3 trainer does not apply it either (its help says [DOES NOT WORK])", OTHER)

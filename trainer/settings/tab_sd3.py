@@ -73,3 +73,14 @@ class SD3Settings(BaseModel):
         help="Chance that a training sample's T5-XXL tokens are replaced by zeros, drawn for each sample at each "
         "step (sd-scripts' --t5_dropout_rate). Sample images are never dropped.",
     )
+    sd3_enable_scaled_pos_embed: bool = setting(
+        False, label="Enable Scaled Positional Embeddings", tab=TAB, section=SECTION, visible_when=ONLY_SD3,
+        help="Position embeddings scaled to each dataset resolution, so every resolution spans the same positions "
+        "(sd-scripts' --enable_scaled_pos_embed; meant for SD 3.5 Medium). Samples use them too.",
+    )
+    pos_emb_random_crop_rate: float = setting(
+        0.0, label="Positional Embedding Random Crop Rate", tab=TAB, section=SECTION, ge=0, le=1, step=0.01,
+        visible_when=ONLY_SD3,
+        help="Chance that a training sample's position embedding is cropped at a random place of the position "
+        "table instead of its centre (sd-scripts' --pos_emb_random_crop_rate; meant for SD 3.5 Medium).",
+    )
