@@ -218,15 +218,15 @@ def test_flux_keys_nekoya_does_not_apply_yet_warn_in_flux_runs_only(tmp_path):
     from trainer.preflight.report import SettingNotApplied
 
     def not_applied(**values):
-        report = check(TrainingSettings(output_dir=str(tmp_path), blocks_to_swap=16, split_qkv=True, **values),
+        report = check(TrainingSettings(output_dir=str(tmp_path), blocks_to_swap=16, train_lora_ggpo=True, **values),
                        deep=False)
         return {p.field: p for p in report.warnings if isinstance(p, SettingNotApplied)}
 
     flux = not_applied(flux1_checkbox=True, LoRA_type="Flux1")
     assert "blocks_to_swap = 16 is not applied: Nekoya does not apply it to FLUX.1 runs yet" in flux["blocks_to_swap"].message
-    assert "the LoRA file would differ" in flux["split_qkv"].message
+    assert "the LoRA file would differ" in flux["train_lora_ggpo"].message
     sd = not_applied()
-    assert "blocks_to_swap" not in sd and "split_qkv" not in sd
+    assert "blocks_to_swap" not in sd and "train_lora_ggpo" not in sd
 
 
 def test_the_run_noise_sampler_draws_timesteps_through_the_flux_schedule():
@@ -297,8 +297,11 @@ def test_network_args_are_kohya_ss_flux1_ones():
     assert spec.network_module == "networks.lora_flux" and spec.blocks is None
     # kohya_ss: the Flux1 variables, rank/module dropout and LoRA+; no block settings (networks.lora_flux has none)
     args = network_args(settings, spec)
-    assert args == {"train_blocks": "single", "train_t5xxl": "True", "rank_dropout": "0.1", "loraplus_lr_ratio": "4"}
-    assert list(args) == ["train_blocks", "train_t5xxl", "rank_dropout", "loraplus_lr_ratio"]  # kohya_ss's order
+    # (the block selections' default "all" is passed too: tests/test_flux_network_args.py)
+    assert args == {"train_double_block_indices": "all", "train_single_block_indices": "all", "train_blocks": "single",
+                    "train_t5xxl": "True", "rank_dropout": "0.1", "loraplus_lr_ratio": "4"}
+    assert list(args) == ["train_double_block_indices", "train_single_block_indices", "train_blocks", "train_t5xxl",
+                          "rank_dropout", "loraplus_lr_ratio"]  # kohya_ss's order
 
 
 def test_t5xxl_lr_gives_the_t5_lora_its_own_optimizer_group(tiny_flux_dir, tmp_path):

@@ -21,6 +21,8 @@ from trainer.settings import read_settings_file
 pytestmark = pytest.mark.slow
 PRESET = Path(__file__).parent / "data" / "kohya_ss_presets" / "flux" / "flux1D - adamw8bit fp8.json"
 SAMPLE = "a photo of sks dog --w 64 --h 64 --s 3 --d 7"
+# kohya_ss passes its block selections' default, "all" (tests/test_flux_network_args.py)
+ALL_BLOCKS = {"train_double_block_indices": "all", "train_single_block_indices": "all"}
 
 
 def flux_settings(model, images, out, **overrides):
@@ -142,7 +144,7 @@ def test_trains_from_kohya_ss_four_fp8_files_single_blocks_only(tiny_flux_fp8_fi
     assert result.status == "finished", result.error
     names, meta = lora_keys(tmp_path / "out" / "tiny.safetensors")
     assert names == sd_scripts_module_names(double=2, single=2, single_only=True)
-    assert json.loads(meta["ss_network_args"]) == {"train_blocks": "single"}
+    assert json.loads(meta["ss_network_args"]) == {**ALL_BLOCKS, "train_blocks": "single"}
     assert len(list((tmp_path / "out" / "sample").glob("tiny_000002_00_*.png"))) == 1
     [state] = [f for f in result.files if os.path.isdir(f)]
     resumed = train(settings.model_copy(update={"resume": state, "max_train_steps": 3, "save_state": False,
@@ -161,7 +163,7 @@ def test_trains_t5xxl_with_gradient_checkpointing_under_sd_scripts_te3_names(tin
     t5 = {f"lora_te3_encoder_block_{i}_layer_0_SelfAttention_{m}" for i in range(2) for m in "qkvo"}
     t5 |= {f"lora_te3_encoder_block_{i}_layer_1_DenseReluDense_{m}" for i in range(2) for m in ("wi_0", "wi_1", "wo")}
     assert names == sd_scripts_module_names(double=2, single=2, clip_layers=2) | t5
-    assert json.loads(meta["ss_network_args"]) == {"train_t5xxl": "True"}
+    assert json.loads(meta["ss_network_args"]) == {**ALL_BLOCKS, "train_t5xxl": "True"}
 
 
 def test_a_lycoris_type_trains_flux_under_the_same_module_names(tiny_flux_dir, images, tmp_path):

@@ -80,10 +80,9 @@ KOHYA_LORA_TAB_KEYS = """
 NOT_FOR_SD = {
     # the Flux.1 keys Nekoya applies are settings (trainer/settings/tab_flux.py); these it does not apply yet
     "Flux.1 (flux_train_network.py, networks.lora_flux)": """
-        enable_all_linear mem_eff_save split_qkv
-        cpu_offload_checkpointing single_blocks_to_swap double_blocks_to_swap img_attn_dim img_mlp_dim img_mod_dim
-        single_dim txt_attn_dim txt_mlp_dim txt_mod_dim single_mod_dim in_dims train_double_block_indices
-        train_single_block_indices fp8_base_unet train_lora_ggpo ggpo_sigma ggpo_beta""",
+        enable_all_linear mem_eff_save
+        cpu_offload_checkpointing single_blocks_to_swap double_blocks_to_swap fp8_base_unet train_lora_ggpo
+        ggpo_sigma ggpo_beta""",
     # the SD3 keys Nekoya applies are settings (trainer/settings/tab_sd3.py); these it does not apply yet
     "SD3 (sd3_train_network.py)": """
         sd3_cache_text_encoder_outputs_to_disk sd3_fused_backward_pass

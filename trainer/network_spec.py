@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.flux_lora_args import FluxLoraArgError, FluxLoraPlan, kohya_flux_args
 from trainer.lora_blocks import BlockPlan, block_plan
 from trainer.lora_types import (FLUX_LORA, KOHYA_DYLORA, KOHYA_LOHA, KOHYA_LOKR, KOHYA_LORA, LORA_FA, LYCORIS, TYPES,
                                 kohya_own_network_args, lycoris_network_args)
@@ -53,6 +54,8 @@ class NetworkSpec:
     dylora_unit: int = 1  # Kohya DyLoRA: the rank block trained at each step
     # modules whose names start with a key learn at that lr instead of their role's (FLUX.1's T5: t5xxl_lr)
     prefix_lrs: dict[str, float] = field(default_factory=dict, compare=False)
+    # Flux1 (networks.lora_flux): per-module ranks, block selections, in_dims and split_qkv (trainer.flux_lora_args)
+    flux: FluxLoraPlan | None = field(default=None, compare=False)
 
     def plus_ratios(self) -> dict[str, float]:
         """LoRA+ ratios by optimizer role ("unet", "textencoder": trainer.network.targets.Role values)."""
@@ -99,6 +102,7 @@ class NetworkSpec:
             lokr_factor=int(settings.factor) if lora_type.kohya_own else -1,
             dylora_unit=int(settings.unit) if dylora else 1,
             prefix_lrs=_prefix_lrs(settings, lora_type.network_module),
+            flux=_flux_plan(settings) if lora_type.network_module == FLUX_LORA else None,
         )
 
     @property
@@ -113,9 +117,29 @@ class NetworkSpec:
             return rank, (self.module_alphas or {}).get(layer.lora_name, rank)
         if self.blocks is not None and layer.lora_name.startswith("lora_unet_"):
             return self.blocks.rank_for(layer.lora_name, conv=layer.kind != "linear")
+        if self.flux is not None and layer.lora_name.startswith("lora_unet_"):
+            return self.flux.rank(layer.lora_name, self.rank), self.alpha
         if layer.kind == "linear":  # targets.LayerKind.LINEAR (a str enum; targets imports torch)
             return self.rank, self.alpha
         return self.conv_rank, self.conv_alpha
+
+    def split_dims(self, layer) -> list[int] | None:
+        """Flux1 with split_qkv: the output widths of a fused Linear's separate LoRAs (sd-scripts' split_dims:
+        [3072] * 3 for a double block's qkv, [3072] * 3 + [12288] for a single block's linear1, at FLUX.1's
+        width); None for an ordinary module. Ranks from a weights file build ordinary modules, as sd-scripts'
+        create_network_from_weights."""
+        kind = self.flux.split(layer.lora_name) if self.flux is not None and self.module_ranks is None else None
+        if kind is None:
+            return None
+        hidden = layer.module.in_features
+        return [hidden] * 3 if kind == "qkv" else [hidden] * 3 + [layer.module.out_features - 3 * hidden]
+
+
+def _flux_plan(settings: Any) -> FluxLoraPlan:
+    try:
+        return FluxLoraPlan.from_args(kohya_flux_args(settings))
+    except FluxLoraArgError as exc:
+        raise NetworkConfigError(str(exc), exc.field) from None
 
 
 def _prefix_lrs(settings: Any, network_module: str) -> dict[str, float]:

@@ -17,6 +17,8 @@ from trainer.families.flow_matching import FlowConfig, FlowMatchingSchedule
 from trainer.families.flux_load import AE_SCALING, AE_SHIFT
 from trainer.families.flux_spec import FLUX1
 from trainer.families.sd import _file_identity, vae_input
+from trainer.flux_lora_args import IN_EMBEDDERS
+from trainer.lora_types import FLUX_LORA, TYPES
 from trainer.network.metadata import VersionInfo
 from trainer.network.targets import CLIP_CLASSES, LoraTarget, Role
 
@@ -47,6 +49,10 @@ class FluxFamily:
                                                settings.flux1_cache_text_encoder_outputs_to_disk)
         self.train_t5xxl = bool(settings.train_t5xxl)
         self.single_blocks_only = bool(settings.split_mode)  # kohya_ss: split_mode sends train_blocks=single
+        # Flux1's in_dims (or ranks from a weights file, which may name them): LoRA on the input embedders too
+        lora_type = TYPES.get(getattr(settings, "LoRA_type", ""))
+        self.train_embedders = bool(lora_type and lora_type.network_module == FLUX_LORA and (
+            str(getattr(settings, "in_dims", "") or "").strip() or getattr(settings, "dim_from_weights", False)))
         self.unet = self.vae = self.tokenizer = self.t5_tokenizer = None
         self.text_encoders: tuple = ()
         self.latent_scale, self.latent_shift = AE_SCALING, AE_SHIFT  # the AE's config may say otherwise (load)
@@ -104,6 +110,9 @@ class FluxFamily:
         T5 with train_t5xxl."""
         blocks = (SINGLE_BLOCK,) if self.single_blocks_only else (DOUBLE_BLOCK, SINGLE_BLOCK)
         targets = [LoraTarget("lora_unet", self.unet, blocks, Role.UNET)]
+        if self.train_embedders:  # sd-scripts' in_dims modules: lora_unet_img_in, lora_unet_time_in_in_layer...
+            targets += [LoraTarget("lora_unet", module, (type(module).__name__,), Role.UNET, path_prefix=name)
+                        for name in IN_EMBEDDERS if not isinstance(module := getattr(self.unet, name), torch.nn.Identity)]
         if self.cache_text_encoder_outputs:  # cached outputs cannot carry text-encoder gradients
             return targets
         return targets + self._text_targets(t5=self.train_t5xxl)

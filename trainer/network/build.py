@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from trainer.flux_lora_args import kohya_flux_args
 from trainer.lora_blocks import BLOCK_KEYS
 from trainer.lora_types import FLUX_LORA, KOHYA_OWN_MODULES, arg_text
 
@@ -60,7 +61,7 @@ def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
     elif spec.lycoris:
         args = dict(spec.lycoris_args)
     else:
-        args = _flux_args(settings) if spec.network_module == FLUX_LORA else {}
+        args = kohya_flux_args(settings) if spec.network_module == FLUX_LORA else {}
         if spec.conv_rank:
             args.update(conv_dim=str(spec.conv_rank), conv_alpha=str(spec.conv_alpha))
         for key in BLOCK_KEYS:  # kohya_ss passes the block settings that are filled in, as written (not to Flux1)
@@ -75,12 +76,3 @@ def network_args(settings: Any, spec: NetworkSpec) -> dict[str, str]:
             args[key] = arg_text(getattr(settings, key))
     return args
 
-
-def _flux_args(settings: Any) -> dict[str, str]:
-    """kohya_ss's Flux1 variables (before the dropouts it appends): split_mode trains single blocks only."""
-    args = {}
-    if getattr(settings, "split_mode", False):
-        args["train_blocks"] = "single"
-    if getattr(settings, "train_t5xxl", False):
-        args["train_t5xxl"] = "True"
-    return args

@@ -140,7 +140,8 @@ class LoRAModule(WrappedLayer):
     def _rank_mask(self, lx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Per-sample, per-rank keep mask shaped to broadcast over tokens or pixels (sd-scripts' rule)."""
         samples = self.batch_size_ref[0] if lx.dim() == 2 and lx.size(0) % self.batch_size_ref[0] == 0 else lx.size(0)
-        mask = torch.rand((samples, self.rank), generator=generator, device=lx.device) > self.rank_dropout
+        width = lx.size(1) if lx.dim() == 4 else lx.size(-1)  # the rank (split_qkv: parts x rank)
+        mask = torch.rand((samples, width), generator=generator, device=lx.device) > self.rank_dropout
         if lx.dim() == 2 and samples != lx.size(0):  # tokens as rows: each sample's rows share its mask
             mask = mask.repeat_interleave(lx.size(0) // samples, dim=0)
         elif lx.dim() == 3:  # (batch, tokens, rank)

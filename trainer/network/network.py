@@ -17,6 +17,7 @@ from trainer.network_spec import NETWORK_TYPES, NetworkConfigError, NetworkSpec 
 from trainer.lora_blocks import BlockPlan, block_index
 
 from .module import DropoutDraws, LoRAModule
+from .split_qkv import SplitLoRAModule
 from .targets import LoraTarget, Role, TargetLayer, find_target_layers
 
 
@@ -29,10 +30,15 @@ class LoRANetwork(nn.Module):
             rank, alpha = spec.rank_for(layer)
             if rank <= 0:
                 continue
-            module = LoRAModule(
-                layer.lora_name, layer.module, rank, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout,
-                init_generator,
-            )
+            split_dims = spec.split_dims(layer)  # Flux1's split_qkv: a LoRA per part of a fused Linear
+            if split_dims:
+                module = SplitLoRAModule(layer.lora_name, layer.module, rank, alpha, split_dims, spec.dropout,
+                                         spec.rank_dropout, spec.module_dropout, init_generator)
+            else:
+                module = LoRAModule(
+                    layer.lora_name, layer.module, rank, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout,
+                    init_generator,
+                )
             self.add_module(layer.lora_name, module)
             self.roles[layer.lora_name] = layer.role
         self.dropout_draws: DropoutDraws | None = None
@@ -165,8 +171,8 @@ class LoRANetwork(nn.Module):
                 ratio = (torch.clamp(norm, max=max_norm) / norm).item()
                 if ratio != 1.0:
                     scaled += 1
-                    module.lora_down.weight.mul_(ratio**0.5)
-                    module.lora_up.weight.mul_(ratio**0.5)
+                    for weight in _weights(module):
+                        weight.mul_(ratio**0.5)
                 norms.append(raw.item() * ratio)
         if not norms:
             return 0, 0.0, 0.0
@@ -198,6 +204,13 @@ class LoRANetwork(nn.Module):
             if isinstance(module, LoRAModule):
                 module.scale = module.alpha.item() / module.rank
         return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _weights(module: LoRAModule) -> list[torch.Tensor]:
+    """A module's down and up weights (split_qkv's: each part's)."""
+    layers = [*module.lora_down, *module.lora_up] if isinstance(module, SplitLoRAModule) else [module.lora_down,
+                                                                                               module.lora_up]
+    return [layer.weight for layer in layers]
 
 
 def _module_groups(modules: list[nn.Module], lr: float, ratio: float, name: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.families.flux_files import T5_TOKENIZER_FIX, find_t5_tokenizer
+from trainer.flux_lora_args import FluxLoraArgError, FluxLoraPlan, kohya_flux_args
 from trainer.lora_types import FLUX_LORA, TYPES
 from trainer.preflight.registry import CheckContext, preflight_check
 from trainer.preflight.report import Problem
@@ -73,6 +74,11 @@ def check_flux_lora_type(ctx: CheckContext):
     elif flux_type and not _flux(ctx):
         yield Problem("error", "LoRA_type", "LoRA type Flux1 trains FLUX.1 models only",
                       fix="tick Flux.1 and choose a FLUX.1 model, or choose LoRA type Standard")
+    if flux_type:  # its network_args as sd-scripts' networks.lora_flux reads them (a value it refuses, by name)
+        try:
+            FluxLoraPlan.from_args(kohya_flux_args(s))
+        except FluxLoraArgError as exc:
+            yield Problem("error", exc.field, exc.what, fix=exc.fix)
 
 
 @preflight_check("training.flux_settings")

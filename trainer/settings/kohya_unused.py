@@ -130,10 +130,7 @@ ROWS: tuple[KohyaKey, ...] = (
     # FLUX.1 keys Nekoya does not apply yet (tab_flux.py declares the ones it applies): they warn in FLUX.1 runs
     *_flux(_NOT_FOR_FLUX_YET + " " + _SAME_RESULT, "mem_eff_save", "cpu_offload_checkpointing", "fp8_base_unet",
            "single_blocks_to_swap", "double_blocks_to_swap", "blocks_to_swap"),
-    *_flux(_NOT_FOR_FLUX_YET + " (the LoRA file would differ)", "split_qkv", "train_lora_ggpo"),
-    *_flux(_NOT_FOR_FLUX_YET + ": every module of every block gets the Network Rank", "img_attn_dim", "img_mlp_dim",
-           "img_mod_dim", "single_dim", "txt_attn_dim", "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims",
-           "train_double_block_indices", "train_single_block_indices"),
+    *_flux(_NOT_FOR_FLUX_YET + " (the LoRA file would differ)", "train_lora_ggpo"),
     *_family("Flux.1", "enable_all_linear", "ggpo_sigma", "ggpo_beta"),  # Flux1 OFT's; train_lora_ggpo's details
     *_none("kohya_ss does not pass it to sd-scripts (it sends train_blocks=single only with split_mode, which Nekoya "
            "applies the same way)", "train_blocks"),

@@ -1,12 +1,15 @@
 """FLUX.1 settings: kohya_ss's Flux.1 accordion (``kohya_gui/class_flux1.py``), shown when the family is picked.
 
 Labels, defaults and choices are kohya_ss's. The family's checkbox, ``flux1_checkbox``, sits with the other model
-checkboxes (``tab_source_folders.py``). The keys of that accordion Nekoya does not apply yet stay in
+checkboxes (``tab_source_folders.py``). The Flux1 LoRA type's network settings (split_qkv, the per-module ranks, in_dims,
+the block selections) are read as sd-scripts' ``networks.lora_flux`` reads them (``trainer/flux_lora_args.py``). The keys of that accordion Nekoya does not apply yet stay in
 ``kohya_unused.py`` (kept and written back; the check names them when they are set).
 """
 from __future__ import annotations
 
 from pydantic import BaseModel
+
+from trainer.flux_lora_args import BLOCK_SELECTIONS
 
 from . import tab_parameters  # noqa: F401  (declared first: the GUI shows the Flux.1 section after its sections)
 from .field import setting
@@ -14,6 +17,16 @@ from .field import setting
 TAB = "Parameters"
 SECTION = "Flux.1"
 ONLY_FLUX = {"flux1_checkbox": (True,)}  # shown when kohya's Flux.1 checkbox is ticked
+LAYER_RANKS = "Rank for layers"
+_RANK_HELP = ("Flux1 LoRA type: the rank of {} (sd-scripts' networks.lora_flux {}); empty: the Network Rank, "
+              "0: not trained.")
+_BLOCKS_HELP = ("Flux1 LoRA type: the {} blocks trained, as a list of integers or ranges, like '0,1,5,8' or '0,1,4-5,7' "
+                "or 'all' or 'none'. The number of {} blocks is {}.")
+
+
+def _rank(label: str, what: str) -> str:
+    return setting("", label=label, tab=TAB, section=LAYER_RANKS, visible_when=ONLY_FLUX,
+                   help=_RANK_HELP.format(what, label))
 
 
 class FluxSettings(BaseModel):
@@ -62,6 +75,11 @@ class FluxSettings(BaseModel):
         False, label="Split Mode", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
         help="Split mode for Flux1: as kohya_ss, only the single blocks are trained (train_blocks=single).",
     )
+    split_qkv: bool = setting(
+        False, label="Split QKV", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
+        help="Split the projection layers of q/k/v/txt in the attention: the Flux1 LoRA type trains separate q, k, v "
+        "(and single blocks' MLP input) LoRAs on the fused layers; the file keeps sd-scripts' keys.",
+    )
     train_t5xxl: bool = setting(
         False, label="Train T5-XXL", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
         help="Train T5-XXL model (its LoRA keys are lora_te3_...; needs a text encoder learning rate)",
@@ -86,4 +104,26 @@ class FluxSettings(BaseModel):
     flux1_cache_text_encoder_outputs_to_disk: bool = setting(
         False, label="Cache Text Encoder Outputs to Disk", tab=TAB, section=SECTION, visible_when=ONLY_FLUX,
         help="Turns caching on, as in sd-scripts; Nekoya keeps the outputs in memory (the LoRA is the same).",
+    )
+    # --- kohya_ss's "Blocks to train" and "Rank for layers" (passed with the Flux1 LoRA type) -------------------
+    train_double_block_indices: str = setting(
+        "all", label="train_double_block_indices", tab=TAB, section="Blocks to train", visible_when=ONLY_FLUX,
+        help=_BLOCKS_HELP.format("double", "double", BLOCK_SELECTIONS["train_double_block_indices"]),
+    )
+    train_single_block_indices: str = setting(
+        "all", label="train_single_block_indices", tab=TAB, section="Blocks to train", visible_when=ONLY_FLUX,
+        help=_BLOCKS_HELP.format("single", "single", BLOCK_SELECTIONS["train_single_block_indices"]),
+    )
+    img_attn_dim: str = _rank("img_attn_dim", "the double blocks' image attention (qkv, proj)")
+    img_mlp_dim: str = _rank("img_mlp_dim", "the double blocks' image MLP")
+    img_mod_dim: str = _rank("img_mod_dim", "the double blocks' image modulation")
+    single_dim: str = _rank("single_dim", "the single blocks' linear1 and linear2")
+    txt_attn_dim: str = _rank("txt_attn_dim", "the double blocks' text attention (qkv, proj)")
+    txt_mlp_dim: str = _rank("txt_mlp_dim", "the double blocks' text MLP")
+    txt_mod_dim: str = _rank("txt_mod_dim", "the double blocks' text modulation")
+    single_mod_dim: str = _rank("single_mod_dim", "the single blocks' modulation")
+    in_dims: str = setting(
+        "", label="in_dims", tab=TAB, section=LAYER_RANKS, visible_when=ONLY_FLUX,
+        help="Flux1 LoRA type: ranks for img_in, time_in, vector_in, guidance_in, txt_in, e.g. [4,0,0,0,4] "
+        "(0: no LoRA there); empty: none of them is trained.",
     )
