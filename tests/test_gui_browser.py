@@ -273,8 +273,8 @@ def test_training_runs_to_the_end_with_chart_and_file(page, tiny_sd1_dir, image_
     show_tab(page, "Samples")
     type_into(page, "sample_every_n_steps", 4)
     page.click("#start_training")
-    expect(page.locator("#run_message")).to_contain_text("Training started")
-    expect(page.locator("#start_training")).to_be_disabled()  # no second run by a second click
+    # an 8-step run can be over before the page looks again: "Training started" and the disabled Start button
+    # are checked during the long run of test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly
     wait_for_status(page, "finished")
     expect(page.locator("#nk-progress-text")).to_contain_text("100% · step 8 / 8")
     expect(page.locator("#run_message")).to_have_text("Finished at step 8 / 8. Saved gui_full.safetensors.")
@@ -295,6 +295,8 @@ def test_a_run_survives_reloads_refuses_a_second_start_and_stops_cleanly(browser
     open_app(page, url)
     fill_small_run(page, tiny_sd1_dir, image_folder, tmp_path / "out", tmp_path / "small.json", steps=5000, name="gui_stop")
     page.click("#start_training")
+    expect(page.locator("#run_message")).to_contain_text("Training started")
+    expect(page.locator("#start_training")).to_be_disabled()  # no second run by a second click
     wait_for_status(page, "running")
     wait_for_step(page, 3)
     page.close()  # closing the browser does not stop the run

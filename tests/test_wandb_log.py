@@ -174,16 +174,13 @@ def test_an_offline_wandb_run_of_a_tiny_model_writes_its_history(tiny_sd1_dir, t
     pytest.importorskip("wandb")
     from test_train import tiny_settings
 
-    from trainer import loop, tb_log
+    from trainer import loop
     from trainer.devtools.synthetic import make_image_folder
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     images = make_image_folder(tmp_path / "img", {"1_sks dog": 2}, sizes=[(64, 64)], seed=3)
     logs = tmp_path / "logs"
     settings = tiny_settings(tiny_sd1_dir, images, tmp_path / "out", log_with="wandb", logging_dir=str(logs))
-    # the loop hands its settings to open_log (an older loop passed only the folder and the name)
-    monkeypatch.setattr(loop, "open_log", lambda logging_dir, output_name, *rest: tb_log.open_log(
-        logging_dir, output_name, settings))
     result = loop.train(settings)
     assert result.status == "finished" and result.step == 2
     run = offline_run(logs)

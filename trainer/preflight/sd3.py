@@ -116,8 +116,9 @@ def check_sd3_settings(ctx: CheckContext):
         return
     yield from _sd_only_settings(s)
     yield from _block_settings(s)
-    if int(getattr(s, "blocks_to_swap", 0) or 0):  # kohya_ss passes it to SD3 runs too; its row warns in FLUX's
-        yield Problem("warning", "blocks_to_swap", f"blocks_to_swap = {s.blocks_to_swap} is not applied to SD3 runs "
+    swap = int(s.kept_kohya_values().get("blocks_to_swap", 0) or 0)  # kohya_ss passes it to SD3 runs too
+    if swap:  # (its row in kohya_unused warns in FLUX's)
+        yield Problem("warning", "blocks_to_swap", f"blocks_to_swap = {swap} is not applied to SD3 runs "
                       "yet: every joint block stays on the GPU (the LoRA is the same; only memory use differs)",
                       fix="set blocks_to_swap to 0, or use gradient checkpointing and fp8_base to save memory")
     yield from _sizes(s)
